@@ -1,0 +1,48 @@
+"""The bundle configs in ``configs/`` are the single source of truth; this module reads them."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from monai.bundle import ConfigParser
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+COMMON = "common.yaml"
+
+
+def config_files(*names: str, config_dir: str | Path = CONFIG_DIR) -> list[str]:
+    """Paths of ``common.yaml`` followed by ``names`` (e.g. ``"train.yaml"``) in ``config_dir``."""
+    config_dir = Path(config_dir)
+    return [str(config_dir / name) for name in (COMMON, *names)]
+
+
+def load_config(
+    *names: str, overrides: Mapping[str, Any] | None = None, config_dir: str | Path = CONFIG_DIR
+) -> ConfigParser:
+    """A ``ConfigParser`` over ``common.yaml`` + ``names`` with the metadata and ``overrides``."""
+    parser = ConfigParser()
+    parser.read_config(config_files(*names, config_dir=config_dir))
+    parser.read_meta(str(Path(config_dir) / "metadata.json"))
+    if overrides:
+        parser.update(dict(overrides))
+    return parser
+
+
+def parse_set_options(pairs: Sequence[str]) -> dict[str, Any]:
+    """Turn ``["id=value", ...]`` into overrides; values are read as YAML (``3``, ``[1, 2]``...)."""
+    import yaml
+
+    from app.errors import ConfigError
+
+    overrides: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"--set expects ID=VALUE, got {pair!r}")
+        try:
+            overrides[key.strip()] = yaml.safe_load(value)
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"--set {key}: cannot read value {value!r}: {exc}") from exc
+    return overrides

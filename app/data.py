@@ -1,0 +1,97 @@
+"""``python -m app.data``: download MosMedData, or generate the MosMed-like default dataset.
+
+python -m app.data download [--root DIR]
+python -m app.data synth OUT [--per-class N] [--shape X Y Z] [--seed S] [--difficulty D]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+DEFAULT_ROOT = Path("data")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m app.data",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    dl = sub.add_parser("download", help="fetch CT-0.zip and CT-23.zip into ROOT/MosMedData")
+    dl.add_argument(
+        "--root",
+        type=Path,
+        default=DEFAULT_ROOT,
+        help="folder to download into (default: %(default)s)",
+    )
+    dl.add_argument("--base-url", default=None, help="mirror to fetch the archives from")
+    dl.add_argument("--keep-archives", action="store_true", help="keep the zips after unpacking")
+    dl.add_argument("--no-progress", action="store_true")
+    sy = sub.add_parser("synth", help="write a generated MosMed-like dataset")
+    sy.add_argument("out", type=Path, help="output folder (gets CT-0/ and CT-23/)")
+    sy.add_argument("--per-class", type=int, default=100, help="scans per class (default: 100)")
+    sy.add_argument(
+        "--shape",
+        type=int,
+        nargs=3,
+        metavar=("X", "Y", "Z"),
+        default=None,
+        help="voxels per scan (default: 512 512 and 30-70 slices, like MosMed)",
+    )
+    sy.add_argument("--seed", type=int, default=0)
+    sy.add_argument(
+        "--difficulty",
+        type=float,
+        default=0.5,
+        help="0 (large, dense findings) .. 1 (few, faint ones); default 0.5",
+    )
+    sy.add_argument("--no-progress", action="store_true")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from app.errors import CTClassifyError
+
+    try:
+        if args.command == "download":
+            from app.config import load_config
+            from app.download import download_mosmed
+
+            archives = load_config().get_parsed_content("mosmed_archives")
+            download_mosmed(
+                args.root,
+                archives,
+                base_url=args.base_url,
+                keep_archives=args.keep_archives,
+                progress=not args.no_progress,
+            )
+        else:
+            from app.synth import write_dataset
+
+            if args.per_class < 1:
+                print("error: --per-class must be at least 1", file=sys.stderr)
+                return 2
+            if not 0 <= args.difficulty <= 1:
+                print("error: --difficulty must be in [0, 1]", file=sys.stderr)
+                return 2
+            items = write_dataset(
+                args.out,
+                args.per_class,
+                tuple(args.shape) if args.shape else None,
+                seed=args.seed,
+                difficulty=args.difficulty,
+                progress=not args.no_progress,
+            )
+            print(f"wrote {len(items)} scans to {args.out}")
+    except CTClassifyError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

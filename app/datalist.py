@@ -1,0 +1,154 @@
+"""Find scans and labels (class folders or a CSV/JSON datalist) and split them reproducibly."""
+
+from __future__ import annotations
+
+import csv
+import json
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+
+from app.errors import DataError
+
+#: MosMedData's class folders: CT-0 is normal; CT-1..CT-4 (and the example's CT-23) abnormal.
+DEFAULT_CLASS_MAP: dict[str, int] = {
+    "CT-0": 0,
+    "CT-1": 1,
+    "CT-2": 1,
+    "CT-3": 1,
+    "CT-4": 1,
+    "CT-23": 1,
+}
+SCAN_SUFFIXES = (".nii.gz", ".nii")
+
+Item = dict[str, object]
+
+
+def is_scan_file(path: Path) -> bool:
+    return path.is_file() and path.name.endswith(SCAN_SUFFIXES) and not path.name.startswith(".")
+
+
+def discover(root: str | Path, class_map: Mapping[str, int] | None = None) -> list[Item]:
+    """List ``{"image": path, "label": int}`` for the scans in the class folders of ``root``.
+
+    Args:
+        root: a folder holding class folders (``CT-0``, ``CT-23``...), or a MosMedData download
+            root that holds them under ``MosMedData/``.
+        class_map: folder name -> label; defaults to :data:`DEFAULT_CLASS_MAP`.
+
+    Raises:
+        DataError: ``root`` is missing, has no class folder, or a class folder has no scans.
+    """
+    class_map = dict(DEFAULT_CLASS_MAP if class_map is None else class_map)
+    root = Path(root)
+    if not root.is_dir():
+        raise DataError(f"data root {root} does not exist or is not a folder")
+    if not any((root / name).is_dir() for name in class_map) and (root / "MosMedData").is_dir():
+        root = root / "MosMedData"
+    folders = sorted(name for name in class_map if (root / name).is_dir())
+    if not folders:
+        raise DataError(
+            f"{root} holds none of the class folders {sorted(class_map)}; "
+            "pass a folder with CT-0/ and CT-23/ (or a datalist), see `python -m app.data --help`"
+        )
+    items: list[Item] = []
+    for name in folders:
+        scans = sorted(p for p in (root / name).iterdir() if is_scan_file(p))
+        if not scans:
+            raise DataError(f"class folder {root / name} holds no .nii/.nii.gz scans")
+        items.extend({"image": str(p), "label": int(class_map[name])} for p in scans)
+    return items
+
+
+def load_datalist(path: str | Path) -> list[Item]:
+    """Read a CSV (columns ``image``, ``label``) or JSON datalist (a list of such objects, or
+    MONAI's ``{"training": [...], "validation": [...]}`` of which all entries are taken).
+
+    Relative image paths are taken relative to the datalist's folder.
+
+    Raises:
+        DataError: the file is missing or malformed, or names scans that do not exist.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"datalist {path} does not exist")
+    try:
+        if path.suffix.lower() == ".csv":
+            with path.open(newline="") as f:
+                rows: list[Mapping[str, object]] = list(csv.DictReader(f))
+        else:
+            loaded = json.loads(path.read_text())
+            rows = (
+                [r for part in loaded.values() if isinstance(part, list) for r in part]
+                if isinstance(loaded, dict)
+                else loaded
+            )
+    except (OSError, ValueError, UnicodeDecodeError) as exc:
+        raise DataError(f"datalist {path} cannot be read: {exc}") from exc
+    items: list[Item] = []
+    missing: list[str] = []
+    for i, row in enumerate(rows):
+        if not isinstance(row, Mapping) or "image" not in row or "label" not in row:
+            raise DataError(f"datalist {path}, entry {i + 1}: needs the fields 'image' and 'label'")
+        image = Path(str(row["image"]))
+        image = image if image.is_absolute() else path.parent / image
+        try:
+            label = int(str(row["label"]))
+        except ValueError as exc:
+            raise DataError(
+                f"datalist {path}, entry {i + 1}: label {row['label']!r} is not 0 or 1"
+            ) from exc
+        if label not in (0, 1):
+            raise DataError(f"datalist {path}, entry {i + 1}: label {label} is not 0 or 1")
+        if not image.exists():
+            missing.append(str(image))
+        items.append({"image": str(image), "label": label})
+    if missing:
+        more = f" (and {len(missing) - 3} more)" if len(missing) > 3 else ""
+        raise DataError(
+            f"datalist {path} names files that do not exist: {', '.join(missing[:3])}{more}"
+        )
+    if not items:
+        raise DataError(f"datalist {path} is empty")
+    return sorted(items, key=lambda d: (str(d["image"]), int(str(d["label"]))))
+
+
+def find_items(source: str | Path, class_map: Mapping[str, int] | None = None) -> list[Item]:
+    """Items from a class-folder root or a datalist file, whichever ``source`` is."""
+    source = Path(source)
+    return load_datalist(source) if source.is_file() else discover(source, class_map)
+
+
+def stratified_split(
+    items: Sequence[Item], train_fraction: float = 0.7, seed: int = 0
+) -> tuple[list[Item], list[Item]]:
+    """Split ``items`` per class into training and validation, seeded and deterministic.
+
+    Each class gives ``round(train_fraction * n)`` scans to training (the reference: 70 of 100),
+    and at least one to each side when it has two or more.
+    """
+    if not 0 < train_fraction < 1:
+        raise ValueError(f"train_fraction must be in (0, 1), got {train_fraction}")
+    train: list[Item] = []
+    val: list[Item] = []
+    for label in sorted({int(str(d["label"])) for d in items}):
+        group = sorted(
+            (d for d in items if int(str(d["label"])) == label), key=lambda d: str(d["image"])
+        )
+        order = np.random.default_rng([seed, label]).permutation(len(group))
+        n_train = int(round(train_fraction * len(group)))
+        if len(group) >= 2:
+            n_train = min(max(n_train, 1), len(group) - 1)
+        train.extend(group[i] for i in sorted(order[:n_train]))
+        val.extend(group[i] for i in sorted(order[n_train:]))
+    return train, val
+
+
+def write_split(path: str | Path, train: Sequence[Item], val: Sequence[Item]) -> None:
+    """Write a MONAI datalist JSON (``training``, ``validation``), atomically."""
+    from app.fileio import atomic_write_text
+
+    atomic_write_text(
+        path, json.dumps({"training": list(train), "validation": list(val)}, indent=1)
+    )

@@ -1,0 +1,238 @@
+"""A generated MosMed-like chest CT dataset: the default data of the demo, tests and benchmarks.
+
+Scans have MosMedData's geometry (int16 HU, 512x512 in-plane, 30-70 slices of 8 mm, LAS storage)
+and a simple chest anatomy: air, fat, soft tissue, two lungs with vessels and an
+inspiration-dependent density, spine, ribs and scanner noise. Abnormal scans add ground-glass
+opacities and some consolidation, mostly peripheral and bilateral. ``difficulty`` in [0, 1]
+makes the findings smaller and fainter; at the default, the mean lung density alone separates
+the classes only partly, so a model has to learn where the opacities are.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import nibabel as nib
+import numpy as np
+from scipy import ndimage
+
+CLASS_FOLDERS = {0: "CT-0", 1: "CT-23"}
+SLICE_MM = 8.0
+
+
+@dataclass(frozen=True)
+class SynthScan:
+    """One generated scan: HU volume (x=R->L, y=P->A, z=I->S), its affine, and its lung mask."""
+
+    volume: np.ndarray
+    affine: np.ndarray
+    lung_mask: np.ndarray
+    label: int
+
+
+def _smooth_noise(
+    rng: np.random.Generator, shape: tuple[int, int], coarse: int, sigma: float
+) -> np.ndarray:
+    """Smooth 2D noise of unit spread, made at 1/``coarse`` resolution and upsampled."""
+    small = (max(shape[0] // coarse, 4), max(shape[1] // coarse, 4))
+    field = ndimage.gaussian_filter(rng.standard_normal(small), sigma)
+    field /= field.std() + 1e-6
+    return ndimage.zoom(field, (shape[0] / small[0], shape[1] / small[1]), order=1)[
+        : shape[0], : shape[1]
+    ]
+
+
+def _ellipse(
+    u: np.ndarray, v: np.ndarray, cu: float, cv: float, ru: float, rv: float
+) -> np.ndarray:
+    """Normalised elliptic radius: < 1 inside the ellipse."""
+    return np.sqrt(((u - cu) / ru) ** 2 + ((v - cv) / rv) ** 2)
+
+
+def generate_scan(
+    label: int,
+    seed: int,
+    shape: tuple[int, int, int] | None = None,
+    difficulty: float = 0.5,
+) -> SynthScan:
+    """Generate one scan, deterministic in (``label``, ``seed``, ``shape``, ``difficulty``).
+
+    Args:
+        label: 0 normal, 1 abnormal (viral-pneumonia-like findings).
+        seed: seed of this scan.
+        shape: (x, y, z) voxels; ``None`` draws MosMed's 512x512 with 30-70 slices.
+        difficulty: 0 gives large, dense findings; 1 gives few, small, faint ones.
+    """
+    rng = np.random.default_rng([seed, label])
+    if shape is None:
+        shape = (512, 512, int(rng.integers(30, 71)))
+    nx, ny, nz = shape
+    pixel_mm = float(rng.uniform(0.6, 0.9)) * 512 / nx
+    # In-plane coordinates normalised to the field of view: u runs R->L, v runs P->A.
+    u, v = np.meshgrid(np.linspace(-1, 1, nx), np.linspace(-1, 1, ny), indexing="ij")
+    z_mm = (np.arange(nz) - (nz - 1) / 2) * SLICE_MM * (30 / nz if nz < 30 else 1.0)
+
+    body_cu, body_cv = rng.normal(0, 0.03), rng.normal(-0.05, 0.03)
+    body_ru, body_rv = rng.uniform(0.72, 0.88), rng.uniform(0.50, 0.62)
+    fat = rng.uniform(0.04, 0.09)
+    lung_top = rng.uniform(100, 150) + rng.normal(0, 20)
+    lung_bottom = lung_top - rng.uniform(220, 290)
+    inspiration_hu = -850 + rng.normal(0, 35)
+    gravity_hu = rng.uniform(0, 70)  # dependent (posterior) lung is denser
+    noise_hu = rng.uniform(12, 25)
+    lungs: list[dict[str, Any]] = []
+    for side in (-1, 1):  # right lung at u < 0 (R->L axis), left lung at u > 0
+        lungs.append(
+            {
+                "cu": body_cu + side * rng.uniform(0.36, 0.44) * body_ru,
+                "cv": body_cv + rng.uniform(-0.02, 0.06),
+                "ru": rng.uniform(0.30, 0.36) * body_ru * (1.05 if side < 0 else 0.95),
+                "rv": rng.uniform(0.68, 0.80) * body_rv,
+                "harm": rng.normal(0, 0.04, size=(3, 2)),
+            }
+        )
+
+    lesions: list[dict[str, Any]] = []
+    if label == 1:
+        extent = rng.uniform(0.0, 1.0) ** (1 + 2 * difficulty)
+        count = 1 + int(round(extent * (10 - 6 * difficulty))) + int(rng.integers(0, 2))
+        for k in range(count):
+            side = k % 2 if rng.uniform() < 0.8 else int(rng.integers(0, 2))  # mostly bilateral
+            lesions.append(
+                {
+                    "lung": side,
+                    "angle": rng.uniform(0, 2 * np.pi),
+                    "depth": rng.uniform(0.55, 0.95),  # fraction of the lung radius: peripheral
+                    "z": rng.uniform(lung_bottom + 30, lung_top - 30),
+                    "r": rng.uniform(0.08, 0.17) * (1.4 - 0.8 * difficulty) * (0.7 + extent),
+                    "rz": rng.uniform(16, 40) * (0.7 + extent),
+                    "hu": rng.uniform(-700, -300) + 150 * difficulty * rng.uniform(-1, 0),
+                    "solid": rng.uniform() < 0.35 * (1 - 0.5 * difficulty) + 0.3 * extent,
+                }
+            )
+
+    theta = np.arctan2(v, u)
+    volume = np.empty(shape, dtype=np.float32)
+    lung_mask = np.zeros(shape, dtype=bool)
+    for iz, z in enumerate(z_mm):
+        r_body = _ellipse(u, v, body_cu, body_cv, body_ru, body_rv)
+        sl = np.full((nx, ny), -1000.0, dtype=np.float32)
+        sl[r_body < 1] = -100.0  # subcutaneous fat
+        sl[r_body < 1 - fat] = 40.0  # muscle and mediastinum
+        # ribs: bright ovals just inside the fat, crossing the plane every few slices
+        for rib in range(12):
+            ang = np.pi * (rib / 11.0) * 1.6 - 0.3 * np.pi + np.pi  # lateral and posterior arc
+            phase = (z / 25.0 + rib * 0.37) % 1.0
+            if phase < 0.45:
+                ru = body_cu + (1 - fat * 1.6) * body_ru * np.cos(ang)
+                rv = body_cv + (1 - fat * 1.6) * body_rv * np.sin(ang)
+                sl[_ellipse(u, v, ru, rv, 0.035, 0.02) < 1] = 700.0
+        # spine: vertebral body with cortex, posterior midline
+        sp_u, sp_v = body_cu, body_cv - 0.72 * body_rv
+        r_sp = _ellipse(u, v, sp_u, sp_v, 0.09, 0.08)
+        sl[r_sp < 1] = 800.0
+        sl[r_sp < 0.8] = 250.0
+        sl[_ellipse(u, v, sp_u, sp_v - 0.12, 0.03, 0.05) < 1] = 600.0
+
+        in_lungs = np.zeros((nx, ny), dtype=bool)
+        if lung_bottom < z < lung_top:
+            t = (z - lung_bottom) / (lung_top - lung_bottom)
+            # cross-section grows from the diaphragm dome, then narrows to the apex
+            scale = np.sqrt(np.clip(np.sin(np.pi * min(0.5 + 0.5 * t, 1.0) * 0.999), 0, 1))
+            scale *= np.clip(t * 4, 0.35, 1.0)
+            for lung in lungs:
+                harm = lung["harm"]
+                wobble = 1 + sum(
+                    harm[k, 0] * np.cos((k + 2) * theta) + harm[k, 1] * np.sin((k + 2) * theta)
+                    for k in range(3)
+                )
+                r = _ellipse(u, v, lung["cu"], lung["cv"], lung["ru"] * scale, lung["rv"] * scale)
+                in_lungs |= r < wobble
+            heart = _ellipse(
+                u, v, body_cu + 0.1, body_cv + 0.3 * body_rv, 0.2 + 0.1 * (t < 0.5), 0.22
+            )
+            if t < 0.75:
+                in_lungs &= heart > 1
+            density = inspiration_hu + gravity_hu * np.clip((0.3 - v) / 0.9, 0, 1)
+            lung_sl = density + 8 * _smooth_noise(rng, (nx, ny), 16, 1.5)
+            # vessels: small bright blobs, denser towards the hila
+            field = _smooth_noise(rng, (nx, ny), 6, 0.8)
+            hilum = np.minimum(
+                _ellipse(u, v, lungs[0]["cu"] + 0.1, body_cv, 0.5, 0.5),
+                _ellipse(u, v, lungs[1]["cu"] - 0.1, body_cv, 0.5, 0.5),
+            )
+            vessels = field > 1.4 + 0.8 * np.clip(hilum, 0, 1.5)
+            lung_sl = np.where(vessels, 30.0, lung_sl)
+            sl = np.where(in_lungs, lung_sl, sl)
+            for les in lesions:
+                dz = (z - les["z"]) / les["rz"]
+                if abs(dz) >= 1:
+                    continue
+                lung = lungs[les["lung"]]
+                cu = lung["cu"] + les["depth"] * lung["ru"] * scale * np.cos(les["angle"])
+                cv = lung["cv"] + les["depth"] * lung["rv"] * scale * np.sin(les["angle"])
+                rad = les["r"] * np.sqrt(1 - dz**2)
+                rr = _ellipse(u, v, cu, cv, rad, rad * rng.uniform(0.7, 1.3))
+                blob = np.clip((1.0 - rr) * 4, 0, 1) * np.clip(
+                    0.85 + 0.25 * _smooth_noise(rng, (nx, ny), 12, 1), 0.4, 1
+                )
+                blob *= in_lungs
+                sl = sl * (1 - blob) + les["hu"] * blob
+                if les["solid"]:
+                    core = (rr < 0.45) & in_lungs
+                    sl = np.where(core, rng.uniform(-100, 50), sl)
+        lung_mask[:, :, iz] = in_lungs
+        sl += rng.normal(0, noise_hu, size=sl.shape).astype(np.float32)
+        volume[:, :, iz] = sl
+    volume = np.clip(np.rint(volume), -1024, 3071).astype(np.int16)
+    slice_mm = SLICE_MM if nz >= 30 else SLICE_MM * 30 / nz
+    affine = np.diag([-pixel_mm, pixel_mm, slice_mm, 1.0])  # LAS: x toward Left
+    affine[:3, 3] = [pixel_mm * (nx - 1) / 2, -pixel_mm * (ny - 1) / 2, float(z_mm[0])]
+    return SynthScan(volume=volume, affine=affine, lung_mask=lung_mask, label=label)
+
+
+def save_scan(scan: SynthScan, path: str | Path) -> None:
+    """Write ``scan`` as int16 NIfTI with qform and sform set like MosMedData (code 1)."""
+    img = nib.Nifti1Image(scan.volume, scan.affine)
+    img.set_qform(scan.affine, code=1)
+    img.set_sform(scan.affine, code=1)
+    img.header.set_xyzt_units("mm", "sec")
+    nib.save(img, str(path))
+
+
+def scan_seed(seed: int, index: int) -> int:
+    """Seed of the ``index``-th scan of a dataset made with ``seed``."""
+    return int(np.random.SeedSequence([seed, index]).generate_state(1)[0])
+
+
+def write_dataset(
+    out: str | Path,
+    per_class: int,
+    shape: tuple[int, int, int] | None = None,
+    seed: int = 0,
+    difficulty: float = 0.5,
+    progress: bool = True,
+) -> list[dict[str, object]]:
+    """Write ``per_class`` scans of each class to ``out/CT-0`` and ``out/CT-23``.
+
+    Returns the datalist (``image``, ``label``). Existing files of the same name are kept, so an
+    interrupted run completes when run again; a ``.complete`` marker records the settings.
+    """
+    from tqdm import tqdm
+
+    out = Path(out)
+    items: list[dict[str, object]] = []
+    jobs = [(label, i) for i in range(per_class) for label in CLASS_FOLDERS]
+    for label, i in tqdm(jobs, desc=f"synth {out}", unit="scan", disable=not progress):
+        folder = out / CLASS_FOLDERS[label]
+        folder.mkdir(parents=True, exist_ok=True)
+        path = folder / f"synth_{label}_{i:04d}.nii.gz"
+        if not path.exists():
+            scan = generate_scan(label, scan_seed(seed, i), shape=shape, difficulty=difficulty)
+            tmp = path.with_name(path.name + ".tmp.nii.gz")
+            save_scan(scan, tmp)
+            tmp.replace(path)
+        items.append({"image": str(path), "label": label})
+    return items

@@ -1,0 +1,98 @@
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from app.datalist import discover, find_items, load_datalist, stratified_split, write_split
+from app.errors import DataError
+
+
+def make_tree(root: Path, counts: dict[str, int]) -> Path:
+    for folder, n in counts.items():
+        (root / folder).mkdir(parents=True)
+        for i in range(n):
+            (root / folder / f"study_{i:04d}.nii.gz").write_bytes(b"x")
+    return root
+
+
+def test_discover_maps_mosmed_classes(tmp_path):
+    make_tree(tmp_path, {"CT-0": 3, "CT-1": 1, "CT-23": 2, "notes": 0})
+    items = discover(tmp_path)
+    assert [Path(str(d["image"])).parent.name for d in items] == ["CT-0"] * 3 + ["CT-1"] + [
+        "CT-23"
+    ] * 2
+    assert [d["label"] for d in items] == [0, 0, 0, 1, 1, 1]
+    assert discover(tmp_path) == items  # deterministic
+
+
+def test_discover_finds_download_layout_and_custom_map(tmp_path):
+    make_tree(tmp_path / "MosMedData", {"CT-0": 1, "CT-23": 1})
+    assert len(discover(tmp_path)) == 2
+    items = discover(tmp_path / "MosMedData", class_map={"CT-0": 1, "CT-23": 0})
+    assert [d["label"] for d in items] == [1, 0]
+
+
+@pytest.mark.parametrize(
+    ("setup", "message"),
+    [
+        pytest.param(lambda p: p / "absent", "does not exist", id="missing-root"),
+        pytest.param(
+            lambda p: make_tree(p, {"other": 1}), "holds none of the class folders", id="no-class"
+        ),
+        pytest.param(
+            lambda p: make_tree(p, {"CT-0": 2, "CT-23": 0}), "holds no .nii", id="empty-class"
+        ),
+    ],
+)
+def test_discover_errors(tmp_path, setup, message):
+    root = setup(tmp_path)
+    with pytest.raises(DataError, match=message):
+        discover(root)
+
+
+def test_datalists_csv_and_json(tmp_path):
+    make_tree(tmp_path, {"CT-0": 1, "CT-23": 1})
+    (tmp_path / "list.csv").write_text(
+        "image,label\nCT-23/study_0000.nii.gz,1\nCT-0/study_0000.nii.gz,0\n"
+    )
+    csv_items = load_datalist(tmp_path / "list.csv")
+    assert [d["label"] for d in csv_items] == [0, 1]
+    assert all(Path(str(d["image"])).is_absolute() for d in csv_items)
+    (tmp_path / "list.json").write_text(
+        json.dumps(
+            {
+                "training": [{"image": "CT-0/study_0000.nii.gz", "label": 0}],
+                "validation": [{"image": "CT-23/study_0000.nii.gz", "label": 1}],
+            }
+        )
+    )
+    assert find_items(tmp_path / "list.json") == csv_items
+
+
+def test_datalist_naming_missing_files(tmp_path):
+    (tmp_path / "list.csv").write_text("image,label\nnope.nii.gz,1\n")
+    with pytest.raises(DataError, match="do not exist: .*nope.nii.gz"):
+        load_datalist(tmp_path / "list.csv")
+    (tmp_path / "bad.csv").write_text("path,y\na,1\n")
+    with pytest.raises(DataError, match="'image' and 'label'"):
+        load_datalist(tmp_path / "bad.csv")
+
+
+def test_split_is_stratified_seeded_and_reference_sized(tmp_path):
+    items = [{"image": f"/d/{c}/{i:03d}.nii.gz", "label": c} for c in (0, 1) for i in range(100)]
+    train, val = stratified_split(items, 0.7, seed=1)
+    assert sum(d["label"] == 0 for d in train) == 70 and sum(d["label"] == 1 for d in train) == 70
+    assert len(val) == 60 and not {d["image"] for d in train} & {d["image"] for d in val}
+    assert stratified_split(items, 0.7, seed=1) == (train, val)
+    assert stratified_split(items, 0.7, seed=2)[0] != train
+    write_split(tmp_path / "split.json", train, val)
+    saved = json.loads((tmp_path / "split.json").read_text())
+    assert saved["training"] == train and saved["validation"] == val
+
+
+def test_split_keeps_each_side_non_empty():
+    items = [{"image": f"{c}{i}", "label": c} for c in (0, 1) for i in range(2)]
+    train, val = stratified_split(items, 0.9, seed=0)
+    assert len(train) == 2 and len(val) == 2

@@ -1,0 +1,153 @@
+from __future__ import annotations
+
+import http.server
+import io
+import threading
+import zipfile
+from pathlib import Path
+
+import pytest
+
+from app.data import main as data_main
+from app.download import download_mosmed, fetch
+from app.errors import DownloadError
+
+
+def make_zip(folder: str, n: int = 3) -> bytes:
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as zf:
+        for i in range(n):
+            zf.writestr(f"{folder}/study_{i:04d}.nii.gz", bytes(range(256)) * 200)
+    return buf.getvalue()
+
+
+class RangeServer:
+    """A 127.0.0.1 file server that honours ``Range`` and can cut a response short."""
+
+    def __init__(self, files: dict[str, bytes]) -> None:
+        self.files = files
+        self.requests: list[tuple[str, str | None]] = []
+        self.cut_after: int | None = None
+        server = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def log_message(self, *args):  # keep test output quiet
+                pass
+
+            def do_GET(self):
+                name = self.path.rsplit("/", 1)[-1]
+                rng = self.headers.get("Range")
+                server.requests.append((name, rng))
+                if name not in server.files:
+                    self.send_error(404)
+                    return
+                data = server.files[name]
+                start = int(rng.split("=")[1].split("-")[0]) if rng else 0
+                body = data[start:]
+                self.send_response(206 if rng else 200)
+                if rng:
+                    self.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                if server.cut_after is not None:
+                    self.wfile.write(body[: server.cut_after])
+                    self.wfile.flush()
+                    self.connection.shutdown(2)
+                    server.cut_after = None
+                    return
+                self.wfile.write(body)
+
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+@pytest.fixture
+def server():
+    srv = RangeServer({"CT-0.zip": make_zip("CT-0"), "CT-23.zip": make_zip("CT-23", 2)})
+    yield srv
+    srv.close()
+
+
+def archives(server: RangeServer, size0: int | None = None):
+    return {
+        "CT-0": {"url": f"{server.url}/rel/CT-0.zip", "size": size0},
+        "CT-23": {"url": f"{server.url}/rel/CT-23.zip", "size": None},
+    }
+
+
+def test_download_unpacks_and_is_idempotent(tmp_path, server):
+    size0 = len(server.files["CT-0.zip"])
+    data_dir = download_mosmed(tmp_path, archives(server, size0), progress=False)
+    assert sorted(p.name for p in (data_dir / "CT-0").iterdir()) == [
+        f"study_{i:04d}.nii.gz" for i in range(3)
+    ]
+    assert len(list((data_dir / "CT-23").iterdir())) == 2
+    assert not (tmp_path / "CT-0.zip").exists()
+    count = len(server.requests)
+    download_mosmed(tmp_path, archives(server, size0), progress=False)
+    assert len(server.requests) == count  # second run fetches nothing
+
+
+def test_broken_download_resumes_with_range(tmp_path, server):
+    data = server.files["CT-0.zip"]
+    server.cut_after = 1000
+    with pytest.raises(DownloadError, match="run the same command again"):
+        fetch(f"{server.url}/CT-0.zip", tmp_path / "CT-0.zip", len(data), progress=False)
+    assert (tmp_path / "CT-0.zip.part").stat().st_size == 1000
+    fetch(f"{server.url}/CT-0.zip", tmp_path / "CT-0.zip", len(data), progress=False)
+    assert server.requests[-1] == ("CT-0.zip", "bytes=1000-")
+    assert (tmp_path / "CT-0.zip").read_bytes() == data
+
+
+def test_size_mismatch_is_refused(tmp_path, server):
+    with pytest.raises(DownloadError, match="expected 12345"):
+        fetch(f"{server.url}/CT-0.zip", tmp_path / "CT-0.zip", 12345, progress=False)
+    assert not (tmp_path / "CT-0.zip").exists()
+
+
+def test_cli_with_mirror_and_unreachable_network(tmp_path, server, capsys):
+    assert (
+        data_main(["download", "--root", str(tmp_path), "--base-url", server.url, "--no-progress"])
+        == 1
+    )
+    # CT-0's published size differs from the test zip: refused with a clear message
+    assert "expected 1045162547" in capsys.readouterr().err
+    # nothing listens on port 9 of 127.0.0.1 (discard): connection refused
+    assert (
+        data_main(
+            [
+                "download",
+                "--root",
+                str(tmp_path),
+                "--base-url",
+                "http://127.0.0.1:9",
+                "--no-progress",
+            ]
+        )
+        == 1
+    )
+    err = capsys.readouterr().err
+    assert "cannot reach http://127.0.0.1:9/CT-0.zip" in err and "resumes" in err
+
+
+def test_zip_slip_is_refused(tmp_path):
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as zf:
+        zf.writestr("../evil.nii.gz", b"x")
+    srv = RangeServer({"CT-0.zip": buf.getvalue()})
+    try:
+        with pytest.raises(DownloadError, match="escapes"):
+            download_mosmed(
+                tmp_path / "root",
+                {"CT-0": {"url": f"{srv.url}/CT-0.zip", "size": None}},
+                progress=False,
+            )
+    finally:
+        srv.close()
+    assert not (tmp_path / "root" / "MosMedData" / "evil.nii.gz").exists()
+    assert not Path(tmp_path / "evil.nii.gz").exists()

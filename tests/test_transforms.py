@@ -1,0 +1,112 @@
+from __future__ import annotations
+
+import math
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+from scipy import ndimage
+
+from app.config import load_config
+from transforms import RandDiscreteAxialRotated, eval_transforms, train_transforms
+
+
+@pytest.fixture(scope="module")
+def config():
+    return load_config("inference.yaml")
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        pytest.param("cip_ct-64_chest_LAS.nii.gz", id="LAS"),
+        pytest.param("cip_ct-64_chest.nii.gz", id="LPS"),
+    ],
+)
+def test_preprocessing_reproduces_reference(real_ct, reference_dir, config, name):
+    expected = np.load(reference_dir / "reference_preprocess_cip_ct-64_chest_LAS.npz")["output"]
+    out = config.get_parsed_content("preprocessing")({"image": str(real_ct / name)})["image"]
+    assert tuple(out.shape) == (1, 128, 128, 64) and out.dtype == torch.float32
+    assert float(np.abs(out[0].numpy() - expected).max()) < 1e-3
+
+
+def write_nifti(path, array, affine=None):
+    nib.save(nib.Nifti1Image(array, np.eye(4) if affine is None else affine), str(path))
+    return str(path)
+
+
+def test_eval_chain_matches_scipy_reference_on_synthetic_volume(tmp_path):
+    rng = np.random.default_rng(0)
+    vol = rng.integers(-1100, 600, size=(40, 40, 12)).astype(np.int16)
+    affine = np.diag([-1.0, 1.0, 2.0, 1.0])  # LAS storage: the reference sees the array as is
+    path = write_nifti(tmp_path / "v.nii.gz", vol, affine)
+    ours = eval_transforms(spatial_size=(48, 48, 48))({"image": path})["image"][0].numpy()
+    v = np.clip(vol.astype(np.float64), -1000, 400)
+    v = ((v + 1000) / 1400).astype(np.float32)
+    v = ndimage.rotate(v, 90, reshape=False)
+    ref = ndimage.zoom(v, (48 / 40, 48 / 40, 48 / 12), order=1)
+    assert np.abs(ours - ref).max() < 1e-4
+
+
+def test_reorientation_makes_orientations_agree(tmp_path):
+    rng = np.random.default_rng(1)
+    vol = rng.integers(-1000, 400, size=(30, 30, 10)).astype(np.int16)
+    las = write_nifti(tmp_path / "las.nii.gz", vol, np.diag([-1.0, 1.0, 1.0, 1.0]))
+    # the same voxels stored RAS: x axis flipped
+    ras = write_nifti(tmp_path / "ras.nii.gz", vol[::-1].copy(), np.diag([1.0, 1.0, 1.0, 1.0]))
+    chain = eval_transforms(spatial_size=(46, 46, 46))
+    a, b = chain({"image": las})["image"], chain({"image": ras})["image"]
+    torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize(
+    ("name", "hu_like"),
+    [
+        pytest.param("totalsegmentator_example_ct.nii.gz", True, id="int32-RAS"),
+        pytest.param("cip_ct-64_chest.nii.gz", True, id="int16-LPS"),
+        pytest.param("niivue-images_CT_AVM.nii.gz", False, id="uint8-scaled"),
+    ],
+)
+def test_real_files_load_and_preprocess(real_ct, name, hu_like):
+    raw = nib.load(str(real_ct / name)).get_fdata()
+    out = eval_transforms(spatial_size=(64, 64, 48))({"image": str(real_ct / name)})["image"]
+    assert tuple(out.shape) == (1, 64, 64, 48)
+    assert float(out.min()) >= 0.0 and float(out.max()) <= 1.0
+    # HU scans have air (0 after scaling); the scaled uint8 scan has no value below 0 HU
+    assert bool(raw.min() < -900) is hu_like
+    assert (float(out.min()) == 0.0) is hu_like
+
+
+def test_random_rotation_uses_reference_angles_and_is_seeded():
+    t = RandDiscreteAxialRotated("image", angles_deg=(-20, -10, -5, 5, 10, 20))
+    t.set_random_state(7)
+    drawn = set()
+    for _ in range(60):
+        t.randomize()
+        drawn.add(t.angle_deg)
+    assert drawn == {-20.0, -10.0, -5.0, 5.0, 10.0, 20.0}
+    img = torch.zeros(1, 33, 33, 5)
+    img[:, 16, 4:29, :] = 1.0  # a line along y through the centre
+    a = RandDiscreteAxialRotated("image", angles_deg=(90,)).set_random_state(0)({"image": img})[
+        "image"
+    ]
+    # a 90 degree turn maps the line along y onto x, keeps shape and range
+    assert tuple(a.shape) == (1, 33, 33, 5)
+    assert float(a[0, 4:29, 16, 2].mean()) > 0.9 and float(a[0, 16, 4:10, 2].max()) < 0.1
+    assert float(a.min()) >= 0.0 and float(a.max()) <= 1.0
+    assert math.isclose(float(a.sum()), float(img.sum()), rel_tol=0.05)
+
+
+def test_train_chain_is_eval_chain_plus_rotation(tmp_path):
+    vol = np.random.default_rng(2).integers(-1000, 400, size=(40, 40, 10)).astype(np.int16)
+    path = write_nifti(tmp_path / "v.nii.gz", vol)
+    train = train_transforms(spatial_size=(46, 46, 46))
+    assert isinstance(train.transforms[-1], RandDiscreteAxialRotated)
+    train.set_random_state(3)
+    first = train({"image": path})["image"]
+    train.set_random_state(3)
+    again = train({"image": path})["image"]
+    torch.testing.assert_close(first, again)
+    plain = eval_transforms(spatial_size=(46, 46, 46))({"image": path})["image"]
+    assert first.shape == plain.shape and not torch.equal(torch.as_tensor(first), plain)

@@ -1,0 +1,14 @@
+"""MONAI dictionary transforms and presets of ctclassify."""
+
+import logging
+import warnings
+
+# MONAI announces on every LoadImage that the optional GPU DICOM decoder (nvImageCodec) is
+# absent; pydicom's own decoders are used instead, which is what we want.
+logging.getLogger("monai.data.nvimgcodec_pydicom_plugin").setLevel(logging.ERROR)
+warnings.filterwarnings("ignore", message="NvImgCodecPydicomReader", category=UserWarning)
+
+from transforms.augment import RandDiscreteAxialRotated  # noqa: E402
+from transforms.presets import eval_transforms, train_transforms  # noqa: E402
+
+__all__ = ["RandDiscreteAxialRotated", "eval_transforms", "train_transforms"]

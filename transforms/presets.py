@@ -1,0 +1,88 @@
+"""Transform recipes: the reference preprocessing, and the same plus augmentation for training.
+
+The values come from the bundle configs (``configs/common.yaml``); these factories only
+assemble the chain.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+from monai.transforms import (
+    Compose,
+    EnsureChannelFirstd,
+    EnsureTyped,
+    LoadImaged,
+    Orientationd,
+    Resized,
+    Rotate90d,
+    ScaleIntensityRanged,
+)
+
+from transforms.augment import RandDiscreteAxialRotated
+
+
+def eval_transforms(
+    *,
+    keys: Sequence[str] = ("image",),
+    spatial_size: Sequence[int] = (128, 128, 64),
+    hu_window: Sequence[float] = (-1000.0, 400.0),
+    axcodes: str = "LAS",
+    load: bool = True,
+) -> Compose:
+    """The reference ``process_scan()`` as MONAI dictionary transforms.
+
+    Load -> channel first -> reorient to ``axcodes`` (MosMed's LAS storage order, so MosMed scans
+    stay untouched and every other orientation becomes consistent) -> clip ``hu_window`` and scale
+    to [0, 1] -> rotate 90 degrees in the axial plane (the reference's ``ndimage.rotate(v, 90)``;
+    exact for square slices) -> linear resize with corners aligned (as scipy's ``zoom``) to
+    ``spatial_size`` -> float32 tensor.
+
+    Args:
+        keys: image keys to transform.
+        spatial_size: output size (x, y, z).
+        hu_window: HU range clipped and scaled to [0, 1].
+        axcodes: orientation every scan is brought to before the reference steps.
+        load: include ``LoadImaged`` and ``EnsureChannelFirstd`` (``False`` for arrays already
+            loaded channel-first with metadata).
+    """
+    head = [LoadImaged(keys, image_only=True), EnsureChannelFirstd(keys)] if load else []
+    return Compose(
+        [
+            *head,
+            Orientationd(keys, axcodes=axcodes, labels=None),
+            ScaleIntensityRanged(
+                keys, a_min=hu_window[0], a_max=hu_window[1], b_min=0.0, b_max=1.0, clip=True
+            ),
+            Rotate90d(keys, k=1, spatial_axes=(0, 1)),
+            Resized(keys, spatial_size=tuple(spatial_size), mode="trilinear", align_corners=True),
+            EnsureTyped(keys, dtype=np.float32, track_meta=False),
+        ]
+    )
+
+
+def train_transforms(
+    *,
+    keys: Sequence[str] = ("image",),
+    spatial_size: Sequence[int] = (128, 128, 64),
+    hu_window: Sequence[float] = (-1000.0, 400.0),
+    axcodes: str = "LAS",
+    angles_deg: Sequence[float] = (-20, -10, -5, 5, 10, 20),
+) -> Compose:
+    """:func:`eval_transforms` followed by the reference's random axial rotation.
+
+    Caching datasets (``CacheDataset``, ``PersistentDataset``) cache everything before the first
+    random transform, so the deterministic prefix is computed once per scan.
+
+    Args:
+        keys: image keys to transform.
+        spatial_size: output size (x, y, z).
+        hu_window: HU range clipped and scaled to [0, 1].
+        axcodes: orientation every scan is brought to.
+        angles_deg: rotation angles to draw from, in degrees.
+    """
+    prefix = eval_transforms(
+        keys=keys, spatial_size=spatial_size, hu_window=hu_window, axcodes=axcodes
+    )
+    return Compose([*prefix.transforms, RandDiscreteAxialRotated(keys, angles_deg=angles_deg)])
