@@ -145,6 +145,14 @@ def stratified_split(
     return train, val
 
 
+def split_datalist(
+    items: Sequence[Item], train_fraction: float = 0.7, seed: int = 0
+) -> dict[str, list[Item]]:
+    """:func:`stratified_split` as a MONAI datalist: ``{"training": [...], "validation": [...]}``."""
+    train, val = stratified_split(items, train_fraction, seed)
+    return {"training": train, "validation": val}
+
+
 def write_split(path: str | Path, train: Sequence[Item], val: Sequence[Item]) -> None:
     """Write a MONAI datalist JSON (``training``, ``validation``), atomically."""
     from app.fileio import atomic_write_text

@@ -79,7 +79,7 @@ def generate_scan(
     fat = rng.uniform(0.04, 0.09)
     lung_top = rng.uniform(100, 150) + rng.normal(0, 20)
     lung_bottom = lung_top - rng.uniform(220, 290)
-    inspiration_hu = -850 + rng.normal(0, 35)
+    inspiration_hu = -850 + rng.normal(0, 40)
     gravity_hu = rng.uniform(0, 70)  # dependent (posterior) lung is denser
     noise_hu = rng.uniform(12, 25)
     lungs: list[dict[str, Any]] = []
@@ -96,8 +96,8 @@ def generate_scan(
 
     lesions: list[dict[str, Any]] = []
     if label == 1:
-        extent = rng.uniform(0.0, 1.0) ** (1 + 2 * difficulty)
-        count = 1 + int(round(extent * (10 - 6 * difficulty))) + int(rng.integers(0, 2))
+        extent = rng.uniform(0.0, 1.0) ** (0.5 + difficulty)
+        count = 2 + int(round(extent * (12 - 6 * difficulty))) + int(rng.integers(0, 3))
         for k in range(count):
             side = k % 2 if rng.uniform() < 0.8 else int(rng.integers(0, 2))  # mostly bilateral
             lesions.append(

@@ -1,0 +1,374 @@
+"""Classify scans with a trained model: the Python API behind ``python -m app.infer``.
+
+Example:
+    >>> from app.classifier import Classifier
+    >>> clf = Classifier.load("runs/demo", device="cpu")          # doctest: +SKIP
+    >>> clf.predict("scan.nii.gz").prob_abnormal                   # doctest: +SKIP
+    0.8731
+    >>> for p in clf.predict_many(["a.nii.gz", "dicom/series1"]):  # doctest: +SKIP
+    ...     print(p.path, p.label, p.error)
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from app.errors import ConfigError, CTClassifyError
+from app.inputs import ScanInput, find_inputs
+from app.scanqc import Limits, ScanError, check_dicom_series, check_nifti_header, check_values
+
+#: settings a checkpoint must carry to rebuild its model and preprocessing
+MODEL_SETTINGS = (
+    "spatial_size",
+    "hu_window",
+    "axcodes",
+    "in_channels",
+    "filters",
+    "dense_units",
+    "dropout",
+    "bn_eps",
+    "bn_momentum",
+)
+
+
+class CheckpointError(CTClassifyError):
+    """The checkpoint cannot be used (missing, unsafe, or without the settings of its model)."""
+
+
+@dataclass
+class Prediction:
+    """The result for one input. ``prob_abnormal`` is ``None`` when ``error`` says why."""
+
+    path: str
+    prob_abnormal: float | None
+    label: str | None
+    warnings: list[str] = field(default_factory=list)
+    error: str | None = None
+    seconds: float = 0.0
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+    def sentence(self) -> str:
+        """The reference's console line, for both classes."""
+        if self.prob_abnormal is None:
+            return f"{self.path}: error: {self.error}"
+        p = self.prob_abnormal
+        return (
+            f"{self.path}: This model is {100 * (1 - p):.2f} percent confident that CT scan is normal "
+            f"and {100 * p:.2f} percent that it is abnormal -> {self.label}"
+        )
+
+
+def resolve_checkpoint(path: str | Path | None, runs_dir: str | Path = "runs") -> Path:
+    """A checkpoint file from a file, a run folder (its best model) or ``None`` (newest run)."""
+    if path is None:
+        candidates = sorted(Path(runs_dir).glob("*/best_model.pt"), key=lambda p: p.stat().st_mtime)
+        if not candidates:
+            raise CheckpointError(
+                f"no trained model under {runs_dir}/: train one (`python -m app.train --demo`) or "
+                "pass --checkpoint RUN_DIR|FILE"
+            )
+        return candidates[-1]
+    path = Path(path)
+    if path.is_dir():
+        for name in ("best_model.pt", "models/model.pt"):
+            if (path / name).is_file():
+                return path / name
+        from app.handlers.trainer_checkpoint import latest_checkpoint
+
+        last = latest_checkpoint(path)
+        if last is None:
+            raise CheckpointError(
+                f"{path} holds no best_model.pt, models/model.pt or last checkpoint"
+            )
+        return last
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} does not exist")
+    return path
+
+
+def load_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """(network state dict, run settings) from a checkpoint, without unpickling any object."""
+    import pickle
+
+    path = Path(path)
+    try:
+        data = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        raise CheckpointError(
+            f"{path} was refused: it holds Python objects that loading would execute, not only "
+            f"weights ({str(exc).splitlines()[0][:200]})"
+        ) from exc
+    except (OSError, RuntimeError, EOFError, ValueError) as exc:
+        raise CheckpointError(f"{path} is not a readable PyTorch checkpoint ({exc})") from exc
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path} holds a {type(data).__name__}, not a checkpoint dictionary")
+    state = data.get("network", data.get("model"))
+    settings = data.get("run_info")
+    if settings is None and (path.parent.parent / "configs" / "metadata.json").is_file():
+        from app.bundle_io import bundle_settings
+
+        settings = bundle_settings(path.parent.parent)
+        state = data if state is None else state
+    if not isinstance(state, dict) or not state:
+        raise CheckpointError(f"{path} holds no network weights (expected a 'network' entry)")
+    if not isinstance(settings, dict):
+        raise CheckpointError(
+            f"{path} does not carry the settings its model was trained with ('run_info'); "
+            "use a checkpoint written by app.train or an exported bundle"
+        )
+    missing = [k for k in MODEL_SETTINGS if k not in settings]
+    if missing:
+        raise CheckpointError(f"{path}: run settings lack {', '.join(missing)}")
+    return state, settings
+
+
+def pick_device(device: str | torch.device = "auto") -> torch.device:
+    if str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("--device cuda: no CUDA device is available here")
+    return device
+
+
+class ScanPreparer:
+    """Checks and preprocesses one input; never raises (errors become part of the result).
+
+    Picklable and free of the network, so DataLoader workers can run it.
+
+    Args:
+        preprocessing: the evaluation chain of the configs (starting with ``LoadImaged``).
+        limits: caps checked before reading voxels.
+        image_key: key of the image in the chain's dictionaries.
+    """
+
+    def __init__(self, preprocessing: Any, limits: Limits, image_key: str = "image") -> None:
+        from monai.transforms import Compose, EnsureChannelFirstd, LoadImaged
+
+        transforms = list(preprocessing.transforms)
+        n_load = 0
+        while n_load < len(transforms) and isinstance(
+            transforms[n_load], (LoadImaged, EnsureChannelFirstd)
+        ):
+            n_load += 1
+        self.load = Compose(transforms[:n_load])
+        self.rest = Compose(transforms[n_load:])
+        self.limits = limits
+        self.key = image_key
+
+    def __call__(self, scan: ScanInput) -> dict[str, Any]:
+        start = time.perf_counter()
+        result: dict[str, Any] = {"path": scan.key, "image": None, "warnings": [], "error": None}
+        try:
+            if scan.kind == "unreadable":
+                raise ScanError(scan.problem)
+            if scan.kind == "nifti":
+                result["warnings"] = check_nifti_header(scan.key, self.limits)
+                loaded = self.load({self.key: scan.key})
+            else:
+                result["warnings"] = check_dicom_series(scan.files, self.limits)
+                with tempfile.TemporaryDirectory(prefix="ctclassify-series-") as folder:
+                    for i, name in enumerate(scan.files):
+                        os.symlink(os.path.abspath(name), os.path.join(folder, f"{i:05d}.dcm"))
+                    loaded = self.load({self.key: folder})
+            volume = loaded[self.key]
+            result["warnings"] += check_values(np.asarray(volume))
+            result["image"] = torch.as_tensor(self.rest(loaded)[self.key])
+        except ScanError as exc:
+            result["error"] = str(exc)
+        except MemoryError:
+            result["error"] = "not enough memory to read this scan"
+        except Exception as exc:  # one bad file must never stop a folder
+            result["error"] = _describe(exc)
+        result["seconds"] = time.perf_counter() - start
+        return result
+
+
+def _describe(exc: BaseException) -> str:
+    """One line for an unexpected reader error, naming the usual causes."""
+    import gzip
+    import zlib
+
+    chain = [exc, *(e for e in (exc.__cause__, exc.__context__) if e is not None)]
+    for e in chain:
+        if isinstance(e, (EOFError, zlib.error, gzip.BadGzipFile)):
+            return f"truncated or corrupt gzip ({e or type(e).__name__})"
+    text = " ".join(str(exc).split())
+    return f"cannot read the scan: {type(exc).__name__}: {text[:200]}"
+
+
+class _InputDataset(torch.utils.data.Dataset):
+    def __init__(self, inputs: Sequence[ScanInput], preparer: ScanPreparer) -> None:
+        self.inputs = list(inputs)
+        self.preparer = preparer
+
+    def __len__(self) -> int:
+        return len(self.inputs)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        return self.preparer(self.inputs[index])
+
+
+def _as_list(batch: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return batch
+
+
+class Classifier:
+    """A trained model with the preprocessing it was trained with.
+
+    Args:
+        network: the CNN (eval mode is set here).
+        settings: the run settings the checkpoint carries.
+        device: where the network runs.
+        threshold: P(abnormal) at or above it gives ``abnormal``; default: the run's.
+        limits: caps on scan size checked before reading.
+        checkpoint: where the weights came from.
+    """
+
+    def __init__(
+        self,
+        network: torch.nn.Module,
+        settings: dict[str, Any],
+        device: torch.device,
+        threshold: float | None = None,
+        limits: Limits | None = None,
+        checkpoint: Path | None = None,
+    ) -> None:
+        from app.config import load_config
+
+        self.settings = settings
+        self.device = device
+        self.network = network.to(device).eval()
+        self.threshold = float(settings.get("threshold", 0.5) if threshold is None else threshold)
+        self.class_names = list(settings.get("class_names", ["normal", "abnormal"]))
+        self.checkpoint = checkpoint
+        parser = load_config("inference.yaml", overrides=self._overrides())
+        self.preparer = ScanPreparer(
+            parser.get_parsed_content("preprocessing"),
+            limits or Limits(),
+            parser.get_parsed_content("image_key"),
+        )
+
+    def _overrides(self) -> dict[str, Any]:
+        return {k: self.settings[k] for k in MODEL_SETTINGS}
+
+    @classmethod
+    def load(
+        cls,
+        checkpoint: str | Path | None = None,
+        device: str | torch.device = "auto",
+        threshold: float | None = None,
+        limits: Limits | None = None,
+    ) -> Classifier:
+        """Rebuild the model from a checkpoint file, run folder, exported bundle, or the newest run."""
+        import transforms  # noqa: F401  (quiets MONAI's optional-decoder notices)
+        from app.config import load_config
+
+        path = resolve_checkpoint(checkpoint)
+        state, settings = load_checkpoint(path)
+        overrides = {k: settings[k] for k in MODEL_SETTINGS}
+        network = load_config("inference.yaml", overrides=overrides).get_parsed_content(
+            "network_def"
+        )
+        state = {k.removeprefix("module."): v for k, v in state.items()}
+        try:
+            network.load_state_dict(state, strict=True)
+        except RuntimeError as exc:
+            raise CheckpointError(
+                f"{path}: weights do not fit the network its settings describe ({exc})"
+            ) from exc
+        return cls(network, settings, pick_device(device), threshold, limits, path)
+
+    def _label(self, prob: float) -> str:
+        return self.class_names[1] if prob >= self.threshold else self.class_names[0]
+
+    @torch.inference_mode()
+    def _forward(self, images: list[torch.Tensor]) -> list[float]:
+        batch = torch.stack([torch.as_tensor(i) for i in images]).to(self.device, non_blocking=True)
+        if self.device.type == "cuda":
+            with torch.autocast("cuda", dtype=torch.float16):
+                logits = self.network(batch)
+        else:
+            logits = self.network(batch)
+        return torch.sigmoid(logits.float()).view(-1).cpu().tolist()
+
+    def predict_many(
+        self,
+        inputs: Iterable[str | Path | ScanInput],
+        batch_size: int = 2,
+        workers: int = 0,
+        keep_images: bool = False,
+    ) -> Iterator[Prediction]:
+        """Classify inputs in batches, streaming one :class:`Prediction` per input, in order.
+
+        Inputs are NIfTI paths, DICOM series folders, or :class:`ScanInput` from
+        :func:`app.inputs.find_inputs`. Bad inputs yield a prediction with ``error`` set; memory
+        holds a few batches at a time. With ``keep_images`` each prediction carries its
+        preprocessed volume as ``prediction.image`` (for montages and saliency).
+        """
+        scans = [s if isinstance(s, ScanInput) else _as_input(s) for s in inputs]
+        loader = torch.utils.data.DataLoader(
+            _InputDataset(scans, self.preparer),
+            batch_size=max(batch_size, 1),
+            num_workers=workers,
+            collate_fn=_as_list,
+            pin_memory=self.device.type == "cuda",
+        )
+        for batch in loader:
+            ready = [r for r in batch if r["image"] is not None]
+            probs = self._forward([r["image"] for r in ready]) if ready else []
+            for r, p in zip(ready, probs, strict=True):
+                r["prob"] = p
+            for r in batch:
+                prob = r.get("prob")
+                pred = Prediction(
+                    path=r["path"],
+                    prob_abnormal=None if prob is None else round(float(prob), 6),
+                    label=None if prob is None else self._label(prob),
+                    warnings=r["warnings"],
+                    error=r["error"],
+                    seconds=round(r["seconds"], 3),
+                )
+                if keep_images:
+                    pred.image = r["image"]  # type: ignore[attr-defined]
+                yield pred
+
+    def predict(self, path: str | Path) -> Prediction:
+        """Classify one NIfTI file or DICOM series folder."""
+        return next(self.predict_many([path]))
+
+    def saliency(self, image: torch.Tensor) -> np.ndarray:
+        """Grad-CAM of the last conv block for one preprocessed (C, x, y, z) volume, in [0, 1]."""
+        from monai.visualize import GradCAM
+
+        layer = f"features.{len(self.network.features) - 1}.conv"  # type: ignore[arg-type]
+        cam = GradCAM(nn_module=self.network, target_layers=layer)
+        with torch.enable_grad():
+            x = torch.as_tensor(image)[None].to(self.device).requires_grad_(True)
+            heat = cam(x=x, class_idx=0)
+        heat = heat[0, 0].detach().cpu().numpy()
+        span = float(heat.max() - heat.min())
+        return (heat - heat.min()) / span if span > 0 else np.zeros_like(heat)
+
+
+def _as_input(path: str | Path) -> ScanInput:
+    found = find_inputs(path)
+    if len(found) == 1:
+        return found[0]
+    if not found:
+        return ScanInput(str(path), "unreadable", problem="no NIfTI file or DICOM series here")
+    return ScanInput(
+        str(path), "unreadable", problem=f"{len(found)} scans here: pass one at a time"
+    )

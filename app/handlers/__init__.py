@@ -1,0 +1,8 @@
+"""Ignite handlers of ctclassify, one per module, each with ``attach(engine)``."""
+
+from app.handlers.early_stopping import EarlyStopping
+from app.handlers.epoch_seeder import EpochSeeder
+from app.handlers.run_recorder import RunRecorder
+from app.handlers.trainer_checkpoint import TrainerCheckpointSaver
+
+__all__ = ["EarlyStopping", "EpochSeeder", "RunRecorder", "TrainerCheckpointSaver"]

@@ -1,0 +1,144 @@
+"""Write a run's per-epoch record: metrics.csv, metrics.json, curves.png (and montage.png)."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from ignite.engine import Engine, Events
+
+from app.fileio import atomic_write_text
+
+COLUMNS = (
+    "epoch",
+    "train_loss",
+    "train_acc",
+    "val_loss",
+    "val_acc",
+    "val_auc",
+    "val_sensitivity",
+    "val_specificity",
+    "lr",
+    "seconds",
+)
+
+
+def read_metrics(path: str | Path) -> list[dict[str, Any]]:
+    """Rows of a ``metrics.csv`` as dicts of floats (``epoch`` as int); [] if there is none."""
+    path = Path(path)
+    if not path.exists():
+        return []
+    rows = []
+    with path.open(newline="") as f:
+        for row in csv.DictReader(f):
+            rows.append(
+                {
+                    k: (int(v) if k == "epoch" else (float(v) if v != "" else None))
+                    for k, v in row.items()
+                }
+            )
+    return rows
+
+
+class RunRecorder:
+    """Record each epoch of a training run in its folder, atomically, one row per epoch.
+
+    Attach to the trainer after the validation handler. At each epoch end it writes
+    ``metrics.csv`` and ``metrics.json`` (epoch, train and val loss and accuracy, val ROC-AUC,
+    sensitivity, specificity, learning rate, seconds) and redraws ``curves.png``. A resumed run
+    keeps the rows up to its checkpoint's epoch and replaces any later ones, so each epoch
+    appears exactly once. At the start it draws ``montage.png`` from ``montage_source()``.
+
+    Args:
+        output_dir: the run folder.
+        evaluator: the validation engine whose metrics are recorded.
+        optimizer: its first parameter group's learning rate is recorded.
+        montage_source: returns a preprocessed (C, x, y, z) volume for ``montage.png``.
+        val_interval: validation runs every ``val_interval`` epochs.
+    """
+
+    def __init__(
+        self,
+        output_dir: str | Path,
+        evaluator: Engine,
+        optimizer: Any,
+        montage_source: Callable[[], Any] | None = None,
+        val_interval: int = 1,
+    ) -> None:
+        self.output_dir = Path(output_dir)
+        self.evaluator = evaluator
+        self.optimizer = optimizer
+        self.montage_source = montage_source
+        self.val_interval = val_interval
+        self.rows: list[dict[str, Any]] = []
+        self._epoch_start = 0.0
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.STARTED, self.started)
+        engine.add_event_handler(Events.EPOCH_STARTED, self.epoch_started)
+        engine.add_event_handler(Events.EPOCH_COMPLETED, self.epoch_completed)
+
+    def started(self, engine: Engine) -> None:
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        done = engine.state.epoch
+        self.rows = [r for r in read_metrics(self.output_dir / "metrics.csv") if r["epoch"] <= done]
+        montage = self.output_dir / "montage.png"
+        if self.montage_source is not None and not montage.exists():
+            from app.plots import plot_montage
+
+            volume = self.montage_source()
+            plot_montage(
+                volume.detach().cpu().numpy() if hasattr(volume, "detach") else volume,
+                montage,
+                title="one preprocessed training scan",
+            )
+
+    def epoch_started(self, engine: Engine) -> None:
+        self._epoch_start = time.perf_counter()
+
+    def epoch_completed(self, engine: Engine) -> None:
+        epoch = engine.state.epoch
+        train = engine.state.metrics
+        validated = epoch % self.val_interval == 0
+        val = self.evaluator.state.metrics if validated else {}
+        row: dict[str, Any] = {
+            "epoch": epoch,
+            "train_loss": _number(train.get("train_loss")),
+            "train_acc": _number(train.get("train_acc")),
+            "val_loss": _number(val.get("val_loss")),
+            "val_acc": _number(val.get("val_acc")),
+            "val_auc": _number(val.get("val_auc")),
+            "val_sensitivity": _number(val.get("val_sensitivity")),
+            "val_specificity": _number(val.get("val_specificity")),
+            "lr": float(self.optimizer.param_groups[0]["lr"]),
+            "seconds": round(time.perf_counter() - self._epoch_start, 3),
+        }
+        self.rows = [r for r in self.rows if r["epoch"] < epoch] + [row]
+        self.write()
+
+    def write(self) -> None:
+        buf = io.StringIO()
+        writer = csv.DictWriter(buf, fieldnames=COLUMNS, lineterminator="\n")
+        writer.writeheader()
+        for r in self.rows:
+            writer.writerow({k: "" if r.get(k) is None else r[k] for k in COLUMNS})
+        atomic_write_text(self.output_dir / "metrics.csv", buf.getvalue())
+        atomic_write_text(self.output_dir / "metrics.json", json.dumps(self.rows, indent=1))
+        from app.plots import plot_curves
+
+        plot_curves(self.rows, self.output_dir / "curves.png")
+
+
+def _number(value: Any) -> float | None:
+    if value is None:
+        return None
+    if isinstance(value, Sequence) and not isinstance(value, str):
+        value = value[0]
+    value = float(value)
+    return None if math.isnan(value) else round(value, 6)

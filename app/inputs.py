@@ -1,0 +1,108 @@
+"""Find the scans under a folder: NIfTI files, and DICOM series (one input per SeriesInstanceUID)."""
+
+from __future__ import annotations
+
+import os
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+NIFTI_SUFFIXES = (".nii", ".nii.gz")
+DICOM_SUFFIXES = (".dcm", ".dicom", ".ima")
+
+
+@dataclass(frozen=True)
+class ScanInput:
+    """One input to classify.
+
+    Args:
+        key: what identifies it in outputs (file path, series folder, or ``folder#SeriesUID``).
+        kind: ``nifti``, ``dicom`` or ``unreadable`` (found but not openable: reported as an error).
+        files: the files of a DICOM series (empty for NIfTI).
+        problem: why an ``unreadable`` input cannot be read.
+    """
+
+    key: str
+    kind: str
+    files: tuple[str, ...] = field(default_factory=tuple)
+    problem: str = ""
+
+
+def _is_dicom(path: Path) -> bool:
+    if path.name.lower().endswith(DICOM_SUFFIXES):
+        return True
+    try:
+        with path.open("rb") as f:
+            f.seek(128)
+            return f.read(4) == b"DICM"
+    except OSError:
+        return False
+
+
+def _dicom_series(folder: Path, files: list[Path]) -> tuple[list[ScanInput], list[ScanInput]]:
+    """Group ``files`` by SeriesInstanceUID; files pydicom cannot parse become error inputs."""
+    import pydicom
+    from pydicom.errors import InvalidDicomError
+
+    groups: dict[str, list[str]] = defaultdict(list)
+    bad: list[ScanInput] = []
+    for path in files:
+        try:
+            ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=["SeriesInstanceUID"])
+            groups[str(getattr(ds, "SeriesInstanceUID", "") or "unknown")].append(str(path))
+        except (InvalidDicomError, OSError, EOFError, ValueError, AttributeError) as exc:
+            bad.append(
+                ScanInput(str(path), "unreadable", problem=f"not a readable DICOM file ({exc})")
+            )
+    series = [
+        ScanInput(
+            str(folder) if len(groups) == 1 else f"{folder}#{uid}", "dicom", tuple(sorted(paths))
+        )
+        for uid, paths in sorted(groups.items())
+    ]
+    return series, bad
+
+
+def find_inputs(root: str | Path) -> list[ScanInput]:
+    """Every NIfTI file and DICOM series under ``root`` (recursively), sorted by key.
+
+    Symbolic-link loops, unreadable folders and unreadable files become ``unreadable`` inputs,
+    so they are reported next to the results instead of stopping the run.
+    """
+    root = Path(root)
+    if root.is_file():
+        kind = "nifti" if root.name.endswith(NIFTI_SUFFIXES) else "dicom"
+        return [ScanInput(str(root), kind, (str(root),) if kind == "dicom" else ())]
+    found: list[ScanInput] = []
+
+    def on_error(exc: OSError) -> None:
+        found.append(
+            ScanInput(
+                str(exc.filename), "unreadable", problem=f"cannot list folder ({exc.strerror})"
+            )
+        )
+
+    for dirpath, dirnames, filenames in os.walk(root, onerror=on_error, followlinks=False):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        folder = Path(dirpath)
+        dicom_files: list[Path] = []
+        for name in sorted(filenames):
+            if name.startswith("."):
+                continue
+            path = folder / name
+            if path.is_symlink() and not path.exists():
+                found.append(
+                    ScanInput(str(path), "unreadable", problem="broken or looping symbolic link")
+                )
+                continue
+            if name.endswith(NIFTI_SUFFIXES):
+                if not os.access(path, os.R_OK):
+                    found.append(ScanInput(str(path), "unreadable", problem="permission denied"))
+                else:
+                    found.append(ScanInput(str(path), "nifti"))
+            elif _is_dicom(path):
+                dicom_files.append(path)
+        if dicom_files:
+            series, bad = _dicom_series(folder, dicom_files)
+            found.extend(series + bad)
+    return sorted(found, key=lambda s: s.key)

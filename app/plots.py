@@ -1,0 +1,83 @@
+"""Figures people would rather look at than read: training curves and slice montages."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+
+def _pyplot() -> Any:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig: Any, path: str | Path) -> None:
+    from app.fileio import atomic_write
+
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", bbox_inches="tight"))
+
+
+def plot_curves(rows: Sequence[Mapping[str, Any]], path: str | Path) -> None:
+    """Accuracy and loss per epoch, train vs val, in two panels (as the reference plots them)."""
+    plt = _pyplot()
+    from matplotlib.ticker import MaxNLocator
+
+    epochs = [int(r["epoch"]) for r in rows]
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4))
+    for ax, metric in zip(axes, ("acc", "loss"), strict=True):
+        for split in ("train", "val"):
+            values = [r.get(f"{split}_{metric}") for r in rows]
+            if any(v is not None for v in values):
+                ax.plot(
+                    epochs,
+                    [np.nan if v is None else v for v in values],
+                    marker="o",
+                    ms=3,
+                    label=split,
+                )
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_title(f"Model {metric}")
+        ax.set_xlabel("epoch")
+        ax.set_ylabel(metric)
+        ax.legend(["train", "val"])
+    _save(fig, path)
+    plt.close(fig)
+
+
+def plot_montage(
+    volume: np.ndarray,
+    path: str | Path,
+    rows: int = 4,
+    columns: int = 10,
+    overlay: np.ndarray | None = None,
+    title: str | None = None,
+) -> None:
+    """``rows`` x ``columns`` axial slices of a preprocessed (x, y, z) volume, evenly spaced
+    (the reference shows 40 slices, 4 x 10); ``overlay`` (same shape, 0..1) is drawn as a
+    heat map on top, e.g. a Grad-CAM."""
+    plt = _pyplot()
+    volume = np.asarray(volume)
+    if volume.ndim == 4:
+        volume = volume[0]
+    count = rows * columns
+    index = np.linspace(0, volume.shape[2] - 1, count).round().astype(int)
+    fig, axes = plt.subplots(rows, columns, figsize=(columns * 1.2, rows * 1.2))
+    for ax, z in zip(np.ravel(axes), index, strict=True):
+        # the reference's 90-degree rotation makes axis 0 the rows: anterior up, patient right
+        # on the left, as radiologists read axial slices
+        ax.imshow(volume[:, :, z], cmap="gray", vmin=0, vmax=1)
+        if overlay is not None:
+            ax.imshow(np.asarray(overlay)[..., z], cmap="jet", alpha=0.35, vmin=0, vmax=1)
+        ax.axis("off")
+    plt.subplots_adjust(wspace=0.02, hspace=0.02)
+    if title:
+        fig.suptitle(title)
+    _save(fig, path)
+    plt.close(fig)

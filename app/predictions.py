@@ -1,0 +1,102 @@
+"""predictions.csv written as it goes (one fsync'd line per scan) and resumable; predictions.json."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from app.classifier import Prediction
+from app.fileio import atomic_write_text
+
+COLUMNS = ("path", "prob_abnormal", "label", "warnings", "error", "seconds")
+CSV_NAME = "predictions.csv"
+JSON_NAME = "predictions.json"
+
+
+class PredictionLog:
+    """Append-only ``predictions.csv`` in ``out_dir``.
+
+    Each row is written and fsync'd as soon as its scan is done, so a crash or kill keeps every
+    finished row. Opening an existing file drops a half-written last line (a kill mid-write) and
+    remembers the inputs already done, so a rerun adds each remaining input exactly once.
+
+    Args:
+        out_dir: output folder (created).
+        overwrite: start a new file instead of completing the existing one.
+    """
+
+    def __init__(self, out_dir: str | Path, overwrite: bool = False) -> None:
+        self.out_dir = Path(out_dir)
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        self.csv_path = self.out_dir / CSV_NAME
+        if overwrite:
+            self.csv_path.unlink(missing_ok=True)
+            (self.out_dir / JSON_NAME).unlink(missing_ok=True)
+        self._repair()
+        self.rows = self.read()
+        new = not self.csv_path.exists() or self.csv_path.stat().st_size == 0
+        self._file = self.csv_path.open("a", newline="")
+        if new:
+            self._write_line(",".join(COLUMNS) + "\n")
+
+    def _repair(self) -> None:
+        if not self.csv_path.exists():
+            return
+        data = self.csv_path.read_bytes()
+        if data and not data.endswith(b"\n"):
+            keep = data.rfind(b"\n") + 1
+            with self.csv_path.open("r+b") as f:
+                f.truncate(keep)
+
+    def read(self) -> list[dict[str, str]]:
+        if not self.csv_path.exists():
+            return []
+        with self.csv_path.open(newline="") as f:
+            return list(csv.DictReader(f))
+
+    @property
+    def done(self) -> set[str]:
+        return {r["path"] for r in self.rows}
+
+    def _write_line(self, line: str) -> None:
+        self._file.write(line)
+        self._file.flush()
+        os.fsync(self._file.fileno())
+
+    def append(self, pred: Prediction) -> None:
+        row = {
+            "path": pred.path,
+            "prob_abnormal": "" if pred.prob_abnormal is None else f"{pred.prob_abnormal:.6f}",
+            "label": pred.label or "",
+            "warnings": "; ".join(pred.warnings),
+            "error": pred.error or "",
+            "seconds": f"{pred.seconds:.3f}",
+        }
+        buf = io.StringIO()
+        csv.DictWriter(buf, fieldnames=COLUMNS, lineterminator="\n").writerow(row)
+        self._write_line(
+            buf.getvalue()
+        )  # one write: a kill leaves a whole line or a repairable part
+        self.rows.append(row)
+
+    def write_json(self) -> None:
+        rows: list[dict[str, Any]] = []
+        for r in self.rows:
+            rows.append(
+                {
+                    "path": r["path"],
+                    "prob_abnormal": float(r["prob_abnormal"]) if r["prob_abnormal"] else None,
+                    "label": r["label"] or None,
+                    "warnings": [w for w in r["warnings"].split("; ") if w],
+                    "error": r["error"] or None,
+                    "seconds": float(r["seconds"]) if r.get("seconds") else None,
+                }
+            )
+        atomic_write_text(self.out_dir / JSON_NAME, json.dumps(rows, indent=1))
+
+    def close(self) -> None:
+        self._file.close()

@@ -1,0 +1,66 @@
+"""A self-contained HTML report of an inference run (images embedded, opens offline)."""
+
+from __future__ import annotations
+
+import base64
+import html
+from pathlib import Path
+
+from app.fileio import atomic_write_text
+
+
+def _img(path: Path | None, alt: str) -> str:
+    if path is None or not path.is_file():
+        return ""
+    data = base64.b64encode(path.read_bytes()).decode("ascii")
+    return f'<img alt="{html.escape(alt)}" src="data:image/png;base64,{data}">'
+
+
+def write_report(
+    rows: list[dict[str, str]], out_dir: Path, images: dict[str, dict[str, Path]]
+) -> Path:
+    """Write ``out_dir/report.html``: a row per scan with probability, label, warnings or error,
+    a montage thumbnail and the Grad-CAM overlay when one was computed."""
+    body = []
+    for r in rows:
+        prob = r.get("prob_abnormal") or ""
+        pct = f"{100 * float(prob):.1f}%" if prob else ""
+        label = r.get("label") or ""
+        status = "error" if r.get("error") else ("warn" if r.get("warnings") else "ok")
+        note = html.escape(r.get("error") or r.get("warnings") or "")
+        pics = images.get(r["path"], {})
+        body.append(
+            f'<tr class="{status}"><td class="path">{html.escape(r["path"])}</td>'
+            f'<td class="num">{pct}</td><td class="{html.escape(label)}">{html.escape(label)}</td>'
+            f"<td>{note}</td><td>{_img(pics.get('montage'), 'montage')}</td>"
+            f"<td>{_img(pics.get('saliency'), 'Grad-CAM')}</td></tr>"
+        )
+    classified = sum(1 for r in rows if r.get("prob_abnormal"))
+    abnormal = sum(1 for r in rows if r.get("label") == "abnormal")
+    failed = sum(1 for r in rows if r.get("error"))
+    page = f"""<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>ctclassify report</title>
+<style>
+body {{ font-family: system-ui, sans-serif; margin: 2em; color: #222; }}
+table {{ border-collapse: collapse; width: 100%; }}
+th, td {{ border-bottom: 1px solid #ddd; padding: 6px 8px; text-align: left; vertical-align: top; }}
+th {{ background: #f0f3f7; }}
+td.num {{ text-align: right; font-variant-numeric: tabular-nums; }}
+td.abnormal {{ color: #b00020; font-weight: 600; }}
+td.normal {{ color: #1b5e20; font-weight: 600; }}
+tr.error td {{ background: #fdecea; }}
+tr.warn td {{ background: #fff8e1; }}
+td.path {{ font-family: monospace; word-break: break-all; max-width: 28em; }}
+img {{ max-width: 360px; }}
+</style></head><body>
+<h1>ctclassify: chest CT classification</h1>
+<p>{len(rows)} inputs: {classified} classified ({abnormal} abnormal, {classified - abnormal} normal),
+{failed} could not be classified. Research use only, not for diagnosis.</p>
+<table><thead><tr><th>scan</th><th>P(abnormal)</th><th>label</th><th>warnings / error</th>
+<th>montage</th><th>Grad-CAM</th></tr></thead><tbody>
+{"".join(body)}
+</tbody></table></body></html>
+"""
+    path = out_dir / "report.html"
+    atomic_write_text(path, page)
+    return path

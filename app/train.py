@@ -1,0 +1,380 @@
+"""``python -m app.train``: train the 3D CNN through MONAI's Ignite engines, from the bundle configs.
+
+    python -m app.train --demo                     # generated data, settings for a 2-core CPU
+    python -m app.train --data data/MosMedData --output runs/mosmed
+    python -m app.train --output runs/mosmed --epochs 120 --resume
+
+Every default comes from configs/common.yaml and configs/train.yaml; ``--set ID=VALUE``
+overrides any config id.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from app.config import CONFIG_DIR, config_files, parse_set_options
+from app.errors import ConfigError, CTClassifyError, DataError
+
+OVERRIDES_FILE = "overrides.json"
+DEMO_CONFIG = "demo.yaml"
+
+
+@dataclass
+class TrainResult:
+    """What :func:`train` returns: the run folder and one metrics row per epoch."""
+
+    run_dir: Path
+    metrics: list[dict[str, Any]]
+    best_checkpoint: Path | None
+
+    @property
+    def best_val_acc(self) -> float | None:
+        values = [r["val_acc"] for r in self.metrics if r.get("val_acc") is not None]
+        return max(values) if values else None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m app.train",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--data", type=Path, help="class-folder root (CT-0/, CT-23/...) or datalist")
+    src.add_argument(
+        "--demo",
+        action="store_true",
+        help="generate the MosMed-like demo data if needed and train a CPU-sized model",
+    )
+    p.add_argument("--output", type=Path, help="run folder (default: runs/run-<date>-<time>)")
+    p.add_argument("--epochs", type=int, help="maximum epochs (default 100)")
+    p.add_argument("--batch-size", type=int, help="scans per step (default 2)")
+    p.add_argument("--lr", type=float, help="Adam learning rate (default 1e-4)")
+    p.add_argument("--patience", type=int, help="early-stopping patience in epochs (default 15)")
+    p.add_argument(
+        "--spatial-size",
+        type=int,
+        nargs=3,
+        metavar=("X", "Y", "Z"),
+        help="network input size (default 128 128 64)",
+    )
+    p.add_argument(
+        "--cache",
+        choices=("memory", "disk", "none"),
+        help="cache of the deterministic preprocessing (default memory)",
+    )
+    p.add_argument("--seed", type=int, help="seed of split, initialisation and augmentation")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    p.add_argument(
+        "--amp",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="mixed precision (default: on with CUDA)",
+    )
+    p.add_argument("--workers", type=int, help="data-loading worker processes (default 0)")
+    p.add_argument("--resume", action="store_true", help="continue the run in --output")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing run folder")
+    p.add_argument(
+        "--set",
+        dest="sets",
+        action="append",
+        default=[],
+        metavar="ID=VALUE",
+        help="override any config id, e.g. --set bn_momentum=0.1 (repeatable)",
+    )
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    return p
+
+
+def overrides_from_args(args: argparse.Namespace) -> dict[str, Any]:
+    """Config overrides for the options given on the command line (and only those)."""
+    mapping = {
+        "epochs": args.epochs,
+        "batch_size": args.batch_size,
+        "learning_rate": args.lr,
+        "patience": args.patience,
+        "spatial_size": list(args.spatial_size) if args.spatial_size else None,
+        "cache": args.cache,
+        "seed": args.seed,
+        "amp": args.amp,
+        "num_workers": args.workers,
+    }
+    out = {k: v for k, v in mapping.items() if v is not None}
+    if args.device != "auto":
+        out["device"] = f"$torch.device('{args.device}')"
+    if args.no_progress:
+        out["progress"] = False
+    out.update(parse_set_options(args.sets))
+    return out
+
+
+def demo_dataset(config_dir: Path = CONFIG_DIR) -> Path:
+    """The generated demo dataset, made on first use in the user's cache folder."""
+    from monai.bundle import ConfigParser
+
+    from app.synth import write_dataset
+
+    spec = ConfigParser.load_config_files(str(config_dir / DEMO_CONFIG))["demo_data"]
+    cache = Path(os.environ.get("CTCLASSIFY_CACHE", Path.home() / ".cache" / "ctclassify"))
+    shape = spec.get("shape")
+    name = f"demo-{spec['per_class']}x2-seed{spec['seed']}-" + (
+        "x".join(map(str, shape)) if shape else "mosmed"
+    )
+    root = cache / name
+    marker = root / ".complete"
+    if not marker.exists():
+        print(f"generating the demo dataset in {root} (once)", flush=True)
+        write_dataset(
+            root,
+            int(spec["per_class"]),
+            tuple(shape) if shape else None,
+            seed=int(spec["seed"]),
+            difficulty=float(spec.get("difficulty", 0.5)),
+        )
+        marker.write_text(json.dumps(spec))
+    return root
+
+
+def _environment(device: str) -> dict[str, Any]:
+    import ignite
+    import monai
+    import numpy
+    import torch
+
+    try:
+        commit = (
+            subprocess.run(
+                ["git", "rev-parse", "HEAD"],
+                cwd=Path(__file__).resolve().parent,
+                capture_output=True,
+                text=True,
+                timeout=5,
+                check=False,
+            ).stdout.strip()
+            or None
+        )
+    except (OSError, subprocess.SubprocessError):
+        commit = None
+    return {
+        "argv": sys.argv,
+        "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "git_commit": commit,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "torch": torch.__version__,
+        "monai": monai.__version__,
+        "pytorch-ignite": ignite.__version__,
+        "numpy": numpy.__version__,
+        "device": device,
+        "cuda_device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        "cpu_threads": torch.get_num_threads(),
+    }
+
+
+def _log_to_file(path: Path) -> logging.Handler:
+    handler = logging.FileHandler(path)
+    handler.setFormatter(logging.Formatter("%(asctime)s - %(name)s - %(levelname)s - %(message)s"))
+    return handler
+
+
+def prepare_run_dir(output: Path, resume: bool, overwrite: bool) -> None:
+    """Refuse to touch an existing run folder unless asked to resume or overwrite it."""
+    from app.handlers.trainer_checkpoint import latest_checkpoint
+
+    exists = output.exists() and any(output.iterdir())
+    if resume:
+        if latest_checkpoint(output) is None:
+            raise ConfigError(
+                f"--resume: {output} holds no last_checkpoint_epoch=*.pt to resume from"
+            )
+    elif exists:
+        if not overwrite:
+            raise ConfigError(
+                f"run folder {output} exists; add --resume to continue it, --overwrite to replace "
+                "it, or choose another --output"
+            )
+        shutil.rmtree(output)
+
+
+def train(
+    data: str | Path | None = None,
+    output: str | Path | None = None,
+    *,
+    demo: bool = False,
+    resume: bool = False,
+    overwrite: bool = False,
+    overrides: dict[str, Any] | None = None,
+    config_dir: str | Path = CONFIG_DIR,
+) -> TrainResult:
+    """Train from the bundle configs; the Python entry behind ``python -m app.train``.
+
+    Args:
+        data: class-folder root or datalist (default: the config's ``dataset_dir``).
+        output: run folder (default ``runs/run-<date>-<time>``).
+        demo: train on the generated demo data with ``configs/demo.yaml`` on top.
+        resume: continue the run in ``output`` from its last checkpoint; the run's own settings
+            are reused, ``overrides`` (e.g. a larger ``epochs``) apply on top.
+        overwrite: replace an existing ``output``.
+        overrides: config id -> value, e.g. ``{"epochs": 5, "spatial_size": [48, 48, 48]}``.
+        config_dir: folder of the bundle configs.
+
+    Example:
+        >>> result = train("data/synth", "runs/try", overrides={"epochs": 2})  # doctest: +SKIP
+        >>> result.metrics[-1]["val_auc"]  # doctest: +SKIP
+    """
+    import torch
+    from ignite.handlers import Checkpoint
+    from monai.bundle import ConfigWorkflow
+
+    import transforms  # noqa: F401  (quiets MONAI's optional-decoder notices)
+    from app.distributed import launched_distributed, rank
+    from app.handlers.run_recorder import read_metrics
+    from app.handlers.trainer_checkpoint import latest_checkpoint
+
+    config_dir = Path(config_dir)
+    if output is None and launched_distributed():
+        raise ConfigError("multi-process training needs --output (every rank must use the same)")
+    output = Path(output) if output else Path("runs") / time.strftime("run-%Y%m%d-%H%M%S")
+    lead = rank() == 0
+    if lead:
+        prepare_run_dir(output, resume, overwrite)
+    settings: dict[str, Any] = {}
+    if resume and (output / OVERRIDES_FILE).exists():
+        settings.update(json.loads((output / OVERRIDES_FILE).read_text()))
+    names = ["train.yaml"] + ([DEMO_CONFIG] if demo or settings.pop("__demo__", False) else [])
+    if launched_distributed():
+        names.append("multi_gpu_train.yaml")
+    if demo:
+        settings["dataset_dir"] = str(demo_dataset(config_dir))
+    if data is not None:
+        settings["dataset_dir"] = str(data)
+    settings.update(overrides or {})
+    settings["output_dir"] = str(output)
+    dataset_dir = Path(str(settings.get("dataset_dir", "data/MosMedData")))
+    if not dataset_dir.exists():
+        root = dataset_dir.parent.parent if dataset_dir.name == "MosMedData" else Path("data")
+        raise DataError(
+            f"no training data at {dataset_dir}: download MosMedData with "
+            f"`python -m app.data download --root {root}`, pass --data DIR, "
+            "or try `python -m app.train --demo`"
+        )
+    device = str(settings.get("device", ""))
+    if "cuda" in device and not torch.cuda.is_available():
+        raise ConfigError("--device cuda: no CUDA device is available here")
+
+    output.mkdir(parents=True, exist_ok=True)
+    from app.fileio import atomic_write_text
+
+    if lead:
+        saved = {**settings, "__demo__": DEMO_CONFIG in names}
+        atomic_write_text(output / OVERRIDES_FILE, json.dumps(saved, indent=1))
+    log_handler = _log_to_file(output / "train.log") if lead else logging.NullHandler()
+    logging.getLogger().addHandler(log_handler)
+    try:
+        workflow = ConfigWorkflow(
+            config_file=config_files(*names, config_dir=config_dir),
+            meta_file=str(config_dir / "metadata.json"),
+            logging_file=str(config_dir / "logging.conf"),
+            workflow_type="train",
+            **settings,
+        )
+        workflow.initialize()
+        parser = workflow.parser
+        if lead:
+            parser.export_config_file(parser.get(), str(output / "config.json"), indent=1)
+            atomic_write_text(
+                output / "environment.json",
+                json.dumps(_environment(str(parser.get_parsed_content("device"))), indent=1),
+            )
+        trainer = parser.get_parsed_content("train#trainer")
+        if resume:
+            last = latest_checkpoint(output)
+            assert last is not None
+            checkpoint = torch.load(last, map_location="cpu", weights_only=True)
+            to_load = {
+                "network": parser.get_parsed_content("network"),
+                "optimizer": parser.get_parsed_content("optimizer"),
+                "lr_scheduler": parser.get_parsed_content("lr_scheduler"),
+                "trainer": trainer,
+            }
+            Checkpoint.load_objects(to_load=to_load, checkpoint=checkpoint)
+            _restore_best_tracking(parser, output)
+            trainer.state.max_epochs = int(parser.get_parsed_content("epochs"))
+            logging.getLogger("app.train").info(
+                "resuming %s from %s (epoch %d of %d)",
+                output,
+                last.name,
+                trainer.state.epoch,
+                trainer.state.max_epochs,
+            )
+        workflow.run()
+        workflow.finalize()
+    finally:
+        logging.getLogger().removeHandler(log_handler)
+        log_handler.close()
+    best = output / "best_model.pt"
+    return TrainResult(
+        output, read_metrics(output / "metrics.csv"), best if best.exists() else None
+    )
+
+
+def _restore_best_tracking(parser: Any, output: Path) -> None:
+    """Give the best-model saver the score it must beat, so resuming never demotes the best."""
+    import torch
+    from monai.handlers import CheckpointSaver
+
+    best = output / "best_model.pt"
+    if not best.exists():
+        return
+    state = torch.load(best, map_location="cpu", weights_only=True).get("checkpointer")
+    if state is None:
+        return
+    for handler in parser.get_parsed_content("validate#handlers"):
+        if isinstance(handler, CheckpointSaver) and handler._key_metric_checkpoint is not None:
+            handler.load_state_dict(state)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.resume and args.output is None:
+        print("error: --resume needs --output RUN_DIR", file=sys.stderr)
+        return 2
+    try:
+        overrides = overrides_from_args(args)
+        result = train(
+            args.data,
+            args.output,
+            demo=args.demo,
+            resume=args.resume,
+            overwrite=args.overwrite,
+            overrides=overrides,
+        )
+    except (ConfigError, DataError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except CTClassifyError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    last = result.metrics[-1] if result.metrics else {}
+    print(
+        f"run folder: {result.run_dir}\n"
+        f"epochs: {len(result.metrics)}; last val_acc {last.get('val_acc')}, val_auc "
+        f"{last.get('val_auc')}; best val_acc {result.best_val_acc}\n"
+        f"best model: {result.best_checkpoint}"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

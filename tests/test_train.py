@@ -1,0 +1,220 @@
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from ignite.engine import Engine, Events
+
+from app.data import main as data_main
+from app.handlers import EarlyStopping
+from app.train import main as train_main
+
+TINY = [
+    "--epochs",
+    "2",
+    "--spatial-size",
+    "48",
+    "48",
+    "48",
+    "--batch-size",
+    "2",
+    "--seed",
+    "11",
+    "--device",
+    "cpu",
+    "--no-progress",
+]
+
+
+@pytest.fixture(scope="module")
+def tiny_data(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("data") / "d"
+    assert (
+        data_main(
+            [
+                "synth",
+                str(root),
+                "--per-class",
+                "8",
+                "--shape",
+                "64",
+                "64",
+                "16",
+                "--seed",
+                "3",
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
+    return root
+
+
+def rows(run: Path) -> list[dict[str, str]]:
+    with (run / "metrics.csv").open() as f:
+        return list(csv.DictReader(f))
+
+
+VAL = ("val_loss", "val_acc", "val_auc", "val_sensitivity", "val_specificity")
+
+
+def test_train_writes_run_is_deterministic_and_resumes(tiny_data, tmp_path):
+    run, again = tmp_path / "R", tmp_path / "R2"
+    assert train_main(["--data", str(tiny_data), "--output", str(run), *TINY]) == 0
+    first = rows(run)
+    assert [r["epoch"] for r in first] == ["1", "2"]
+    for name in (
+        "best_model.pt",
+        "last_checkpoint_epoch=2.pt",
+        "curves.png",
+        "montage.png",
+        "split.json",
+        "config.json",
+        "environment.json",
+        "train.log",
+        "metrics.json",
+    ):
+        assert (run / name).is_file(), name
+    checkpoint = torch.load(run / "last_checkpoint_epoch=2.pt", weights_only=True)
+    assert {"network", "optimizer", "lr_scheduler", "trainer", "run_info"} <= set(checkpoint)
+    assert checkpoint["run_info"]["spatial_size"] == [48, 48, 48]
+
+    assert train_main(["--data", str(tiny_data), "--output", str(again), *TINY]) == 0
+    assert [[r[k] for k in VAL] for r in rows(again)] == [[r[k] for k in VAL] for r in first]
+
+    resumed = [a if a != "2" else "3" for a in TINY]
+    assert train_main(["--output", str(run), "--resume", *resumed]) == 0
+    after = rows(run)
+    assert [r["epoch"] for r in after] == ["1", "2", "3"]
+    assert after[:2] == first  # the first epochs are kept as they were
+    assert sorted(p.name for p in run.glob("last_checkpoint_epoch=*.pt")) == [
+        "last_checkpoint_epoch=3.pt"
+    ]
+    assert (
+        torch.load(run / "last_checkpoint_epoch=3.pt", weights_only=True)["trainer"]["epoch"] == 3
+    )
+
+
+def test_existing_run_folder_is_not_overwritten(tiny_data, tmp_path, capsys):
+    run = tmp_path / "R"
+    run.mkdir()
+    (run / "keep.txt").write_text("x")
+    assert train_main(["--data", str(tiny_data), "--output", str(run), *TINY]) == 2
+    assert "--resume" in capsys.readouterr().err
+    assert (run / "keep.txt").read_text() == "x"
+    assert train_main(["--output", str(tmp_path / "none"), "--resume", *TINY]) == 2
+
+
+def test_missing_data_says_what_to_run(tmp_path, capsys):
+    code = train_main(
+        ["--data", str(tmp_path / "MosMedData"), "--output", str(tmp_path / "R"), *TINY]
+    )
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "python -m app.data download" in err and "--demo" in err
+
+
+def scripted_trainer(scores: list[float], patience: int) -> tuple[Engine, EarlyStopping]:
+    evaluator = Engine(lambda e, b: None)
+    trainer = Engine(lambda e, b: None)
+    stopper = EarlyStopping(patience=patience, evaluator=evaluator, metric_name="val_acc")
+
+    @trainer.on(Events.EPOCH_COMPLETED)
+    def validate(engine):
+        evaluator.state.metrics = {"val_acc": scores[engine.state.epoch - 1]}
+
+    stopper.attach(trainer)
+    return trainer, stopper
+
+
+@pytest.mark.parametrize(
+    ("scores", "patience", "stopped_at"),
+    [
+        pytest.param([0.5, 0.6, 0.6, 0.6, 0.6, 0.9, 0.9], 3, 5, id="stops-after-patience"),
+        pytest.param([0.5, 0.6, 0.6, 0.7, 0.7, 0.8, 0.8], 3, 7, id="improvements-reset"),
+        pytest.param([0.5] * 7, 1, 2, id="patience-1"),
+    ],
+)
+def test_early_stopping_with_scripted_scores(scores, patience, stopped_at):
+    trainer, _ = scripted_trainer(scores, patience)
+    trainer.run([0], max_epochs=len(scores))
+    assert trainer.state.epoch == stopped_at
+
+
+def test_early_stopping_state_travels_with_the_trainer():
+    scores = [0.5, 0.6, 0.6, 0.6, 0.6, 0.6]
+    trainer, _ = scripted_trainer(scores, 3)
+    trainer.run([0], max_epochs=3)  # counter 1 after epoch 3
+    state = trainer.state_dict()
+    assert state["early_stopping"] == {"counter": 1, "best_score": 0.6}
+    resumed, _ = scripted_trainer(scores, 3)
+    resumed.load_state_dict(state)
+    resumed.run([0], max_epochs=6)
+    assert resumed.state.epoch == 5  # stops where the uninterrupted run stops
+
+
+def test_best_checkpoint_is_the_first_best_val_acc(tmp_path):
+    """The configured best-model saver keeps the first best val accuracy (Keras save-best-only)."""
+    from monai.handlers import CheckpointSaver
+
+    from app.config import load_config
+
+    handlers = load_config("train.yaml").get("validate#handlers")
+    entry = next(h for h in handlers if h["_target_"] == "CheckpointSaver")
+    options = {k: v for k, v in entry.items() if k not in ("_target_", "save_dir", "save_dict")}
+    net = torch.nn.Linear(1, 1)
+    scores = [0.5, 0.7, 0.6, 0.7, 0.65]
+    evaluator = Engine(lambda e, b: None)
+    evaluator.state.key_metric_name = "val_acc"
+
+    @evaluator.on(Events.EPOCH_COMPLETED)
+    def score(engine):
+        engine.state.metrics = {"val_acc": scores[engine.state.epoch - 1]}
+        torch.nn.init.constant_(net.weight, engine.state.epoch)
+
+    CheckpointSaver(save_dir=str(tmp_path), save_dict={"network": net}, **options).attach(evaluator)
+    evaluator.run([0], max_epochs=len(scores))
+    saved = torch.load(tmp_path / options["key_metric_filename"], weights_only=True)
+    assert float(saved["network"]["weight"]) == 2.0  # epoch 2: first 0.7; epoch 4 only ties
+    assert saved["checkpointer"]["_saved"][0][0] == pytest.approx(0.7)
+
+
+@pytest.mark.slow
+def test_two_process_gloo_training(tiny_data, tmp_path):
+    """torchrun with 2 CPU processes (gloo): DDP, distributed sampler, reduced metrics, rank-0 files."""
+    import os
+    import subprocess
+    import sys
+
+    run = tmp_path / "ddp"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node=2",
+        "--master_port=0",
+        "-m",
+        "app.train",
+        "--data",
+        str(tiny_data),
+        "--output",
+        str(run),
+        *TINY,
+        "--set",
+        "filters=[4, 4, 8, 8]",
+        "--set",
+        "dense_units=8",
+    ]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert [r["epoch"] for r in rows(run)] == ["1", "2"]
+    config = json.loads((run / "config.json").read_text())
+    assert "DistributedDataParallel" in json.dumps(config["network"])
+    checkpoint = torch.load(run / "last_checkpoint_epoch=2.pt", weights_only=True)
+    # saved unwrapped (no DDP "module." prefix), so single-process inference loads it
+    assert all(not k.startswith("module.") for k in checkpoint["network"])
+    assert (run / "train.log").read_text().count("Epoch[2] Metrics -- val_acc") == 1  # rank 0 logs
