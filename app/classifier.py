@@ -121,13 +121,13 @@ def load_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str
 
         settings = bundle_settings(path.parent.parent)
         state = data if state is None else state
-    if not isinstance(state, dict) or not state:
-        raise CheckpointError(f"{path} holds no network weights (expected a 'network' entry)")
     if not isinstance(settings, dict):
         raise CheckpointError(
             f"{path} does not carry the settings its model was trained with ('run_info'); "
             "use a checkpoint written by app.train or an exported bundle"
         )
+    if not isinstance(state, dict) or not state:
+        raise CheckpointError(f"{path} holds no network weights (expected a 'network' entry)")
     missing = [k for k in MODEL_SETTINGS if k not in settings]
     if missing:
         raise CheckpointError(f"{path}: run settings lack {', '.join(missing)}")

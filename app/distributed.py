@@ -26,7 +26,9 @@ def launched_distributed() -> bool:
 
 def rank() -> int:
     """This process's rank: from the process group when there is one, else from the launcher."""
-    if idist.get_world_size() > 1:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
         return int(idist.get_rank())
     return int(os.environ.get("RANK", "0"))
 

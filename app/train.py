@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from app.config import CONFIG_DIR, config_files, parse_set_options
+from app.config import CONFIG_DIR, config_files, load_config, parse_set_options
 from app.errors import ConfigError, CTClassifyError, DataError
 
 OVERRIDES_FILE = "overrides.json"
@@ -247,8 +247,12 @@ def train(
         raise ConfigError("multi-process training needs --output (every rank must use the same)")
     output = Path(output) if output else Path("runs") / time.strftime("run-%Y%m%d-%H%M%S")
     lead = rank() == 0
+    if launched_distributed():
+        _init_process_group(config_dir)
     if lead:
         prepare_run_dir(output, resume, overwrite)
+    if launched_distributed():
+        torch.distributed.barrier()  # the other ranks start once rank 0 has checked the folder
     settings: dict[str, Any] = {}
     if resume and (output / OVERRIDES_FILE).exists():
         settings.update(json.loads((output / OVERRIDES_FILE).read_text()))
@@ -280,7 +284,6 @@ def train(
         saved = {**settings, "__demo__": DEMO_CONFIG in names}
         atomic_write_text(output / OVERRIDES_FILE, json.dumps(saved, indent=1))
     log_handler = _log_to_file(output / "train.log") if lead else logging.NullHandler()
-    logging.getLogger().addHandler(log_handler)
     try:
         workflow = ConfigWorkflow(
             config_file=config_files(*names, config_dir=config_dir),
@@ -289,6 +292,8 @@ def train(
             workflow_type="train",
             **settings,
         )
+        # after the workflow applied logging.conf, which replaces the root logger's handlers
+        logging.getLogger().addHandler(log_handler)
         workflow.initialize()
         parser = workflow.parser
         if lead:
@@ -329,6 +334,15 @@ def train(
     )
 
 
+def _init_process_group(config_dir: Path) -> None:
+    """Join the process group (backend as multi_gpu_train.yaml chooses it) before any file work."""
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        backend = load_config("train.yaml", "multi_gpu_train.yaml", config_dir=config_dir)
+        dist.init_process_group(backend=backend.get_parsed_content("backend"))
+
+
 def _restore_best_tracking(parser: Any, output: Path) -> None:
     """Give the best-model saver the score it must beat, so resuming never demotes the best."""
     import torch
@@ -366,6 +380,10 @@ def main(argv: list[str] | None = None) -> int:
     except CTClassifyError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
+    from app.distributed import rank
+
+    if rank() != 0:
+        return 0
     last = result.metrics[-1] if result.metrics else {}
     print(
         f"run folder: {result.run_dir}\n"

