@@ -18,7 +18,7 @@ $(VENV)/.installed: $(BIN)/python pyproject.toml
 setup: $(VENV)/.installed
 
 demo: setup
-	$(BIN)/python -m app.data synth data/demo --per-class 10 --shape 128 128 40 --seed 0
+	$(BIN)/python -m app.train --demo --output runs/demo --overwrite
 
 test: setup
 	$(BIN)/python -m pytest -q

@@ -1,5 +1,5 @@
 """Networks of ctclassify."""
 
-from nets.cnn3d import CNN3D, min_spatial_size
+from .cnn3d import CNN3D, min_spatial_size
 
 __all__ = ["CNN3D", "min_spatial_size"]

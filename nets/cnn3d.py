@@ -87,18 +87,27 @@ class CNN3D(nn.Module):
         self.min_size = min_spatial_size(len(filters))
 
     def check_input(self, x: torch.Tensor) -> None:
-        """Raise a ``ValueError`` that names the problem when ``x`` cannot pass the network."""
-        if x.ndim != 5:
+        """Raise a ``ValueError`` that names the problem when ``x`` cannot pass the network.
+
+        Written in the subset of Python that TorchScript compiles, so exports keep the check.
+        """
+        if x.dim() != 5:
             raise ValueError(
-                f"CNN3D expects a (batch, channel, x, y, z) tensor, got shape {tuple(x.shape)}"
+                "CNN3D expects a (batch, channel, x, y, z) tensor, got "
+                + str(x.dim())
+                + " dimensions"
             )
-        small = [s for s in x.shape[2:] if s < self.min_size]
-        if small:
-            raise ValueError(
-                f"CNN3D needs at least {self.min_size} voxels along each spatial axis (valid "
-                f"convolutions and 2x pooling in {len(self.features)} blocks); got spatial size "
-                f"{tuple(x.shape[2:])}. Use a larger spatial size."
-            )
+        for size in x.shape[2:]:
+            if size < self.min_size:
+                raise ValueError(
+                    "CNN3D needs at least "
+                    + str(self.min_size)
+                    + " voxels along each spatial axis (valid convolutions and 2x pooling in "
+                    + str(len(self.features))
+                    + " blocks); got spatial size "
+                    + str(x.shape[2:])
+                    + ". Use a larger spatial size."
+                )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self.check_input(x)

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from nets.cnn3d import CNN3D
+from .cnn3d import CNN3D
 
 
 def keras_to_state_dict(arrays: Mapping[str, np.ndarray], net: CNN3D) -> dict[str, torch.Tensor]:

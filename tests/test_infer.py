@@ -355,3 +355,62 @@ def test_python_api_predict(real_ct, checkpoint):
     assert clf.predict(real_ct / "cip_ct-64_dicom").prob_abnormal == pytest.approx(
         pred.prob_abnormal, abs=1e-6
     )
+
+
+@pytest.mark.slow
+def test_report_renders_in_headless_chromium(tmp_path, checkpoint, real_ct):
+    """The report opens offline in a real browser and is not blank."""
+    import os
+    import subprocess
+
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    if chromium is None:
+        if os.environ.get("CI"):
+            pytest.fail("chromium is missing: .ci/run installs Debian's chromium package")
+        pytest.skip("Debian's chromium is not installed here (apt-get install chromium)")
+    folder = tmp_path / "scans"
+    folder.mkdir()
+    shutil.copy(real_ct / "cip_ct-64_chest.nii.gz", folder)
+    (folder / "empty.nii.gz").write_bytes(b"")
+    out = tmp_path / "out"
+    assert (
+        infer_main(
+            [
+                str(folder),
+                "--checkpoint",
+                str(checkpoint),
+                "--output",
+                str(out),
+                "--report",
+                "--saliency",
+                "--no-progress",
+            ]
+        )
+        == 1
+    )
+    shot = tmp_path / "shot.png"
+    subprocess.run(
+        [
+            chromium,
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-quic",
+            "--no-first-run",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--disable-sync",
+            f"--user-data-dir={tmp_path / 'profile'}",
+            f"--screenshot={shot}",
+            "--window-size=1200,900",
+            (out / "report.html").as_uri(),
+        ],
+        check=True,
+        capture_output=True,
+        timeout=120,
+    )
+    from PIL import Image
+
+    pixels = np.asarray(Image.open(shot).convert("L"), dtype=np.float32)
+    assert pixels.std() > 10  # text, table and images: far from a blank page
+    assert (pixels < 100).mean() > 0.01  # dark pixels: the CT montages and text

@@ -20,7 +20,7 @@ from monai.transforms import (
     ScaleIntensityRanged,
 )
 
-from transforms.augment import RandDiscreteAxialRotated
+from .augment import RandDiscreteAxialRotated
 
 
 def eval_transforms(

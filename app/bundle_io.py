@@ -1,0 +1,94 @@
+"""Bundle-side building blocks: find scans, write predictions.csv, read an exported bundle's
+settings. Standard library, PyTorch, Ignite and MONAI only: ``python -m app.export`` copies this
+module into a bundle's ``scripts/``, where the bundle runs without this app installed."""
+
+from __future__ import annotations
+
+import csv
+import os
+from pathlib import Path
+from typing import Any
+
+SCAN_SUFFIXES = (".nii", ".nii.gz")
+
+
+def find_scans(root: str | Path) -> list[dict[str, str]]:
+    """A datalist ``[{"image": path, "path": path}]`` of the NIfTI files under ``root``, sorted."""
+    root = Path(root)
+    if root.is_file():
+        return [{"image": str(root), "path": str(root)}]
+    if not root.is_dir():
+        raise FileNotFoundError(f"dataset_dir {root} does not exist")
+    paths = sorted(
+        str(p) for p in root.rglob("*") if p.is_file() and p.name.endswith(SCAN_SUFFIXES)
+    )
+    if not paths:
+        raise FileNotFoundError(f"no .nii/.nii.gz scan under {root}")
+    return [{"image": p, "path": p} for p in paths]
+
+
+class PredictionWriter:
+    """Write ``output_dir/predictions.csv`` (path, prob_abnormal, label) as batches complete.
+
+    Args:
+        output_dir: folder of the CSV (created).
+        threshold: P(abnormal) from which a scan is labelled ``abnormal``.
+        prob_key: key of the probability in the engine's (decollated) output.
+        path_key: key of the scan path in the batch.
+    """
+
+    def __init__(
+        self,
+        output_dir: str | Path,
+        threshold: float = 0.5,
+        prob_key: str = "prob",
+        path_key: str = "path",
+    ) -> None:
+        self.path = Path(output_dir) / "predictions.csv"
+        self.threshold = float(threshold)
+        self.prob_key = prob_key
+        self.path_key = path_key
+
+    def attach(self, engine: Any) -> None:
+        from ignite.engine import Events
+
+        engine.add_event_handler(Events.STARTED, self.started)
+        engine.add_event_handler(Events.ITERATION_COMPLETED, self.write)
+
+    def started(self, engine: Any) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with self.path.open("w", newline="") as f:
+            f.write("path,prob_abnormal,label\n")
+
+    def write(self, engine: Any) -> None:
+        batch = engine.state.batch  # MONAI engines decollate it into a list of dicts
+        paths = (
+            [b[self.path_key] for b in batch] if isinstance(batch, list) else batch[self.path_key]
+        )
+        with self.path.open("a", newline="") as f:
+            writer = csv.writer(f, lineterminator="\n")
+            for path, item in zip(paths, engine.state.output, strict=True):
+                prob = float(item[self.prob_key])
+                writer.writerow(
+                    [path, f"{prob:.6f}", "abnormal" if prob >= self.threshold else "normal"]
+                )
+            f.flush()
+            os.fsync(f.fileno())
+
+
+def bundle_settings(bundle_root: str | Path) -> dict[str, Any]:
+    """The model settings written into an exported bundle's ``configs/inference.yaml``.
+
+    Read as plain YAML: a bundle's ``$`` expressions are code and are never evaluated here; a
+    setting that is an expression or reference is refused.
+    """
+    import yaml
+
+    config = yaml.safe_load((Path(bundle_root) / "configs" / "inference.yaml").read_text())
+    settings = dict(config.get("run_settings") or {})
+    for key, value in settings.items():
+        if isinstance(value, str) and value[:1] in ("$", "@", "%"):
+            raise ValueError(
+                f"bundle setting {key!r} is an expression ({value!r}); refusing to evaluate it"
+            )
+    return settings

@@ -1,0 +1,273 @@
+"""``python -m app.export``: package a trained model as a MONAI bundle that runs with MONAI alone.
+
+    python -m app.export --checkpoint runs/demo --output bundles/ctclassify [--zip]
+
+The bundle holds configs/ (metadata.json, a self-contained inference.yaml with the run's
+settings, logging.conf), models/ (model.pt: a plain state dict; model.ts: TorchScript made by
+`monai.bundle ckpt_export`; model.onnx), scripts/ (this project's network, transforms and
+bundle helpers), docs/README.md and LICENSE. Inside it, with MONAI installed:
+
+    python -m monai.bundle run --config_file configs/inference.yaml \\
+        --meta_file configs/metadata.json --bundle_root . --dataset_dir SCANS --output_dir OUT
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from app.config import CONFIG_DIR
+
+REPO = Path(__file__).resolve().parent.parent
+#: this project's modules that travel in the bundle's scripts/, and how config targets move
+PORTABLE = {
+    "nets": ["__init__.py", "cnn3d.py"],
+    "transforms": ["__init__.py", "augment.py", "presets.py"],
+}
+TARGET_PREFIXES = {
+    "nets.": "scripts.nets.",
+    "transforms.": "scripts.transforms.",
+    "app.bundle_io.": "scripts.bundle_io.",
+}
+TRAINING_ONLY = ("train_preprocessing", "rotation_angles_deg", "mosmed_archives")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m app.export",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--checkpoint", required=True, help="run folder or checkpoint file")
+    p.add_argument("--output", type=Path, required=True, help="bundle folder to write")
+    p.add_argument("--zip", action="store_true", help="also write BUNDLE_DIR.zip")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing bundle folder")
+    p.add_argument("--no-onnx", action="store_true", help="skip models/model.onnx")
+    return p
+
+
+def _retarget(node: Any) -> Any:
+    """Point ``_target_`` entries at the bundle's ``scripts`` package."""
+    if isinstance(node, dict):
+        out = {}
+        for key, value in node.items():
+            if key == "_target_" and isinstance(value, str):
+                for old, new in TARGET_PREFIXES.items():
+                    if value.startswith(old):
+                        value = new + value[len(old) :]
+                if value.startswith(("app.", "nets.", "transforms.")):
+                    raise ValueError(f"config target {value} is not portable into a bundle")
+            out[key] = _retarget(value)
+        return out
+    if isinstance(node, list):
+        return [_retarget(v) for v in node]
+    return node
+
+
+def bundle_inference_config(
+    settings: dict[str, Any], config_dir: Path = CONFIG_DIR
+) -> dict[str, Any]:
+    """common.yaml + inference.yaml merged into one self-contained config with the run's settings."""
+    merged: dict[str, Any] = {}
+    for name in ("common.yaml", "inference.yaml"):
+        merged.update(yaml.safe_load((config_dir / name).read_text()))
+    for key in TRAINING_ONLY:
+        merged.pop(key, None)
+    plain = {k: v for k, v in settings.items() if isinstance(v, (int, float, str, list, bool))}
+    for key, value in plain.items():
+        if key in merged:
+            merged[key] = value
+    merged = _retarget(merged)
+    # literal copy for readers that must not evaluate the bundle (app.infer --checkpoint BUNDLE)
+    merged["run_settings"] = plain
+    return merged
+
+
+def _metadata(settings: dict[str, Any], metrics: list[dict[str, Any]]) -> dict[str, Any]:
+    meta = json.loads((CONFIG_DIR / "metadata.json").read_text())
+    meta["network_data_format"]["inputs"]["image"]["spatial_shape"] = list(settings["spatial_size"])
+    if metrics:
+        best = max((r for r in metrics if r.get("val_acc") is not None), key=lambda r: r["val_acc"])
+        meta["eval_metrics"] = {
+            "val_accuracy": best["val_acc"],
+            "val_roc_auc": best.get("val_auc"),
+            "epoch": best["epoch"],
+        }
+    return meta
+
+
+def _docs(settings: dict[str, Any], metrics: list[dict[str, Any]], source: Path) -> str:
+    evals = _metadata(settings, metrics).get("eval_metrics", {})
+    measured = (
+        f"Validation accuracy {evals['val_accuracy']:.3f} and ROC-AUC {evals['val_roc_auc']:.3f} "
+        f"at epoch {evals['epoch']} of the training run (its own validation split)."
+        if evals
+        else "The checkpoint came without a metrics.csv: no metrics recorded."
+    )
+    return f"""# ctclassify bundle: chest CT, normal vs viral pneumonia
+
+A 3D CNN (four blocks of Conv3D, MaxPool3D, BatchNorm; global average pooling; Dense
+{settings["dense_units"]}; Dropout {settings["dropout"]}; one logit) that gives the probability that a chest
+CT scan shows viral pneumonia (COVID-19 related findings). Port of the Keras example "3D image
+classification from CT scans" (H. Zunair). Research use only, not for diagnosis.
+
+## Input
+One CT volume in Hounsfield units (NIfTI), any orientation. Preprocessing (`preprocessing` in
+`configs/inference.yaml`): reorient to {settings["axcodes"]}, clip HU to {settings["hu_window"]} and
+scale to [0, 1], rotate 90 degrees in the axial plane, resize (trilinear, corners aligned) to
+{settings["spatial_size"]}: the network sees a float32 tensor of shape
+(1, {", ".join(str(s) for s in settings["spatial_size"])}).
+
+## Output
+`pred`: the probability of "abnormal" (sigmoid of one logit); label "abnormal" at or above
+{settings.get("threshold", 0.5)}. `run` writes `OUTPUT_DIR/predictions.csv` (path, prob_abnormal, label).
+
+## Training data and metrics
+Trained from `{settings.get("dataset_dir", "unknown")}` (MosMedData, CC BY-NC-ND 3.0, or data
+generated by ctclassify). Settings: {json.dumps({k: settings[k] for k in sorted(settings)})}.
+{measured}
+Exported from `{source}`.
+
+## Commands (inside this folder, with MONAI, nibabel, fire and pyyaml installed)
+```bash
+python -m monai.bundle run --config_file configs/inference.yaml --meta_file configs/metadata.json \\
+    --bundle_root . --dataset_dir SCANS --output_dir OUT
+python -m monai.bundle verify_net_in_out network_def --meta_file configs/metadata.json \\
+    --config_file configs/inference.yaml
+python -m monai.bundle ckpt_export network_def --filepath model.ts --ckpt_file models/model.pt \\
+    --meta_file configs/metadata.json --config_file configs/inference.yaml
+# with internet access (downloads the metadata schema):
+python -m monai.bundle verify_metadata --meta_file configs/metadata.json --filepath schema.json
+```
+`models/model.pt` is a plain state dict; `models/model.ts` TorchScript; `models/model.onnx` ONNX
+(input `image`, output `pred` = the logit, batch dimension dynamic).
+"""
+
+
+def export_bundle(
+    checkpoint: str | Path,
+    output: str | Path,
+    *,
+    overwrite: bool = False,
+    onnx: bool = True,
+    make_zip: bool = False,
+) -> Path:
+    """Write the bundle for ``checkpoint`` (run folder or file) to ``output``; returns ``output``."""
+    import torch
+
+    from app.classifier import Classifier, resolve_checkpoint
+    from app.errors import ConfigError
+    from app.fileio import atomic_write, atomic_write_text
+    from app.handlers.run_recorder import read_metrics
+
+    output = Path(output)
+    if output.exists() and any(output.iterdir()):
+        if not overwrite:
+            raise ConfigError(f"{output} exists; choose another --output or add --overwrite")
+        shutil.rmtree(output)
+    source = resolve_checkpoint(checkpoint)
+    clf = Classifier.load(source, device="cpu")
+    settings = dict(clf.settings)
+    metrics = read_metrics(source.parent / "metrics.csv")
+    for sub in ("configs", "models", "docs", "scripts"):
+        (output / sub).mkdir(parents=True, exist_ok=True)
+    for package, files in PORTABLE.items():
+        (output / "scripts" / package).mkdir(exist_ok=True)
+        for name in files:
+            shutil.copy(REPO / package / name, output / "scripts" / package / name)
+    shutil.copy(REPO / "app" / "bundle_io.py", output / "scripts" / "bundle_io.py")
+    (output / "scripts" / "__init__.py").write_text(
+        '"""ctclassify code carried by this bundle."""\n'
+    )
+    config = bundle_inference_config(settings)
+    atomic_write_text(
+        output / "configs" / "inference.yaml",
+        "# Exported by ctclassify (python -m app.export); self-contained.\n"
+        + yaml.safe_dump(config, sort_keys=False),
+    )
+    atomic_write_text(
+        output / "configs" / "metadata.json", json.dumps(_metadata(settings, metrics), indent=4)
+    )
+    shutil.copy(CONFIG_DIR / "logging.conf", output / "configs" / "logging.conf")
+    shutil.copy(REPO / "LICENSE", output / "LICENSE")
+    shutil.copy(REPO / "docs" / "data_license.md", output / "docs" / "data_license.md")
+    atomic_write_text(output / "docs" / "README.md", _docs(settings, metrics, source))
+
+    network = clf.network.cpu().eval()
+    state = {k: v.detach().clone() for k, v in network.state_dict().items()}
+    atomic_write(output / "models" / "model.pt", lambda tmp: torch.save(state, tmp))
+    # TorchScript as MONAI makes it, run inside the bundle: proves it works without this app
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "monai.bundle",
+            "ckpt_export",
+            "network_def",
+            "--filepath",
+            "models/model.ts",
+            "--ckpt_file",
+            "models/model.pt",
+            "--meta_file",
+            "configs/metadata.json",
+            "--config_file",
+            "configs/inference.yaml",
+        ],
+        cwd=output,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if proc.returncode != 0:
+        raise RuntimeError(f"monai.bundle ckpt_export failed in {output}:\n{proc.stderr[-2000:]}")
+    if onnx:
+        example = torch.zeros(
+            1, int(settings["in_channels"]), *[int(s) for s in settings["spatial_size"]]
+        )
+        with torch.no_grad():
+            torch.onnx.export(
+                network,
+                (example,),
+                str(output / "models" / "model.onnx"),
+                input_names=["image"],
+                output_names=["pred"],
+                dynamic_axes={"image": {0: "batch"}, "pred": {0: "batch"}},
+                dynamo=False,
+            )
+    if make_zip:
+        shutil.make_archive(str(output), "zip", root_dir=output)
+    return output
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from app.classifier import CheckpointError
+    from app.errors import ConfigError
+
+    try:
+        out = export_bundle(
+            args.checkpoint,
+            args.output,
+            overwrite=args.overwrite,
+            onnx=not args.no_onnx,
+            make_zip=args.zip,
+        )
+    except (CheckpointError, ConfigError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except RuntimeError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    print(f"bundle: {out}" + (f" and {out}.zip" if args.zip else ""))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

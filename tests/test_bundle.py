@@ -1,0 +1,267 @@
+"""The bundle: configs as the single source of truth, and the exported bundle running with MONAI alone."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from monai.bundle import ConfigWorkflow
+
+from app.config import CONFIG_DIR, config_files
+from app.data import main as data_main
+from app.export import main as export_main
+from app.infer import main as infer_main
+from app.train import main as train_main
+
+REQUIRED_METADATA = (
+    "version",
+    "changelog",
+    "monai_version",
+    "pytorch_version",
+    "numpy_version",
+    "required_packages_version",
+    "task",
+    "description",
+    "authors",
+    "copyright",
+    "data_source",
+    "data_type",
+    "image_classes",
+    "label_classes",
+    "pred_classes",
+    "intended_use",
+    "references",
+    "network_data_format",
+)
+
+
+@pytest.mark.parametrize(
+    ("files", "kind"),
+    [
+        pytest.param(["train.yaml"], "train", id="train"),
+        pytest.param(["inference.yaml"], "infer", id="inference"),
+    ],
+)
+def test_workflow_properties(files, kind, tmp_path):
+    assert (
+        data_main(
+            [
+                "synth",
+                str(tmp_path / "d"),
+                "--per-class",
+                "2",
+                "--shape",
+                "48",
+                "48",
+                "8",
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
+    workflow = ConfigWorkflow(
+        config_file=config_files(*files),
+        meta_file=str(CONFIG_DIR / "metadata.json"),
+        workflow_type=kind,
+        logging_file=str(CONFIG_DIR / "logging.conf"),
+        dataset_dir=str(tmp_path / "d"),
+        output_dir=str(tmp_path / "out"),
+    )
+    workflow.initialize()
+    assert not workflow.check_properties()
+
+
+def test_metadata_has_the_bundle_specification_fields():
+    meta = json.loads((CONFIG_DIR / "metadata.json").read_text())
+    assert all(key in meta for key in REQUIRED_METADATA)
+    assert meta["version"] in meta["changelog"]
+    image = meta["network_data_format"]["inputs"]["image"]
+    assert image["spatial_shape"] == [128, 128, 64] and image["num_channels"] == 1
+    assert image["value_range"] == [0, 1] and image["is_patch_data"] is False
+    pred = meta["network_data_format"]["outputs"]["pred"]
+    assert pred["channel_def"] == {"0": "abnormal"} and pred["spatial_shape"] == [1]
+
+
+def test_no_value_is_written_twice_in_the_configs():
+    """Inference refers to the preprocessing training defines: the values live in common.yaml."""
+    import yaml
+
+    common = yaml.safe_load((CONFIG_DIR / "common.yaml").read_text())
+    for name in ("train.yaml", "inference.yaml", "multi_gpu_train.yaml"):
+        other = yaml.safe_load((CONFIG_DIR / name).read_text())
+        assert not set(common) & set(other) - {"imports"}, name
+    text = (CONFIG_DIR / "train.yaml").read_text() + (CONFIG_DIR / "inference.yaml").read_text()
+    assert "#0" not in text and "#1" not in text  # ids by name, never by list position
+
+
+BLOCKER = textwrap.dedent(
+    """
+    import importlib.abc, sys
+
+    class Block(importlib.abc.MetaPathFinder):
+        def find_spec(self, name, path=None, target=None):
+            if name.split(".")[0] in ("app", "nets", "transforms"):
+                raise ImportError(f"{name} is blocked: the bundle must run without ctclassify")
+            return None
+
+    sys.meta_path.insert(0, Block())
+    """
+)
+
+
+@pytest.mark.slow
+def test_exported_bundle_runs_with_monai_alone(tmp_path, real_ct):
+    data, run, bundle = tmp_path / "d", tmp_path / "run", tmp_path / "bundle"
+    assert (
+        data_main(
+            ["synth", str(data), "--per-class", "4", "--shape", "64", "64", "16", "--no-progress"]
+        )
+        == 0
+    )
+    assert (
+        train_main(
+            [
+                "--data",
+                str(data),
+                "--output",
+                str(run),
+                "--epochs",
+                "1",
+                "--spatial-size",
+                "48",
+                "48",
+                "48",
+                "--device",
+                "cpu",
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
+    assert export_main(["--checkpoint", str(run), "--output", str(bundle), "--zip"]) == 0
+    assert (
+        export_main(["--checkpoint", str(run), "--output", str(bundle)]) == 2
+    )  # never overwritten silently
+    for name in (
+        "configs/metadata.json",
+        "configs/inference.yaml",
+        "models/model.pt",
+        "models/model.ts",
+        "models/model.onnx",
+        "scripts/nets/cnn3d.py",
+        "docs/README.md",
+        "LICENSE",
+    ):
+        assert (bundle / name).is_file(), name
+    assert (tmp_path / "bundle.zip").is_file()
+    meta = json.loads((bundle / "configs/metadata.json").read_text())
+    assert meta["network_data_format"]["inputs"]["image"]["spatial_shape"] == [48, 48, 48]
+
+    scans = tmp_path / "scans"
+    scans.mkdir()
+    for name in ("cip_ct-64_chest.nii.gz", "totalsegmentator_example_ct_sm.nii.gz"):
+        (scans / name).write_bytes((real_ct / name).read_bytes())
+    blocker = tmp_path / "blocker"
+    blocker.mkdir()
+    (blocker / "sitecustomize.py").write_text(BLOCKER)
+    env = {**os.environ, "PYTHONPATH": f"{blocker}{os.pathsep}{bundle}"}
+    meta_args = ["--meta_file", "configs/metadata.json", "--config_file", "configs/inference.yaml"]
+    commands = [
+        ["verify_net_in_out", "network_def", *meta_args],
+        [
+            "ckpt_export",
+            "network_def",
+            "--filepath",
+            "model.ts",
+            "--ckpt_file",
+            "models/model.pt",
+            *meta_args,
+        ],
+        [
+            "run",
+            "--config_file",
+            "configs/inference.yaml",
+            "--meta_file",
+            "configs/metadata.json",
+            "--bundle_root",
+            ".",
+            "--dataset_dir",
+            str(scans),
+            "--output_dir",
+            str(tmp_path / "bundle_out"),
+        ],
+    ]
+    for args in commands:
+        proc = subprocess.run(
+            [sys.executable, "-m", "monai.bundle", *args],
+            cwd=bundle,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        assert proc.returncode == 0, (args[0], proc.stderr[-3000:])
+    probe = subprocess.run(
+        [sys.executable, "-c", "import app"], cwd=bundle, env=env, capture_output=True
+    )
+    assert probe.returncode != 0  # the blocker works: the commands above ran without ctclassify
+
+    assert (
+        infer_main(
+            [
+                str(scans),
+                "--checkpoint",
+                str(run),
+                "--output",
+                str(tmp_path / "app_out"),
+                "--device",
+                "cpu",
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
+    with (tmp_path / "bundle_out" / "predictions.csv").open() as f:
+        from_bundle = {Path(r["path"]).name: float(r["prob_abnormal"]) for r in csv.DictReader(f)}
+    with (tmp_path / "app_out" / "predictions.csv").open() as f:
+        from_app = {Path(r["path"]).name: float(r["prob_abnormal"]) for r in csv.DictReader(f)}
+    assert from_bundle.keys() == from_app.keys() and len(from_app) == 2
+    for name, prob in from_app.items():
+        assert abs(from_bundle[name] - prob) < 1e-3
+    # app.infer also takes the bundle folder itself, reading its settings without evaluating it
+    assert (
+        infer_main(
+            [
+                str(scans),
+                "--checkpoint",
+                str(bundle),
+                "--output",
+                str(tmp_path / "b2"),
+                "--device",
+                "cpu",
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
+
+    # TorchScript and ONNX equal PyTorch
+    from app.classifier import Classifier
+
+    net = Classifier.load(run, device="cpu").network
+    x = torch.rand(2, 1, 48, 48, 48)
+    with torch.no_grad():
+        expected = net(x).numpy()
+        scripted = torch.jit.load(str(bundle / "models/model.ts"))(x).numpy()
+    np.testing.assert_allclose(scripted, expected, atol=1e-4)
+    ort = pytest.importorskip("onnxruntime")
+    session = ort.InferenceSession(str(bundle / "models/model.onnx"))
+    np.testing.assert_allclose(session.run(None, {"image": x.numpy()})[0], expected, atol=1e-4)
