@@ -11,6 +11,7 @@ inputs, or an unusable checkpoint.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import re
 import sys
@@ -123,9 +124,17 @@ def main(argv: list[str] | None = None) -> int:
             note = f"  [warning: {'; '.join(pred.warnings)}]" if pred.warnings and pred.ok else ""
             bar.write(pred.sentence() + note)
             bar.update(1)
+    except OSError as exc:  # e.g. a full disk: finished rows are on disk already
+        print(
+            f"error: cannot write to {out}: {exc.strerror or exc}; the finished rows are kept, run "
+            "the same command again to complete the folder",
+            file=sys.stderr,
+        )
+        return 1
     finally:
         bar.close()
-        log.write_json()
+        with contextlib.suppress(OSError):
+            log.write_json()
         log.close()
     rows = log.rows
     if args.report:

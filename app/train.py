@@ -11,6 +11,7 @@ overrides any config id.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -19,6 +20,7 @@ import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -323,7 +325,8 @@ def train(
                 trainer.state.epoch,
                 trainer.state.max_epochs,
             )
-        workflow.run()
+        with _stop_on_signals(trainer):
+            workflow.run()
         workflow.finalize()
     finally:
         logging.getLogger().removeHandler(log_handler)
@@ -332,6 +335,46 @@ def train(
     return TrainResult(
         output, read_metrics(output / "metrics.csv"), best if best.exists() else None
     )
+
+
+class Interrupted(CTClassifyError):
+    """Training stopped on SIGINT/SIGTERM; the last completed epoch is saved."""
+
+
+@contextlib.contextmanager
+def _stop_on_signals(trainer: Any) -> Iterator[None]:
+    """SIGINT/SIGTERM end the run after the current iteration instead of killing it mid-write.
+
+    The last checkpoint holds the last completed epoch; ``--resume`` continues from there.
+    """
+    import signal
+    import threading
+
+    received: list[int] = []
+
+    def stop(signum: int, frame: Any) -> None:
+        if received:  # a second signal: stop now
+            raise KeyboardInterrupt
+        received.append(signum)
+        logging.getLogger("app.train").warning(
+            "received %s: stopping after the current iteration", signal.Signals(signum).name
+        )
+        trainer.terminate()
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    if received:
+        raise Interrupted(
+            f"stopped by {signal.Signals(received[0]).name}; the last completed epoch is saved: "
+            "continue with --resume"
+        )
 
 
 def _init_process_group(config_dir: Path) -> None:
@@ -377,6 +420,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, DataError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except Interrupted as exc:
+        print(f"stopped: {exc}", file=sys.stderr)
+        return 130
     except CTClassifyError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

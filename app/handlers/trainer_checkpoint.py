@@ -39,9 +39,9 @@ class TrainerCheckpointSaver:
             file_prefix=LAST_PREFIX,
             save_interval=1,
             epoch_level=True,
-            n_saved=self.n_saved,
+            n_saved=None,  # pruning is ours alone (below): one deleter, whatever came before
         ).attach(engine)
-        # a resumed run's saver does not know the files of the run before it: prune them too
+        # after the save: keep the newest n_saved, including files of runs before a resume
         engine.add_event_handler(Events.EPOCH_COMPLETED, self._prune)
 
     def _prune(self, engine: Engine) -> None:
