@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import errno
 import os
@@ -298,10 +299,8 @@ def test_hostile_nifti_headers_never_crash(
     array = np.random.default_rng(0).integers(-1000, 400, size=data_shape).astype(dtype)
     img = nib.Nifti1Image(array, np.eye(4))
     hdr = img.header
-    try:
+    with contextlib.suppress(Exception):  # some claimed shapes do not fit a NIfTI-1 header
         hdr.set_data_shape(shape if all(s > 0 for s in shape) else data_shape)
-    except Exception:
-        pass
     with np.errstate(all="ignore"):
         hdr["pixdim"][1:4] = pixdim
         hdr["scl_slope"] = slope
