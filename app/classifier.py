@@ -235,6 +235,9 @@ class Classifier:
         threshold: P(abnormal) at or above it gives ``abnormal``; default: the run's.
         limits: caps on scan size checked before reading.
         checkpoint: where the weights came from.
+        precision: ``auto`` (float16 autocast on CUDA, float32 on CPU), ``fp32``, or ``bf16``
+            (bfloat16 autocast with channels-last memory; about 2x faster on CPUs with AVX512-BF16,
+            probabilities within about 0.01 of float32, see the README).
     """
 
     def __init__(
@@ -245,12 +248,18 @@ class Classifier:
         threshold: float | None = None,
         limits: Limits | None = None,
         checkpoint: Path | None = None,
+        precision: str = "auto",
     ) -> None:
         from app.config import load_config
 
+        if precision not in ("auto", "fp32", "bf16"):
+            raise ConfigError(f"precision must be auto, fp32 or bf16, got {precision!r}")
+        self.precision = precision
         self.settings = settings
         self.device = device
         self.network = network.to(device).eval()
+        if precision == "bf16":
+            self.network = self.network.to(memory_format=torch.channels_last_3d)  # type: ignore[call-overload]
         self.threshold = float(settings.get("threshold", 0.5) if threshold is None else threshold)
         self.class_names = list(settings.get("class_names", ["normal", "abnormal"]))
         self.checkpoint = checkpoint
@@ -271,6 +280,7 @@ class Classifier:
         device: str | torch.device = "auto",
         threshold: float | None = None,
         limits: Limits | None = None,
+        precision: str = "auto",
     ) -> Classifier:
         """Rebuild the model from a checkpoint file, run folder, exported bundle, or the newest run."""
         import transforms  # noqa: F401  (quiets MONAI's optional-decoder notices)
@@ -289,7 +299,7 @@ class Classifier:
             raise CheckpointError(
                 f"{path}: weights do not fit the network its settings describe ({exc})"
             ) from exc
-        return cls(network, settings, pick_device(device), threshold, limits, path)
+        return cls(network, settings, pick_device(device), threshold, limits, path, precision)
 
     def _label(self, prob: float) -> str:
         return self.class_names[1] if prob >= self.threshold else self.class_names[0]
@@ -297,7 +307,11 @@ class Classifier:
     @torch.inference_mode()
     def _forward(self, images: list[torch.Tensor]) -> list[float]:
         batch = torch.stack([torch.as_tensor(i) for i in images]).to(self.device, non_blocking=True)
-        if self.device.type == "cuda":
+        if self.precision == "bf16":
+            batch = batch.to(memory_format=torch.channels_last_3d)
+            with torch.autocast(self.device.type, dtype=torch.bfloat16):
+                logits = self.network(batch)
+        elif self.precision == "auto" and self.device.type == "cuda":
             with torch.autocast("cuda", dtype=torch.float16):
                 logits = self.network(batch)
         else:

@@ -62,3 +62,28 @@ class RunInfo:
 def run_settings(config: Any, ids: list[str]) -> RunInfo:
     """A :class:`RunInfo` with the resolved values of ``ids`` from a MONAI ``ConfigParser``."""
     return RunInfo({key: config.get_parsed_content(key) for key in ids})
+
+
+class CPUMixedPrecisionInferer:
+    """Run the network under bfloat16 autocast with channels-last memory on the CPU.
+
+    MONAI's engines only autocast on CUDA (``amp``); on CPUs with AVX512-BF16 this halves the
+    training step (``docs/benchmarks.md``). Outputs are returned as float32, so losses and metrics
+    stay in full precision. Disabled, it is a plain ``SimpleInferer``.
+
+    Args:
+        enabled: use bfloat16 autocast and channels-last memory.
+    """
+
+    def __init__(self, enabled: bool = False) -> None:
+        self.enabled = bool(enabled)
+
+    def __call__(
+        self, inputs: torch.Tensor, network: torch.nn.Module, *args: Any, **kwargs: Any
+    ) -> Any:
+        if not self.enabled or inputs.device.type != "cpu":
+            return network(inputs, *args, **kwargs)
+        inputs = inputs.contiguous(memory_format=torch.channels_last_3d)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = network(inputs, *args, **kwargs)
+        return out.float()

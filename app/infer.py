@@ -38,6 +38,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="P(abnormal) from which a scan is 'abnormal' (default: the run's, 0.5)",
     )
+    p.add_argument(
+        "--precision",
+        choices=("auto", "fp32", "bf16"),
+        default="auto",
+        help="auto: float16 on CUDA, float32 on CPU; bf16: faster on CPUs with AVX512-BF16",
+    )
     p.add_argument("--saliency", action="store_true", help="save a Grad-CAM montage per scan")
     p.add_argument("--report", action="store_true", help="write OUT/report.html")
     p.add_argument("--overwrite", action="store_true", help="start OUT/predictions.csv afresh")
@@ -82,7 +88,11 @@ def main(argv: list[str] | None = None) -> int:
     limits = Limits() if args.max_voxels is None else Limits(max_voxels=args.max_voxels)
     try:
         clf = Classifier.load(
-            args.checkpoint, device=args.device, threshold=args.threshold, limits=limits
+            args.checkpoint,
+            device=args.device,
+            threshold=args.threshold,
+            limits=limits,
+            precision=args.precision,
         )
     except (CheckpointError, ConfigError) as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -414,3 +414,15 @@ def test_report_renders_in_headless_chromium(tmp_path, checkpoint, real_ct):
     pixels = np.asarray(Image.open(shot).convert("L"), dtype=np.float32)
     assert pixels.std() > 10  # text, table and images: far from a blank page
     assert (pixels < 100).mean() > 0.01  # dark pixels: the CT montages and text
+
+
+def test_bf16_precision_stays_close_to_fp32(real_ct, checkpoint):
+    fp32 = Classifier.load(checkpoint, device="cpu", precision="fp32").predict(
+        real_ct / "cip_ct-64_chest.nii.gz"
+    )
+    bf16 = Classifier.load(checkpoint, device="cpu", precision="bf16").predict(
+        real_ct / "cip_ct-64_chest.nii.gz"
+    )
+    assert abs(fp32.prob_abnormal - bf16.prob_abnormal) < 0.05
+    with pytest.raises(Exception, match="precision"):
+        Classifier.load(checkpoint, device="cpu", precision="int8")

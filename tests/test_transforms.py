@@ -110,3 +110,42 @@ def test_train_chain_is_eval_chain_plus_rotation(tmp_path):
     torch.testing.assert_close(first, again)
     plain = eval_transforms(spatial_size=(46, 46, 46))({"image": path})["image"]
     assert first.shape == plain.shape and not torch.equal(torch.as_tensor(first), plain)
+
+
+def test_resize_before_turn_equals_turn_before_resize(tmp_path):
+    from monai.transforms import Compose, Resized, Rotate90d
+
+    vol = np.random.default_rng(3).integers(-1000, 400, size=(50, 40, 12)).astype(np.int16)
+    path = write_nifti(tmp_path / "v.nii.gz", vol, np.diag([-1.0, 1.0, 2.0, 1.0]))
+    ours = eval_transforms(spatial_size=(64, 48, 46))({"image": path})["image"]
+    assert tuple(ours.shape) == (1, 64, 48, 46)
+    loaded = eval_transforms(spatial_size=(64, 48, 46)).transforms[:4]  # load .. intensity window
+    turned_first = Compose(
+        [
+            *loaded,
+            Rotate90d("image", k=1, spatial_axes=(0, 1)),
+            Resized("image", (64, 48, 46), mode="trilinear", align_corners=True),
+        ]
+    )
+    torch.testing.assert_close(
+        ours, torch.as_tensor(turned_first({"image": path})["image"]).float(), atol=1e-5, rtol=0
+    )
+
+
+@pytest.mark.parametrize(
+    "dtype", [pytest.param(np.int16, id="int16"), pytest.param(np.float64, id="float64")]
+)
+def test_fused_window_equals_monai_scale_intensity_range(dtype):
+    from monai.transforms import ScaleIntensityRanged
+
+    from transforms.intensity import ClipScaleIntensityd
+
+    img = torch.as_tensor(
+        np.random.default_rng(4).integers(-3000, 3000, size=(1, 20, 20, 5)).astype(dtype)
+    )
+    ours = ClipScaleIntensityd("image", -1000, 400)({"image": img})["image"]
+    monai = ScaleIntensityRanged("image", -1000, 400, 0.0, 1.0, clip=True)({"image": img.double()})[
+        "image"
+    ]
+    assert ours.dtype == torch.float32
+    torch.testing.assert_close(ours.double(), torch.as_tensor(monai).double(), atol=1e-6, rtol=0)

@@ -17,10 +17,10 @@ from monai.transforms import (
     Orientationd,
     Resized,
     Rotate90d,
-    ScaleIntensityRanged,
 )
 
 from .augment import RandDiscreteAxialRotated
+from .intensity import ClipScaleIntensityd
 
 
 def eval_transforms(
@@ -35,9 +35,9 @@ def eval_transforms(
 
     Load -> channel first -> reorient to ``axcodes`` (MosMed's LAS storage order, so MosMed scans
     stay untouched and every other orientation becomes consistent) -> clip ``hu_window`` and scale
-    to [0, 1] -> rotate 90 degrees in the axial plane (the reference's ``ndimage.rotate(v, 90)``;
-    exact for square slices) -> linear resize with corners aligned (as scipy's ``zoom``) to
-    ``spatial_size`` -> float32 tensor.
+    to [0, 1] -> linear resize with corners aligned (as scipy's ``zoom``) -> rotate 90 degrees in
+    the axial plane (the reference's ``ndimage.rotate(v, 90)``; exact for square slices) ->
+    float32 tensor of ``spatial_size``.
 
     Args:
         keys: image keys to transform.
@@ -47,16 +47,21 @@ def eval_transforms(
         load: include ``LoadImaged`` and ``EnsureChannelFirstd`` (``False`` for arrays already
             loaded channel-first with metadata).
     """
-    head = [LoadImaged(keys, image_only=True), EnsureChannelFirstd(keys)] if load else []
+    # scans are read in their stored dtype (int16 HU for MosMed): the window clips them before
+    # any float copy exists
+    head = (
+        [LoadImaged(keys, image_only=True, dtype=None), EnsureChannelFirstd(keys)] if load else []
+    )
+    x, y, z = (int(s) for s in spatial_size)
     return Compose(
         [
             *head,
             Orientationd(keys, axcodes=axcodes, labels=None),
-            ScaleIntensityRanged(
-                keys, a_min=hu_window[0], a_max=hu_window[1], b_min=0.0, b_max=1.0, clip=True
-            ),
+            ClipScaleIntensityd(keys, a_min=hu_window[0], a_max=hu_window[1], b_min=0.0, b_max=1.0),
+            # resizing before the 90-degree turn gives the same voxels (the turn only permutes
+            # and flips axes, which corner-aligned linear resizing commutes with) on 1/16 of them
+            Resized(keys, spatial_size=(y, x, z), mode="trilinear", align_corners=True),
             Rotate90d(keys, k=1, spatial_axes=(0, 1)),
-            Resized(keys, spatial_size=tuple(spatial_size), mode="trilinear", align_corners=True),
             EnsureTyped(keys, dtype=np.float32, track_meta=False),
         ]
     )
