@@ -27,10 +27,7 @@ from app.config import CONFIG_DIR
 
 REPO = Path(__file__).resolve().parent.parent
 #: this project's modules that travel in the bundle's scripts/, and how config targets move
-PORTABLE = {
-    "nets": ["__init__.py", "cnn3d.py"],
-    "transforms": ["__init__.py", "augment.py", "presets.py"],
-}
+PORTABLE = ("nets", "transforms")  # whole packages: a new module travels without a list to update
 TARGET_PREFIXES = {
     "nets.": "scripts.nets.",
     "transforms.": "scripts.transforms.",
@@ -178,10 +175,10 @@ def export_bundle(
     metrics = read_metrics(source.parent / "metrics.csv")
     for sub in ("configs", "models", "docs", "scripts"):
         (output / sub).mkdir(parents=True, exist_ok=True)
-    for package, files in PORTABLE.items():
+    for package in PORTABLE:
         (output / "scripts" / package).mkdir(exist_ok=True)
-        for name in files:
-            shutil.copy(REPO / package / name, output / "scripts" / package / name)
+        for source_file in sorted((REPO / package).glob("*.py")):
+            shutil.copy(source_file, output / "scripts" / package / source_file.name)
     shutil.copy(REPO / "app" / "bundle_io.py", output / "scripts" / "bundle_io.py")
     (output / "scripts" / "__init__.py").write_text(
         '"""ctclassify code carried by this bundle."""\n'

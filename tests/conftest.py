@@ -3,7 +3,10 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import nibabel as nib
+import numpy as np
 import pytest
+import torch
 
 REPO = Path(__file__).resolve().parent.parent
 SHARED = Path(os.environ.get("CTCLASSIFY_SHARED", REPO.parent / "shared"))
@@ -32,3 +35,48 @@ def real_ct() -> Path:
 @pytest.fixture
 def reference_dir() -> Path:
     return require_shared(REFERENCE)
+
+
+#: run settings of the tiny random-weight checkpoints the inference tests use
+TINY_SETTINGS = {
+    "spatial_size": [48, 48, 48],
+    "hu_window": [-1000, 400],
+    "axcodes": "LAS",
+    "in_channels": 1,
+    "filters": [4, 4, 8, 8],
+    "dense_units": 8,
+    "dropout": 0.3,
+    "bn_eps": 1e-3,
+    "bn_momentum": 0.01,
+    "threshold": 0.5,
+    "class_names": ["normal", "abnormal"],
+}
+
+
+@pytest.fixture(scope="session")
+def checkpoint(tmp_path_factory) -> Path:
+    """A checkpoint as app.train writes it: seeded random weights of a narrow CNN3D + settings."""
+    from nets.cnn3d import CNN3D
+
+    torch.manual_seed(0)
+    net = CNN3D(filters=TINY_SETTINGS["filters"], dense_units=TINY_SETTINGS["dense_units"])
+    path = tmp_path_factory.mktemp("ckpt") / "best_model.pt"
+    torch.save({"network": net.state_dict(), "run_info": TINY_SETTINGS}, path)
+    return path
+
+
+def ct_volume(shape=(40, 40, 20), seed=0) -> np.ndarray:
+    """A small int16 HU volume: air around a block of tissue-to-lung values."""
+    rng = np.random.default_rng(seed)
+    vol = np.full(shape, -1000, dtype=np.int16)
+    vol[5:35, 8:32, :] = rng.integers(-900, 100, size=(30, 24, shape[2]))
+    return vol
+
+
+def nifti(path: Path, array: np.ndarray, affine=None) -> Path:
+    """Write ``array`` as NIfTI (LAS, 3 mm slices unless ``affine`` says otherwise)."""
+    nib.save(
+        nib.Nifti1Image(array, np.diag([-1.0, 1.0, 3.0, 1.0]) if affine is None else affine),
+        str(path),
+    )
+    return path

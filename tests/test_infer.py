@@ -10,51 +10,13 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
+from conftest import TINY_SETTINGS, ct_volume, nifti
 
 from app.classifier import CheckpointError, Classifier, load_checkpoint
 from app.infer import main as infer_main
 from app.inputs import find_inputs
 from app.scanqc import Limits, ScanError, check_dicom_series, check_nifti_header, check_values
 from nets.cnn3d import CNN3D
-
-SETTINGS = {
-    "spatial_size": [48, 48, 48],
-    "hu_window": [-1000, 400],
-    "axcodes": "LAS",
-    "in_channels": 1,
-    "filters": [4, 4, 8, 8],
-    "dense_units": 8,
-    "dropout": 0.3,
-    "bn_eps": 1e-3,
-    "bn_momentum": 0.01,
-    "threshold": 0.5,
-    "class_names": ["normal", "abnormal"],
-}
-
-
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory) -> Path:
-    torch.manual_seed(0)
-    net = CNN3D(filters=(4, 4, 8, 8), dense_units=8)
-    path = tmp_path_factory.mktemp("ckpt") / "best_model.pt"
-    torch.save({"network": net.state_dict(), "run_info": SETTINGS}, path)
-    return path
-
-
-def nifti(path: Path, array: np.ndarray, affine=None) -> Path:
-    nib.save(
-        nib.Nifti1Image(array, np.diag([-1.0, 1.0, 3.0, 1.0]) if affine is None else affine),
-        str(path),
-    )
-    return path
-
-
-def ct_volume(shape=(40, 40, 20), seed=0) -> np.ndarray:
-    rng = np.random.default_rng(seed)
-    vol = np.full(shape, -1000, dtype=np.int16)
-    vol[5:35, 8:32, :] = rng.integers(-900, 100, size=(30, 24, shape[2]))
-    return vol
-
 
 # --- bad inputs: each one is reported with a one-line reason -------------------------------------
 
@@ -212,7 +174,7 @@ def test_pickle_payload_is_refused_and_never_runs(tmp_path):
             return (Path.touch, (marker,))
 
     path = tmp_path / "evil.pt"
-    torch.save({"network": {}, "run_info": SETTINGS, "x": Payload()}, path)
+    torch.save({"network": {}, "run_info": TINY_SETTINGS, "x": Payload()}, path)
     with pytest.raises(CheckpointError, match="refused"):
         load_checkpoint(path)
     assert not marker.exists()

@@ -17,6 +17,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
+from conftest import ct_volume, nifti
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -27,7 +28,6 @@ from app.handlers.trainer_checkpoint import latest_checkpoint
 from app.inputs import find_inputs
 from app.predictions import PredictionLog
 from app.scanqc import Limits
-from nets.cnn3d import CNN3D
 
 SMALL = [
     "--spatial-size",
@@ -46,18 +46,6 @@ SMALL = [
     "--batch-size",
     "4",
 ]
-SETTINGS = {
-    "spatial_size": [48, 48, 48],
-    "hu_window": [-1000, 400],
-    "axcodes": "LAS",
-    "in_channels": 1,
-    "filters": [4, 4, 8, 8],
-    "dense_units": 8,
-    "dropout": 0.3,
-    "bn_eps": 1e-3,
-    "bn_momentum": 0.01,
-    "threshold": 0.5,
-}
 
 
 @pytest.fixture(scope="module")
@@ -70,17 +58,6 @@ def tiny_data(tmp_path_factory) -> Path:
         == 0
     )
     return root
-
-
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory) -> Path:
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("ckpt") / "best_model.pt"
-    torch.save(
-        {"network": CNN3D(filters=(4, 4, 8, 8), dense_units=8).state_dict(), "run_info": SETTINGS},
-        path,
-    )
-    return path
 
 
 def epochs_in(run: Path) -> list[str]:
@@ -218,8 +195,7 @@ def test_disk_full_during_inference_is_a_clear_error(tmp_path, checkpoint, monke
     folder = tmp_path / "scans"
     folder.mkdir()
     for i in range(3):
-        vol = np.full((40, 40, 16), -1000, np.int16)
-        nib.save(nib.Nifti1Image(vol, np.diag([-1.0, 1.0, 3.0, 1.0])), str(folder / f"s{i}.nii.gz"))
+        nifti(folder / f"s{i}.nii.gz", ct_volume((40, 40, 16), seed=i))
     out = tmp_path / "out"
     assert (
         infer_main(
