@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from monai.bundle import ConfigParser
+if TYPE_CHECKING:  # monai is heavy to import: command-line --help stays fast without it
+    from monai.bundle import ConfigParser
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 COMMON = "common.yaml"
@@ -22,6 +23,8 @@ def load_config(
     *names: str, overrides: Mapping[str, Any] | None = None, config_dir: str | Path = CONFIG_DIR
 ) -> ConfigParser:
     """A ``ConfigParser`` over ``common.yaml`` + ``names`` with the metadata and ``overrides``."""
+    from monai.bundle import ConfigParser
+
     parser = ConfigParser()
     parser.read_config(config_files(*names, config_dir=config_dir))
     parser.read_meta(str(Path(config_dir) / "metadata.json"))
