@@ -27,6 +27,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import torch
+from checkpoints import write_spec_checkpoint
 from scipy import ndimage
 from torch import nn
 
@@ -195,22 +196,7 @@ def main(argv: list[str] | None = None) -> int:
             path = Path(tmp) / f"scan{i}.nii.gz"
             save_scan(scan, path)
             scans.append(str(path))
-        from nets.cnn3d import CNN3D
-
-        ckpt = Path(tmp) / "model.pt"
-        settings = {
-            "spatial_size": [128, 128, 64],
-            "hu_window": [-1000, 400],
-            "axcodes": "LAS",
-            "in_channels": 1,
-            "filters": [64, 64, 128, 256],
-            "dense_units": 512,
-            "dropout": 0.3,
-            "bn_eps": 1e-3,
-            "bn_momentum": 0.01,
-            "threshold": 0.5,
-        }
-        torch.save({"network": CNN3D().state_dict(), "run_info": settings}, ckpt)
+        ckpt = write_spec_checkpoint(Path(tmp) / "model.pt")
         results = {
             "machine": machine(),
             "preprocessing": bench_preprocessing(scans),

@@ -20,10 +20,9 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
-import torch
+from checkpoints import write_spec_checkpoint
 
 from app.infer import main as infer_main
-from nets.cnn3d import CNN3D
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -43,20 +42,7 @@ def main(argv: list[str] | None = None) -> int:
                 nib.Nifti1Image(vol, np.diag([-0.8, 0.8, 8.0, 1.0])),
                 str(folder / f"s{i:05d}.nii.gz"),
             )
-        ckpt = Path(tmp) / "model.pt"
-        settings = {
-            "spatial_size": [48, 48, 48],
-            "hu_window": [-1000, 400],
-            "axcodes": "LAS",
-            "in_channels": 1,
-            "filters": [64, 64, 128, 256],
-            "dense_units": 512,
-            "dropout": 0.3,
-            "bn_eps": 1e-3,
-            "bn_momentum": 0.01,
-            "threshold": 0.5,
-        }
-        torch.save({"network": CNN3D().state_dict(), "run_info": settings}, ckpt)
+        ckpt = write_spec_checkpoint(Path(tmp) / "model.pt", spatial_size=[48, 48, 48])
         out = Path(tmp) / "out"
         start = time.perf_counter()
         code = infer_main(
