@@ -164,11 +164,13 @@ def export_bundle(
     from app.fileio import atomic_write, atomic_write_text
     from app.handlers.run_recorder import read_metrics
 
-    output = Path(output)
-    if output.exists() and any(output.iterdir()):
-        if not overwrite:
-            raise ConfigError(f"{output} exists; choose another --output or add --overwrite")
-        shutil.rmtree(output)
+    final = Path(output)
+    if final.exists() and any(final.iterdir()) and not overwrite:
+        raise ConfigError(f"{final} exists; choose another --output or add --overwrite")
+    # built beside the target and renamed into place at the end: a kill or an error leaves the
+    # previous bundle (or nothing), never a partial bundle under the final name
+    output = final.with_name(final.name + ".partial")
+    shutil.rmtree(output, ignore_errors=True)
     source = resolve_checkpoint(checkpoint)
     clf = Classifier.load(source, device="cpu")
     settings = dict(clf.settings)
@@ -238,9 +240,14 @@ def export_bundle(
                 dynamic_axes={"image": {0: "batch"}, "pred": {0: "batch"}},
                 dynamo=False,
             )
-    if make_zip:
-        shutil.make_archive(str(output), "zip", root_dir=output)
-    return output
+    if final.exists():
+        shutil.rmtree(final)
+    output.replace(final)
+    if make_zip:  # written under a temporary name, then renamed: never a truncated zip
+        partial = final.with_name(final.name + ".partial")
+        archive = shutil.make_archive(str(partial), "zip", root_dir=final)
+        Path(archive).replace(final.with_name(final.name + ".zip"))
+    return final
 
 
 def main(argv: list[str] | None = None) -> int:

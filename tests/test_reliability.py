@@ -301,3 +301,21 @@ def test_hostile_nifti_headers_never_crash(
         assert torch.isfinite(result["image"]).all()
     else:
         assert "\n" not in result["error"] and len(result["error"]) < 400
+
+
+def test_unreadable_scan_is_reported(tmp_path, checkpoint, monkeypatch):
+    folder = tmp_path / "scans"
+    folder.mkdir()
+    nifti(folder / "locked.nii.gz", ct_volume())
+    nifti(folder / "open.nii.gz", ct_volume(seed=1))
+    real_access = os.access
+    # the tests run as root, who can read anything: make one file look unreadable
+    monkeypatch.setattr(
+        os, "access", lambda p, mode: not str(p).endswith("locked.nii.gz") and real_access(p, mode)
+    )
+    preds = {
+        Path(p.path).name: p
+        for p in Classifier.load(checkpoint, device="cpu").predict_many(find_inputs(folder))
+    }
+    assert preds["locked.nii.gz"].error == "permission denied"
+    assert preds["open.nii.gz"].ok
