@@ -267,9 +267,11 @@ def train(
         settings["dataset_dir"] = str(data)
     settings.update(overrides or {})
     settings["output_dir"] = str(output)
-    dataset_dir = Path(str(settings.get("dataset_dir", "data/MosMedData")))
+    if "dataset_dir" not in settings:  # the configs' default place (data/MosMedData)
+        settings["dataset_dir"] = load_config(*names, config_dir=config_dir).get("dataset_dir")
+    dataset_dir = Path(str(settings["dataset_dir"]))
     if not dataset_dir.exists():
-        root = dataset_dir.parent.parent if dataset_dir.name == "MosMedData" else Path("data")
+        root = dataset_dir.parent if dataset_dir.name == "MosMedData" else Path("data")
         raise DataError(
             f"no training data at {dataset_dir}: download MosMedData with "
             f"`python -m app.data download --root {root}`, pass --data DIR, "
