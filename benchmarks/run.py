@@ -220,7 +220,7 @@ Machine: {results["machine"]}. Command: `python benchmarks/run.py --scans {args.
 | (a) preprocessing, s per 512x512x40 scan (median of {p["scans"]}) | {p["reference_s_per_scan"]:.3f} (Keras example's scipy pipeline) | {p["ours_s_per_scan"]:.3f} | {p["median_speedup"]:.2f}x faster |
 | (a) largest output difference | | {p["max_abs_diff"]:.2e} | |
 | (b) training step, batch 2, 128x128x64, s | {tr["plain_fp32_s_per_step"]:.3f} (plain fp32 PyTorch port) | {tr["ours_fp32_s_per_step"]:.3f} (fp32, pool before ReLU) | {tr["speedup_fp32"]:.2f}x faster |
-| (b) the same, bf16 autocast + channels_last_3d (not wired into app.train) | | {tr["ours_bf16_channels_last_s_per_step"]:.3f} | {tr["plain_fp32_s_per_step"] / tr["ours_bf16_channels_last_s_per_step"]:.2f}x faster |
+| (b) the same, bf16 autocast + channels_last_3d (`--set cpu_bf16=true`) | | {tr["ours_bf16_channels_last_s_per_step"]:.3f} | {tr["plain_fp32_s_per_step"] / tr["ours_bf16_channels_last_s_per_step"]:.2f}x faster |
 | (c) inference, model only, s per scan | | {inf["model_only_s_per_scan"]:.3f} (fp32); {inf["model_only_bf16_s_per_scan"]:.3f} (`--precision bf16`) | bf16 {inf["model_only_s_per_scan"] / inf["model_only_bf16_s_per_scan"]:.2f}x faster than fp32 |
 | (c) inference end to end (read, check, preprocess, classify), scans per s | | {inf["end_to_end_scans_per_s"]:.2f} ({inf["end_to_end_scans"]} scans) | |
 | (e) GPU | | not measured: no GPU on this machine | |

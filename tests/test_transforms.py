@@ -149,3 +149,31 @@ def test_fused_window_equals_monai_scale_intensity_range(dtype):
     ]
     assert ours.dtype == torch.float32
     torch.testing.assert_close(ours.double(), torch.as_tensor(monai).double(), atol=1e-6, rtol=0)
+
+
+def test_fast_reader_equals_nibabel_and_stays_bounded(tmp_path, real_ct):
+    import gzip
+    import zlib
+
+    from transforms.readers import inflate_nifti
+
+    path = real_ct / "cip_ct-64_chest.nii.gz"
+    ours = inflate_nifti(path)
+    theirs = nib.load(str(path))
+    np.testing.assert_array_equal(np.asanyarray(ours.dataobj), np.asanyarray(theirs.dataobj))
+    np.testing.assert_array_equal(ours.affine, theirs.affine)
+    # 64 MB of zeros after the declared data: only the declared bytes are inflated
+    raw = gzip.decompress(path.read_bytes())
+    padded = tmp_path / "padded.nii.gz"
+    padded.write_bytes(gzip.compress(raw + bytes(64 * 2**20), compresslevel=1))
+    np.testing.assert_array_equal(
+        np.asanyarray(inflate_nifti(padded).dataobj), np.asanyarray(theirs.dataobj)
+    )
+    # a wrong CRC in the trailer is still caught
+    bad = bytearray(path.read_bytes())
+    bad[-8] ^= 0xFF
+    (tmp_path / "crc.nii.gz").write_bytes(bytes(bad))
+    with pytest.raises(zlib.error):
+        inflate_nifti(tmp_path / "crc.nii.gz")
+    (tmp_path / "plain.gz").write_bytes(gzip.compress(b"not a nifti header at all" * 40))
+    assert inflate_nifti(tmp_path / "plain.gz") is None  # left to nibabel and its messages

@@ -21,6 +21,7 @@ from monai.transforms import (
 
 from .augment import RandDiscreteAxialRotated
 from .intensity import ClipScaleIntensityd
+from .readers import FastNiftiReader
 
 
 def eval_transforms(
@@ -49,8 +50,14 @@ def eval_transforms(
     """
     # scans are read in their stored dtype (int16 HU for MosMed): the window clips them before
     # any float copy exists
+    # the fast NIfTI reader first; MONAI falls back to its other readers (DICOM, NRRD...)
     head = (
-        [LoadImaged(keys, image_only=True, dtype=None), EnsureChannelFirstd(keys)] if load else []
+        [
+            LoadImaged(keys, reader=FastNiftiReader, image_only=True, dtype=None),
+            EnsureChannelFirstd(keys),
+        ]
+        if load
+        else []
     )
     x, y, z = (int(s) for s in spatial_size)
     return Compose(
