@@ -9,7 +9,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-SCAN_SUFFIXES = (".nii", ".nii.gz")
+SCAN_SUFFIXES = (".nii", ".nii.gz")  # as app.datalist; restated: this module must stand alone
 
 
 def find_scans(root: str | Path) -> list[dict[str, str]]:

@@ -59,11 +59,6 @@ class RunInfo:
         self.settings = dict(state)
 
 
-def run_settings(config: Any, ids: list[str]) -> RunInfo:
-    """A :class:`RunInfo` with the resolved values of ``ids`` from a MONAI ``ConfigParser``."""
-    return RunInfo({key: config.get_parsed_content(key) for key in ids})
-
-
 class CPUMixedPrecisionInferer:
     """Run the network under bfloat16 autocast with channels-last memory on the CPU.
 

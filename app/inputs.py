@@ -7,7 +7,8 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
-NIFTI_SUFFIXES = (".nii", ".nii.gz")
+from app.datalist import SCAN_SUFFIXES
+
 DICOM_SUFFIXES = (".dcm", ".dicom", ".ima")
 
 
@@ -71,7 +72,7 @@ def find_inputs(root: str | Path) -> list[ScanInput]:
     """
     root = Path(root)
     if root.is_file():
-        kind = "nifti" if root.name.endswith(NIFTI_SUFFIXES) else "dicom"
+        kind = "nifti" if root.name.endswith(SCAN_SUFFIXES) else "dicom"
         return [ScanInput(str(root), kind, (str(root),) if kind == "dicom" else ())]
     found: list[ScanInput] = []
 
@@ -95,7 +96,7 @@ def find_inputs(root: str | Path) -> list[ScanInput]:
                     ScanInput(str(path), "unreadable", problem="broken or looping symbolic link")
                 )
                 continue
-            if name.endswith(NIFTI_SUFFIXES):
+            if name.endswith(SCAN_SUFFIXES):
                 if not os.access(path, os.R_OK):
                     found.append(ScanInput(str(path), "unreadable", problem="permission denied"))
                 else:
