@@ -13,10 +13,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import synth_dataset
 from monai.bundle import ConfigWorkflow
 
 from app.config import CONFIG_DIR, config_files
-from app.data import main as data_main
 from app.export import main as export_main
 from app.infer import main as infer_main
 from app.train import main as train_main
@@ -51,22 +51,7 @@ REQUIRED_METADATA = (
     ],
 )
 def test_workflow_properties(files, kind, tmp_path):
-    assert (
-        data_main(
-            [
-                "synth",
-                str(tmp_path / "d"),
-                "--per-class",
-                "2",
-                "--shape",
-                "48",
-                "48",
-                "8",
-                "--no-progress",
-            ]
-        )
-        == 0
-    )
+    synth_dataset(tmp_path / "d", 2, (48, 48, 8))
     workflow = ConfigWorkflow(
         config_file=config_files(*files),
         meta_file=str(CONFIG_DIR / "metadata.json"),
@@ -120,12 +105,7 @@ BLOCKER = textwrap.dedent(
 @pytest.mark.slow
 def test_exported_bundle_runs_with_monai_alone(tmp_path, real_ct):
     data, run, bundle = tmp_path / "d", tmp_path / "run", tmp_path / "bundle"
-    assert (
-        data_main(
-            ["synth", str(data), "--per-class", "4", "--shape", "64", "64", "16", "--no-progress"]
-        )
-        == 0
-    )
+    synth_dataset(data, 4, (64, 64, 16))
     assert (
         train_main(
             [

@@ -17,12 +17,11 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from conftest import ct_volume, nifti
+from conftest import ct_volume, nifti, synth_dataset
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from app.classifier import Classifier, ScanPreparer
-from app.data import main as data_main
 from app.fileio import atomic_write_text
 from app.handlers.trainer_checkpoint import latest_checkpoint
 from app.inputs import find_inputs
@@ -50,14 +49,22 @@ SMALL = [
 
 @pytest.fixture(scope="module")
 def tiny_data(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("data") / "d"
-    assert (
-        data_main(
-            ["synth", str(root), "--per-class", "6", "--shape", "48", "48", "12", "--no-progress"]
-        )
-        == 0
-    )
-    return root
+    return synth_dataset(tmp_path_factory.mktemp("data") / "d", 6, (48, 48, 12))
+
+
+def train_command(data: Path, run: Path, *options: str) -> list[str]:
+    """``python -m app.train`` on ``data`` into ``run`` with the small settings above."""
+    return [
+        sys.executable,
+        "-m",
+        "app.train",
+        "--data",
+        str(data),
+        "--output",
+        str(run),
+        *options,
+        *SMALL,
+    ]
 
 
 def epochs_in(run: Path) -> list[str]:
@@ -69,20 +76,7 @@ def epochs_in(run: Path) -> list[str]:
 def test_sigkill_at_random_moments_then_resume(tiny_data, tmp_path):
     run = tmp_path / "run"
     rng = random.Random(0)
-    base = [
-        sys.executable,
-        "-m",
-        "app.train",
-        "--data",
-        str(tiny_data),
-        "--output",
-        str(run),
-        "--epochs",
-        "60",
-        "--patience",
-        "100",
-        *SMALL,
-    ]
+    base = train_command(tiny_data, run, "--epochs", "60", "--patience", "100")
     kills = 0
     while kills < 10:
         mode = "--resume" if latest_checkpoint(run) is not None else "--overwrite"
@@ -106,18 +100,7 @@ def test_sigkill_at_random_moments_then_resume(tiny_data, tmp_path):
 @pytest.mark.slow
 def test_sigterm_stops_after_saving(tiny_data, tmp_path):
     run = tmp_path / "run"
-    base = [
-        sys.executable,
-        "-m",
-        "app.train",
-        "--data",
-        str(tiny_data),
-        "--output",
-        str(run),
-        "--epochs",
-        "200",
-        *SMALL,
-    ]
+    base = train_command(tiny_data, run, "--epochs", "200")
     proc = subprocess.Popen(base, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 120
     while latest_checkpoint(run) is None and time.time() < deadline:

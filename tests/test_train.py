@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import synth_dataset
 from ignite.engine import Engine, Events
 
-from app.data import main as data_main
 from app.engine import RunInfo
 from app.handlers import EarlyStopping
 from app.train import main as train_main
@@ -32,26 +32,7 @@ TINY = [
 
 @pytest.fixture(scope="module")
 def tiny_data(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("data") / "d"
-    assert (
-        data_main(
-            [
-                "synth",
-                str(root),
-                "--per-class",
-                "8",
-                "--shape",
-                "64",
-                "64",
-                "16",
-                "--seed",
-                "3",
-                "--no-progress",
-            ]
-        )
-        == 0
-    )
-    return root
+    return synth_dataset(tmp_path_factory.mktemp("data") / "d", 8, (64, 64, 16), seed=3)
 
 
 def rows(run: Path) -> list[dict[str, str]]:
