@@ -258,7 +258,9 @@ class Classifier:
         self.settings = settings
         self.device = device
         self.network = network.to(device).eval()
-        if precision == "bf16":
+        #: channels-last (NDHWC) memory: oneDNN's 3D convolutions are about 2x faster on the CPU
+        self.channels_last = device.type == "cpu"
+        if self.channels_last:
             self.network = self.network.to(memory_format=torch.channels_last_3d)  # type: ignore[call-overload]
         self.threshold = float(settings.get("threshold", 0.5) if threshold is None else threshold)
         self.class_names = list(settings.get("class_names", ["normal", "abnormal"]))
@@ -307,8 +309,9 @@ class Classifier:
     @torch.inference_mode()
     def _forward(self, images: list[torch.Tensor]) -> list[float]:
         batch = torch.stack([torch.as_tensor(i) for i in images]).to(self.device, non_blocking=True)
+        if self.channels_last:
+            batch = batch.contiguous(memory_format=torch.channels_last_3d)
         if self.precision == "bf16":
-            batch = batch.to(memory_format=torch.channels_last_3d)
             with torch.autocast(self.device.type, dtype=torch.bfloat16):
                 logits = self.network(batch)
         elif self.precision == "auto" and self.device.type == "cuda":

@@ -1,11 +1,12 @@
 """The reference Keras example's 3D CNN ("3dcnn"), layer for layer, in PyTorch."""
 
-from __future__ import annotations
 
 from collections.abc import Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 
 def min_spatial_size(num_blocks: int = 4) -> int:
@@ -22,21 +23,89 @@ class ConvBlock3D(nn.Sequential):
     ReLU and max-pooling commute exactly (ReLU is monotone), so the block pools first and applies
     ReLU to 8x fewer values; the output equals the reference's conv -> ReLU -> pool order.
 
+    On the CPU, a block with few input channels (the first: one channel in, 64 out, a 0.5 GB
+    activation at batch 2) runs as a loop over slabs of the first spatial axis, each small enough
+    to stay in the CPU cache: the 3x3x3 convolution of a slab is computed as a 2D convolution whose
+    input channels are the three neighbouring planes (one oneDNN kernel, channels-last output),
+    and pooled at once. In training each slab is recomputed in the backward pass
+    (``torch.utils.checkpoint``), so the full-size activation never exists. The result equals the
+    plain path to float rounding; scripting, tracing, exports and CUDA use the plain path.
+
     Args:
         in_channels: channels of the input.
         out_channels: filters of the convolution.
         bn_eps: BatchNorm epsilon (Keras default 1e-3).
         bn_momentum: BatchNorm momentum in PyTorch terms (Keras' moving average 0.99 is 0.01).
+        slab_bytes: size of the convolution output computed at once by the CPU slab path (0 turns
+            the slab path off).
     """
 
+    #: blocks with at most this many input channels take the slab path on the CPU
+    slab_max_in_channels: int = 4
+
     def __init__(
-        self, in_channels: int, out_channels: int, bn_eps: float = 1e-3, bn_momentum: float = 0.01
+        self,
+        in_channels: int,
+        out_channels: int,
+        bn_eps: float = 1e-3,
+        bn_momentum: float = 0.01,
+        slab_bytes: int = 16 * 2**20,
     ) -> None:
         super().__init__()
         self.conv = nn.Conv3d(in_channels, out_channels, kernel_size=3)
         self.pool = nn.MaxPool3d(2)
         self.act = nn.ReLU(inplace=True)
         self.bn = nn.BatchNorm3d(out_channels, eps=bn_eps, momentum=bn_momentum)
+        self.slab_bytes = slab_bytes
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not torch.jit.is_scripting() and self._use_slabs(x):
+            pooled = self._conv_pool_slabs(x)
+        else:
+            pooled = self.pool(self.conv(x))
+        return self.bn(self.act(pooled))
+
+    @torch.jit.unused
+    def _use_slabs(self, x: torch.Tensor) -> bool:
+        return (
+            self.slab_bytes > 0
+            and x.device.type == "cpu"
+            and self.conv.in_channels <= self.slab_max_in_channels
+            and min(x.shape[2:]) >= 4
+            and not torch.jit.is_tracing()
+            and not torch.compiler.is_compiling()
+        )
+
+    @torch.jit.unused
+    def _conv_pool_slabs(self, x: torch.Tensor) -> torch.Tensor:
+        n, _, depth, height, width = x.shape
+        pooled_depth = (depth - 2) // 2
+        row_bytes = n * self.conv.out_channels * 2 * (height - 2) * (width - 2) * 4
+        rows = max(1, min(pooled_depth, self.slab_bytes // row_bytes))
+        train = torch.is_grad_enabled() and (x.requires_grad or self.conv.weight.requires_grad)
+        slabs = []
+        for start in range(0, pooled_depth, rows):
+            stop = min(pooled_depth, start + rows)
+            part = x[:, :, 2 * start : 2 * stop + 2]
+            if train:
+                slabs.append(checkpoint(self._conv_pool_planes, part, use_reentrant=False))
+            else:
+                slabs.append(self._conv_pool_planes(part))
+        return torch.cat(slabs, 2)
+
+    @torch.jit.unused
+    def _conv_pool_planes(self, part: torch.Tensor) -> torch.Tensor:
+        """Conv3d (kernel 3, valid) then 2x max-pool of one slab, via a 2D convolution."""
+        n, c, depth, height, width = part.shape
+        out_channels = self.conv.out_channels
+        # (n, c, d', h, w, 3) -> (n * d', c * 3, h, w): each output plane sees its three input planes
+        planes = part.unfold(2, 3, 1).permute(0, 2, 1, 5, 3, 4)
+        planes = planes.reshape(n * (depth - 2), c * 3, height, width)
+        planes = planes.contiguous(memory_format=torch.channels_last)
+        weight = self.conv.weight.reshape(out_channels, c * 3, 3, 3)
+        out = F.conv2d(planes, weight, self.conv.bias)  # (n * d', out, h', w'), channels last
+        out = out.reshape(n, depth - 2, out_channels, height - 2, width - 2).transpose(1, 2)
+        return F.max_pool3d(out, 2)
 
 
 class CNN3D(nn.Module):

@@ -71,3 +71,64 @@ def test_too_small_input_gets_clear_error(size):
     with pytest.raises(ValueError, match="at least 46 voxels"):
         net(torch.rand(1, 1, *size))
     assert min_spatial_size() == 46
+
+
+def _plain_copy(net: CNN3D) -> CNN3D:
+    """The same network with the CPU slab path of the first block turned off."""
+    plain = CNN3D(dropout=0.0).to(next(net.parameters()).dtype)
+    plain.load_state_dict(net.state_dict())
+    for block in plain.features:
+        block.slab_bytes = 0
+    return plain
+
+
+@pytest.mark.parametrize("shape", [(2, 1, 64, 50, 47), (2, 1, 51, 48, 46)])
+@pytest.mark.parametrize("mode", ["eval", "train"])
+def test_slab_path_equals_plain_path_with_gradients(shape, mode):
+    """The first block's cache-sized slabs (2D-conv lowering, recomputed in backward) change
+    nothing: outputs, input gradients and weight gradients equal the plain Conv3d path in float64,
+    for even and odd depths and several slabs."""
+    torch.manual_seed(0)
+    net = CNN3D(dropout=0.0).double()
+    net.features[0].slab_bytes = 1  # one pooled plane per slab: many slabs
+    plain = _plain_copy(net)
+    getattr(net, mode)()
+    getattr(plain, mode)()
+    x = torch.rand(*shape, dtype=torch.float64)
+    xs, xp = x.clone().requires_grad_(), x.clone().requires_grad_()
+    out_s, out_p = net(xs), plain(xp)
+    torch.testing.assert_close(out_s, out_p, rtol=1e-10, atol=1e-12)
+    (out_s**2).sum().backward()
+    (out_p**2).sum().backward()
+    torch.testing.assert_close(xs.grad, xp.grad, rtol=1e-9, atol=1e-12)
+    for (name, a), b in zip(net.named_parameters(), plain.parameters(), strict=True):
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-9, atol=1e-12, msg=name)
+    if mode == "train":  # BatchNorm statistics updated the same way
+        torch.testing.assert_close(
+            net.features[0].bn.running_mean, plain.features[0].bn.running_mean
+        )
+
+
+def test_slab_path_channels_last_and_bf16_close_to_float32():
+    torch.manual_seed(0)
+    net = CNN3D().eval()
+    plain = _plain_copy(net).eval()
+    x = torch.rand(1, 1, 64, 64, 48)
+    with torch.no_grad():
+        ref = plain(x)
+        fast = net.to(memory_format=torch.channels_last_3d)(
+            x.contiguous(memory_format=torch.channels_last_3d)
+        )
+        torch.testing.assert_close(fast, ref, rtol=1e-4, atol=1e-5)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            low = net(x.contiguous(memory_format=torch.channels_last_3d)).float()
+    assert (low - ref).abs().max() < 0.05
+
+
+def test_scripted_network_keeps_the_plain_path():
+    net = CNN3D().eval()
+    scripted = torch.jit.script(net)
+    x = torch.rand(1, 1, 48, 48, 48)
+    with torch.no_grad():
+        torch.testing.assert_close(scripted(x), net(x), rtol=1e-4, atol=1e-5)
+    assert "slab" not in getattr(scripted.features, "0").code  # compiled without the slab loop
