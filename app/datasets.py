@@ -9,12 +9,13 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import torch
 from monai.data import CacheDataset, Dataset, PersistentDataset
-from monai.transforms import Compose
+from monai.transforms import Compose, ToDeviced
 
 from app.errors import ConfigError
 
-CACHE_MODES = ("memory", "disk", "none")
+CACHE_MODES = ("memory", "device", "disk", "none")
 
 
 def _item_hash(item: Any) -> bytes:
@@ -46,18 +47,33 @@ def make_dataset(
     cache_dir: str | Path | None = None,
     num_workers: int = 0,
     progress: bool = True,
+    device: str | torch.device = "cpu",
+    keys: Sequence[str] = ("image",),
 ) -> Dataset:
     """Wrap ``data`` with ``transform``, caching the deterministic prefix as ``cache`` says.
 
     Args:
         data: MONAI datalist (``image``, ``label``).
         transform: the full chain; everything before its first random transform is cached.
-        cache: ``memory`` (``CacheDataset``), ``disk`` (``PersistentDataset`` under
-            ``cache_dir/<settings hash>``) or ``none``.
+        cache: ``memory`` (``CacheDataset``), ``device`` (``CacheDataset`` whose cached volumes
+            live on ``device``: GPU memory when training on a GPU, so an epoch never copies scans
+            to it; the data loader must then run in the main process), ``disk``
+            (``PersistentDataset`` under ``cache_dir/<settings hash>``) or ``none``.
         cache_dir: folder of the disk cache.
         num_workers: threads that fill the memory cache.
         progress: show a progress bar while filling the memory cache.
+        device: where ``cache: device`` keeps the cached volumes.
+        keys: the volumes ``cache: device`` moves there.
     """
+    if cache == "device":
+        steps = list(transform.transforms)
+        first_random = next(
+            (i for i, t in enumerate(steps) if getattr(t, "R", None) is not None), len(steps)
+        )
+        steps.insert(first_random, ToDeviced(keys=list(keys), device=device))
+        return CacheDataset(
+            data, Compose(steps), num_workers=num_workers or None, progress=progress
+        )
     if cache == "memory":
         return CacheDataset(data, transform, num_workers=num_workers or None, progress=progress)
     if cache == "disk":

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
@@ -16,11 +16,19 @@ class PrepareBinaryBatch(PrepareBatch):
     Args:
         image_key: batch key of the images.
         label_key: batch key of the labels (absent at inference: ``None`` is returned).
+        augment: applied to the image batch once it is on ``device`` (e.g.
+            :class:`transforms.augment.BatchAxialRotation`: augmentation on the GPU).
     """
 
-    def __init__(self, image_key: str = "image", label_key: str = "label") -> None:
+    def __init__(
+        self,
+        image_key: str = "image",
+        label_key: str = "label",
+        augment: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    ) -> None:
         self.image_key = image_key
         self.label_key = label_key
+        self.augment = augment
 
     def __call__(
         self,
@@ -31,6 +39,8 @@ class PrepareBinaryBatch(PrepareBatch):
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         image = torch.as_tensor(batchdata[self.image_key])
         image = image.to(device=device, non_blocking=non_blocking)
+        if self.augment is not None:
+            image = self.augment(image)
         label = batchdata.get(self.label_key)
         if label is None:
             return image, None

@@ -73,8 +73,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--cache",
-        choices=("memory", "disk", "none"),
-        help="cache of the deterministic preprocessing (default memory)",
+        choices=("memory", "device", "disk", "none"),
+        help="cache of the deterministic preprocessing (default: device, i.e. GPU memory, with "
+        "CUDA; memory otherwise)",
     )
     p.add_argument("--seed", type=int, help="seed of split, initialisation and augmentation")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")

@@ -1,6 +1,5 @@
 """The reference Keras example's 3D CNN ("3dcnn"), layer for layer, in PyTorch."""
 
-
 from collections.abc import Sequence
 
 import torch

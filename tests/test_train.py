@@ -204,3 +204,38 @@ def test_two_process_gloo_training(tiny_data, tmp_path):
     checkpoint = torch.load(run / "last_checkpoint_epoch=2.pt", weights_only=True)
     # saved unwrapped (no DDP "module." prefix), so single-process inference loads it
     assert all(not k.startswith("module.") for k in checkpoint["network"])
+
+
+def test_device_cache_and_batched_augmentation_path(tiny_data, tmp_path):
+    """The GPU path (deterministic prefix cached on the training device, rotation of whole batches
+    on the device) exercised on the CPU: it trains, is deterministic, and its cache holds
+    preprocessed volumes on the device."""
+    from app.config import load_config
+
+    gpu_path = [*TINY, "--cache", "device", "--set", "augment_on_device=true"]
+    run, again = tmp_path / "G", tmp_path / "G2"
+    assert train_main(["--data", str(tiny_data), "--output", str(run), *gpu_path]) == 0
+    assert train_main(["--data", str(tiny_data), "--output", str(again), *gpu_path]) == 0
+    assert [r["epoch"] for r in rows(run)] == ["1", "2"]
+    assert [[r[k] for k in VAL] for r in rows(again)] == [[r[k] for k in VAL] for r in rows(run)]
+
+    parser = load_config(
+        "train.yaml",
+        overrides={
+            "dataset_dir": str(tiny_data),
+            "cache": "device",
+            "augment_on_device": True,
+            "device": "$torch.device('cpu')",
+            "spatial_size": [48, 48, 48],
+            "progress": False,
+        },
+    )
+    dataset = parser.get_parsed_content("train#dataset")
+    item = dataset[0]["image"]
+    assert tuple(item.shape) == (1, 48, 48, 48) and item.device.type == "cpu"
+    assert parser.get_parsed_content("train#dataloader").num_workers == 0
+    prepare = parser.get_parsed_content("train#prepare_batch")
+    assert prepare.augment is parser.get_parsed_content("device_augment")
+    # the cached volume is the eval preprocessing (no rotation cached)
+    plain = parser.get_parsed_content("preprocessing")(dict(dataset.data[0]))["image"]
+    torch.testing.assert_close(torch.as_tensor(item), torch.as_tensor(plain))

@@ -9,7 +9,12 @@ import torch
 from scipy import ndimage
 
 from app.config import load_config
-from transforms import RandDiscreteAxialRotated, eval_transforms, train_transforms
+from transforms import (
+    BatchAxialRotation,
+    RandDiscreteAxialRotated,
+    eval_transforms,
+    train_transforms,
+)
 
 
 @pytest.fixture(scope="module")
@@ -177,3 +182,37 @@ def test_fast_reader_equals_nibabel_and_stays_bounded(tmp_path, real_ct):
         inflate_nifti(tmp_path / "crc.nii.gz")
     (tmp_path / "plain.gz").write_bytes(gzip.compress(b"not a nifti header at all" * 40))
     assert inflate_nifti(tmp_path / "plain.gz") is None  # left to nibabel and its messages
+
+
+@pytest.mark.parametrize("shape", [(1, 32, 32, 12), (1, 40, 28, 12)])
+def test_batched_device_rotation_equals_per_scan_rotation(shape):
+    """The GPU path's batched rotation gives what the data loader's per-scan rotation gives, for
+    each angle of the set, on square and non-square slices."""
+    rng = torch.Generator().manual_seed(0)
+    img = torch.rand(shape, generator=rng)
+    img[:, 5:12, 3:20, :] = 1.0
+    angles = (-20, -10, -5, 5, 10, 20)
+    batch = BatchAxialRotation(angles_deg=angles)
+    out = batch.rotate(torch.stack([img] * len(angles)), torch.tensor(angles, dtype=torch.float64))
+    for i, angle in enumerate(angles):
+        ref = RandDiscreteAxialRotated("image", angles_deg=(angle,)).set_random_state(0)(
+            {"image": img}
+        )["image"]
+        torch.testing.assert_close(out[i], torch.as_tensor(ref), rtol=0, atol=1e-5)
+
+
+def test_batched_rotation_draws_the_set_and_reseeds():
+    rotate = BatchAxialRotation(angles_deg=(-20, 5, 10), seed=1)
+    drawn = rotate.draw(300)
+    assert set(drawn.tolist()) == {-20.0, 5.0, 10.0}
+    rotate.set_random_state(seed=4)
+    first = rotate.draw(8)
+    rotate.set_random_state(seed=4)
+    torch.testing.assert_close(rotate.draw(8), first)
+    some = BatchAxialRotation(angles_deg=(10,), prob=0.5, seed=0).draw(400)
+    assert 120 < int((some == 0).sum()) < 280 and set(some.tolist()) == {0.0, 10.0}
+    x = torch.rand(2, 1, 20, 20, 8)
+    out = rotate(x)
+    assert out.shape == x.shape and out.min() >= 0 and out.max() <= 1
+    with pytest.raises(ValueError, match="batch, channel"):
+        rotate(torch.rand(1, 20, 20, 8))

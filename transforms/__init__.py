@@ -8,7 +8,7 @@ import warnings
 logging.getLogger("monai.data.nvimgcodec_pydicom_plugin").setLevel(logging.ERROR)
 warnings.filterwarnings("ignore", message="NvImgCodecPydicomReader", category=UserWarning)
 
-from .augment import RandDiscreteAxialRotated  # noqa: E402
+from .augment import BatchAxialRotation, RandDiscreteAxialRotated  # noqa: E402
 from .presets import eval_transforms, train_transforms  # noqa: E402
 
-__all__ = ["RandDiscreteAxialRotated", "eval_transforms", "train_transforms"]
+__all__ = ["BatchAxialRotation", "RandDiscreteAxialRotated", "eval_transforms", "train_transforms"]

@@ -18,7 +18,8 @@ class EpochSeeder:
 
     Args:
         seed: the run's seed.
-        transform: a MONAI ``Randomizable``/``Compose`` whose random state is set too.
+        transform: a MONAI ``Randomizable``/``Compose`` (or a list of them) whose random state is
+            set too.
     """
 
     def __init__(self, seed: int, transform: Any = None) -> None:
@@ -39,5 +40,9 @@ class EpochSeeder:
         random.seed(epoch_seed)
         np.random.seed(epoch_seed)
         torch.manual_seed(epoch_seed)
-        if self.transform is not None and hasattr(self.transform, "set_random_state"):
-            self.transform.set_random_state(seed=epoch_seed)
+        transforms = (
+            self.transform if isinstance(self.transform, list | tuple) else [self.transform]
+        )
+        for transform in transforms:
+            if transform is not None and hasattr(transform, "set_random_state"):
+                transform.set_random_state(seed=epoch_seed)
