@@ -199,11 +199,13 @@ def bench_inference(folder: Path, scans: int, ckpt: Path, tmp: Path) -> dict:
     return result
 
 
+# VmHWM, not ru_maxrss: Linux carries ru_maxrss over from the (large) parent through fork and exec
 TRAIN_AND_MEASURE = """
-import resource, sys
+import re, sys
 from app.train import main
 rc = main(sys.argv[1:])
-print("PEAK_RSS_MB", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+status = open("/proc/self/status").read()
+print("PEAK_RSS_MB", int(re.search(r"VmHWM:\\s+(\\d+) kB", status).group(1)) / 1024)
 sys.exit(rc)
 """
 

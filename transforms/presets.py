@@ -53,7 +53,11 @@ def eval_transforms(
     # the fast NIfTI reader first; MONAI falls back to its other readers (DICOM, NRRD...)
     head = (
         [
-            LoadImaged(keys, reader=FastNiftiReader, image_only=True, dtype=None),
+            # reversed voxel axes (no transposing copy): Orientationd below restores the order
+            # (an instance: LoadImaged would pass reader kwargs on to its fallback readers too)
+            LoadImaged(
+                keys, reader=FastNiftiReader(reverse_axes=True), image_only=True, dtype=None
+            ),
             EnsureChannelFirstd(keys),
         ]
         if load
