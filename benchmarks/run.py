@@ -416,6 +416,23 @@ all figures from this one run, side by side in one process; raw numbers in `benc
 | what | reference / baseline | ours | ratio |
 |---|---|---|---|
 {body}
+
+What "ours" is:
+- (a) `preprocessing` from `configs/common.yaml`: `.nii.gz` inflated in one zlib pass bounded
+  by the header (`FastNiftiReader`), voxels read as (z, y, x) with a permuted affine so no
+  transposing copy is made (`Orientationd` restores the order as a view), the HU window clipped
+  on the stored int16 voxels, the volume resized before the 90-degree turn. Inflating the gzip
+  is most of what is left.
+- (b), (c) `nets.cnn3d.CNN3D` as `app.train`/`app.infer` run it on the CPU: fp32, channels-last
+  (NDHWC) memory, ReLU after the max-pool (exact), and the first block in cache-sized slabs
+  (3x3x3 conv as a 2D conv over plane triples, pooled at once, recomputed in backward). The
+  outputs and gradients equal the plain path in float64 (`tests/test_nets.py`), so accuracy is
+  unchanged by construction. bf16 stays opt-in: `python benchmarks/precision.py` compares fp32
+  and bf16 predictions of a trained model.
+- (d) per scan over `none`: the cached volume is 4 MB (128x128x64 float32); the RSS growth of
+  the in-RAM caches is larger because freed full-resolution scans fragment the heap.
+- (e) on a CUDA machine this script measures the GPU path (`cache: device`,
+  `augment_on_device`, AMP) on 200 generated 128x128x64 scans (140 train).
 """
 
 
