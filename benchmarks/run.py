@@ -33,6 +33,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import torch
+from cache_memory import TRAIN_AND_MEASURE
 from checkpoints import write_spec_checkpoint
 from scipy import ndimage
 from torch import nn
@@ -197,17 +198,6 @@ def bench_inference(folder: Path, scans: int, ckpt: Path, tmp: Path) -> dict:
     result["end_to_end_scans"] = scans
     result["end_to_end_seconds"] = elapsed
     return result
-
-
-# VmHWM, not ru_maxrss: Linux carries ru_maxrss over from the (large) parent through fork and exec
-TRAIN_AND_MEASURE = """
-import re, sys
-from app.train import main
-rc = main(sys.argv[1:])
-status = open("/proc/self/status").read()
-print("PEAK_RSS_MB", int(re.search(r"VmHWM:\\s+(\\d+) kB", status).group(1)) / 1024)
-sys.exit(rc)
-"""
 
 
 def bench_cache_memory(data: Path, scans: int, tmp: Path) -> dict:
