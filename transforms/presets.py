@@ -56,7 +56,10 @@ def eval_transforms(
             # reversed voxel axes (no transposing copy): Orientationd below restores the order
             # (an instance: LoadImaged would pass reader kwargs on to its fallback readers too)
             LoadImaged(
-                keys, reader=FastNiftiReader(reverse_axes=True), image_only=True, dtype=None
+                keys,
+                reader=FastNiftiReader(reverse_axes=True),  # type: ignore[arg-type]
+                image_only=True,
+                dtype=None,
             ),
             EnsureChannelFirstd(keys),
         ]
