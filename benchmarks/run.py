@@ -428,7 +428,9 @@ What "ours" is:
 - (d) per scan over `none`: the cached volume is 4 MB (128x128x64 float32); the RSS growth of
   the in-RAM caches is larger because freed full-resolution scans fragment the heap.
 - (e) on a CUDA machine this script measures the GPU path (`cache: device`,
-  `augment_on_device`, AMP) on 200 generated 128x128x64 scans (140 train).
+  `augment_on_device`, AMP) on 200 generated 128x128x64 scans (140 train). On this project's
+  lent GPU machines, which lack MONAI, Ignite, nibabel and isal: `bash benchmarks/device_wheels.sh`
+  here, then the command in its header there (prepared, not yet run on a GPU).
 """
 
 
