@@ -236,8 +236,9 @@ class Classifier:
         limits: caps on scan size checked before reading.
         checkpoint: where the weights came from.
         precision: ``auto`` (float16 autocast on CUDA, float32 on CPU), ``fp32``, or ``bf16``
-            (bfloat16 autocast with channels-last memory; about 2x faster on CPUs with AVX512-BF16,
-            probabilities within about 0.01 of float32, see the README).
+            (bfloat16 autocast; about 1.4x faster than float32 on CPUs with AVX512-BF16,
+            probabilities within about 0.02 of float32, see the README). On the CPU the network
+            always runs in channels-last memory.
     """
 
     def __init__(
