@@ -425,8 +425,9 @@ What "ours" is:
   outputs and gradients equal the plain path in float64 (`tests/test_nets.py`), so accuracy is
   unchanged by construction. bf16 stays opt-in: `python benchmarks/precision.py` compares fp32
   and bf16 predictions of a trained model.
-- (d) per scan over `none`: the cached volume is 4 MB (128x128x64 float32); the RSS growth of
-  the in-RAM caches is larger because freed full-resolution scans fragment the heap.
+- (d) per scan over `none`: the cached volume is 4 MB (128x128x64 float32). With few scans the
+  figure is mostly noise (about +-60 MB in the peak); on 100 scans the memory cache costs
+  4.7 MB per scan (`benchmarks/cache_memory.py`, `docs/training.md`).
 - (e) on a CUDA machine this script measures the GPU path (`cache: device`,
   `augment_on_device`, AMP) on 200 generated 128x128x64 scans (140 train). On this project's
   lent GPU machines, which lack MONAI, Ignite, nibabel and isal: `bash benchmarks/device_wheels.sh`
