@@ -16,6 +16,7 @@ RANK_ZERO_ONLY = (
     "RunRecorder",
     "TrainerCheckpointSaver",
     "CheckpointSaver",
+    "AtomicCheckpointSaver",
 )
 
 

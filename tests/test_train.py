@@ -140,12 +140,11 @@ def test_early_stopping_state_travels_with_the_trainer():
 
 def test_best_checkpoint_is_the_first_best_val_acc(tmp_path):
     """The configured best-model saver keeps the first best val accuracy (Keras save-best-only)."""
-    from monai.handlers import CheckpointSaver
-
     from app.config import load_config
+    from app.handlers import AtomicCheckpointSaver as CheckpointSaver
 
     handlers = load_config("train.yaml").get("validate#handlers")
-    entry = next(h for h in handlers if h["_target_"] == "CheckpointSaver")
+    entry = next(h for h in handlers if h["_target_"] == "app.handlers.AtomicCheckpointSaver")
     options = {k: v for k, v in entry.items() if k not in ("_target_", "save_dir", "save_dict")}
     net = torch.nn.Linear(1, 1)
     scores = [0.5, 0.7, 0.6, 0.7, 0.65]
@@ -239,3 +238,37 @@ def test_device_cache_and_batched_augmentation_path(tiny_data, tmp_path):
     # the cached volume is the eval preprocessing (no rotation cached)
     plain = parser.get_parsed_content("preprocessing")(dict(dataset.data[0]))["image"]
     torch.testing.assert_close(torch.as_tensor(item), torch.as_tensor(plain))
+
+
+def test_checkpoints_are_never_left_half_written(tmp_path, monkeypatch):
+    """A process that dies while saving leaves the previous checkpoint and no truncated file
+    (MONAI's own CheckpointSaver writes straight into the final file)."""
+    from app.handlers import AtomicCheckpointSaver
+
+    net = torch.nn.Linear(2, 1)
+    engine = Engine(lambda e, b: None)
+    AtomicCheckpointSaver(
+        save_dir=str(tmp_path),
+        save_dict={"network": net, "run_info": RunInfo({"a": 1})},
+        file_prefix="last",
+        save_interval=1,
+        epoch_level=True,
+        n_saved=None,
+    ).attach(engine)
+    real_save, calls = torch.save, []
+
+    def dies_while_saving(obj, f, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 1:
+            return real_save(obj, f, *args, **kwargs)
+        f.write(b"PK\x03\x04 the first bytes of a checkpoint")
+        raise KeyboardInterrupt  # the process is gone mid-write
+
+    monkeypatch.setattr(torch, "save", dies_while_saving)
+    with pytest.raises(KeyboardInterrupt):
+        engine.run([0], max_epochs=2)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last_checkpoint_epoch=1.pt"]
+    assert set(torch.load(tmp_path / "last_checkpoint_epoch=1.pt", weights_only=True)) == {
+        "network",
+        "run_info",
+    }

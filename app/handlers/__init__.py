@@ -3,6 +3,12 @@
 from app.handlers.early_stopping import EarlyStopping
 from app.handlers.epoch_seeder import EpochSeeder
 from app.handlers.run_recorder import RunRecorder
-from app.handlers.trainer_checkpoint import TrainerCheckpointSaver
+from app.handlers.trainer_checkpoint import AtomicCheckpointSaver, TrainerCheckpointSaver
 
-__all__ = ["EarlyStopping", "EpochSeeder", "RunRecorder", "TrainerCheckpointSaver"]
+__all__ = [
+    "AtomicCheckpointSaver",
+    "EarlyStopping",
+    "EpochSeeder",
+    "RunRecorder",
+    "TrainerCheckpointSaver",
+]

@@ -1,4 +1,4 @@
-"""Save a resumable checkpoint each epoch: MONAI's CheckpointSaver with the trainer included."""
+"""Checkpoints written atomically, and a resumable checkpoint each epoch with the trainer."""
 
 from __future__ import annotations
 
@@ -7,9 +7,46 @@ from pathlib import Path
 from typing import Any
 
 from ignite.engine import Engine, Events
+from ignite.handlers import DiskSaver
 from monai.handlers import CheckpointSaver
 
 LAST_PREFIX = "last"
+
+
+class _AtomicDiskSaver(DiskSaver):
+    """Ignite's ``DiskSaver`` in atomic mode (temporary file, then ``os.replace``), with MONAI's
+    fixed-filename option."""
+
+    def __init__(self, dirname: str, filename: str | None = None) -> None:
+        super().__init__(dirname=dirname, require_empty=False, atomic=True)
+        self.filename = filename
+
+    def __call__(self, checkpoint: Mapping, filename: str, metadata: Mapping | None = None) -> None:
+        super().__call__(checkpoint, self.filename or filename, metadata)
+
+    def remove(self, filename: str) -> None:
+        super().remove(self.filename or filename)
+
+
+class AtomicCheckpointSaver(CheckpointSaver):
+    """MONAI's ``CheckpointSaver`` whose files are never left half written.
+
+    MONAI saves straight into the final file (``atomic=False``, to keep group read permission;
+    ignite's atomic mode now restores it), so a process killed during a save leaves a truncated
+    checkpoint that a resume cannot load. Here every file goes to a temporary file in the same
+    folder first and is renamed into place. Same arguments as ``CheckpointSaver``.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        for checkpoint in (
+            self._final_checkpoint,
+            self._key_metric_checkpoint,
+            self._interval_checkpoint,
+        ):
+            if checkpoint is not None:
+                fixed = getattr(checkpoint.save_handler, "filename", None)
+                checkpoint.save_handler = _AtomicDiskSaver(self.save_dir, fixed)
 
 
 class TrainerCheckpointSaver:
@@ -33,7 +70,7 @@ class TrainerCheckpointSaver:
         self.n_saved = n_saved
 
     def attach(self, engine: Engine) -> None:
-        CheckpointSaver(
+        AtomicCheckpointSaver(
             save_dir=self.save_dir,
             save_dict={**self.save_dict, "trainer": engine},
             file_prefix=LAST_PREFIX,
