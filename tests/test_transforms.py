@@ -243,13 +243,15 @@ def test_reversed_axes_reader_gives_the_same_oriented_volume(real_ct, name, tmp_
     """Reading the voxels as (z, y, x) with a permuted affine (no transposing copy) and
     reorienting gives exactly the volume and affine MONAI's own NibabelReader gives, for real
     files in several orientations, gzipped or not."""
+    import gzip
+
     from monai.transforms import Compose, EnsureChannelFirstd, LoadImaged, Orientationd
 
     from transforms.readers import FastNiftiReader
 
     path = real_ct / name
     plain = tmp_path / name.removesuffix(".gz")
-    plain.write_bytes(__import__("gzip").decompress(path.read_bytes()))
+    plain.write_bytes(gzip.decompress(path.read_bytes()))
     for source in (path, plain):
         results = []
         for reader in (FastNiftiReader(reverse_axes=True), "NibabelReader"):

@@ -100,13 +100,14 @@ def reversed_axes(image: Any) -> Any:
     needs a full transposing copy (about 30 ms for a 512x512x40 scan). Read as (z, y, x), the
     stored bytes are already C-ordered; the affine's columns are permuted to match, so the image
     is the same in world space and ``Orientationd`` brings it back to any axis order as a view.
-    Images that are not 3D, or whose data is not Fortran-ordered, are returned unchanged.
+    Images that are not 3D are returned unchanged; 3D data that is not Fortran-ordered keeps its
+    axes (the array already read is reused, so the file is read once either way).
     """
     if len(image.shape) != 3:
         return image
     data = np.asanyarray(image.dataobj)
-    if not data.flags.f_contiguous or data.flags.c_contiguous:
-        return image
+    if not data.flags.f_contiguous:
+        return type(image)(data, image.affine, header=image.header)
     affine = np.asarray(image.affine, dtype=np.float64)[:, [2, 1, 0, 3]]
     return type(image)(data.T, affine, header=image.header)
 
