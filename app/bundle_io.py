@@ -76,19 +76,16 @@ class PredictionWriter:
             os.fsync(f.fileno())
 
 
-def bundle_settings(bundle_root: str | Path) -> dict[str, Any]:
-    """The model settings written into an exported bundle's ``configs/inference.yaml``.
+def bundle_settings(bundle_root: str | Path, max_bytes: int = 1 << 20) -> Any:
+    """The ``run_settings`` written into an exported bundle's ``configs/inference.yaml``.
 
-    Read as plain YAML: a bundle's ``$`` expressions are code and are never evaluated here; a
-    setting that is an expression or reference is refused.
+    Read as plain YAML (a bundle's ``$`` expressions are code and are never evaluated here) and
+    returned as read: the caller validates them (``app.model_settings.validate_settings``).
     """
     import yaml
 
-    config = yaml.safe_load((Path(bundle_root) / "configs" / "inference.yaml").read_text())
-    settings = dict(config.get("run_settings") or {})
-    for key, value in settings.items():
-        if isinstance(value, str) and value[:1] in ("$", "@", "%"):
-            raise ValueError(
-                f"bundle setting {key!r} is an expression ({value!r}); refusing to evaluate it"
-            )
-    return settings
+    path = Path(bundle_root) / "configs" / "inference.yaml"
+    if path.stat().st_size > max_bytes:
+        raise ValueError(f"{path} is larger than {max_bytes:,} bytes: not a bundle config")
+    config = yaml.safe_load(path.read_text())
+    return config.get("run_settings") if isinstance(config, dict) else None

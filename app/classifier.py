@@ -24,21 +24,8 @@ import torch
 
 from app.errors import ConfigError, CTClassifyError
 from app.inputs import ScanInput, find_inputs
+from app.model_settings import MODEL_SETTINGS, SettingsError, validate_settings
 from app.scanqc import Limits, ScanError, check_dicom_series, check_nifti_header, check_values
-
-#: settings a checkpoint must carry to rebuild its model and preprocessing
-MODEL_SETTINGS = (
-    "spatial_size",
-    "hu_window",
-    "axcodes",
-    "in_channels",
-    "filters",
-    "dense_units",
-    "dropout",
-    "bn_eps",
-    "bn_momentum",
-)
-
 
 class CheckpointError(CTClassifyError):
     """The checkpoint cannot be used (missing, unsafe, or without the settings of its model)."""
@@ -116,21 +103,31 @@ def load_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str
         raise CheckpointError(f"{path} holds a {type(data).__name__}, not a checkpoint dictionary")
     state = data.get("network", data.get("model"))
     settings = data.get("run_info")
+    source = str(path)
     if settings is None and (path.parent.parent / "configs" / "metadata.json").is_file():
         from app.bundle_io import bundle_settings
 
-        settings = bundle_settings(path.parent.parent)
+        source = str(path.parent.parent / "configs" / "inference.yaml")
+        import yaml
+
+        try:
+            settings = bundle_settings(path.parent.parent)
+        except (OSError, ValueError, yaml.YAMLError) as exc:
+            raise CheckpointError(f"{source} cannot be read ({str(exc)[:200]})") from exc
         state = data if state is None else state
-    if not isinstance(settings, dict):
+    if settings is None:
         raise CheckpointError(
             f"{path} does not carry the settings its model was trained with ('run_info'); "
             "use a checkpoint written by app.train or an exported bundle"
         )
+    try:
+        settings = validate_settings(settings, source)
+    except SettingsError as exc:
+        raise CheckpointError(str(exc)) from exc
     if not isinstance(state, dict) or not state:
         raise CheckpointError(f"{path} holds no network weights (expected a 'network' entry)")
-    missing = [k for k in MODEL_SETTINGS if k not in settings]
-    if missing:
-        raise CheckpointError(f"{path}: run settings lack {', '.join(missing)}")
+    if not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()):
+        raise CheckpointError(f"{path}: the network entry holds values that are not tensors")
     return state, settings
 
 
@@ -256,7 +253,10 @@ class Classifier:
         if precision not in ("auto", "fp32", "bf16"):
             raise ConfigError(f"precision must be auto, fp32 or bf16, got {precision!r}")
         self.precision = precision
-        self.settings = settings
+        try:
+            self.settings = validate_settings(settings, str(checkpoint or "settings"))
+        except SettingsError as exc:
+            raise CheckpointError(str(exc)) from exc
         self.device = device
         self.network = network.to(device).eval()
         #: channels-last (NDHWC) memory: oneDNN's 3D convolutions are about 2x faster on the CPU

@@ -24,6 +24,7 @@ from typing import Any
 import yaml
 
 from app.config import CONFIG_DIR
+from app.model_settings import MODEL_SETTINGS, validate_settings
 
 REPO = Path(__file__).resolve().parent.parent
 #: this project's modules that travel in the bundle's scripts/, and how config targets move
@@ -77,10 +78,12 @@ def bundle_inference_config(
         merged.update(yaml.safe_load((config_dir / name).read_text()))
     for key in TRAINING_ONLY:
         merged.pop(key, None)
-    plain = {k: v for k, v in settings.items() if isinstance(v, (int, float, str, list, bool))}
-    for key, value in plain.items():
-        if key in merged:
-            merged[key] = value
+    # validated plain values only (never an expression), and only the model's own settings
+    # replace config ids: the training data folder is not the bundle's dataset_dir
+    plain = validate_settings(settings, "the run settings")
+    for key in (*MODEL_SETTINGS, "threshold", "class_names"):
+        if key in plain and key in merged:
+            merged[key] = plain[key]
     merged = _retarget(merged)
     # literal copy for readers that must not evaluate the bundle (app.infer --checkpoint BUNDLE)
     merged["run_settings"] = plain

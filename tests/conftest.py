@@ -89,3 +89,52 @@ def synth_dataset(root: Path, per_class: int, shape: tuple[int, int, int], seed:
     args = ["synth", str(root), "--per-class", str(per_class), "--shape", *map(str, shape)]
     assert data_main([*args, "--seed", str(seed), "--no-progress"]) == 0
     return root
+
+
+def write_raw_nifti(
+    path: Path,
+    raw: np.ndarray,
+    affine: np.ndarray,
+    *,
+    version: int = 1,
+    endian: str = "<",
+    slope: float | None = None,
+    inter: float = 0.0,
+    xform: str = "both",
+) -> Path:
+    """Write ``raw`` exactly as stored values, byte by byte: nibabel's own writer rescales and
+    picks the byte order itself, which hides the encodings a reader meets in the wild.
+
+    Args:
+        version: NIfTI-1 or NIfTI-2 header.
+        endian: ``<`` or ``>``, the byte order of the header and the voxels.
+        slope, inter: ``scl_slope``/``scl_inter`` (``None``: no scaling).
+        xform: ``qform`` (qform code 1 only), ``sform`` (sform code 1 only) or ``both``.
+    """
+    import gzip
+
+    header_class = nib.Nifti1Header if version == 1 else nib.Nifti2Header
+    hdr = header_class(endianness=endian)
+    hdr.set_data_dtype(raw.dtype.newbyteorder("="))
+    hdr.set_data_shape(raw.shape)
+    hdr.set_xyzt_units("mm", "sec")
+    if xform in ("qform", "both"):
+        hdr.set_qform(affine, code=1)
+    if xform in ("sform", "both"):
+        hdr.set_sform(affine, code=1)
+    if xform == "qform":
+        hdr.set_sform(None, code=0)
+    if xform == "sform":
+        hdr.set_qform(None, code=0)
+        zooms = np.sqrt((np.asarray(affine)[:3, :3] ** 2).sum(axis=0))
+        hdr.set_zooms((*zooms, *([1.0] * (raw.ndim - 3))))
+    if slope is not None:
+        hdr.set_slope_inter(slope, inter)
+    offset = int(hdr.get_data_offset()) or (352 if version == 1 else 544)
+    hdr.set_data_offset(offset)
+    body = hdr.binaryblock + b"\0" * (offset - len(hdr.binaryblock))
+    body += raw.astype(raw.dtype.newbyteorder(endian)).tobytes(order="F")
+    opener = gzip.open if str(path).endswith(".gz") else open
+    with opener(path, "wb") as f:
+        f.write(body)
+    return path

@@ -41,12 +41,23 @@ class ClipScaleIntensityd(MapTransform):
         self.a_min, self.a_max = float(a_min), float(a_max)
         self.b_min, self.b_max = float(b_min), float(b_max)
 
+    def _clamps_in_place(self, dtype: torch.dtype) -> bool:
+        """Whether the window can clip ``dtype`` before the float copy: a signed type that holds
+        both ends (int16 HU, int32, int64). Other stored types (uint8, int8, uint16, uint32...)
+        are converted to float32 first: their clamp would overflow or is not implemented."""
+        if dtype not in (torch.int16, torch.int32, torch.int64):
+            return False
+        if not (self.a_min.is_integer() and self.a_max.is_integer()):
+            return False
+        info = torch.iinfo(dtype)
+        return info.min <= self.a_min and self.a_max <= info.max
+
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
         d = dict(data)
         scale = (self.b_max - self.b_min) / (self.a_max - self.a_min)
         for key in self.key_iterator(d):
             img = d[key] if isinstance(d[key], torch.Tensor) else torch.as_tensor(d[key])
-            if not img.is_floating_point() and self.a_min.is_integer() and self.a_max.is_integer():
+            if self._clamps_in_place(img.dtype):
                 out = img.clamp(int(self.a_min), int(self.a_max)).to(torch.float32)
             else:
                 out = img.to(torch.float32).clamp_(self.a_min, self.a_max)

@@ -93,6 +93,22 @@ def _inflate(path: str | Path, raw: bytes, max_bytes: int, lib: Any) -> nib.Nift
     return image_class.from_bytes(b"".join(chunks)[:expected])
 
 
+def _native(data: np.ndarray) -> np.ndarray:
+    """``data`` in the machine's byte order (a copy only for the rare byte-swapped file)."""
+    if data.dtype.isnative:
+        return data
+    return data.astype(data.dtype.newbyteorder("="))
+
+
+def native_byte_order(image: Any) -> Any:
+    """``image`` with voxels in native byte order: PyTorch refuses byte-swapped arrays, and older
+    software writes big-endian NIfTI files (valid files that MONAI's float32 default hides)."""
+    data = np.asanyarray(image.dataobj)
+    if data.dtype.isnative:
+        return image
+    return type(image)(_native(data), image.affine, header=image.header)
+
+
 def reversed_axes(image: Any) -> Any:
     """The same 3D NIfTI image described with its voxel axes in reverse order, without a copy.
 
@@ -104,8 +120,8 @@ def reversed_axes(image: Any) -> Any:
     axes (the array already read is reused, so the file is read once either way).
     """
     if len(image.shape) != 3:
-        return image
-    data = np.asanyarray(image.dataobj)
+        return native_byte_order(image)
+    data = _native(np.asanyarray(image.dataobj))
     if not data.flags.f_contiguous:
         return type(image)(data, image.affine, header=image.header)
     affine = np.asarray(image.affine, dtype=np.float64)[:, [2, 1, 0, 3]]
@@ -143,7 +159,6 @@ class FastNiftiReader(NibabelReader):
             image: Any = inflate_nifti(name, self.max_bytes) if str(name).endswith(".gz") else None
             if image is None:
                 image = nib.load(name, **{**self.kwargs, **kwargs})
-            if self.reverse_axes:
-                image = reversed_axes(image)
+            image = reversed_axes(image) if self.reverse_axes else native_byte_order(image)
             images.append(correct_nifti_header_if_necessary(image))
         return images if len(filenames) > 1 else images[0]

@@ -1,0 +1,262 @@
+"""The settings a checkpoint or bundle carries, validated as data before anything is built.
+
+Checkpoints (``run_info``), exported bundles (``run_settings``) and run folders come from
+outside: their settings are never handed to MONAI's config parser as they are, because the
+parser evaluates ``$`` expressions, resolves ``@`` references, reads ``%`` macros and
+instantiates ``_target_`` dicts. :func:`validate_settings` refuses any such value anywhere in
+the tree, then checks every known field's type, length and range, and returns new plain values
+(ints, floats, strings, lists) built from the checked ones; unknown fields are dropped.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from app.errors import CTClassifyError
+
+#: settings a checkpoint must carry to rebuild its model and preprocessing
+MODEL_SETTINGS = (
+    "spatial_size",
+    "hu_window",
+    "axcodes",
+    "in_channels",
+    "filters",
+    "dense_units",
+    "dropout",
+    "bn_eps",
+    "bn_momentum",
+)
+
+#: prefixes MONAI's config parser acts on: expression, reference, macro
+CONFIG_SYNTAX = ("$", "@", "%")
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9 _.+-]{0,63}$")
+_AXES = ({"L", "R"}, {"A", "P"}, {"S", "I"})
+_MAX_DEPTH = 8
+_MAX_ITEMS = 10_000
+
+
+class SettingsError(CTClassifyError):
+    """A checkpoint's or bundle's settings are unsafe or invalid; the message names the field."""
+
+
+def find_config_syntax(
+    value: Any, where: str = "settings", depth: int = 0, budget: list[int] | None = None
+) -> str | None:
+    """The path of the first value MONAI's parser would act on (``$``/``@``/``%`` strings,
+    ``_target_`` keys), or of a structure too deep or too large to be settings; ``None`` if clean.
+
+    At most ``_MAX_ITEMS`` values are visited in all, so YAML aliases that repeat one list many
+    times over ("billion laughs") cost no more than a flat list.
+    """
+    budget = [_MAX_ITEMS] if budget is None else budget
+    budget[0] -= 1
+    if budget[0] < 0:
+        return f"{where} (more than {_MAX_ITEMS:,} values in all)"
+    if depth > _MAX_DEPTH:
+        return f"{where} (nested deeper than {_MAX_DEPTH} levels)"
+    if isinstance(value, str):
+        return where if value.lstrip().startswith(CONFIG_SYNTAX) else None
+    if isinstance(value, Mapping):
+        if len(value) > _MAX_ITEMS:
+            return f"{where} ({len(value)} entries)"
+        for key, item in value.items():
+            if not isinstance(key, str):
+                return f"{where} (key {key!r} is not a string)"
+            if key.startswith("_") and key.endswith("_") or key.startswith(CONFIG_SYNTAX):
+                return f"{where}.{key}"
+            found = find_config_syntax(item, f"{where}.{key}", depth + 1, budget)
+            if found:
+                return found
+        return None
+    if isinstance(value, (list, tuple)):
+        if len(value) > _MAX_ITEMS:
+            return f"{where} ({len(value)} items)"
+        for i, item in enumerate(value):
+            found = find_config_syntax(item, f"{where}[{i}]", depth + 1, budget)
+            if found:
+                return found
+    return None
+
+
+def _int(lo: int, hi: int) -> Callable[[Any], int]:
+    def check(value: Any) -> int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ValueError(f"an integer in [{lo}, {hi}], got {value!r}")
+        if not lo <= value <= hi:
+            raise ValueError(f"an integer in [{lo}, {hi}], got {value}")
+        return int(value)
+
+    return check
+
+
+def _float(lo: float, hi: float, open_low: bool = False, open_high: bool = False) -> Any:
+    def check(value: Any) -> float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ValueError(f"a number in [{lo}, {hi}], got {value!r}")
+        value = float(value)
+        if (
+            not math.isfinite(value)
+            or value < lo
+            or value > hi
+            or (open_low and value == lo)
+            or (open_high and value == hi)
+        ):
+            bounds = f"{'(' if open_low else '['}{lo}, {hi}{')' if open_high else ']'}"
+            raise ValueError(f"a number in {bounds}, got {value}")
+        return value
+
+    return check
+
+
+def _list(item: Callable[[Any], Any], min_len: int, max_len: int) -> Callable[[Any], list[Any]]:
+    def check(value: Any) -> list[Any]:
+        if not isinstance(value, (list, tuple)) or not min_len <= len(value) <= max_len:
+            count = f"{min_len}" if min_len == max_len else f"{min_len} to {max_len}"
+            raise ValueError(f"a list of {count} values, got {value!r}"[:200])
+        return [item(v) for v in value]
+
+    return check
+
+
+def _hu_window(value: Any) -> list[float]:
+    low, high = _list(_float(-10_000, 40_000), 2, 2)(value)
+    if high <= low:
+        raise ValueError(f"[low, high] with low < high, got {value!r}")
+    return [low, high]
+
+
+def _axcodes(value: Any) -> str:
+    if not isinstance(value, str) or len(value) != 3:
+        raise ValueError(f"three orientation letters such as 'LAS', got {value!r}"[:200])
+    letters = value.upper()
+    axes = [next((i for i, pair in enumerate(_AXES) if c in pair), -1) for c in letters]
+    if sorted(axes) != [0, 1, 2]:
+        raise ValueError(f"one of L/R, one of A/P and one of S/I, got {value!r}")
+    return letters
+
+
+def _name(value: Any) -> str:
+    if not isinstance(value, str) or not _NAME.match(value):
+        raise ValueError(f"a short name of letters, digits, space, '_.+-', got {value!r}"[:200])
+    return value
+
+
+def _class_names(value: Any) -> list[str]:
+    names = _list(_name, 2, 2)(value)
+    if names[0] == names[1]:
+        raise ValueError(f"two different names, got {value!r}")
+    return names
+
+
+def _path_text(value: Any) -> str:
+    if not isinstance(value, str) or len(value) > 4096 or any(ord(c) < 32 for c in value):
+        raise ValueError(f"a path of at most 4,096 printable characters, got {value!r}"[:200])
+    return value
+
+
+def _spacing(value: Any) -> list[float]:
+    return _list(_float(0.0, 1000.0, open_low=True), 3, 3)(value)
+
+
+def _shape(value: Any) -> list[int]:
+    return _list(_int(1, 100_000), 3, 3)(value)
+
+
+def _bool(value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise ValueError(f"true or false, got {value!r}")
+    return value
+
+
+#: checks of the ``training_data`` record (what the model was trained on)
+TRAINING_DATA_FIELDS: dict[str, Callable[[Any], Any]] = {
+    "scans": _int(0, 10_000_000),
+    "class_counts": _list(_int(0, 10_000_000), 2, 2),
+    "generated": _bool,
+    "source": _path_text,
+    "spacing_min": _spacing,
+    "spacing_max": _spacing,
+    "shape_min": _shape,
+    "shape_max": _shape,
+}
+
+
+def _training_data(value: Any) -> dict[str, Any]:
+    if not isinstance(value, Mapping):
+        raise ValueError(f"a mapping, got {type(value).__name__}")
+    out = {}
+    for key, check in TRAINING_DATA_FIELDS.items():
+        if key in value and value[key] is not None:
+            try:
+                out[key] = check(value[key])
+            except ValueError as exc:
+                raise ValueError(f"field {key!r}: {exc}") from None
+    return out
+
+
+def _validation(value: Any) -> dict[str, Any]:
+    if not isinstance(value, Mapping):
+        raise ValueError(f"a mapping, got {type(value).__name__}")
+    out: dict[str, Any] = {}
+    for key, item in value.items():
+        if key == "epoch":
+            out[key] = _int(0, 1_000_000)(item)
+        elif isinstance(key, str) and key.startswith("val_") and item is not None:
+            out[key] = _float(0.0, 1e6)(item)
+    return out
+
+
+#: every field a checkpoint's settings may carry, with its check
+FIELDS: dict[str, Callable[[Any], Any]] = {
+    "spatial_size": _list(_int(1, 2048), 3, 3),
+    "hu_window": _hu_window,
+    "axcodes": _axcodes,
+    "in_channels": _int(1, 64),
+    "filters": _list(_int(1, 4096), 1, 8),
+    "dense_units": _int(1, 65_536),
+    "dropout": _float(0.0, 1.0, open_high=True),
+    "bn_eps": _float(0.0, 1.0, open_low=True),
+    "bn_momentum": _float(0.0, 1.0),
+    "threshold": _float(0.0, 1.0),
+    "class_names": _class_names,
+    "seed": _int(-(2**63), 2**63 - 1),
+    "batch_size": _int(1, 100_000),
+    "learning_rate": _float(0.0, 10.0, open_low=True),
+    "dataset_dir": _path_text,
+    "training_data": _training_data,
+    "validation": _validation,
+}
+
+
+def validate_settings(
+    settings: Any, source: str, required: tuple[str, ...] = MODEL_SETTINGS
+) -> dict[str, Any]:
+    """Checked plain copies of ``settings`` read from ``source`` (a file named in messages).
+
+    Raises:
+        SettingsError: a value MONAI's parser would act on (anywhere, however nested), a field
+            of the wrong type, length or range, or a required field missing.
+    """
+    if not isinstance(settings, Mapping):
+        raise SettingsError(f"{source}: settings must be a mapping, got {type(settings).__name__}")
+    found = find_config_syntax(settings)
+    if found:
+        raise SettingsError(
+            f"{source}: field {found} holds config syntax ('$' expression, '@' reference, '%' "
+            "macro or '_target_'); settings are data and are never evaluated: refused"
+        )
+    missing = [k for k in required if k not in settings]
+    if missing:
+        raise SettingsError(f"{source}: run settings lack {', '.join(missing)}")
+    out: dict[str, Any] = {}
+    for key, check in FIELDS.items():
+        if key not in settings or (settings[key] is None and key not in required):
+            continue
+        try:
+            out[key] = check(settings[key])
+        except ValueError as exc:
+            raise SettingsError(f"{source}: field {key!r} must be {exc}") from None
+    return out
