@@ -27,6 +27,7 @@ from app.inputs import ScanInput, find_inputs
 from app.model_settings import MODEL_SETTINGS, SettingsError, validate_settings
 from app.scanqc import Limits, ScanError, check_dicom_series, check_nifti_header, check_values
 
+
 class CheckpointError(CTClassifyError):
     """The checkpoint cannot be used (missing, unsafe, or without the settings of its model)."""
 

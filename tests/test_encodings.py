@@ -105,9 +105,7 @@ def ours(size=TINY_SETTINGS["spatial_size"]) -> Compose:
     )
 
 
-VARIANTS = list(
-    itertools.product((1, 2), (".nii", ".nii.gz"), ("3d", "4d"), ("qform", "sform"))
-)
+VARIANTS = list(itertools.product((1, 2), (".nii", ".nii.gz"), ("3d", "4d"), ("qform", "sform")))
 
 
 def write_variants(folder: Path, dtype: str, endian: str, scaled: bool) -> list[Path]:
@@ -120,7 +118,13 @@ def write_variants(folder: Path, dtype: str, endian: str, scaled: bool) -> list[
         path = folder / f"{name}-nifti{version}-{layout}-{xform}{ext}"
         paths.append(
             write_raw_nifti(
-                path, data, AFFINE, version=version, endian=endian, slope=slope, inter=inter,
+                path,
+                data,
+                AFFINE,
+                version=version,
+                endian=endian,
+                slope=slope,
+                inter=inter,
                 xform=xform,
             )
         )
@@ -170,7 +174,9 @@ def test_app_infer_classifies_big_endian_and_unsigned_files(tmp_path, checkpoint
     for dtype in ("uint8", "uint16", "int16", "float32"):
         write_variants(folder, dtype, ">", scaled=True)
     out = tmp_path / "out"
-    code = main([str(folder), "--checkpoint", str(checkpoint), "--output", str(out), "--no-progress"])
+    code = main(
+        [str(folder), "--checkpoint", str(checkpoint), "--output", str(out), "--no-progress"]
+    )
     assert code == 0, capsys.readouterr().err
     assert "64 classified" in capsys.readouterr().out
 

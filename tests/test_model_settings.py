@@ -56,7 +56,9 @@ def write_bundle(root: Path, settings: dict) -> Path:
     config = {"network_def": {"_target_": "scripts.nets.cnn3d.CNN3D"}, "run_settings": settings}
     (root / "configs" / "inference.yaml").write_text(yaml.safe_dump(config))
     torch.manual_seed(0)
-    torch.save(CNN3D(filters=[4, 4, 8, 8], dense_units=8).state_dict(), root / "models" / "model.pt")
+    torch.save(
+        CNN3D(filters=[4, 4, 8, 8], dense_units=8).state_dict(), root / "models" / "model.pt"
+    )
     return root
 
 
