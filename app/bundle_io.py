@@ -19,8 +19,10 @@ def find_scans(root: str | Path) -> list[dict[str, str]]:
         return [{"image": str(root), "path": str(root)}]
     if not root.is_dir():
         raise FileNotFoundError(f"dataset_dir {root} does not exist")
-    paths = sorted(
-        str(p) for p in root.rglob("*") if p.is_file() and p.name.endswith(SCAN_SUFFIXES)
+    paths = sorted(  # hidden files are temporary or not the user's scans
+        str(p)
+        for p in root.rglob("*")
+        if p.is_file() and p.name.endswith(SCAN_SUFFIXES) and not p.name.startswith(".")
     )
     if not paths:
         raise FileNotFoundError(f"no .nii/.nii.gz scan under {root}")

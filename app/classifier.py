@@ -25,7 +25,14 @@ import torch
 from app.errors import ConfigError, CTClassifyError
 from app.inputs import ScanInput, find_inputs
 from app.model_settings import MODEL_SETTINGS, SettingsError, validate_settings
-from app.scanqc import Limits, ScanError, check_dicom_series, check_nifti_header, check_values
+from app.scanqc import (
+    Limits,
+    ScanError,
+    TrainingContext,
+    check_dicom_series,
+    check_nifti_header,
+    check_values,
+)
 
 
 class CheckpointError(CTClassifyError):
@@ -132,6 +139,30 @@ def load_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str
     return state, settings
 
 
+def validation_of(checkpoint: Path) -> dict[str, Any] | None:
+    """The validation metrics of a run folder's checkpoint, from the ``metrics.csv`` beside it:
+    the first best validation accuracy for ``best_model.pt`` (the epoch it was saved at), that
+    epoch's row for ``last_checkpoint_epoch=N.pt``."""
+    from app.handlers.run_recorder import read_metrics
+
+    try:
+        rows = [r for r in read_metrics(checkpoint.parent / "metrics.csv") if r.get("val_acc")]
+    except (OSError, ValueError, KeyError):
+        return None
+    if not rows:
+        return None
+    row: dict[str, Any] | None
+    if checkpoint.name == "best_model.pt":
+        row = max(rows, key=lambda r: (r["val_acc"], -r["epoch"]))
+    else:
+        epoch = checkpoint.stem.rsplit("=", 1)[-1]
+        row = next((r for r in rows if str(r["epoch"]) == epoch), None)
+        if row is None:
+            return None
+    keys = ("val_acc", "val_auc", "val_sensitivity", "val_specificity", "val_loss")
+    return {"epoch": int(row["epoch"]), **{k: row[k] for k in keys if row.get(k) is not None}}
+
+
 def pick_device(device: str | torch.device = "auto") -> torch.device:
     if str(device) == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -150,9 +181,16 @@ class ScanPreparer:
         preprocessing: the evaluation chain of the configs (starting with ``LoadImaged``).
         limits: caps checked before reading voxels.
         image_key: key of the image in the chain's dictionaries.
+        training: what the model was trained on, for warnings about scans unlike it.
     """
 
-    def __init__(self, preprocessing: Any, limits: Limits, image_key: str = "image") -> None:
+    def __init__(
+        self,
+        preprocessing: Any,
+        limits: Limits,
+        image_key: str = "image",
+        training: TrainingContext | None = None,
+    ) -> None:
         from monai.transforms import Compose, EnsureChannelFirstd, LoadImaged
 
         transforms = list(preprocessing.transforms)
@@ -165,6 +203,7 @@ class ScanPreparer:
         self.rest = Compose(transforms[n_load:])
         self.limits = limits
         self.key = image_key
+        self.training = training
 
     def __call__(self, scan: ScanInput) -> dict[str, Any]:
         start = time.perf_counter()
@@ -173,16 +212,19 @@ class ScanPreparer:
             if scan.kind == "unreadable":
                 raise ScanError(scan.problem)
             if scan.kind == "nifti":
-                result["warnings"] = check_nifti_header(scan.key, self.limits)
+                result["warnings"] = check_nifti_header(scan.key, self.limits, self.training)
                 loaded = self.load({self.key: scan.key})
             else:
-                result["warnings"] = check_dicom_series(scan.files, self.limits)
+                result["warnings"] = check_dicom_series(scan.files, self.limits, self.training)
                 with tempfile.TemporaryDirectory(prefix="ctclassify-series-") as folder:
                     for i, name in enumerate(scan.files):
                         os.symlink(os.path.abspath(name), os.path.join(folder, f"{i:05d}.dcm"))
                     loaded = self.load({self.key: folder})
             volume = loaded[self.key]
-            result["warnings"] += check_values(np.asarray(volume))
+            affine = getattr(volume, "affine", None)
+            result["warnings"] += check_values(
+                np.asarray(volume), None if affine is None else np.asarray(affine)
+            )
             result["image"] = torch.as_tensor(self.rest(loaded)[self.key])
         except ScanError as exc:
             result["error"] = str(exc)
@@ -272,6 +314,7 @@ class Classifier:
             parser.get_parsed_content("preprocessing"),
             limits or Limits(),
             parser.get_parsed_content("image_key"),
+            TrainingContext.from_settings(self.settings),
         )
 
     def _overrides(self) -> dict[str, Any]:
@@ -292,6 +335,10 @@ class Classifier:
 
         path = resolve_checkpoint(checkpoint)
         state, settings = load_checkpoint(path)
+        if "validation" not in settings:
+            found = validation_of(path)
+            if found:
+                settings["validation"] = found
         overrides = {k: settings[k] for k in MODEL_SETTINGS}
         network = load_config("inference.yaml", overrides=overrides).get_parsed_content(
             "network_def"
@@ -304,6 +351,83 @@ class Classifier:
                 f"{path}: weights do not fit the network its settings describe ({exc})"
             ) from exc
         return cls(network, settings, pick_device(device), threshold, limits, path, precision)
+
+    def identity(self) -> dict[str, Any]:
+        """What identifies this model's predictions: checkpoint, its SHA-256, threshold, classes."""
+        import hashlib
+
+        digest = None
+        if self.checkpoint is not None and self.checkpoint.is_file():
+            h = hashlib.sha256()
+            with self.checkpoint.open("rb") as f:
+                for block in iter(lambda: f.read(1 << 20), b""):
+                    h.update(block)
+            digest = h.hexdigest()
+        return {
+            "checkpoint": str(self.checkpoint.resolve()) if self.checkpoint else None,
+            "sha256": digest,
+            "threshold": self.threshold,
+            "class_names": self.class_names,
+        }
+
+    def describe(self) -> str:
+        """One line: the model, what it was trained on, and how it did on its validation data."""
+        data = self.settings.get("training_data") or {}
+        if data:
+            counts = data.get("class_counts") or [None, None]
+            kind = "generated" if data.get("generated") else "real"
+            trained = (
+                f"trained on {data.get('scans')} {kind} scans ({counts[0]} {self.class_names[0]}, "
+                f"{counts[1]} {self.class_names[1]}) from {data.get('source', 'unknown')}"
+            )
+        else:
+            source = self.settings.get("dataset_dir")
+            trained = f"trained on {source}" if source else "training data not recorded"
+        val = self.settings.get("validation") or {}
+        if val:
+            parts = [
+                f"{name} {val[key]:.3f}"
+                for key, name in (
+                    ("val_acc", "accuracy"),
+                    ("val_auc", "ROC-AUC"),
+                    ("val_sensitivity", "sensitivity"),
+                    ("val_specificity", "specificity"),
+                )
+                if val.get(key) is not None
+            ]
+            scored = f"validation at epoch {val.get('epoch', '?')}: {', '.join(parts)}"
+        else:
+            scored = "validation metrics not recorded"
+        return f"{self.checkpoint}: {trained}; {scored}; threshold {self.threshold}"
+
+    def caveats(self) -> list[str]:
+        """Warnings about the model itself, for the console (not per scan)."""
+        notes = []
+        data = self.settings.get("training_data") or {}
+        if data.get("generated"):
+            notes.append(
+                "this model was trained on generated scans (app.data synth / --demo): its answers "
+                "on real CT are not evidence of anything; train on MosMedData for real use"
+            )
+        val = self.settings.get("validation") or {}
+        weak = [
+            f"{name} {val[key]:.2f}"
+            for key, name, floor in (
+                ("val_acc", "accuracy", 0.6),
+                ("val_auc", "ROC-AUC", 0.6),
+                ("val_sensitivity", "sensitivity", 0.01),
+                ("val_specificity", "specificity", 0.01),
+            )
+            if val.get(key) is not None and val[key] < floor
+        ]
+        if weak:
+            notes.append(
+                f"this model did little better than chance on its validation data "
+                f"({', '.join(weak)} at epoch {val.get('epoch', '?')})"
+            )
+        if not val:
+            notes.append("this model's validation metrics are unknown (no metrics.csv beside it)")
+        return notes
 
     def _label(self, prob: float) -> str:
         return self.class_names[1] if prob >= self.threshold else self.class_names[0]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import enum
 import hashlib
 import json
 import os
@@ -9,6 +10,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from monai.data import CacheDataset, Dataset, PersistentDataset
 from monai.transforms import Compose, ToDeviced
@@ -29,15 +31,47 @@ def _item_hash(item: Any) -> bytes:
     return hashlib.sha1(stamp.encode()).hexdigest().encode()
 
 
-def _settings_key(transform: Compose) -> str:
-    """A short hash of the deterministic transforms' settings: new settings, new cache folder."""
+def _plain(value: Any, depth: int = 0) -> Any:
+    """``value`` as JSON-ready plain data that is the same in every process: no ``repr()`` of
+    objects (it holds memory addresses), only their type names and plain attributes."""
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if isinstance(value, enum.Enum):
+        return _plain(value.value, depth)
+    if isinstance(value, (list, tuple)):
+        return [_plain(v, depth + 1) for v in value]
+    if isinstance(value, dict):
+        return {str(k): _plain(v, depth + 1) for k, v in sorted(value.items(), key=str)}
+    if isinstance(value, np.ndarray) and value.size <= 64:
+        return _plain(value.tolist(), depth)
+    if isinstance(value, (np.generic, np.dtype, torch.dtype, torch.device)):
+        return str(value)
+    kind = type(value)
+    name = f"{kind.__module__}.{kind.__qualname__}"
+    if isinstance(value, type) or callable(value) and not hasattr(value, "__dict__"):
+        return getattr(value, "__qualname__", name)
+    if depth >= 4 or not hasattr(value, "__dict__"):
+        return name
+    fields = {
+        k: _plain(v, depth + 1)
+        for k, v in sorted(vars(value).items())
+        if not k.startswith("__") and k not in ("R", "_rand_state", "filenames")  # run-time state
+    }
+    return {"type": name, **fields}
+
+
+def settings_key(transform: Compose) -> str:
+    """A short hash of the deterministic transforms' settings: new settings, new cache folder.
+
+    Stable across processes and runs (built from plain settings, never from ``repr()``), so a
+    second run with the same data and settings reuses the disk cache of the first.
+    """
     parts = []
     for t in transform.transforms:
         if getattr(t, "R", None) is not None:  # random transforms are not cached
             break
-        fields = {k: repr(v) for k, v in sorted(vars(t).items()) if not k.startswith("_")}
-        parts.append([type(t).__name__, fields])
-    return hashlib.sha1(json.dumps(parts, default=repr).encode()).hexdigest()[:12]
+        parts.append(_plain(t))
+    return hashlib.sha1(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:12]
 
 
 def make_dataset(
@@ -79,7 +113,7 @@ def make_dataset(
     if cache == "disk":
         if cache_dir is None:
             raise ConfigError("cache 'disk' needs a cache_dir")
-        folder = Path(cache_dir) / _settings_key(transform)
+        folder = Path(cache_dir) / settings_key(transform)
         folder.mkdir(parents=True, exist_ok=True)
         return PersistentDataset(data, transform, cache_dir=folder, hash_func=_item_hash)
     if cache == "none":

@@ -166,10 +166,15 @@ def export_bundle(
     from app.errors import ConfigError
     from app.fileio import atomic_write, atomic_write_text
     from app.handlers.run_recorder import read_metrics
+    from app.run_folder import check_own_folder
 
     final = Path(output)
-    if final.exists() and any(final.iterdir()) and not overwrite:
-        raise ConfigError(f"{final} exists; choose another --output or add --overwrite")
+    if final.exists() and not final.is_dir():
+        raise ConfigError(f"--output {final} is a file, not a folder")
+    if final.exists() and any(final.iterdir()):
+        if not overwrite:
+            raise ConfigError(f"{final} exists; choose another --output or add --overwrite")
+        check_own_folder(final, "bundle")  # before any work: a foreign folder is never replaced
     # built beside the target and renamed into place at the end: a kill or an error leaves the
     # previous bundle (or nothing), never a partial bundle under the final name
     output = final.with_name(final.name + ".partial")

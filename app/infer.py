@@ -82,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
     from app.errors import ConfigError
     from app.inputs import find_inputs
     from app.plots import plot_montage
-    from app.predictions import PredictionLog
+    from app.predictions import OutputFolderError, PredictionLog
     from app.scanqc import Limits
 
     limits = Limits() if args.max_voxels is None else Limits(max_voxels=args.max_voxels)
@@ -101,11 +101,19 @@ def main(argv: list[str] | None = None) -> int:
     if not inputs:
         print(f"error: no .nii/.nii.gz file or DICOM series under {folder}", file=sys.stderr)
         return 2
-    log = PredictionLog(out, overwrite=args.overwrite)
+    try:
+        log = PredictionLog(out, overwrite=args.overwrite, model=clf.identity())
+    except OutputFolderError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     todo = [s for s in inputs if s.key not in log.done]
+    chosen = "" if args.checkpoint else " (the newest run under runs/: choose with --checkpoint)"
+    print(f"model: {clf.describe()}; device {clf.device}{chosen}", flush=True)
+    for note in clf.caveats():
+        print(f"warning: {note}", flush=True)
+    retried = f" ({len(log.retried)} that failed before are retried)" if log.retried else ""
     print(
-        f"model: {clf.checkpoint} (threshold {clf.threshold}, device {clf.device}); "
-        f"{len(inputs)} inputs, {len(inputs) - len(todo)} already in {log.csv_path}",
+        f"{len(inputs)} inputs, {len(inputs) - len(todo)} already in {log.csv_path}{retried}",
         flush=True,
     )
     images: dict[str, dict[str, Path]] = {}

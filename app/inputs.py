@@ -7,7 +7,7 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from app.datalist import SCAN_SUFFIXES
+from app.datalist import SCAN_SUFFIXES, is_scan_name
 
 DICOM_SUFFIXES = (".dcm", ".dicom", ".ima")
 
@@ -96,6 +96,8 @@ def find_inputs(root: str | Path) -> list[ScanInput]:
                     ScanInput(str(path), "unreadable", problem="broken or looping symbolic link")
                 )
                 continue
+            if name.endswith(SCAN_SUFFIXES) and not is_scan_name(name):
+                continue  # a temporary file being written
             if name.endswith(SCAN_SUFFIXES):
                 if not os.access(path, os.R_OK):
                     found.append(ScanInput(str(path), "unreadable", problem="permission denied"))

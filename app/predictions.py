@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from app.classifier import Prediction
+from app.errors import ConfigError
 from app.fileio import atomic_write_text
 
 COLUMNS = ("path", "prob_abnormal", "label", "warnings", "error", "seconds")
@@ -17,31 +18,87 @@ CSV_NAME = "predictions.csv"
 JSON_NAME = "predictions.json"
 
 
+MODEL_NAME = "model.json"
+
+
+class OutputFolderError(ConfigError):
+    """The output folder holds predictions of another model or threshold."""
+
+
 class PredictionLog:
-    """Append-only ``predictions.csv`` in ``out_dir``.
+    """Append-only ``predictions.csv`` in ``out_dir``, written by one model.
 
     Each row is written and fsync'd as soon as its scan is done, so a crash or kill keeps every
     finished row. Opening an existing file drops a half-written last line (a kill mid-write) and
-    remembers the inputs already done, so a rerun adds each remaining input exactly once.
+    the rows of inputs that failed (a rerun retries them: their rows are superseded, never
+    duplicated), and remembers the inputs already classified, so a rerun adds each remaining
+    input exactly once. ``OUT/model.json`` records the model (checkpoint and its SHA-256) and
+    threshold that wrote the folder; opening it with another raises :class:`OutputFolderError`.
 
     Args:
         out_dir: output folder (created).
         overwrite: start a new file instead of completing the existing one.
+        model: what identifies the model and its settings (JSON-ready), e.g. checkpoint,
+            ``sha256``, threshold.
     """
 
-    def __init__(self, out_dir: str | Path, overwrite: bool = False) -> None:
+    def __init__(
+        self, out_dir: str | Path, overwrite: bool = False, model: dict[str, Any] | None = None
+    ) -> None:
         self.out_dir = Path(out_dir)
         self.out_dir.mkdir(parents=True, exist_ok=True)
         self.csv_path = self.out_dir / CSV_NAME
         if overwrite:
             self.csv_path.unlink(missing_ok=True)
             (self.out_dir / JSON_NAME).unlink(missing_ok=True)
+            (self.out_dir / MODEL_NAME).unlink(missing_ok=True)
+        if model is not None:
+            self._claim(model)
         self._repair()
         self.rows = self.read()
+        self.retried = [r["path"] for r in self.rows if r["error"]]
+        if self.retried:
+            self.rows = [r for r in self.rows if not r["error"]]
+            self._rewrite()
         new = not self.csv_path.exists() or self.csv_path.stat().st_size == 0
         self._file = self.csv_path.open("a", newline="")
         if new:
             self._write_line(",".join(COLUMNS) + "\n")
+
+    def _claim(self, model: dict[str, Any]) -> None:
+        """Record ``model`` as this folder's, or refuse a folder that another model wrote."""
+        record = self.out_dir / MODEL_NAME
+        has_rows = self.csv_path.exists() and self.csv_path.stat().st_size > 0
+        if record.exists():
+            try:
+                before = json.loads(record.read_text())
+            except (OSError, ValueError):
+                before = None
+            if before != model:
+                changed = (
+                    [k for k in sorted(model) if before.get(k) != model.get(k)]
+                    if isinstance(before, dict)
+                    else ["an unreadable model.json"]
+                )
+                raise OutputFolderError(
+                    f"{self.out_dir} holds predictions of another model or setting "
+                    f"({', '.join(changed)} differ: see {record}); add --overwrite to replace "
+                    "them, or choose another --output"
+                )
+            return
+        if has_rows:
+            raise OutputFolderError(
+                f"{self.csv_path} exists without {MODEL_NAME}: which model wrote it is unknown; "
+                "add --overwrite to replace it, or choose another --output"
+            )
+        atomic_write_text(record, json.dumps(model, indent=1))
+
+    def _rewrite(self) -> None:
+        buf = io.StringIO()
+        writer = csv.DictWriter(buf, fieldnames=COLUMNS, lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(self.rows)
+        atomic_write_text(self.csv_path, buf.getvalue())
 
     def _repair(self) -> None:
         if not self.csv_path.exists():

@@ -42,6 +42,65 @@ def _oblique_degrees(affine: np.ndarray) -> float:
     return float(np.degrees(np.arccos(np.clip(cosines.min(), -1, 1))))
 
 
+@dataclass(frozen=True)
+class TrainingContext:
+    """What a model was trained on, for warnings about scans unlike its training scans.
+
+    Args:
+        generated: the training scans were made by ``app.data synth`` (or ``--demo``).
+        spacing_min: smallest voxel spacing of the training scans, per sorted axis (mm).
+        spacing_max: largest, per sorted axis (mm).
+    """
+
+    generated: bool = False
+    spacing_min: tuple[float, ...] | None = None
+    spacing_max: tuple[float, ...] | None = None
+
+    @classmethod
+    def from_settings(cls, settings: dict[str, Any]) -> TrainingContext:
+        data = settings.get("training_data") or {}
+        low, high = data.get("spacing_min"), data.get("spacing_max")
+        return cls(
+            generated=bool(data.get("generated", False)),
+            spacing_min=tuple(low) if low else None,
+            spacing_max=tuple(high) if high else None,
+        )
+
+
+#: how far (as a factor) a scan's spacing may lie outside the training scans' before a warning
+SPACING_FACTOR = 2.0
+GENERATED_WARNING = (
+    "the model was trained on generated scans (app.data synth), not on real CT: its output on "
+    "this scan means little"
+)
+
+
+def training_warnings(
+    zooms: Sequence[float], generated: bool, training: TrainingContext | None
+) -> list[str]:
+    """Warnings for a scan unlike the model's training scans: real CT given to a model trained
+    on generated data, voxel spacing far outside the training scans' range."""
+    if training is None:
+        return []
+    warnings = []
+    if training.generated and not generated:
+        warnings.append(GENERATED_WARNING)
+    if training.spacing_min and training.spacing_max:
+        mine = sorted(float(z) for z in zooms[:3])
+        low = [float(z) / SPACING_FACTOR for z in training.spacing_min]
+        high = [float(z) * SPACING_FACTOR for z in training.spacing_max]
+        if any(not lo <= z <= hi for z, lo, hi in zip(mine, low, high, strict=True)):
+            seen = " x ".join(
+                f"{a:.3g}" if a == b else f"{a:.3g}-{b:.3g}"
+                for a, b in zip(training.spacing_min, training.spacing_max, strict=True)
+            )
+            warnings.append(
+                f"voxel spacing {' x '.join(f'{z:.3g}' for z in mine)} mm is far from the "
+                f"training scans' ({seen} mm)"
+            )
+    return warnings
+
+
 def geometry_warnings(
     shape: Sequence[int], zooms: Sequence[float], affine: np.ndarray
 ) -> list[str]:
@@ -61,12 +120,17 @@ def geometry_warnings(
     return warnings
 
 
-def check_nifti_header(path: str | Path, limits: Limits = Limits()) -> list[str]:
+def check_nifti_header(
+    path: str | Path, limits: Limits = Limits(), training: TrainingContext | None = None
+) -> list[str]:
     """Refuse a NIfTI file that cannot hold a classifiable 3D scan, reading its header only.
 
-    Returns QC warnings; raises :class:`ScanError` with a one-line reason otherwise.
+    Returns QC warnings (with ``training``: also those for a scan unlike the training scans);
+    raises :class:`ScanError` with a one-line reason otherwise.
     """
     import nibabel as nib
+
+    from app.synth import is_generated
 
     path = Path(path)
     size = path.stat().st_size
@@ -114,21 +178,66 @@ def check_nifti_header(path: str | Path, limits: Limits = Limits()) -> list[str]
     zooms = [float(z) for z in header.get_zooms()[:3]]
     if not all(np.isfinite(z) and z > 0 for z in zooms):
         raise ScanError(f"invalid voxel spacing {zooms} in the header")
-    return geometry_warnings(shape, zooms, img.affine)
+    return geometry_warnings(shape, zooms, img.affine) + training_warnings(
+        zooms, is_generated(header), training
+    )
 
 
-def check_dicom_series(files: Sequence[str], limits: Limits = Limits()) -> list[str]:
-    """Refuse a DICOM series whose slices do not form one regular volume; return QC warnings."""
+def _dicom_int(ds: Any, keyword: str, default: int, name: str) -> int:
+    value = ds.get(keyword, default)
+    try:
+        return int(value if value is not None and value != "" else default)
+    except (TypeError, ValueError) as exc:
+        raise ScanError(f"{Path(name).name}: {keyword} {value!r} is not a number") from exc
+
+
+def dicom_sizes(files: Sequence[str], limits: Limits = Limits()) -> list[Any]:
+    """Headers of a series, refused before any pixel is read when the sizes they claim (rows x
+    columns x frames x bytes per sample, summed over files) exceed ``limits``, and when a file
+    holds several frames (an enhanced multi-frame object: not read as a series here)."""
     import pydicom
 
-    headers = []
+    headers, voxels, nbytes = [], 0, 0
     for name in files:
         ds = pydicom.dcmread(name, stop_before_pixels=True)
+        rows = _dicom_int(ds, "Rows", 0, name)
+        cols = _dicom_int(ds, "Columns", 0, name)
+        frames = _dicom_int(ds, "NumberOfFrames", 1, name)
+        bits = _dicom_int(ds, "BitsAllocated", 16, name)
+        samples = _dicom_int(ds, "SamplesPerPixel", 1, name)
+        if min(rows, cols, frames, bits, samples) < 1:
+            raise ScanError(
+                f"{Path(name).name}: claims {rows} x {cols} pixels, {frames} frames, {bits} bits: "
+                "not an image"
+            )
+        voxels += rows * cols * frames
+        nbytes += rows * cols * frames * samples * -(-bits // 8)
+        if voxels > limits.max_voxels or nbytes > limits.max_bytes:
+            raise ScanError(
+                f"DICOM headers claim {voxels:,} voxels ({nbytes:,} bytes) by "
+                f"{Path(name).name}, above the limit of {limits.max_voxels:,} voxels / "
+                f"{limits.max_bytes:,} bytes (raise it with --max-voxels)"
+            )
+        if frames > 1:
+            raise ScanError(
+                f"{Path(name).name} is a multi-frame DICOM object ({frames} frames, e.g. an "
+                "enhanced CT): convert it to a series of single-frame files or to NIfTI "
+                "(e.g. dcm2niix)"
+            )
+        headers.append(ds)
+    return headers
+
+
+def check_dicom_series(
+    files: Sequence[str], limits: Limits = Limits(), training: TrainingContext | None = None
+) -> list[str]:
+    """Refuse a DICOM series whose slices do not form one regular volume; return QC warnings."""
+    headers = dicom_sizes(files, limits)
+    for name, ds in zip(files, headers, strict=True):
         if "ImagePositionPatient" not in ds or "ImageOrientationPatient" not in ds:
             raise ScanError(
                 f"{Path(name).name} has no ImagePositionPatient/ImageOrientationPatient"
             )
-        headers.append(ds)
     if len(headers) < 2:
         raise ScanError("not 3D: a DICOM series of a single slice")
     sizes = {(int(ds.Rows), int(ds.Columns)) for ds in headers}
@@ -159,11 +268,15 @@ def check_dicom_series(files: Sequence[str], limits: Limits = Limits()) -> list[
     affine[:3, 0] = orientations[0][:3] * pixel[1]
     affine[:3, 1] = orientations[0][3:] * pixel[0]
     affine[:3, 2] = normal * median
-    return geometry_warnings((cols, rows, len(headers)), (pixel[1], pixel[0], median), affine)
+    zooms = (pixel[1], pixel[0], median)
+    return geometry_warnings((cols, rows, len(headers)), zooms, affine) + training_warnings(
+        zooms, False, training
+    )
 
 
-def check_values(volume: np.ndarray) -> list[str]:
-    """Refuse non-finite voxels; warn when values do not look like Hounsfield units."""
+def check_values(volume: np.ndarray, affine: np.ndarray | None = None) -> list[str]:
+    """Refuse non-finite voxels; warn when values do not look like Hounsfield units, and (given
+    the volume's ``affine``, to find its axial slices) when the scan holds little or no lung."""
     finite = np.isfinite(volume)
     if not finite.all():
         raise ScanError(f"{int((~finite).sum()):,} voxels are NaN or infinite")
@@ -173,5 +286,53 @@ def check_values(volume: np.ndarray) -> list[str]:
         return [
             f"values do not look like HU (range {low:.4g}..{high:.4g}, no air near -1000): "
             "already normalised or 8-bit data? the model expects HU"
+        ]
+    return lung_warnings(volume, affine) if affine is not None else []
+
+
+#: HU of air and lung inside the body (below it: air; the body itself is above)
+LUNG_HU = -500.0
+#: a slice "holds lung" when air inside the body covers this share of the body's cross-section
+LUNG_AREA_FRACTION = 0.10
+#: warn when fewer of the scan's slices than this share hold lung
+LUNG_SLICE_FRACTION = 0.25
+
+
+def lung_slice_fraction(volume: np.ndarray, affine: np.ndarray) -> float:
+    """Share of axial slices with lung-density air inside the body.
+
+    The body of each axial slice (the voxel axis closest to the world's S/I axis) is the region
+    above -500 HU with its holes filled; air inside it is lung, airway or bowel gas. Slices are
+    subsampled in-plane to about 128 x 128 voxels: a coarse measure, robust to noise.
+    """
+    from scipy import ndimage
+
+    vol = np.asarray(volume)
+    vol = vol.reshape(vol.shape[-3:]) if vol.ndim == 4 and vol.shape[0] == 1 else vol
+    if vol.ndim != 3:
+        return 1.0
+    rot = np.asarray(affine, dtype=float)[:3, :3]
+    axis = int(np.argmax(np.abs(rot[2])))
+    slices = np.moveaxis(vol, axis, 0)
+    step = max(1, max(slices.shape[1:]) // 128)
+    slices = slices[:, ::step, ::step]
+    with_lung = 0
+    for sl in slices:
+        tissue = sl > LUNG_HU
+        body = ndimage.binary_fill_holes(tissue)
+        area = int(body.sum())
+        if area < 0.02 * sl.size:
+            continue
+        if (body & ~tissue).sum() >= LUNG_AREA_FRACTION * area:
+            with_lung += 1
+    return with_lung / max(len(slices), 1)
+
+
+def lung_warnings(volume: np.ndarray, affine: np.ndarray) -> list[str]:
+    fraction = lung_slice_fraction(volume, affine)
+    if fraction < LUNG_SLICE_FRACTION:
+        return [
+            f"little or no lung: lung-density air inside the body in {100 * fraction:.0f}% of the "
+            "axial slices; not a chest CT? the model was made for chest CT"
         ]
     return []

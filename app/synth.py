@@ -193,13 +193,49 @@ def generate_scan(
     return SynthScan(volume=volume, affine=affine, lung_mask=lung_mask, label=label)
 
 
-def save_scan(scan: SynthScan, path: str | Path) -> None:
-    """Write ``scan`` as int16 NIfTI with qform and sform set like MosMedData (code 1)."""
+#: ``descrip`` of every generated file: how training and inference tell generated scans apart
+GENERATED_DESCRIP = "ctclassify synth"
+#: suffix of a scan being written: matches no scan pattern (and starts with a dot)
+PARTIAL_SUFFIX = ".partial"
+
+
+def _image(scan: SynthScan) -> nib.Nifti1Image:
     img = nib.Nifti1Image(scan.volume, scan.affine)
     img.set_qform(scan.affine, code=1)
     img.set_sform(scan.affine, code=1)
     img.header.set_xyzt_units("mm", "sec")
-    nib.save(img, str(path))
+    img.header["descrip"] = GENERATED_DESCRIP.encode()
+    return img
+
+
+def save_scan(scan: SynthScan, path: str | Path) -> None:
+    """Write ``scan`` as int16 NIfTI with qform and sform set like MosMedData (code 1), atomically.
+
+    The bytes go to a hidden ``.NAME.partial`` file first, renamed into place when complete: a
+    kill mid-write leaves no file that a scan finder takes for a scan.
+    """
+    import gzip
+    import os
+
+    path = Path(path)
+    data = _image(scan).to_bytes()
+    if path.name.endswith(".gz"):
+        data = gzip.compress(data, compresslevel=1, mtime=0)
+    tmp = path.with_name(f".{path.name}{PARTIAL_SUFFIX}")
+    with tmp.open("wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    tmp.replace(path)
+
+
+def is_generated(header: Any) -> bool:
+    """Whether a NIfTI header is one that :func:`save_scan` wrote."""
+    try:
+        descrip = bytes(header["descrip"]).split(b"\0", 1)[0].decode("ascii", "replace")
+    except (KeyError, TypeError, ValueError):
+        return False
+    return descrip.startswith(GENERATED_DESCRIP)
 
 
 def scan_seed(seed: int, index: int) -> int:
@@ -223,6 +259,12 @@ def write_dataset(
     from tqdm import tqdm
 
     out = Path(out)
+    for folder_name in CLASS_FOLDERS.values():  # what a killed run (this or an older one) left
+        for stale in (
+            *(out / folder_name).glob(f".*{PARTIAL_SUFFIX}"),
+            *(out / folder_name).glob("*.tmp.nii.gz"),
+        ):
+            stale.unlink(missing_ok=True)
     items: list[dict[str, object]] = []
     jobs = [(label, i) for i in range(per_class) for label in CLASS_FOLDERS]
     for label, i in tqdm(jobs, desc=f"synth {out}", unit="scan", disable=not progress):
@@ -231,8 +273,6 @@ def write_dataset(
         path = folder / f"synth_{label}_{i:04d}.nii.gz"
         if not path.exists():
             scan = generate_scan(label, scan_seed(seed, i), shape=shape, difficulty=difficulty)
-            tmp = path.with_name(path.name + ".tmp.nii.gz")
-            save_scan(scan, tmp)
-            tmp.replace(path)
+            save_scan(scan, path)
         items.append({"image": str(path), "label": label})
     return items

@@ -16,7 +16,6 @@ import json
 import logging
 import os
 import platform
-import shutil
 import subprocess
 import sys
 import time
@@ -39,6 +38,8 @@ class TrainResult:
     run_dir: Path
     metrics: list[dict[str, Any]]
     best_checkpoint: Path | None
+    #: set when ``resume`` found the run already finished (nothing was run or written): why
+    already_finished: str | None = None
 
     @property
     def best_val_acc(self) -> float | None:
@@ -194,7 +195,10 @@ def _log_to_file(path: Path) -> logging.Handler:
 def prepare_run_dir(output: Path, resume: bool, overwrite: bool) -> None:
     """Refuse to touch an existing run folder unless asked to resume or overwrite it."""
     from app.handlers.trainer_checkpoint import latest_checkpoint
+    from app.run_folder import remove_own_folder
 
+    if output.exists() and not output.is_dir():
+        raise ConfigError(f"--output {output} is a file, not a folder")
     exists = output.exists() and any(output.iterdir())
     if resume:
         if latest_checkpoint(output) is None:
@@ -207,7 +211,7 @@ def prepare_run_dir(output: Path, resume: bool, overwrite: bool) -> None:
                 f"run folder {output} exists; add --resume to continue it, --overwrite to replace "
                 "it, or choose another --output"
             )
-        shutil.rmtree(output)
+        remove_own_folder(output, "run")
 
 
 def train(
@@ -262,6 +266,15 @@ def train(
     names = ["train.yaml"] + ([DEMO_CONFIG] if demo or settings.pop("__demo__", False) else [])
     if launched_distributed():
         names.append("multi_gpu_train.yaml")
+    if resume:
+        done = finished_reason(output, {**settings, **(overrides or {})}, names, config_dir)
+        if done:
+            return TrainResult(
+                output,
+                read_metrics(output / "metrics.csv"),
+                output / "best_model.pt" if (output / "best_model.pt").exists() else None,
+                already_finished=done,
+            )
     if demo:
         settings["dataset_dir"] = str(demo_dataset(config_dir))
     if data is not None:
@@ -338,6 +351,42 @@ def train(
     return TrainResult(
         output, read_metrics(output / "metrics.csv"), best if best.exists() else None
     )
+
+
+def finished_reason(
+    output: Path, settings: dict[str, Any], names: list[str], config_dir: Path
+) -> str | None:
+    """Why the run in ``output`` has nothing left to do with these settings, or ``None``.
+
+    Finished: its last checkpoint reached the requested ``epochs``, or early stopping ended it
+    and ``patience`` was not raised since. Read from the checkpoint's trainer state alone.
+    """
+    import torch
+
+    from app.handlers.early_stopping import STATE_KEY
+    from app.handlers.trainer_checkpoint import latest_checkpoint
+
+    last = latest_checkpoint(output)
+    if last is None:
+        return None
+    wanted: dict[str, Any] = {k: settings[k] for k in ("epochs", "patience") if k in settings}
+    parser = load_config(*names, overrides=wanted, config_dir=config_dir)
+    epochs = int(parser.get_parsed_content("epochs"))
+    patience = int(parser.get_parsed_content("patience"))
+    try:
+        trainer = torch.load(last, map_location="cpu", weights_only=True)["trainer"]
+        epoch = int(trainer["epoch"])
+    except (KeyError, TypeError, ValueError, RuntimeError, OSError):
+        return None  # the resume itself reports an unusable checkpoint
+    if epoch >= epochs:
+        return f"it reached epoch {epoch} of {epochs}; raise --epochs to train on"
+    stopper = trainer.get(STATE_KEY) or {}
+    if int(stopper.get("counter", 0)) >= patience:
+        return (
+            f"early stopping ended it at epoch {epoch} ({stopper.get('counter')} epochs without a "
+            f"better validation accuracy, patience {patience}); raise --patience to train on"
+        )
+    return None
 
 
 class Interrupted(CTClassifyError):
@@ -432,6 +481,9 @@ def main(argv: list[str] | None = None) -> int:
     from app.distributed import rank
 
     if rank() != 0:
+        return 0
+    if result.already_finished:
+        print(f"{result.run_dir} is already finished: {result.already_finished}. Nothing changed.")
         return 0
     last = result.metrics[-1] if result.metrics else {}
     print(
