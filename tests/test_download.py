@@ -151,3 +151,75 @@ def test_zip_slip_is_refused(tmp_path):
         srv.close()
     assert not (tmp_path / "root" / "MosMedData" / "evil.nii.gz").exists()
     assert not Path(tmp_path / "evil.nii.gz").exists()
+
+
+def serve_and_download(tmp_path: Path, payload: bytes, **spec):
+    srv = RangeServer({"CT-0.zip": payload})
+    try:
+        return download_mosmed(
+            tmp_path / "root",
+            {"CT-0": {"url": f"{srv.url}/CT-0.zip", "size": None, **spec}},
+            progress=False,
+        )
+    finally:
+        srv.close()
+
+
+def zip_of(members: dict[str, bytes], links: dict[str, str] | None = None) -> bytes:
+    import stat
+
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", compression=zipfile.ZIP_DEFLATED) as zf:
+        for name, data in members.items():
+            zf.writestr(name, data)
+        for name, target in (links or {}).items():
+            info = zipfile.ZipInfo(name)
+            info.create_system = 3
+            info.external_attr = (stat.S_IFLNK | 0o777) << 16
+            zf.writestr(info, target)
+    return buf.getvalue()
+
+
+def test_zip_bomb_is_refused_before_anything_is_written(tmp_path):
+    bomb = zip_of({"CT-0/study_0000.nii.gz": bytes(64 * 1024**2)})  # 64 MB of zeros, ~64 KB
+    with pytest.raises(DownloadError, match="zip bomb"):
+        serve_and_download(tmp_path, bomb)
+    assert not list((tmp_path / "root").rglob("*.nii.gz"))
+
+
+def test_too_many_members_and_links_are_refused(tmp_path):
+    from app.download import ZipLimits, safe_extract
+
+    many = tmp_path / "many.zip"
+    many.write_bytes(zip_of({f"CT-0/s{i}.nii.gz": b"x" for i in range(12)}))
+    with pytest.raises(DownloadError, match="12 entries"):
+        safe_extract(many, tmp_path / "out", ZipLimits(max_members=10))
+    link = zip_of({"CT-0/a.nii.gz": b"x" * 100}, links={"CT-0/b.nii.gz": "/etc/passwd"})
+    with pytest.raises(DownloadError, match="link or special file"):
+        serve_and_download(tmp_path, link)
+    assert not (tmp_path / "out").exists()
+    assert not list((tmp_path / "root").rglob("b.nii.gz"))
+
+
+def test_checksum_is_checked_and_recorded(tmp_path):
+    import hashlib
+    import json
+
+    payload = make_zip("CT-0")
+    with pytest.raises(DownloadError, match="SHA-256"):
+        serve_and_download(tmp_path, payload, sha256="0" * 64)
+    assert not (tmp_path / "root" / "CT-0.zip").exists()  # the wrong archive is deleted
+    good = hashlib.sha256(payload).hexdigest()
+    data_dir = serve_and_download(tmp_path, payload, sha256=good)
+    record = json.loads((data_dir / ".CT-0.complete").read_text())
+    assert record["sha256"] == good and record["bytes"] == len(payload)
+
+
+def test_unknown_size_download_is_bounded(tmp_path):
+    srv = RangeServer({"big.zip": bytes(5000)})
+    try:
+        with pytest.raises(DownloadError, match="above 4,096"):
+            fetch(f"{srv.url}/big.zip", tmp_path / "big.zip", None, progress=False, max_size=4096)
+    finally:
+        srv.close()
+    assert not (tmp_path / "big.zip").exists()
