@@ -375,7 +375,12 @@ def finished_reason(
     patience = int(parser.get_parsed_content("patience"))
     try:
         trainer = torch.load(last, map_location="cpu", weights_only=True)["trainer"]
-        epoch = int(trainer["epoch"])
+        # ignite stores the iteration (or the epoch) of the trainer
+        epoch = int(
+            trainer["epoch"]
+            if "epoch" in trainer
+            else int(trainer["iteration"]) // max(int(trainer["epoch_length"]), 1)
+        )
     except (KeyError, TypeError, ValueError, RuntimeError, OSError):
         return None  # the resume itself reports an unusable checkpoint
     if epoch >= epochs:

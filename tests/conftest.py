@@ -22,9 +22,28 @@ def require_shared(path: Path) -> Path:
         f"{path} is missing: the large real-CT and reference files live in the team's ../shared "
         "folder, which a plain clone does not have"
     )
-    if os.environ.get("CI"):
+    if in_ci():
         pytest.fail(message + " (CI must have it)")
     pytest.skip(message)
+
+
+def in_ci() -> bool:
+    """CI=true (or 1, yes), as CI services set it; CI=false or an empty value is not CI."""
+    return os.environ.get("CI", "").strip().lower() in ("true", "1", "yes")
+
+
+def require_module(name: str):
+    """Import ``name``; skip (outside CI) when it is not installed, fail in CI, where
+    ``.ci/run`` installs every test dependency."""
+    import importlib
+
+    try:
+        return importlib.import_module(name)
+    except ImportError as exc:
+        message = f"{name} is not installed ({exc}); `pip install -e .[dev]` installs it"
+        if in_ci():
+            pytest.fail(message + " (CI must have it)")
+        pytest.skip(message)
 
 
 @pytest.fixture

@@ -130,6 +130,7 @@ def test_exported_bundle_runs_with_monai_alone(tmp_path, real_ct):
     assert (
         export_main(["--checkpoint", str(run), "--output", str(bundle)]) == 2
     )  # never overwritten silently
+    assert export_main(["--checkpoint", str(run), "--output", str(bundle), "--overwrite"]) == 0
     for name in (
         "configs/metadata.json",
         "configs/inference.yaml",
@@ -242,6 +243,27 @@ def test_exported_bundle_runs_with_monai_alone(tmp_path, real_ct):
         expected = net(x).numpy()
         scripted = torch.jit.load(str(bundle / "models/model.ts"))(x).numpy()
     np.testing.assert_allclose(scripted, expected, atol=1e-4)
-    ort = pytest.importorskip("onnxruntime")
+    ort = require_module("onnxruntime")
     session = ort.InferenceSession(str(bundle / "models/model.onnx"))
     np.testing.assert_allclose(session.run(None, {"image": x.numpy()})[0], expected, atol=1e-4)
+
+
+@pytest.mark.parametrize(
+    "content",
+    [
+        pytest.param({"report.docx": "x"}, id="foreign-folder"),
+        pytest.param(
+            {"configs/metadata.json": "{}", "mine.txt": "x"}, id="bundle-plus-foreign-file"
+        ),
+    ],
+)
+def test_export_overwrite_refuses_a_folder_that_is_not_a_bundle(
+    tmp_path, checkpoint, content, capsys
+):
+    target = tmp_path / "target"
+    for name, text in content.items():
+        (target / name).parent.mkdir(parents=True, exist_ok=True)
+        (target / name).write_text(text)
+    code = export_main(["--checkpoint", str(checkpoint), "--output", str(target), "--overwrite"])
+    assert code == 2 and "does not look like a bundle folder" in capsys.readouterr().err
+    assert {str(p.relative_to(target)) for p in target.rglob("*") if p.is_file()} == set(content)

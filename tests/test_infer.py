@@ -311,9 +311,16 @@ def test_cli_usage_errors(tmp_path, checkpoint):
 
 
 def test_python_api_predict(real_ct, checkpoint):
-    clf = Classifier.load(checkpoint, device="cpu", threshold=0.0)
+    clf = Classifier.load(checkpoint, device="cpu")
     pred = clf.predict(real_ct / "cip_ct-64_chest.nii.gz")
-    assert pred.ok and pred.label == "abnormal" and "percent confident" in pred.sentence()
+    assert pred.ok and 0.0 < pred.prob_abnormal < 1.0 and "percent confident" in pred.sentence()
+    # the label follows the threshold on both sides of this scan's probability
+    for threshold, label in (
+        (pred.prob_abnormal - 1e-3, "abnormal"),
+        (pred.prob_abnormal + 1e-3, "normal"),
+    ):
+        other = Classifier.load(checkpoint, device="cpu", threshold=threshold)
+        assert other.predict(real_ct / "cip_ct-64_chest.nii.gz").label == label
     assert clf.predict(real_ct / "cip_ct-64_dicom").prob_abnormal == pytest.approx(
         pred.prob_abnormal, abs=1e-6
     )
@@ -388,3 +395,201 @@ def test_bf16_precision_stays_close_to_fp32(real_ct, checkpoint):
     assert abs(fp32.prob_abnormal - bf16.prob_abnormal) < 0.05
     with pytest.raises(Exception, match="precision"):
         Classifier.load(checkpoint, device="cpu", precision="int8")
+
+
+# --- what the model is and where it does not apply -------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def generated_model(tmp_path_factory) -> Path:
+    """A model trained by app.train on generated scans (as the demo's is), 1 epoch."""
+    from conftest import synth_dataset
+
+    from app.train import main as train_main
+
+    root = tmp_path_factory.mktemp("gen")
+    data = synth_dataset(root / "data", 4, (64, 64, 16), seed=2)
+    run = root / "run"
+    options = ["--epochs", "1", "--spatial-size", "48", "48", "48", "--device", "cpu"]
+    options += ["--set", "filters=[4, 4, 8, 8]", "--set", "dense_units=8", "--no-progress"]
+    assert train_main(["--data", str(data), "--output", str(run), *options]) == 0
+    return run
+
+
+def test_generated_data_model_on_real_scans_says_so(real_ct, tmp_path, generated_model, capsys):
+    folder = tmp_path / "scans"
+    folder.mkdir()
+    shutil.copy(real_ct / "totalsegmentator_example_ct_sm.nii.gz", folder / "abdomen.nii.gz")
+    shutil.copy(real_ct / "cip_ct-64_chest_LAS.nii.gz", folder / "chest.nii.gz")
+    out = tmp_path / "out"
+    code = infer_main([str(folder), "--checkpoint", str(generated_model), "--output", str(out)])
+    assert code == 0
+    printed = capsys.readouterr().out
+    banner = printed.splitlines()[0]
+    assert (
+        banner.startswith("model: ")
+        and "trained on 6 generated scans (3 normal, 3 abnormal)" in banner
+    )
+    assert "validation at epoch 1: accuracy" in banner
+    assert "warning: this model was trained on generated scans" in printed
+    rows = {Path(r["path"]).name: r for r in read_rows(out)}
+    abdomen, chest = rows["abdomen.nii.gz"]["warnings"], rows["chest.nii.gz"]["warnings"]
+    assert rows["abdomen.nii.gz"]["prob_abnormal"] and rows["chest.nii.gz"]["prob_abnormal"]
+    assert "trained on generated scans" in abdomen and "trained on generated scans" in chest
+    assert "little or no lung" in abdomen and "little or no lung" not in chest
+    assert "far from the training scans'" in abdomen  # 3 mm slices; the training scans' 15 mm
+    assert "2 with warnings" in printed
+
+
+def test_generated_scans_get_no_generated_warning(tmp_path, generated_model):
+    from conftest import synth_dataset
+
+    data = synth_dataset(tmp_path / "more", 1, (64, 64, 16), seed=9)
+    clf = Classifier.load(generated_model, device="cpu")
+    for pred in clf.predict_many(sorted(data.rglob("*.nii.gz"))):
+        assert pred.ok and not any("generated" in w for w in pred.warnings), pred.warnings
+        assert not any("lung" in w or "far from the training" in w for w in pred.warnings), (
+            pred.warnings
+        )
+
+
+def test_model_caveats_name_chance_level_and_unknown_metrics(checkpoint):
+    clf = Classifier.load(checkpoint, device="cpu")
+    assert any("validation metrics are unknown" in c for c in clf.caveats())
+    weak = {**TINY_SETTINGS, "validation": {"epoch": 1, "val_acc": 0.5, "val_specificity": 0.0}}
+    other = Classifier(clf.network, weak, torch.device("cpu"))
+    notes = " ".join(other.caveats())
+    assert "little better than chance" in notes and "specificity 0.00" in notes
+    good = {**TINY_SETTINGS, "validation": {"epoch": 4, "val_acc": 0.9, "val_auc": 0.95}}
+    assert Classifier(clf.network, good, torch.device("cpu")).caveats() == []
+
+
+def test_default_checkpoint_is_named_as_the_newest_run(tmp_path, checkpoint, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs" / "a").mkdir(parents=True)
+    shutil.copy(checkpoint, tmp_path / "runs" / "a" / "best_model.pt")
+    (tmp_path / "scans").mkdir()
+    nifti(tmp_path / "scans" / "s.nii.gz", ct_volume())
+    assert infer_main(["scans", "--output", "out", "--no-progress"]) == 0
+    printed = capsys.readouterr().out
+    assert "runs/a/best_model.pt" in printed and "newest run under runs/" in printed
+
+
+# --- output folders: one model each, failed inputs retried, usual file modes -----------------------
+
+
+def test_output_folder_of_another_model_or_threshold_is_refused(tmp_path, checkpoint, capsys):
+    folder = tmp_path / "scans"
+    folder.mkdir()
+    nifti(folder / "s.nii.gz", ct_volume())
+    out = tmp_path / "out"
+    base = [str(folder), "--output", str(out), "--no-progress"]
+    assert infer_main([*base, "--checkpoint", str(checkpoint)]) == 0
+    before = (out / "predictions.csv").read_bytes()
+    assert infer_main([*base, "--checkpoint", str(checkpoint), "--threshold", "0.7"]) == 2
+    assert "threshold differ" in capsys.readouterr().err
+    other = tmp_path / "other.pt"
+    torch.manual_seed(1)
+    net = CNN3D(filters=TINY_SETTINGS["filters"], dense_units=TINY_SETTINGS["dense_units"])
+    torch.save({"network": net.state_dict(), "run_info": TINY_SETTINGS}, other)
+    assert infer_main([*base, "--checkpoint", str(other)]) == 2
+    err = capsys.readouterr().err
+    assert "checkpoint, sha256 differ" in err and "--overwrite" in err
+    assert (out / "predictions.csv").read_bytes() == before
+    assert infer_main([*base, "--checkpoint", str(other), "--overwrite"]) == 0
+    assert json.loads((out / "model.json").read_text())["checkpoint"] == str(other.resolve())
+    assert len(read_rows(out)) == 1
+
+
+def test_rerun_retries_inputs_that_failed(tmp_path, checkpoint, capsys):
+    folder = tmp_path / "scans"
+    folder.mkdir()
+    nifti(folder / "good.nii.gz", ct_volume())
+    (folder / "later.nii.gz").write_bytes(b"")
+    out = tmp_path / "out"
+    command = [str(folder), "--checkpoint", str(checkpoint), "--output", str(out), "--no-progress"]
+    assert infer_main(command) == 1
+    assert {Path(r["path"]).name: bool(r["error"]) for r in read_rows(out)} == {
+        "good.nii.gz": False,
+        "later.nii.gz": True,
+    }
+    nifti(folder / "later.nii.gz", ct_volume(seed=4))  # the user fixes the file
+    assert infer_main(command) == 0
+    assert "1 that failed before are retried" in capsys.readouterr().out
+    rows = read_rows(out)
+    assert sorted(Path(r["path"]).name for r in rows) == ["good.nii.gz", "later.nii.gz"]
+    assert all(r["prob_abnormal"] and not r["error"] for r in rows)
+    assert len(json.loads((out / "predictions.json").read_text())) == 2
+
+
+def test_outputs_share_the_usual_file_mode(tmp_path, checkpoint):
+    import os
+    import stat
+
+    folder = tmp_path / "scans"
+    folder.mkdir()
+    nifti(folder / "s.nii.gz", ct_volume())
+    out = tmp_path / "out"
+    old = os.umask(0o022)
+    try:
+        command = [str(folder), "--checkpoint", str(checkpoint), "--output", str(out)]
+        assert infer_main([*command, "--report", "--no-progress"]) == 0
+    finally:
+        os.umask(old)
+    modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in out.iterdir() if p.is_file()}
+    assert set(modes) >= {"predictions.csv", "predictions.json", "report.html", "model.json"}
+    assert set(modes.values()) == {0o644}, modes
+
+
+# --- DICOM headers are bounded before any pixel is read --------------------------------------------
+
+
+def dicom_slice(path: Path, **fields) -> Path:
+    from pydicom.dataset import FileDataset, FileMetaDataset
+    from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
+
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = CTImageStorage
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = FileDataset(str(path), {}, file_meta=meta, preamble=b"\0" * 128)
+    ds.SOPClassUID = CTImageStorage
+    ds.SeriesInstanceUID = "1.2.3"
+    ds.Modality = "CT"
+    ds.Rows, ds.Columns = 8, 8
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit = 16, 16, 15
+    ds.SamplesPerPixel, ds.PixelRepresentation = 1, 1
+    ds.PhotometricInterpretation = "MONOCHROME2"
+    ds.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
+    ds.ImagePositionPatient = [0, 0, 0]
+    ds.PixelSpacing = [1, 1]
+    for key, value in fields.items():
+        setattr(ds, key, value)
+    ds.PixelData = b"\0" * 128  # far less than the header claims: it must never be read
+    ds.save_as(str(path), enforce_file_format=True)
+    return path
+
+
+@pytest.mark.parametrize(
+    ("fields", "message"),
+    [
+        pytest.param({"NumberOfFrames": 400}, "multi-frame DICOM object", id="enhanced-multiframe"),
+        pytest.param(
+            {"Rows": 65535, "Columns": 65535, "NumberOfFrames": 1000},
+            "above the limit",
+            id="huge-frames",
+        ),
+        pytest.param({"Rows": 65535, "Columns": 65535}, "above the limit", id="huge-slices"),
+        pytest.param({"BitsAllocated": 0}, "not an image", id="zero-bits"),
+        pytest.param({"Rows": 0}, "not an image", id="zero-rows"),
+    ],
+)
+def test_dicom_claims_are_bounded_before_reading(tmp_path, checkpoint, fields, message):
+    folder = tmp_path / "series"
+    folder.mkdir()
+    for i in range(30):
+        dicom_slice(folder / f"{i:03d}.dcm", ImagePositionPatient=[0, 0, float(i)], **fields)
+    with pytest.raises(ScanError, match=message):
+        check_dicom_series([str(p) for p in sorted(folder.iterdir())], Limits())
+    pred = Classifier.load(checkpoint, device="cpu").predict(folder)
+    assert not pred.ok and message in pred.error

@@ -19,7 +19,11 @@ def test_reference_weights_reproduce_reference_logits(reference_dir):
     x = torch.from_numpy(ref["input_bhwdc"]).permute(0, 4, 1, 2, 3)
     with torch.no_grad():
         logits = net(x).squeeze(1).numpy()
-    np.testing.assert_allclose(logits, ref["expected_logit"], atol=1e-3)
+    worst = float(np.abs(logits - ref["expected_logit"]).max())
+    print(f"max |ours - reference logit| = {worst:.2g}")
+    # README: "below 2e-4"; float32 rounding (ours in float64 differs from the Keras float32
+    # logits by 1.5e-4), so the figure moves with the CPU: 4.8e-5 and 9.2e-5 were seen
+    assert worst <= 2e-4
     np.testing.assert_allclose(
         torch.sigmoid(torch.from_numpy(logits)).numpy(), ref["expected_probability"], atol=1e-4
     )

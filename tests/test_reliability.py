@@ -231,7 +231,9 @@ DTYPES = [np.uint8, np.int16, np.int32, np.float32, np.float64]
 
 
 @settings(
-    max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+    max_examples=int(os.environ.get("HYPOTHESIS_EXAMPLES", "60")),
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture],
 )
 @given(
     shape=st.lists(st.integers(0, 70), min_size=1, max_size=5),
@@ -284,6 +286,37 @@ def test_hostile_nifti_headers_never_crash(
         assert torch.isfinite(result["image"]).all()
     else:
         assert "\n" not in result["error"] and len(result["error"]) < 400
+    # a file that nibabel reads as one classifiable 3D scan must be classified, not refused
+    problem = classifiable_by_nibabel(path, preparer.limits)
+    if problem is None:
+        assert result["error"] is None, f"valid file refused: {result['error']}"
+
+
+def classifiable_by_nibabel(path: Path, limits: Limits) -> str | None:
+    """Why nibabel (the reference reader) finds no classifiable scan in ``path``; ``None`` if
+    it does: readable, 3D (or 4D of one volume), at least 2 voxels per axis, within the size
+    limits, finite positive spacing, an invertible finite affine, finite values."""
+    try:
+        img = nib.load(str(path))
+        shape = img.shape
+        if len(shape) < 3 or int(np.prod(shape[3:])) != 1 or min(shape[:3]) < 2:
+            return f"shape {shape}"
+        voxels = int(np.prod(shape))
+        if voxels > limits.max_voxels or voxels * img.get_data_dtype().itemsize > limits.max_bytes:
+            return "too large"
+        zooms = img.header.get_zooms()[:3]
+        if not all(np.isfinite(z) and z > 0 for z in zooms):
+            return f"spacing {zooms}"
+        affine = img.affine
+        if not np.isfinite(affine).all() or abs(np.linalg.det(affine[:3, :3])) < 1e-12:
+            return "degenerate affine"
+        with np.errstate(all="ignore"):
+            data = np.asanyarray(img.dataobj)
+        if not np.isfinite(data).all():
+            return "non-finite values"
+    except Exception as exc:  # nibabel refuses it too
+        return f"nibabel: {type(exc).__name__}"
+    return None
 
 
 def test_unreadable_scan_is_reported(tmp_path, checkpoint, monkeypatch):

@@ -1,7 +1,10 @@
 from __future__ import annotations
 
+from pathlib import Path
+
 import nibabel as nib
 import numpy as np
+import pytest
 
 from app.data import main as data_main
 from app.synth import generate_scan
@@ -90,3 +93,35 @@ def test_synth_cli_writes_class_folders(tmp_path):
     )
     assert (out / "CT-0" / "synth_0_0000.nii.gz").read_bytes() == before
     assert data_main(["synth", str(out), "--per-class", "0"]) == 2
+
+
+def test_a_kill_mid_write_leaves_no_file_a_finder_takes_for_a_scan(tmp_path, monkeypatch):
+    from app import synth
+    from app.datalist import discover
+    from app.inputs import find_inputs
+
+    calls = {"n": 0}
+    real_replace = Path.replace
+
+    def dying_replace(self, target):  # the process dies after writing, before the rename
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt
+        return real_replace(self, target)
+
+    monkeypatch.setattr(Path, "replace", dying_replace)
+    with pytest.raises(KeyboardInterrupt):
+        synth.write_dataset(tmp_path, 3, (48, 48, 12), progress=False)
+    monkeypatch.undo()
+    partial = list(tmp_path.rglob(f"*{synth.PARTIAL_SUFFIX}"))
+    assert len(partial) == 1 and partial[0].name.startswith(".")
+    (tmp_path / "CT-0" / "synth_0_0009.tmp.nii.gz").write_bytes(b"left by an older version")
+    assert len(discover(tmp_path)) == 2  # the two complete scans only
+    assert sorted(Path(s.key).name for s in find_inputs(tmp_path)) == [
+        "synth_0_0000.nii.gz",
+        "synth_1_0000.nii.gz",
+    ]
+    items = synth.write_dataset(tmp_path, 3, (48, 48, 12), progress=False)  # completes, cleans up
+    assert len(items) == 6 and not list(tmp_path.rglob("*.partial"))
+    assert not list(tmp_path.rglob("*.tmp.nii.gz"))
+    assert all(synth.is_generated(nib.load(str(d["image"])).header) for d in items)

@@ -272,3 +272,120 @@ def test_checkpoints_are_never_left_half_written(tmp_path, monkeypatch):
         "network",
         "run_info",
     }
+
+
+def snapshot(run: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(run.iterdir()) if p.is_file()}
+
+
+def test_resume_of_a_finished_run_changes_nothing(tiny_data, tmp_path, capsys):
+    run = tmp_path / "R"
+    assert train_main(["--data", str(tiny_data), "--output", str(run), *TINY]) == 0
+    before = snapshot(run)
+    capsys.readouterr()
+    assert train_main(["--output", str(run), "--resume", *TINY]) == 0
+    assert "already finished" in capsys.readouterr().out
+    assert snapshot(run) == before  # metrics.csv, checkpoints, config: byte-identical
+    # the same without repeating --epochs: the run's own setting is the target
+    assert train_main(["--output", str(run), "--resume", "--no-progress"]) == 0
+    assert snapshot(run) == before
+
+
+def test_resume_of_an_early_stopped_run_changes_nothing(tiny_data, tmp_path, capsys):
+    run = tmp_path / "R"
+    options = [a if a != "2" else "6" for a in TINY]
+    assert (
+        train_main(["--data", str(tiny_data), "--output", str(run), *options, "--patience", "1"])
+        == 0
+    )
+    epochs = len(rows(run))
+    assert epochs < 6, "the scripted data should stop early at patience 1"
+    before = snapshot(run)
+    assert train_main(["--output", str(run), "--resume", *options, "--patience", "1"]) == 0
+    assert "early stopping" in capsys.readouterr().out
+    assert snapshot(run) == before
+
+
+def test_disk_cache_is_reused_by_a_second_run(tiny_data, tmp_path):
+    cache = tmp_path / "cache"
+    options = [*TINY, "--epochs", "1", "--cache", "disk", "--set", f"cache_dir={cache}"]
+    assert train_main(["--data", str(tiny_data), "--output", str(tmp_path / "A"), *options]) == 0
+    first = sorted(str(p.relative_to(cache)) for p in cache.rglob("*"))
+    assert len([p for p in first if p.endswith(".pt")]) == 16  # every scan cached once
+    assert train_main(["--data", str(tiny_data), "--output", str(tmp_path / "B"), *options]) == 0
+    assert sorted(str(p.relative_to(cache)) for p in cache.rglob("*")) == first
+
+
+def test_cache_key_is_the_same_in_two_processes():
+    import subprocess
+    import sys
+
+    code = (
+        "from app.datasets import settings_key; from app.config import load_config; "
+        "print(settings_key(load_config('train.yaml').get_parsed_content('train_preprocessing')))"
+    )
+    keys = {
+        subprocess.run(
+            [sys.executable, "-c", code], capture_output=True, text=True, check=True
+        ).stdout.strip()
+        for _ in range(2)
+    }
+    assert len(keys) == 1 and len(keys.pop()) == 12
+    from app.config import load_config
+    from app.datasets import settings_key
+
+    other = load_config("train.yaml", overrides={"spatial_size": [64, 64, 32]})
+    base = load_config("train.yaml")
+    assert settings_key(other.get_parsed_content("preprocessing")) != settings_key(
+        base.get_parsed_content("preprocessing")
+    )
+
+
+@pytest.mark.parametrize(
+    "content",
+    [
+        pytest.param({"thesis.docx": "my work"}, id="foreign-files"),
+        pytest.param({"overrides.json": "{}", "notes.txt": "keep"}, id="run-plus-foreign-file"),
+    ],
+)
+def test_overwrite_refuses_a_folder_that_is_not_a_run(tiny_data, tmp_path, capsys, content):
+    run = tmp_path / "R"
+    run.mkdir()
+    for name, text in content.items():
+        (run / name).write_text(text)
+    assert train_main(["--data", str(tiny_data), "--output", str(run), *TINY, "--overwrite"]) == 2
+    assert "does not look like a run folder" in capsys.readouterr().err
+    assert {p.name: p.read_text() for p in run.iterdir()} == content
+
+
+def test_overwrite_replaces_a_run_and_refuses_a_file_or_link(tiny_data, tmp_path, capsys):
+    run = tmp_path / "R"
+    assert train_main(["--data", str(tiny_data), "--output", str(run), *TINY, "--epochs", "1"]) == 0
+    assert train_main(["--data", str(tiny_data), "--output", str(run), *TINY, "--overwrite"]) == 0
+    assert [r["epoch"] for r in rows(run)] == ["1", "2"]
+    victim = tmp_path / "victim"
+    victim.mkdir()
+    (victim / "overrides.json").write_text("{}")
+    (tmp_path / "link").symlink_to(victim)
+    assert (
+        train_main(
+            ["--data", str(tiny_data), "--output", str(tmp_path / "link"), *TINY, "--overwrite"]
+        )
+        == 2
+    )
+    assert (victim / "overrides.json").exists()
+    (tmp_path / "file").write_text("x")
+    assert train_main(["--data", str(tiny_data), "--output", str(tmp_path / "file"), *TINY]) == 2
+    assert (tmp_path / "file").read_text() == "x"
+
+
+def test_checkpoint_records_its_training_data(tiny_data, tmp_path):
+    run = tmp_path / "R"
+    assert train_main(["--data", str(tiny_data), "--output", str(run), *TINY, "--epochs", "1"]) == 0
+    info = torch.load(run / "best_model.pt", weights_only=True)["run_info"]["training_data"]
+    split = json.loads((run / "split.json").read_text())
+    labels = [d["label"] for d in split["training"]]
+    assert info["generated"] is True and info["scans"] == len(labels)
+    assert info["class_counts"] == [labels.count(0), labels.count(1)]
+    assert info["shape_min"] == info["shape_max"] == [64, 64, 16]
+    assert info["source"] == str(tiny_data)
