@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import synth_dataset
+from conftest import require_module, synth_dataset
 from monai.bundle import ConfigWorkflow
 
 from app.config import CONFIG_DIR, config_files
