@@ -22,6 +22,8 @@ DEFAULT_CLASS_MAP: dict[str, int] = {
     "CT-23": 1,
 }
 SCAN_SUFFIXES = (".nii.gz", ".nii")
+#: larger files are not datalists (1,110 MosMed entries take about 100 KB)
+MAX_DATALIST_BYTES = 64 * 1024**2
 
 Item = dict[str, object]
 
@@ -80,6 +82,11 @@ def load_datalist(path: str | Path) -> list[Item]:
     path = Path(path)
     if not path.is_file():
         raise DataError(f"datalist {path} does not exist")
+    if path.stat().st_size > MAX_DATALIST_BYTES:
+        raise DataError(
+            f"datalist {path} is {path.stat().st_size:,} bytes, above {MAX_DATALIST_BYTES:,}: "
+            "not a datalist"
+        )
     try:
         if path.suffix.lower() == ".csv":
             with path.open(newline="") as f:
@@ -95,19 +102,25 @@ def load_datalist(path: str | Path) -> list[Item]:
         raise DataError(f"datalist {path} cannot be read: {exc}") from exc
     items: list[Item] = []
     missing: list[str] = []
+    if not isinstance(rows, list):
+        raise DataError(f"datalist {path}: expected a list of entries, got {type(rows).__name__}")
     for i, row in enumerate(rows):
         if not isinstance(row, Mapping) or "image" not in row or "label" not in row:
             raise DataError(f"datalist {path}, entry {i + 1}: needs the fields 'image' and 'label'")
-        image = Path(str(row["image"]))
-        image = image if image.is_absolute() else path.parent / image
-        try:
-            label = int(str(row["label"]))
-        except ValueError as exc:
+        text = row["image"]
+        if not isinstance(text, str) or not text or len(text) > 4096 or "\0" in text:
             raise DataError(
-                f"datalist {path}, entry {i + 1}: label {row['label']!r} is not 0 or 1"
-            ) from exc
-        if label not in (0, 1):
-            raise DataError(f"datalist {path}, entry {i + 1}: label {label} is not 0 or 1")
+                f"datalist {path}, entry {i + 1}: image must be a file path, got {text!r}"[:300]
+            )
+        image = Path(text)
+        image = image if image.is_absolute() else path.parent / image
+        label = row["label"]
+        if isinstance(label, str) and label.strip() in ("0", "1"):
+            label = int(label.strip())
+        if isinstance(label, bool) or not isinstance(label, int) or label not in (0, 1):
+            raise DataError(
+                f"datalist {path}, entry {i + 1}: label {row['label']!r} is not 0 or 1"[:300]
+            )
         if not image.exists():
             missing.append(str(image))
         items.append({"image": str(image), "label": label})

@@ -262,7 +262,7 @@ def train(
         torch.distributed.barrier()  # the other ranks start once rank 0 has checked the folder
     settings: dict[str, Any] = {}
     if resume and (output / OVERRIDES_FILE).exists():
-        settings.update(json.loads((output / OVERRIDES_FILE).read_text()))
+        settings.update(read_saved_overrides(output / OVERRIDES_FILE, overrides or {}))
     names = ["train.yaml"] + ([DEMO_CONFIG] if demo or settings.pop("__demo__", False) else [])
     if launched_distributed():
         names.append("multi_gpu_train.yaml")
@@ -295,6 +295,9 @@ def train(
     if "cuda" in device and not torch.cuda.is_available():
         raise ConfigError("--device cuda: no CUDA device is available here")
 
+    from app.datalist import find_items
+
+    find_items(dataset_dir)  # a missing or malformed dataset is reported before the run folder
     output.mkdir(parents=True, exist_ok=True)
     from app.fileio import atomic_write_text
 
@@ -344,6 +347,11 @@ def train(
         with _stop_on_signals(trainer):
             workflow.run()
         workflow.finalize()
+    except RuntimeError as exc:  # MONAI's config parser wraps what a component raised
+        cause = _user_error(exc)
+        if cause is None:
+            raise
+        raise cause from exc
     finally:
         logging.getLogger().removeHandler(log_handler)
         log_handler.close()
@@ -351,6 +359,49 @@ def train(
     return TrainResult(
         output, read_metrics(output / "metrics.csv"), best if best.exists() else None
     )
+
+
+def _user_error(exc: BaseException) -> CTClassifyError | None:
+    """The first of our own errors in ``exc``'s chain of causes, if any."""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        if isinstance(current, CTClassifyError):
+            return current
+        seen.add(id(current))
+        current = current.__cause__ or current.__context__
+    return None
+
+
+#: the config expressions ``--device`` writes into overrides.json itself
+DEVICE_EXPRESSIONS = {f"$torch.device('{d}')" for d in ("cpu", "cuda")}
+
+
+def read_saved_overrides(path: Path, given: dict[str, Any]) -> dict[str, Any]:
+    """A run folder's ``overrides.json`` for ``--resume``, read as data.
+
+    The file comes from a folder, which may come from someone else: a value that MONAI's parser
+    would evaluate (``$``/``@``/``%`` strings, ``_target_`` dicts) is refused unless it is one
+    ``--device`` writes, or the same value is given again on this command line (``given``).
+    """
+    from app.model_settings import find_config_syntax
+
+    try:
+        saved = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"--resume: {path} cannot be read ({exc})") from exc
+    if not isinstance(saved, dict):
+        raise ConfigError(f"--resume: {path} is not a JSON object")
+    for key, value in saved.items():
+        if key == "device" and value in DEVICE_EXPRESSIONS:
+            continue
+        found = find_config_syntax(value, key)
+        if found and given.get(key) != value:
+            raise ConfigError(
+                f"--resume: {path} field {found} holds config syntax, which is never evaluated "
+                f"from a file; give it again on the command line (--set {key}=...) to use it"
+            )
+    return saved
 
 
 def finished_reason(

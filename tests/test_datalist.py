@@ -96,3 +96,56 @@ def test_split_keeps_each_side_non_empty():
     items = [{"image": f"{c}{i}", "label": c} for c in (0, 1) for i in range(2)]
     train, val = stratified_split(items, 0.9, seed=0)
     assert len(train) == 2 and len(val) == 2
+
+
+@pytest.mark.parametrize(
+    ("entry", "message"),
+    [
+        pytest.param(
+            {"image": {"_target_": "os.system"}, "label": 0}, "must be a file path", id="image-dict"
+        ),
+        pytest.param({"image": ["a.nii.gz"], "label": 0}, "must be a file path", id="image-list"),
+        pytest.param({"image": 12, "label": 0}, "must be a file path", id="image-number"),
+        pytest.param({"image": "a.nii.gz", "label": True}, "is not 0 or 1", id="label-bool"),
+        pytest.param({"image": "a.nii.gz", "label": 1.5}, "is not 0 or 1", id="label-float"),
+        pytest.param({"image": "a.nii.gz", "label": [1]}, "is not 0 or 1", id="label-list"),
+        pytest.param({"image": "a.nii.gz", "label": "$1"}, "is not 0 or 1", id="label-expression"),
+        pytest.param("a.nii.gz", "needs the fields", id="entry-string"),
+    ],
+)
+def test_datalist_values_of_the_wrong_type_are_refused(tmp_path, entry, message):
+    (tmp_path / "a.nii.gz").write_bytes(b"x")
+    (tmp_path / "list.json").write_text(json.dumps([entry]))
+    with pytest.raises(DataError, match=message):
+        load_datalist(tmp_path / "list.json")
+
+
+def test_datalist_text_is_never_evaluated(tmp_path, capsys):
+    from app.train import main as train_main
+
+    marker = tmp_path / "pwned"
+    code = f"$__import__('pathlib').Path({str(marker)!r}).touch()"
+    (tmp_path / "list.json").write_text(json.dumps([{"image": code, "label": 1}] * 2))
+    args = [
+        "--data",
+        str(tmp_path / "list.json"),
+        "--output",
+        str(tmp_path / "run"),
+        "--no-progress",
+    ]
+    assert train_main(args) == 2
+    assert "do not exist" in capsys.readouterr().err and not marker.exists()
+
+
+def test_datalist_that_is_not_a_list_or_too_large_is_refused(tmp_path, monkeypatch):
+    from app import datalist
+
+    (tmp_path / "list.json").write_text(json.dumps({"training": "everything"}))
+    with pytest.raises(DataError, match="is empty"):
+        load_datalist(tmp_path / "list.json")
+    (tmp_path / "scalar.json").write_text("7")
+    with pytest.raises(DataError, match="expected a list"):
+        load_datalist(tmp_path / "scalar.json")
+    monkeypatch.setattr(datalist, "MAX_DATALIST_BYTES", 10)
+    with pytest.raises(DataError, match="not a datalist"):
+        load_datalist(tmp_path / "list.json")

@@ -389,3 +389,16 @@ def test_checkpoint_records_its_training_data(tiny_data, tmp_path):
     assert info["class_counts"] == [labels.count(0), labels.count(1)]
     assert info["shape_min"] == info["shape_max"] == [64, 64, 16]
     assert info["source"] == str(tiny_data)
+
+
+def test_resume_never_evaluates_text_from_the_run_folder(tiny_data, tmp_path, capsys):
+    run = tmp_path / "R"
+    assert train_main(["--data", str(tiny_data), "--output", str(run), *TINY, "--epochs", "1"]) == 0
+    marker = tmp_path / "pwned"
+    saved = json.loads((run / "overrides.json").read_text())
+    saved["dropout"] = f"$__import__('pathlib').Path({str(marker)!r}).touch() or 0.3"
+    (run / "overrides.json").write_text(json.dumps(saved))
+    before = snapshot(run)
+    assert train_main(["--output", str(run), "--resume", *TINY]) == 2
+    assert "never evaluated from a file" in capsys.readouterr().err
+    assert not marker.exists() and snapshot(run) == before
