@@ -113,11 +113,11 @@ def load_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str
     settings = data.get("run_info")
     source = str(path)
     if settings is None and (path.parent.parent / "configs" / "metadata.json").is_file():
+        import yaml
+
         from app.bundle_io import bundle_settings
 
         source = str(path.parent.parent / "configs" / "inference.yaml")
-        import yaml
-
         try:
             settings = bundle_settings(path.parent.parent)
         except (OSError, ValueError, yaml.YAMLError) as exc:

@@ -223,3 +223,10 @@ def test_unknown_size_download_is_bounded(tmp_path):
     finally:
         srv.close()
     assert not (tmp_path / "big.zip").exists()
+
+
+def test_zip_limits_are_the_quoted_ones():
+    """README: at most 10,000 members and 20x the archive's size inflated (16 GiB at most)."""
+    from app.download import ZipLimits
+
+    assert ZipLimits() == ZipLimits(max_members=10_000, max_bytes=16 * 1024**3, max_ratio=20.0)

@@ -593,3 +593,36 @@ def test_dicom_claims_are_bounded_before_reading(tmp_path, checkpoint, fields, m
         check_dicom_series([str(p) for p in sorted(folder.iterdir())], Limits())
     pred = Classifier.load(checkpoint, device="cpu").predict(folder)
     assert not pred.ok and message in pred.error
+
+
+@pytest.mark.parametrize(("lung_slices", "warned"), [(4, True), (5, False), (20, False)])
+def test_lung_warning_below_a_quarter_of_the_slices(lung_slices, warned):
+    """README: a warning when lung-density air inside the body is in under 25% of the slices."""
+    from app.scanqc import check_values
+
+    vol = np.full((64, 64, 20), -1000.0)
+    vol[8:56, 8:56, :] = 40.0  # a body in every slice
+    vol[16:30, 16:48, :lung_slices] = -850.0  # lungs in the first slices only
+    warnings = check_values(vol, np.diag([0.8, 0.8, 5.0, 1.0]))
+    assert any("little or no lung" in w for w in warnings) == warned, warnings
+
+
+@pytest.mark.parametrize(
+    ("zooms", "warned"),
+    [
+        ((0.8, 0.8, 8.0), False),
+        ((0.41, 0.41, 4.1), False),  # just inside half the smallest
+        ((0.8, 0.8, 3.9), True),  # slices under half the training scans' 8 mm
+        ((0.8, 0.8, 16.0), False),
+        ((0.8, 0.8, 16.5), True),  # over twice
+    ],
+)
+def test_spacing_warning_beyond_twice_the_training_range(zooms, warned):
+    """README: a warning when the spacing lies more than 2x outside the training scans'."""
+    from app.scanqc import TrainingContext, training_warnings
+
+    context = TrainingContext(
+        generated=False, spacing_min=(0.82, 0.82, 8.0), spacing_max=(0.9, 0.9, 8.0)
+    )
+    warnings = training_warnings(zooms, False, context)
+    assert any("far from the training scans'" in w for w in warnings) == warned, warnings
