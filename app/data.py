@@ -10,6 +10,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from app.cli import show_progress
+
 DEFAULT_ROOT = Path("data")
 
 
@@ -67,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
                 archives,
                 base_url=args.base_url,
                 keep_archives=args.keep_archives,
-                progress=not args.no_progress,
+                progress=show_progress(args.no_progress),
             )
         else:
             from app.synth import write_dataset
@@ -84,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
                 tuple(args.shape) if args.shape else None,
                 seed=args.seed,
                 difficulty=args.difficulty,
-                progress=not args.no_progress,
+                progress=show_progress(args.no_progress),
             )
             print(f"wrote {len(items)} scans to {args.out}")
     except CTClassifyError as exc:

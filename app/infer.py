@@ -1,11 +1,12 @@
-"""``python -m app.infer FOLDER``: classify every NIfTI file and DICOM series under FOLDER.
+"""python -m app.infer FOLDER: classify every NIfTI file and DICOM series under FOLDER.
 
     python -m app.infer scans/ --checkpoint runs/demo --output results/ --report --saliency
 
-Writes OUT/predictions.csv (path, prob_abnormal, label, warnings, error, seconds) row by row and
-OUT/predictions.json. Running the same command again completes an interrupted folder. Exit
-status: 0 all classified, 1 some inputs failed (the rest are written), 2 usage error, no
-inputs, or an unusable checkpoint.
+Writes OUT/predictions.csv (path, prob_abnormal, label, warnings, error, seconds) row by row,
+OUT/predictions.json and OUT/model.json (the model and threshold that wrote the folder).
+Running the same command again completes an interrupted folder and retries failed inputs.
+Exit status: 0 all classified, 1 some inputs failed (the rest are written), 2 usage error, no
+inputs, an unusable checkpoint, or an output folder of another model.
 """
 
 from __future__ import annotations
@@ -16,6 +17,9 @@ import hashlib
 import re
 import sys
 from pathlib import Path
+
+from app.cli import config_values, count, show_progress
+from app.scanqc import Limits
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -29,28 +33,58 @@ def build_parser() -> argparse.ArgumentParser:
         "--checkpoint", help="run folder, checkpoint file or exported bundle (default: newest run)"
     )
     p.add_argument("--output", type=Path, help="output folder (default: outputs/<FOLDER name>)")
-    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
-    p.add_argument("--batch-size", type=int, default=2, help="scans per forward pass (default 2)")
-    p.add_argument("--workers", type=int, default=0, help="processes that read scans (default 0)")
+    p.add_argument(
+        "--device",
+        choices=("auto", "cpu", "cuda"),
+        default="auto",
+        help="where the model runs (default auto: CUDA when there is a GPU)",
+    )
+    defaults = config_values("common.yaml", "inference.yaml")
+    p.add_argument(
+        "--batch-size",
+        type=int,
+        default=int(defaults["batch_size"]),
+        help="scans per forward pass (default %(default)s)",
+    )
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=int(defaults["num_workers"]),
+        help="processes that read scans (default %(default)s)",
+    )
     p.add_argument(
         "--threshold",
         type=float,
         default=None,
-        help="P(abnormal) from which a scan is 'abnormal' (default: the run's, 0.5)",
+        help="P(abnormal) from which a scan is 'abnormal' (default: the model's own, "
+        f"{defaults['threshold']} unless it was trained with another)",
     )
     p.add_argument(
         "--precision",
         choices=("auto", "fp32", "bf16"),
         default="auto",
-        help="auto: float16 on CUDA, float32 on CPU; bf16: faster on CPUs with AVX512-BF16",
+        help="auto: mixed precision on CUDA, float32 on the CPU; fp32; bf16: bfloat16 autocast "
+        "(faster on CPUs with AVX512-BF16)",
     )
     p.add_argument("--saliency", action="store_true", help="save a Grad-CAM montage per scan")
     p.add_argument("--report", action="store_true", help="write OUT/report.html")
-    p.add_argument("--overwrite", action="store_true", help="start OUT/predictions.csv afresh")
     p.add_argument(
-        "--max-voxels", type=int, default=None, help="refuse larger scans (default 300M)"
+        "--overwrite",
+        action="store_true",
+        help="start OUT afresh (predictions of another model or threshold are replaced)",
     )
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument(
+        "--max-voxels",
+        type=count,
+        default=None,
+        metavar="N",
+        help=f"refuse larger scans, e.g. 300000000 or 300M (default {Limits.max_voxels:,})",
+    )
+    p.add_argument(
+        "--no-progress",
+        action="store_true",
+        help="no progress bar (it is shown only when stderr is a terminal anyway)",
+    )
     return p
 
 
@@ -83,7 +117,6 @@ def main(argv: list[str] | None = None) -> int:
     from app.inputs import find_inputs
     from app.plots import plot_montage
     from app.predictions import OutputFolderError, PredictionLog
-    from app.scanqc import Limits
 
     limits = Limits() if args.max_voxels is None else Limits(max_voxels=args.max_voxels)
     try:
@@ -118,7 +151,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     images: dict[str, dict[str, Path]] = {}
     want_images = args.saliency or args.report
-    bar = tqdm(total=len(todo), unit="scan", disable=args.no_progress, file=sys.stderr)
+    bar = tqdm(
+        total=len(todo), unit="scan", disable=not show_progress(args.no_progress), file=sys.stderr
+    )
     try:
         for pred in clf.predict_many(
             todo, batch_size=args.batch_size, workers=args.workers, keep_images=want_images

@@ -1,11 +1,11 @@
-"""``python -m app.train``: train the 3D CNN through MONAI's Ignite engines, from the bundle configs.
+"""python -m app.train: train the 3D CNN through MONAI's Ignite engines, from the bundle configs.
 
     python -m app.train --demo                     # generated data, settings for a 2-core CPU
     python -m app.train --data data/MosMedData --output runs/mosmed
     python -m app.train --output runs/mosmed --epochs 120 --resume
 
-Every default comes from configs/common.yaml and configs/train.yaml; ``--set ID=VALUE``
-overrides any config id.
+Every default comes from configs/common.yaml and configs/train.yaml (with --demo:
+configs/demo.yaml on top); --set ID=VALUE overrides any config id.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from app.cli import default_text, show_progress
 from app.config import CONFIG_DIR, config_files, load_config, parse_set_options
 from app.errors import ConfigError, CTClassifyError, DataError
 
@@ -61,16 +62,22 @@ def build_parser() -> argparse.ArgumentParser:
         help="generate the MosMed-like demo data if needed and train a CPU-sized model",
     )
     p.add_argument("--output", type=Path, help="run folder (default: runs/run-<date>-<time>)")
-    p.add_argument("--epochs", type=int, help="maximum epochs (default 100)")
-    p.add_argument("--batch-size", type=int, help="scans per step (default 2)")
-    p.add_argument("--lr", type=float, help="Adam learning rate (default 1e-4)")
-    p.add_argument("--patience", type=int, help="early-stopping patience in epochs (default 15)")
+
+    def default(key: str) -> str:
+        return default_text(key, "common.yaml", "train.yaml", demo=DEMO_CONFIG)
+
+    p.add_argument("--epochs", type=int, help=f"maximum epochs {default('epochs')}")
+    p.add_argument("--batch-size", type=int, help=f"scans per step {default('batch_size')}")
+    p.add_argument("--lr", type=float, help=f"Adam learning rate {default('learning_rate')}")
+    p.add_argument(
+        "--patience", type=int, help=f"early-stopping patience in epochs {default('patience')}"
+    )
     p.add_argument(
         "--spatial-size",
         type=int,
         nargs=3,
         metavar=("X", "Y", "Z"),
-        help="network input size (default 128 128 64)",
+        help=f"network input size {default('spatial_size')}",
     )
     p.add_argument(
         "--cache",
@@ -78,15 +85,25 @@ def build_parser() -> argparse.ArgumentParser:
         help="cache of the deterministic preprocessing (default: device, i.e. GPU memory, with "
         "CUDA; memory otherwise)",
     )
-    p.add_argument("--seed", type=int, help="seed of split, initialisation and augmentation")
-    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    p.add_argument(
+        "--seed", type=int, help=f"seed of split, initialisation and augmentation {default('seed')}"
+    )
+    p.add_argument(
+        "--device",
+        choices=("auto", "cpu", "cuda"),
+        default="auto",
+        help="where to train (default auto: CUDA when there is a GPU; under torchrun each "
+        "process takes its LOCAL_RANK's GPU)",
+    )
     p.add_argument(
         "--amp",
         action=argparse.BooleanOptionalAction,
         default=None,
         help="mixed precision (default: on with CUDA)",
     )
-    p.add_argument("--workers", type=int, help="data-loading worker processes (default 0)")
+    p.add_argument(
+        "--workers", type=int, help=f"data-loading worker processes {default('num_workers')}"
+    )
     p.add_argument("--resume", action="store_true", help="continue the run in --output")
     p.add_argument("--overwrite", action="store_true", help="replace an existing run folder")
     p.add_argument(
@@ -97,7 +114,11 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="ID=VALUE",
         help="override any config id, e.g. --set bn_momentum=0.1 (repeatable)",
     )
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument(
+        "--no-progress",
+        action="store_true",
+        help="no progress bars (they are shown only when stderr is a terminal anyway)",
+    )
     return p
 
 
@@ -117,7 +138,7 @@ def overrides_from_args(args: argparse.Namespace) -> dict[str, Any]:
     out = {k: v for k, v in mapping.items() if v is not None}
     if args.device != "auto":
         out["device"] = f"$torch.device('{args.device}')"
-    if args.no_progress:
+    if not show_progress(args.no_progress):
         out["progress"] = False
     out.update(parse_set_options(args.sets))
     return out

@@ -1,0 +1,60 @@
+"""What the command lines share: defaults read from the configs for their help, sizes such as
+``300M``, and progress bars only where someone watches them."""
+
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+from app.config import CONFIG_DIR
+
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kKmMgGtT]?)\s*$")
+_FACTORS = {"": 1, "k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12}
+
+
+@cache
+def config_values(*names: str) -> dict[str, Any]:
+    """Top-level values of ``names`` (e.g. ``"common.yaml"``), later files overriding earlier
+    ones, read as plain YAML (fast: no MONAI import, nothing evaluated), for help texts."""
+    import yaml
+
+    values: dict[str, Any] = {}
+    for name in names:
+        values.update(yaml.safe_load((Path(CONFIG_DIR) / name).read_text()) or {})
+    return values
+
+
+def default_text(key: str, *names: str, demo: str | None = None) -> str:
+    """``(default V)`` for config id ``key``, with the demo's value when it differs."""
+    value = config_values(*names).get(key)
+    shown = " ".join(str(v) for v in value) if isinstance(value, list) else str(value)
+    if demo is not None:
+        other = config_values(*names, demo).get(key)
+        if other != value:
+            alt = " ".join(str(v) for v in other) if isinstance(other, list) else str(other)
+            return f"(default {shown}; --demo: {alt})"
+    return f"(default {shown})"
+
+
+def count(text: str) -> int:
+    """A positive count such as ``300000000``, ``300M``, ``1.5G`` (k, M, G, T: powers of 1000),
+    for argparse."""
+    match = _SIZE.match(text)
+    if not match:
+        raise argparse.ArgumentTypeError(
+            f"expected a number such as 300000000 or 300M, got {text!r}"
+        )
+    value = float(match.group(1)) * _FACTORS[match.group(2).lower()]
+    if value < 1 or value != int(value):
+        raise argparse.ArgumentTypeError(f"expected a positive whole number, got {text!r}")
+    return int(value)
+
+
+def show_progress(no_progress: bool) -> bool:
+    """Progress bars unless ``--no-progress``, and only on a terminal: in a log file they are
+    thousands of redrawn lines."""
+    return not no_progress and sys.stderr.isatty()
