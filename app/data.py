@@ -63,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
             from app.config import load_config
             from app.download import download_mosmed
 
-            archives = load_config().get_parsed_content("mosmed_archives")
+            archives = load_config("train.yaml").get_parsed_content("mosmed_archives")
             download_mosmed(
                 args.root,
                 archives,

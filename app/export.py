@@ -34,7 +34,6 @@ TARGET_PREFIXES = {
     "transforms.": "scripts.transforms.",
     "app.bundle_io.": "scripts.bundle_io.",
 }
-TRAINING_ONLY = ("train_preprocessing", "rotation_angles_deg", "mosmed_archives")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -76,8 +75,6 @@ def bundle_inference_config(
     merged: dict[str, Any] = {}
     for name in ("common.yaml", "inference.yaml"):
         merged.update(yaml.safe_load((config_dir / name).read_text()))
-    for key in TRAINING_ONLY:
-        merged.pop(key, None)
     # validated plain values only (never an expression), and only the model's own settings
     # replace config ids: the training data folder is not the bundle's dataset_dir
     plain = validate_settings(settings, "the run settings")

@@ -75,16 +75,36 @@ def test_metadata_has_the_bundle_specification_fields():
     assert pred["channel_def"] == {"0": "abnormal"} and pred["spatial_shape"] == [1]
 
 
-def test_no_value_is_written_twice_in_the_configs():
-    """Inference refers to the preprocessing training defines: the values live in common.yaml."""
+#: files a workflow reads together (common.yaml with one of the others); overlays on top of them
+#: (demo.yaml, evaluate.yaml, multi_gpu_train.yaml) exist to redefine ids and are checked apart
+BASE_CONFIGS = ("common.yaml", "train.yaml", "inference.yaml")
+OVERLAYS = ("demo.yaml", "evaluate.yaml", "multi_gpu_train.yaml")
+#: each workflow's own entry points, as MONAI bundles name them
+ENTRY_IDS = {"imports", "run", "initialize", "finalize"}
+
+
+def test_no_id_is_defined_in_two_config_files():
+    """Every setting once: no two base files define the same id (runtime ids shared by training
+    and inference live in common.yaml), and an overlay redefines only ids that exist."""
+    import itertools
+
     import yaml
 
-    common = yaml.safe_load((CONFIG_DIR / "common.yaml").read_text())
-    for name in ("train.yaml", "inference.yaml", "multi_gpu_train.yaml"):
-        other = yaml.safe_load((CONFIG_DIR / name).read_text())
-        assert not set(common) & set(other) - {"imports"}, name
-    text = (CONFIG_DIR / "train.yaml").read_text() + (CONFIG_DIR / "inference.yaml").read_text()
+    files = {name: yaml.safe_load((CONFIG_DIR / name).read_text()) for name in BASE_CONFIGS}
+    for (a, first), (b, second) in itertools.combinations(files.items(), 2):
+        twice = set(first) & set(second) - ENTRY_IDS
+        assert not twice, f"{a} and {b} both define {sorted(twice)}"
+    known = set().union(*files.values())
+    for name in OVERLAYS:
+        overlay = yaml.safe_load((CONFIG_DIR / name).read_text())
+        for key in overlay:
+            root = key.lstrip("+").split("#")[0]
+            assert root in known or key in ("demo_data", "backend") or root in ENTRY_IDS, (
+                f"{name} redefines {key!r}, which no base config defines"
+            )
+    text = "".join((CONFIG_DIR / n).read_text() for n in (*BASE_CONFIGS, *OVERLAYS))
     assert "#0" not in text and "#1" not in text  # ids by name, never by list position
+    assert "SPEC.md" not in text  # a user's clone has no SPEC.md: cite the Keras example
 
 
 BLOCKER = textwrap.dedent(
