@@ -136,8 +136,16 @@ def overrides_from_args(args: argparse.Namespace) -> dict[str, Any]:
         "num_workers": args.workers,
     }
     out = {k: v for k, v in mapping.items() if v is not None}
-    if args.device != "auto":
+    from app.distributed import launched_distributed
+
+    if args.device == "cpu" or (args.device == "cuda" and not launched_distributed()):
         out["device"] = f"$torch.device('{args.device}')"
+    # --device cuda under torchrun: multi_gpu_train.yaml's device, cuda:LOCAL_RANK, is the one
+    if args.device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise ConfigError("--device cuda: no CUDA device is available here")
     if not show_progress(args.no_progress):
         out["progress"] = False
     out.update(parse_set_options(args.sets))
@@ -276,9 +284,11 @@ def train(
     output = Path(output) if output else Path("runs") / time.strftime("run-%Y%m%d-%H%M%S")
     lead = rank() == 0
     if launched_distributed():
-        _init_process_group(config_dir)
+        _init_process_group(config_dir, (overrides or {}).get("device"))
     if lead:
         prepare_run_dir(output, resume, overwrite)
+        if demo:  # generated once, by rank 0, while the others wait
+            demo_dataset(config_dir)
     if launched_distributed():
         torch.distributed.barrier()  # the other ranks start once rank 0 has checked the folder
     settings: dict[str, Any] = {}
@@ -345,6 +355,14 @@ def train(
                 json.dumps(_environment(str(parser.get_parsed_content("device"))), indent=1),
             )
         trainer = parser.get_parsed_content("train#trainer")
+        if launched_distributed():
+            logging.getLogger("app.train").info(
+                "rank %d of %d holds %d training and %d validation scans",
+                rank(),
+                torch.distributed.get_world_size(),
+                len(parser.get_parsed_content("train#dataset")),
+                len(parser.get_parsed_content("validate#dataset")),
+            )
         if resume:
             last = latest_checkpoint(output)
             assert last is not None
@@ -365,8 +383,15 @@ def train(
                 trainer.state.epoch,
                 trainer.state.max_epochs,
             )
-        with _stop_on_signals(trainer):
-            workflow.run()
+        try:
+            with _stop_on_signals(trainer):
+                workflow.run()
+        except Interrupted:
+            workflow.finalize()  # every rank stopped after the same iteration: meet, tear down
+            raise
+        except BaseException:
+            _leave_process_group()  # no barrier: the other ranks may never reach it
+            raise
         workflow.finalize()
     except RuntimeError as exc:  # MONAI's config parser wraps what a component raised
         cause = _user_error(exc)
@@ -506,13 +531,35 @@ def _stop_on_signals(trainer: Any) -> Iterator[None]:
         )
 
 
-def _init_process_group(config_dir: Path) -> None:
-    """Join the process group (backend as multi_gpu_train.yaml chooses it) before any file work."""
+def _init_process_group(config_dir: Path, device: str | None = None) -> None:
+    """Join the process group before any file work, in one place: the backend and device as
+    multi_gpu_train.yaml chooses them (``device``: a ``--device`` override), this process's GPU
+    selected before the first collective call (NCCL needs it)."""
+    import torch
     import torch.distributed as dist
 
-    if not dist.is_initialized():
-        backend = load_config("train.yaml", "multi_gpu_train.yaml", config_dir=config_dir)
-        dist.init_process_group(backend=backend.get_parsed_content("backend"))
+    if dist.is_initialized():
+        return
+    parser = load_config(
+        "train.yaml",
+        "multi_gpu_train.yaml",
+        overrides={"device": device} if device else None,
+        config_dir=config_dir,
+    )
+    chosen = parser.get_parsed_content("device")
+    if chosen.type == "cuda":
+        torch.cuda.set_device(chosen)
+    dist.init_process_group(backend=parser.get_parsed_content("backend"))
+
+
+def _leave_process_group() -> None:
+    import contextlib
+
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        with contextlib.suppress(Exception):
+            dist.destroy_process_group()
 
 
 def _restore_best_tracking(parser: Any, output: Path) -> None:

@@ -145,7 +145,11 @@ def test_best_checkpoint_is_the_first_best_val_acc(tmp_path):
 
     handlers = load_config("train.yaml").get("validate#handlers")
     entry = next(h for h in handlers if h["_target_"] == "app.handlers.AtomicCheckpointSaver")
-    options = {k: v for k, v in entry.items() if k not in ("_target_", "save_dir", "save_dict")}
+    options = {
+        k: v
+        for k, v in entry.items()
+        if k not in ("_target_", "_disabled_", "save_dir", "save_dict")
+    }
     net = torch.nn.Linear(1, 1)
     scores = [0.5, 0.7, 0.6, 0.7, 0.65]
     evaluator = Engine(lambda e, b: None)
@@ -194,10 +198,17 @@ def test_two_process_gloo_training(tiny_data, tmp_path):
         "filters=[4, 4, 8, 8]",
         "--set",
         "dense_units=8",
-    ]
+    ]  # TINY's --device cpu: gloo, also where CUDA exists
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert [r["epoch"] for r in rows(run)] == ["1", "2"]
+    # each rank caches only its share of the data: 12 training and 4 validation scans in all
+    output = proc.stdout + proc.stderr
+    assert "rank 0 of 2 holds 6 training and 2 validation scans" in output, output[-3000:]
+    assert "rank 1 of 2 holds 6 training and 2 validation scans" in output
+    # only rank 0 writes: one TensorBoard writer per engine, all from one process
+    events = list((run / "tensorboard").glob("events.out.tfevents.*"))
+    assert len(events) == 2 and len({p.name.split(".")[-2] for p in events}) == 1, events
     config = json.loads((run / "config.json").read_text())
     assert "DistributedDataParallel" in json.dumps(config["network"])
     checkpoint = torch.load(run / "last_checkpoint_epoch=2.pt", weights_only=True)
