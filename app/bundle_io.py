@@ -42,7 +42,7 @@ class PredictionWriter:
     def __init__(
         self,
         output_dir: str | Path,
-        threshold: float = 0.5,
+        threshold: float,
         prob_key: str = "prob",
         path_key: str = "path",
     ) -> None:

@@ -25,6 +25,7 @@ import torch
 from app.errors import ConfigError, CTClassifyError
 from app.inputs import ScanInput, find_inputs
 from app.model_settings import MODEL_SETTINGS, SettingsError, validate_settings
+from app.run_folder import BEST_MODEL
 from app.scanqc import (
     Limits,
     ScanError,
@@ -68,7 +69,7 @@ class Prediction:
 def resolve_checkpoint(path: str | Path | None, runs_dir: str | Path = "runs") -> Path:
     """A checkpoint file from a file, a run folder (its best model) or ``None`` (newest run)."""
     if path is None:
-        candidates = sorted(Path(runs_dir).glob("*/best_model.pt"), key=lambda p: p.stat().st_mtime)
+        candidates = sorted(Path(runs_dir).glob(f"*/{BEST_MODEL}"), key=lambda p: p.stat().st_mtime)
         if not candidates:
             raise CheckpointError(
                 f"no trained model under {runs_dir}/: train one (`python -m app.train --demo`) or "
@@ -77,7 +78,7 @@ def resolve_checkpoint(path: str | Path | None, runs_dir: str | Path = "runs") -
         return candidates[-1]
     path = Path(path)
     if path.is_dir():
-        for name in ("best_model.pt", "models/model.pt"):
+        for name in (BEST_MODEL, "models/model.pt"):
             if (path / name).is_file():
                 return path / name
         from app.handlers.trainer_checkpoint import latest_checkpoint
@@ -152,7 +153,7 @@ def validation_of(checkpoint: Path) -> dict[str, Any] | None:
     if not rows:
         return None
     row: dict[str, Any] | None
-    if checkpoint.name == "best_model.pt":
+    if checkpoint.name == BEST_MODEL:
         row = max(rows, key=lambda r: (r["val_acc"], -r["epoch"]))
     else:
         epoch = checkpoint.stem.rsplit("=", 1)[-1]
@@ -276,8 +277,8 @@ class Classifier:
         limits: caps on scan size checked before reading.
         checkpoint: where the weights came from.
         precision: ``auto`` (float16 autocast on CUDA, float32 on CPU), ``fp32``, or ``bf16``
-            (bfloat16 autocast; about 1.4x faster than float32 on CPUs with AVX512-BF16,
-            probabilities within about 0.02 of float32, see the README). On the CPU the network
+            (bfloat16 autocast: faster on CPUs with AVX512-BF16, probabilities slightly off
+            float32's; ``docs/benchmarks.md`` has the measured figures). On the CPU the network
             always runs in channels-last memory.
     """
 
@@ -302,14 +303,16 @@ class Classifier:
             raise CheckpointError(str(exc)) from exc
         self.device = device
         self.network = network.to(device).eval()
-        #: channels-last (NDHWC) memory: oneDNN's 3D convolutions are about 2x faster on the CPU
+        #: channels-last (NDHWC) memory: oneDNN's 3D convolutions run faster so on the CPU
         self.channels_last = device.type == "cpu"
         if self.channels_last:
             self.network = self.network.to(memory_format=torch.channels_last_3d)  # type: ignore[call-overload]
-        self.threshold = float(settings.get("threshold", 0.5) if threshold is None else threshold)
-        self.class_names = list(settings.get("class_names", ["normal", "abnormal"]))
         self.checkpoint = checkpoint
+        # the configs' threshold and class names unless the checkpoint carries its own
         parser = load_config("inference.yaml", overrides=self._overrides())
+        own = parser.get_parsed_content("threshold")
+        self.threshold = float(own if threshold is None else threshold)
+        self.class_names = [str(c) for c in parser.get_parsed_content("class_names")]
         self.preparer = ScanPreparer(
             parser.get_parsed_content("preprocessing"),
             limits or Limits(),
@@ -318,7 +321,8 @@ class Classifier:
         )
 
     def _overrides(self) -> dict[str, Any]:
-        return {k: self.settings[k] for k in MODEL_SETTINGS}
+        keys = (*MODEL_SETTINGS, "threshold", "class_names")
+        return {k: self.settings[k] for k in keys if k in self.settings}
 
     @classmethod
     def load(

@@ -141,11 +141,12 @@ def find_items(source: str | Path, class_map: Mapping[str, int] | None = None) -
 
 
 def stratified_split(
-    items: Sequence[Item], train_fraction: float = 0.7, seed: int = 0
+    items: Sequence[Item], *, train_fraction: float, seed: int
 ) -> tuple[list[Item], list[Item]]:
     """Split ``items`` per class into training and validation, seeded and deterministic.
 
-    Each class gives ``round(train_fraction * n)`` scans to training (the reference: 70 of 100),
+    Each class gives ``round(train_fraction * n)`` scans to training (the reference's 0.7 in
+    train.yaml: 70 of 100),
     and at least one to each side when it has two or more.
     """
     if not 0 < train_fraction < 1:
@@ -166,10 +167,10 @@ def stratified_split(
 
 
 def split_datalist(
-    items: Sequence[Item], train_fraction: float = 0.7, seed: int = 0
+    items: Sequence[Item], *, train_fraction: float, seed: int
 ) -> dict[str, list[Item]]:
     """:func:`stratified_split` as a MONAI datalist: ``{"training": [...], "validation": [...]}``."""
-    train, val = stratified_split(items, train_fraction, seed)
+    train, val = stratified_split(items, train_fraction=train_fraction, seed=seed)
     return {"training": train, "validation": val}
 
 

@@ -72,8 +72,8 @@ class RunInfo:
 class CPUMixedPrecisionInferer:
     """Run the network with channels-last memory, and optionally bfloat16 autocast, on the CPU.
 
-    oneDNN's 3D convolutions are about twice as fast on channels-last (NDHWC) tensors on the CPU
-    (``docs/benchmarks.md``), in full float32. MONAI's engines only autocast on CUDA (``amp``); on
+    oneDNN's 3D convolutions are faster on channels-last (NDHWC) tensors on the CPU
+    (``docs/benchmarks.md`` has the figures), in full float32. MONAI's engines only autocast on CUDA (``amp``); on
     CPUs with AVX512-BF16, ``bf16`` adds bfloat16 autocast. Outputs are returned as float32, so
     losses and metrics stay in full precision. On other devices it is a plain ``SimpleInferer``.
 

@@ -124,7 +124,7 @@ scale to [0, 1], rotate 90 degrees in the axial plane, resize (trilinear, corner
 
 ## Output
 `pred`: the probability of "abnormal" (sigmoid of one logit); label "abnormal" at or above
-{settings.get("threshold", 0.5)}. `run` writes `OUTPUT_DIR/predictions.csv` (path, prob_abnormal, label).
+{settings["threshold"]}. `run` writes `OUTPUT_DIR/predictions.csv` (path, prob_abnormal, label).
 
 ## Training data and metrics
 Trained from `{settings.get("dataset_dir", "unknown")}` (MosMedData, CC BY-NC-ND 3.0, or data
@@ -178,7 +178,7 @@ def export_bundle(
     shutil.rmtree(output, ignore_errors=True)
     source = resolve_checkpoint(checkpoint)
     clf = Classifier.load(source, device="cpu")
-    settings = dict(clf.settings)
+    settings = {**clf.settings, "threshold": clf.threshold, "class_names": clf.class_names}
     metrics = read_metrics(source.parent / "metrics.csv")
     for sub in ("configs", "models", "docs", "scripts"):
         (output / sub).mkdir(parents=True, exist_ok=True)

@@ -162,7 +162,7 @@ def _spacing(value: Any) -> list[float]:
 
 
 def _shape(value: Any) -> list[int]:
-    return _list(_int(1, 100_000), 3, 3)(value)
+    return _list(_int(1, 1_000_000), 3, 3)(value)
 
 
 def _bool(value: Any) -> bool:
@@ -223,7 +223,7 @@ FIELDS: dict[str, Callable[[Any], Any]] = {
     "threshold": _float(0.0, 1.0),
     "class_names": _class_names,
     "seed": _int(-(2**63), 2**63 - 1),
-    "batch_size": _int(1, 100_000),
+    "batch_size": _int(1, 1_000_000),
     "learning_rate": _float(0.0, 10.0, open_low=True),
     "dataset_dir": _path_text,
     "training_data": _training_data,

@@ -9,6 +9,8 @@ from pathlib import Path
 
 from app.errors import ConfigError
 
+#: the best model of a run (train.yaml's ``key_metric_filename`` writes it)
+BEST_MODEL = "best_model.pt"
 #: what ``app.train`` writes into a run folder (``overrides.json`` first of all)
 RUN_ENTRIES = (
     "overrides.json",
@@ -20,7 +22,7 @@ RUN_ENTRIES = (
     "curves.png",
     "montage.png",
     "split.json",
-    "best_model.pt",
+    BEST_MODEL,
     "last_checkpoint_epoch=*.pt",
     "tensorboard",
     "tmp*",  # a save killed mid-write (ignite's atomic saver)

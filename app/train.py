@@ -27,6 +27,7 @@ from typing import Any
 from app.cli import default_text, show_progress
 from app.config import CONFIG_DIR, config_files, load_config, parse_set_options
 from app.errors import ConfigError, CTClassifyError, DataError
+from app.run_folder import BEST_MODEL
 
 OVERRIDES_FILE = "overrides.json"
 DEMO_CONFIG = "demo.yaml"
@@ -303,7 +304,7 @@ def train(
             return TrainResult(
                 output,
                 read_metrics(output / "metrics.csv"),
-                output / "best_model.pt" if (output / "best_model.pt").exists() else None,
+                output / BEST_MODEL if (output / BEST_MODEL).exists() else None,
                 already_finished=done,
             )
     if demo:
@@ -401,7 +402,7 @@ def train(
     finally:
         logging.getLogger().removeHandler(log_handler)
         log_handler.close()
-    best = output / "best_model.pt"
+    best = output / BEST_MODEL
     return TrainResult(
         output, read_metrics(output / "metrics.csv"), best if best.exists() else None
     )
@@ -567,7 +568,7 @@ def _restore_best_tracking(parser: Any, output: Path) -> None:
     import torch
     from monai.handlers import CheckpointSaver
 
-    best = output / "best_model.pt"
+    best = output / BEST_MODEL
     if not best.exists():
         return
     state = torch.load(best, map_location="cpu", weights_only=True).get("checkpointer")

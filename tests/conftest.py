@@ -157,3 +157,27 @@ def write_raw_nifti(
     with opener(path, "wb") as f:
         f.write(body)
     return path
+
+
+def config_value(key: str):
+    """A setting as the configs define it (plain YAML: common.yaml, then train.yaml)."""
+    from app.cli import config_values
+
+    return config_values("common.yaml", "train.yaml")[key]
+
+
+def eval_chain(**overrides):
+    """The evaluation preset with the configs' settings, ``overrides`` on top (e.g. a size)."""
+    from transforms.presets import eval_transforms
+
+    settings = {key: config_value(key) for key in ("spatial_size", "hu_window", "axcodes")}
+    return eval_transforms(keys=["image"], **{**settings, **overrides})
+
+
+def train_chain(**overrides):
+    """The training preset with the configs' settings, ``overrides`` on top."""
+    from transforms.presets import train_transforms
+
+    settings = {key: config_value(key) for key in ("spatial_size", "hu_window", "axcodes")}
+    settings["angles_deg"] = config_value("rotation_angles_deg")
+    return train_transforms(keys=["image"], **{**settings, **overrides})

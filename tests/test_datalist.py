@@ -82,11 +82,11 @@ def test_datalist_naming_missing_files(tmp_path):
 
 def test_split_is_stratified_seeded_and_reference_sized(tmp_path):
     items = [{"image": f"/d/{c}/{i:03d}.nii.gz", "label": c} for c in (0, 1) for i in range(100)]
-    train, val = stratified_split(items, 0.7, seed=1)
+    train, val = stratified_split(items, train_fraction=0.7, seed=1)
     assert sum(d["label"] == 0 for d in train) == 70 and sum(d["label"] == 1 for d in train) == 70
     assert len(val) == 60 and not {d["image"] for d in train} & {d["image"] for d in val}
-    assert stratified_split(items, 0.7, seed=1) == (train, val)
-    assert stratified_split(items, 0.7, seed=2)[0] != train
+    assert stratified_split(items, train_fraction=0.7, seed=1) == (train, val)
+    assert stratified_split(items, train_fraction=0.7, seed=2)[0] != train
     write_split(tmp_path / "split.json", train, val)
     saved = json.loads((tmp_path / "split.json").read_text())
     assert saved["training"] == train and saved["validation"] == val
@@ -94,7 +94,7 @@ def test_split_is_stratified_seeded_and_reference_sized(tmp_path):
 
 def test_split_keeps_each_side_non_empty():
     items = [{"image": f"{c}{i}", "label": c} for c in (0, 1) for i in range(2)]
-    train, val = stratified_split(items, 0.9, seed=0)
+    train, val = stratified_split(items, train_fraction=0.9, seed=0)
     assert len(train) == 2 and len(val) == 2
 
 

@@ -6,15 +6,11 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
+from conftest import eval_chain, train_chain
 from scipy import ndimage
 
 from app.config import load_config
-from transforms import (
-    BatchAxialRotation,
-    RandDiscreteAxialRotated,
-    eval_transforms,
-    train_transforms,
-)
+from transforms import BatchAxialRotation, RandDiscreteAxialRotated
 
 #: what the README quotes (4.1e-6), with a small margin
 PREPROCESS_TOLERANCE = 5e-6
@@ -51,7 +47,7 @@ def test_eval_chain_matches_scipy_reference_on_synthetic_volume(tmp_path):
     vol = rng.integers(-1100, 600, size=(40, 40, 12)).astype(np.int16)
     affine = np.diag([-1.0, 1.0, 2.0, 1.0])  # LAS storage: the reference sees the array as is
     path = write_nifti(tmp_path / "v.nii.gz", vol, affine)
-    ours = eval_transforms(spatial_size=(48, 48, 48))({"image": path})["image"][0].numpy()
+    ours = eval_chain(spatial_size=(48, 48, 48))({"image": path})["image"][0].numpy()
     v = np.clip(vol.astype(np.float64), -1000, 400)
     v = ((v + 1000) / 1400).astype(np.float32)
     v = ndimage.rotate(v, 90, reshape=False)
@@ -65,7 +61,7 @@ def test_reorientation_makes_orientations_agree(tmp_path):
     las = write_nifti(tmp_path / "las.nii.gz", vol, np.diag([-1.0, 1.0, 1.0, 1.0]))
     # the same voxels stored RAS: x axis flipped
     ras = write_nifti(tmp_path / "ras.nii.gz", vol[::-1].copy(), np.diag([1.0, 1.0, 1.0, 1.0]))
-    chain = eval_transforms(spatial_size=(46, 46, 46))
+    chain = eval_chain(spatial_size=(46, 46, 46))
     a, b = chain({"image": las})["image"], chain({"image": ras})["image"]
     torch.testing.assert_close(a, b)
 
@@ -80,7 +76,7 @@ def test_reorientation_makes_orientations_agree(tmp_path):
 )
 def test_real_files_load_and_preprocess(real_ct, name, hu_like):
     raw = nib.load(str(real_ct / name)).get_fdata()
-    out = eval_transforms(spatial_size=(64, 64, 48))({"image": str(real_ct / name)})["image"]
+    out = eval_chain(spatial_size=(64, 64, 48))({"image": str(real_ct / name)})["image"]
     assert tuple(out.shape) == (1, 64, 64, 48)
     assert float(out.min()) >= 0.0 and float(out.max()) <= 1.0
     # HU scans have air (0 after scaling); the scaled uint8 scan has no value below 0 HU
@@ -111,14 +107,14 @@ def test_random_rotation_uses_reference_angles_and_is_seeded():
 def test_train_chain_is_eval_chain_plus_rotation(tmp_path):
     vol = np.random.default_rng(2).integers(-1000, 400, size=(40, 40, 10)).astype(np.int16)
     path = write_nifti(tmp_path / "v.nii.gz", vol)
-    train = train_transforms(spatial_size=(46, 46, 46))
+    train = train_chain(spatial_size=(46, 46, 46))
     assert isinstance(train.transforms[-1], RandDiscreteAxialRotated)
     train.set_random_state(3)
     first = train({"image": path})["image"]
     train.set_random_state(3)
     again = train({"image": path})["image"]
     torch.testing.assert_close(first, again)
-    plain = eval_transforms(spatial_size=(46, 46, 46))({"image": path})["image"]
+    plain = eval_chain(spatial_size=(46, 46, 46))({"image": path})["image"]
     assert first.shape == plain.shape and not torch.equal(torch.as_tensor(first), plain)
 
 
@@ -127,9 +123,9 @@ def test_resize_before_turn_equals_turn_before_resize(tmp_path):
 
     vol = np.random.default_rng(3).integers(-1000, 400, size=(50, 40, 12)).astype(np.int16)
     path = write_nifti(tmp_path / "v.nii.gz", vol, np.diag([-1.0, 1.0, 2.0, 1.0]))
-    ours = eval_transforms(spatial_size=(64, 48, 46))({"image": path})["image"]
+    ours = eval_chain(spatial_size=(64, 48, 46))({"image": path})["image"]
     assert tuple(ours.shape) == (1, 64, 48, 46)
-    loaded = eval_transforms(spatial_size=(64, 48, 46)).transforms[:4]  # load .. intensity window
+    loaded = eval_chain(spatial_size=(64, 48, 46)).transforms[:4]  # load .. intensity window
     turned_first = Compose(
         [
             *loaded,

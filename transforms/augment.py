@@ -31,7 +31,7 @@ class RandDiscreteAxialRotated(RandomizableTransform, MapTransform):
     def __init__(
         self,
         keys: KeysCollection,
-        angles_deg: Sequence[float] = (-20, -10, -5, 5, 10, 20),
+        angles_deg: Sequence[float],
         prob: float = 1.0,
         mode: str = "bilinear",
         clip_range: Sequence[float] | None = (0.0, 1.0),
@@ -91,14 +91,14 @@ class BatchAxialRotation:
         seed: seed of the angle generator (``set_random_state`` reseeds it, e.g. every epoch).
 
     Example:
-        >>> rotate = BatchAxialRotation(seed=0)
+        >>> rotate = BatchAxialRotation(angles_deg=(-10, 10), seed=0)
         >>> rotate(torch.rand(2, 1, 32, 32, 16)).shape
         torch.Size([2, 1, 32, 32, 16])
     """
 
     def __init__(
         self,
-        angles_deg: Sequence[float] = (-20, -10, -5, 5, 10, 20),
+        angles_deg: Sequence[float],
         prob: float = 1.0,
         clip_range: Sequence[float] | None = (0.0, 1.0),
         seed: int = 0,

@@ -1,7 +1,7 @@
 """Transform recipes: the reference preprocessing, and the same plus augmentation for training.
 
-The values come from the bundle configs (``configs/common.yaml``); these factories only
-assemble the chain.
+The values come from the bundle configs (``configs/common.yaml``, ``configs/train.yaml``): the
+factories take them as required keyword arguments and restate none of them.
 """
 
 from __future__ import annotations
@@ -26,10 +26,10 @@ from .readers import FastNiftiReader
 
 def eval_transforms(
     *,
-    keys: Sequence[str] = ("image",),
-    spatial_size: Sequence[int] = (128, 128, 64),
-    hu_window: Sequence[float] = (-1000.0, 400.0),
-    axcodes: str = "LAS",
+    keys: Sequence[str],
+    spatial_size: Sequence[int],
+    hu_window: Sequence[float],
+    axcodes: str,
     load: bool = True,
 ) -> Compose:
     """The reference ``process_scan()`` as MONAI dictionary transforms.
@@ -83,11 +83,11 @@ def eval_transforms(
 
 def train_transforms(
     *,
-    keys: Sequence[str] = ("image",),
-    spatial_size: Sequence[int] = (128, 128, 64),
-    hu_window: Sequence[float] = (-1000.0, 400.0),
-    axcodes: str = "LAS",
-    angles_deg: Sequence[float] = (-20, -10, -5, 5, 10, 20),
+    keys: Sequence[str],
+    spatial_size: Sequence[int],
+    hu_window: Sequence[float],
+    axcodes: str,
+    angles_deg: Sequence[float],
 ) -> Compose:
     """:func:`eval_transforms` followed by the reference's random axial rotation.
 

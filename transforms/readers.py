@@ -1,7 +1,7 @@
 """A NIfTI reader that inflates ``.nii.gz`` files in one zlib pass, bounded by their header.
 
-The inflate runs on ISA-L (``python-isal``, about 1.7x faster than zlib on CT volumes) when it is
-installed, and on the standard library's ``zlib`` otherwise; both check the gzip CRC, and both
+The inflate runs on ISA-L (``python-isal``, faster than zlib on CT volumes: see
+``docs/benchmarks.md``) when it is installed, and on the standard library's ``zlib`` otherwise; both check the gzip CRC, and both
 raise ``zlib.error`` for a corrupt stream.
 """
 
@@ -113,7 +113,7 @@ def reversed_axes(image: Any) -> Any:
     """The same 3D NIfTI image described with its voxel axes in reverse order, without a copy.
 
     NIfTI stores voxels with the first axis varying fastest; a C-ordered (x, y, z) array of them
-    needs a full transposing copy (about 30 ms for a 512x512x40 scan). Read as (z, y, x), the
+    needs a full transposing copy of the volume. Read as (z, y, x), the
     stored bytes are already C-ordered; the affine's columns are permuted to match, so the image
     is the same in world space and ``Orientationd`` brings it back to any axis order as a view.
     Images that are not 3D are returned unchanged; 3D data that is not Fortran-ordered keeps its
@@ -131,8 +131,7 @@ def reversed_axes(image: Any) -> Any:
 class FastNiftiReader(NibabelReader):
     """MONAI's ``NibabelReader`` with :func:`inflate_nifti` for ``.nii.gz`` files.
 
-    Same images (arrays, affines, metadata); a MosMed-sized scan reads about 15 ms faster
-    (``benchmarks/run.py``). Other files, and gzip files that do not hold a NIfTI header, go
+    Same images (arrays, affines, metadata), read faster (``benchmarks/run.py`` measures it). Other files, and gzip files that do not hold a NIfTI header, go
     through ``nibabel.load`` as before. With ``reverse_axes``, 3D images come with their voxel
     axes reversed (:func:`reversed_axes`: no transposing copy): only for chains that reorient
     right after loading (``Orientationd``), as the presets do; ``original_affine`` in the
