@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -170,6 +171,11 @@ def test_exported_bundle_runs_with_monai_alone(tmp_path, real_ct):
     scans.mkdir()
     for name in ("cip_ct-64_chest.nii.gz", "totalsegmentator_example_ct_sm.nii.gz"):
         (scans / name).write_bytes((real_ct / name).read_bytes())
+    shutil.copytree(real_ct / "cip_ct-64_dicom", scans / "series")  # the bundle reads DICOM too
+    mixed = scans / "two_series"  # one folder, two series: the bundle says it skips it
+    mixed.mkdir()
+    for name in ("cip_ct-64_dicom/IMG0001.dcm", "dcmqi_ct-3slice_dicom/01.dcm"):
+        shutil.copy(real_ct / name, mixed / Path(name).name)
     blocker = tmp_path / "blocker"
     blocker.mkdir()
     (blocker / "sitecustomize.py").write_text(BLOCKER)
@@ -210,6 +216,10 @@ def test_exported_bundle_runs_with_monai_alone(tmp_path, real_ct):
             timeout=300,
         )
         assert proc.returncode == 0, (args[0], proc.stderr[-3000:])
+        if args[0] == "run":
+            assert (
+                "skipped" in proc.stdout + proc.stderr and "two_series" in proc.stdout + proc.stderr
+            )
     probe = subprocess.run(
         [sys.executable, "-c", "import app"], cwd=bundle, env=env, capture_output=True
     )
@@ -228,15 +238,17 @@ def test_exported_bundle_runs_with_monai_alone(tmp_path, real_ct):
                 "--no-progress",
             ]
         )
-        == 0
+        == 1  # the mixed folder's two one-slice series cannot be classified
     )
     with (tmp_path / "bundle_out" / "predictions.csv").open() as f:
         from_bundle = {Path(r["path"]).name: float(r["prob_abnormal"]) for r in csv.DictReader(f)}
     with (tmp_path / "app_out" / "predictions.csv").open() as f:
-        from_app = {Path(r["path"]).name: float(r["prob_abnormal"]) for r in csv.DictReader(f)}
-    assert from_bundle.keys() == from_app.keys() and len(from_app) == 2
+        rows = list(csv.DictReader(f))
+    from_app = {Path(r["path"]).name: float(r["prob_abnormal"]) for r in rows if r["prob_abnormal"]}
+    assert sum(1 for r in rows if "two_series#" in r["path"] and r["error"]) == 2
+    assert from_bundle.keys() == from_app.keys() and len(from_app) == 3, (from_bundle, from_app)
     for name, prob in from_app.items():
-        assert abs(from_bundle[name] - prob) < 1e-3
+        assert abs(from_bundle[name] - prob) < 1e-5, name
     # app.infer also takes the bundle folder itself, reading its settings without evaluating it
     assert (
         infer_main(
@@ -251,8 +263,15 @@ def test_exported_bundle_runs_with_monai_alone(tmp_path, real_ct):
                 "--no-progress",
             ]
         )
-        == 0
+        == 1  # the same two one-slice series
     )
+    with (tmp_path / "b2" / "predictions.csv").open() as f:
+        via_bundle = {
+            Path(r["path"]).name: float(r["prob_abnormal"])
+            for r in csv.DictReader(f)
+            if r["prob_abnormal"]
+        }
+    assert via_bundle == from_app  # the bundle's weights and settings: the same probabilities
 
     # TorchScript and ONNX equal PyTorch
     from app.classifier import Classifier
