@@ -306,3 +306,51 @@ def test_export_overwrite_refuses_a_folder_that_is_not_a_bundle(
     code = export_main(["--checkpoint", str(checkpoint), "--output", str(target), "--overwrite"])
     assert code == 2 and "does not look like a bundle folder" in capsys.readouterr().err
     assert {str(p.relative_to(target)) for p in target.rglob("*") if p.is_file()} == set(content)
+
+
+def test_train_evaluate_infer_through_the_configs(tmp_path):
+    """As model-zoo bundles test themselves: the real workflows, from the configs alone (no
+    app.train / app.infer), on tiny generated data with overrides."""
+    import torch
+
+    data = synth_dataset(tmp_path / "d", 3, (48, 48, 12))
+    run, out = tmp_path / "run", tmp_path / "pred"
+    model = {
+        "spatial_size": [48, 48, 48],
+        "filters": [4, 4, 8, 8],
+        "dense_units": 8,
+        "device": "$torch.device('cpu')",
+        "progress": False,
+    }
+
+    def workflow(files: list[str], kind: str, **overrides) -> ConfigWorkflow:
+        flow = ConfigWorkflow(
+            config_file=config_files(*files),
+            meta_file=str(CONFIG_DIR / "metadata.json"),
+            workflow_type=kind,
+            logging_file=str(CONFIG_DIR / "logging.conf"),
+            **model,
+            **overrides,
+        )
+        flow.initialize()
+        flow.run()
+        flow.finalize()
+        return flow
+
+    workflow(["train.yaml"], "train", dataset_dir=str(data), output_dir=str(run), epochs=1)
+    best = run / "best_model.pt"
+    assert best.is_file() and (run / "metrics.csv").is_file()
+    assert torch.load(best, weights_only=True)["run_info"]["spatial_size"] == [48, 48, 48]
+
+    evaluation = workflow(
+        ["train.yaml", "evaluate.yaml"], "eval", dataset_dir=str(data), output_dir=str(tmp_path / "e"),
+        ckpt_path=str(best),
+    )
+    metrics = evaluation.parser.get_parsed_content("validate#evaluator").state.metrics
+    assert {"val_acc", "val_auc", "val_loss"} <= set(metrics)
+    assert evaluation.parser.get_parsed_content("validate#evaluator").state.iteration == 3  # 6 scans
+
+    workflow(["inference.yaml"], "infer", dataset_dir=str(data), output_dir=str(out), ckpt_path=str(best))
+    with (out / "predictions.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 6 and all(0.0 <= float(r["prob_abnormal"]) <= 1.0 for r in rows)
