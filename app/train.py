@@ -271,7 +271,6 @@ def train(
         >>> result.metrics[-1]["val_auc"]  # doctest: +SKIP
     """
     import torch
-    from ignite.handlers import Checkpoint
     from monai.bundle import ConfigWorkflow
 
     import transforms  # noqa: F401  (quiets MONAI's optional-decoder notices)
@@ -344,6 +343,7 @@ def train(
             logging_file=str(config_dir / "logging.conf"),
             workflow_type="train",
             **settings,
+            resume=resume,
         )
         # after the workflow applied logging.conf, which replaces the root logger's handlers
         logging.getLogger().addHandler(log_handler)
@@ -364,25 +364,12 @@ def train(
                 len(parser.get_parsed_content("train#dataset")),
                 len(parser.get_parsed_content("validate#dataset")),
             )
-        if resume:
-            last = latest_checkpoint(output)
-            assert last is not None
-            checkpoint = torch.load(last, map_location="cpu", weights_only=True)
-            to_load = {
-                "network": parser.get_parsed_content("network"),
-                "optimizer": parser.get_parsed_content("optimizer"),
-                "lr_scheduler": parser.get_parsed_content("lr_scheduler"),
-                "trainer": trainer,
-            }
-            Checkpoint.load_objects(to_load=to_load, checkpoint=checkpoint)
-            _restore_best_tracking(parser, output)
-            trainer.state.max_epochs = int(parser.get_parsed_content("epochs"))
+        if resume:  # train.yaml's ResumeFromCheckpoint loads it when the trainer starts
             logging.getLogger("app.train").info(
-                "resuming %s from %s (epoch %d of %d)",
+                "resuming %s from %s (to epoch %s)",
                 output,
-                last.name,
-                trainer.state.epoch,
-                trainer.state.max_epochs,
+                latest_checkpoint(output),
+                parser.get_parsed_content("epochs"),
             )
         try:
             with _stop_on_signals(trainer):
@@ -561,22 +548,6 @@ def _leave_process_group() -> None:
     if dist.is_available() and dist.is_initialized():
         with contextlib.suppress(Exception):
             dist.destroy_process_group()
-
-
-def _restore_best_tracking(parser: Any, output: Path) -> None:
-    """Give the best-model saver the score it must beat, so resuming never demotes the best."""
-    import torch
-    from monai.handlers import CheckpointSaver
-
-    best = output / BEST_MODEL
-    if not best.exists():
-        return
-    state = torch.load(best, map_location="cpu", weights_only=True).get("checkpointer")
-    if state is None:
-        return
-    for handler in parser.get_parsed_content("validate#handlers"):
-        if isinstance(handler, CheckpointSaver) and handler._key_metric_checkpoint is not None:
-            handler.load_state_dict(state)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -340,17 +340,33 @@ def test_train_evaluate_infer_through_the_configs(tmp_path):
     workflow(["train.yaml"], "train", dataset_dir=str(data), output_dir=str(run), epochs=1)
     best = run / "best_model.pt"
     assert best.is_file() and (run / "metrics.csv").is_file()
+    # resume is config-native: the same workflow with resume=true continues the run
+    workflow(
+        ["train.yaml"], "train", dataset_dir=str(data), output_dir=str(run), epochs=2, resume=True
+    )
+    with (run / "metrics.csv").open() as f:
+        assert [r["epoch"] for r in csv.DictReader(f)] == ["1", "2"]
+    assert sorted(p.name for p in run.glob("last_checkpoint_epoch=*.pt")) == [
+        "last_checkpoint_epoch=2.pt"
+    ]
     assert torch.load(best, weights_only=True)["run_info"]["spatial_size"] == [48, 48, 48]
 
     evaluation = workflow(
-        ["train.yaml", "evaluate.yaml"], "eval", dataset_dir=str(data), output_dir=str(tmp_path / "e"),
+        ["train.yaml", "evaluate.yaml"],
+        "eval",
+        dataset_dir=str(data),
+        output_dir=str(tmp_path / "e"),
         ckpt_path=str(best),
     )
     metrics = evaluation.parser.get_parsed_content("validate#evaluator").state.metrics
     assert {"val_acc", "val_auc", "val_loss"} <= set(metrics)
-    assert evaluation.parser.get_parsed_content("validate#evaluator").state.iteration == 3  # 6 scans
+    assert (
+        evaluation.parser.get_parsed_content("validate#evaluator").state.iteration == 3
+    )  # 6 scans
 
-    workflow(["inference.yaml"], "infer", dataset_dir=str(data), output_dir=str(out), ckpt_path=str(best))
+    workflow(
+        ["inference.yaml"], "infer", dataset_dir=str(data), output_dir=str(out), ckpt_path=str(best)
+    )
     with (out / "predictions.csv").open() as f:
         rows = list(csv.DictReader(f))
     assert len(rows) == 6 and all(0.0 <= float(r["prob_abnormal"]) <= 1.0 for r in rows)
