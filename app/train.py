@@ -270,50 +270,100 @@ def train(
         >>> result = train("data/synth", "runs/try", overrides={"epochs": 2})  # doctest: +SKIP
         >>> result.metrics[-1]["val_auc"]  # doctest: +SKIP
     """
-    import torch
-    from monai.bundle import ConfigWorkflow
-
     import transforms  # noqa: F401  (quiets MONAI's optional-decoder notices)
-    from app.distributed import launched_distributed, rank
-    from app.handlers.run_recorder import read_metrics
-    from app.handlers.trainer_checkpoint import latest_checkpoint
 
     config_dir = Path(config_dir)
+    output = _output_folder(output)
+    _prepare(
+        output,
+        resume=resume,
+        overwrite=overwrite,
+        demo=demo,
+        overrides=overrides or {},
+        config_dir=config_dir,
+    )
+    names, settings = _run_settings(
+        output, data, demo=demo, resume=resume, overrides=overrides or {}, config_dir=config_dir
+    )
+    if resume:
+        done = finished_reason(output, settings, names, config_dir)
+        if done:
+            return _result(output, already_finished=done)
+    _check_data(settings)
+    _record_settings(output, settings, names)
+    _run_workflow(output, names, settings, resume=resume, config_dir=config_dir)
+    return _result(output)
+
+
+def _output_folder(output: str | Path | None) -> Path:
+    from app.distributed import launched_distributed
+
     if output is None and launched_distributed():
         raise ConfigError("multi-process training needs --output (every rank must use the same)")
-    output = Path(output) if output else Path("runs") / time.strftime("run-%Y%m%d-%H%M%S")
-    lead = rank() == 0
+    return Path(output) if output else Path("runs") / time.strftime("run-%Y%m%d-%H%M%S")
+
+
+def _prepare(
+    output: Path,
+    *,
+    resume: bool,
+    overwrite: bool,
+    demo: bool,
+    overrides: dict[str, Any],
+    config_dir: Path,
+) -> None:
+    """Join the process group (under torchrun), check the run folder and make the demo data,
+    on rank 0 while the other ranks wait."""
+    import torch
+
+    from app.distributed import launched_distributed, rank
+
     if launched_distributed():
-        _init_process_group(config_dir, (overrides or {}).get("device"))
-    if lead:
+        _init_process_group(config_dir, overrides.get("device"))
+    if rank() == 0:
         prepare_run_dir(output, resume, overwrite)
-        if demo:  # generated once, by rank 0, while the others wait
+        if demo:
             demo_dataset(config_dir)
     if launched_distributed():
-        torch.distributed.barrier()  # the other ranks start once rank 0 has checked the folder
+        torch.distributed.barrier()
+
+
+def _run_settings(
+    output: Path,
+    data: str | Path | None,
+    *,
+    demo: bool,
+    resume: bool,
+    overrides: dict[str, Any],
+    config_dir: Path,
+) -> tuple[list[str], dict[str, Any]]:
+    """The config files to read and the overrides on top: a resumed run's own, then the data,
+    then this call's ``overrides``."""
+    from app.distributed import launched_distributed
+
     settings: dict[str, Any] = {}
     if resume and (output / OVERRIDES_FILE).exists():
-        settings.update(read_saved_overrides(output / OVERRIDES_FILE, overrides or {}))
+        settings.update(read_saved_overrides(output / OVERRIDES_FILE, overrides))
     names = ["train.yaml"] + ([DEMO_CONFIG] if demo or settings.pop("__demo__", False) else [])
     if launched_distributed():
         names.append("multi_gpu_train.yaml")
-    if resume:
-        done = finished_reason(output, {**settings, **(overrides or {})}, names, config_dir)
-        if done:
-            return TrainResult(
-                output,
-                read_metrics(output / "metrics.csv"),
-                output / BEST_MODEL if (output / BEST_MODEL).exists() else None,
-                already_finished=done,
-            )
     if demo:
         settings["dataset_dir"] = str(demo_dataset(config_dir))
     if data is not None:
         settings["dataset_dir"] = str(data)
-    settings.update(overrides or {})
+    settings.update(overrides)
     settings["output_dir"] = str(output)
     if "dataset_dir" not in settings:  # the configs' default place (data/MosMedData)
         settings["dataset_dir"] = load_config(*names, config_dir=config_dir).get("dataset_dir")
+    return names, settings
+
+
+def _check_data(settings: dict[str, Any]) -> None:
+    """Refuse missing data, a missing GPU or a malformed dataset before the run folder exists."""
+    import torch
+
+    from app.datalist import find_items
+
     dataset_dir = Path(str(settings["dataset_dir"]))
     if not dataset_dir.exists():
         root = dataset_dir.parent if dataset_dir.name == "MosMedData" else Path("data")
@@ -322,19 +372,31 @@ def train(
             f"`python -m app.data download --root {root}`, pass --data DIR, "
             "or try `python -m app.train --demo`"
         )
-    device = str(settings.get("device", ""))
-    if "cuda" in device and not torch.cuda.is_available():
+    if "cuda" in str(settings.get("device", "")) and not torch.cuda.is_available():
         raise ConfigError("--device cuda: no CUDA device is available here")
+    find_items(dataset_dir)
 
-    from app.datalist import find_items
 
-    find_items(dataset_dir)  # a missing or malformed dataset is reported before the run folder
-    output.mkdir(parents=True, exist_ok=True)
+def _record_settings(output: Path, settings: dict[str, Any], names: list[str]) -> None:
+    """``overrides.json``: what ``--resume`` rebuilds the run from (rank 0 writes it)."""
+    from app.distributed import rank
     from app.fileio import atomic_write_text
 
-    if lead:
+    output.mkdir(parents=True, exist_ok=True)
+    if rank() == 0:
         saved = {**settings, "__demo__": DEMO_CONFIG in names}
         atomic_write_text(output / OVERRIDES_FILE, json.dumps(saved, indent=1))
+
+
+def _run_workflow(
+    output: Path, names: list[str], settings: dict[str, Any], *, resume: bool, config_dir: Path
+) -> None:
+    """Build the training workflow from the configs and run it to its end (or a signal)."""
+    from monai.bundle import ConfigWorkflow
+
+    from app.distributed import rank
+
+    lead = rank() == 0
     log_handler = _log_to_file(output / "train.log") if lead else logging.NullHandler()
     try:
         workflow = ConfigWorkflow(
@@ -348,29 +410,10 @@ def train(
         # after the workflow applied logging.conf, which replaces the root logger's handlers
         logging.getLogger().addHandler(log_handler)
         workflow.initialize()
-        parser = workflow.parser
         if lead:
-            parser.export_config_file(parser.get(), str(output / "config.json"), indent=1)
-            atomic_write_text(
-                output / "environment.json",
-                json.dumps(_environment(str(parser.get_parsed_content("device"))), indent=1),
-            )
-        trainer = parser.get_parsed_content("train#trainer")
-        if launched_distributed():
-            logging.getLogger("app.train").info(
-                "rank %d of %d holds %d training and %d validation scans",
-                rank(),
-                torch.distributed.get_world_size(),
-                len(parser.get_parsed_content("train#dataset")),
-                len(parser.get_parsed_content("validate#dataset")),
-            )
-        if resume:  # train.yaml's ResumeFromCheckpoint loads it when the trainer starts
-            logging.getLogger("app.train").info(
-                "resuming %s from %s (to epoch %s)",
-                output,
-                latest_checkpoint(output),
-                parser.get_parsed_content("epochs"),
-            )
+            _record_run(output, workflow.parser)
+        trainer = workflow.parser.get_parsed_content("train#trainer")
+        _log_start(output, workflow.parser, resume)
         try:
             with _stop_on_signals(trainer):
                 workflow.run()
@@ -389,9 +432,52 @@ def train(
     finally:
         logging.getLogger().removeHandler(log_handler)
         log_handler.close()
+
+
+def _record_run(output: Path, parser: Any) -> None:
+    """The resolved config and the environment, beside the run's results."""
+    from app.fileio import atomic_write_text
+
+    parser.export_config_file(parser.get(), str(output / "config.json"), indent=1)
+    atomic_write_text(
+        output / "environment.json",
+        json.dumps(_environment(str(parser.get_parsed_content("device"))), indent=1),
+    )
+
+
+def _log_start(output: Path, parser: Any, resume: bool) -> None:
+    import torch
+
+    from app.distributed import launched_distributed, rank
+    from app.handlers.trainer_checkpoint import latest_checkpoint
+
+    log = logging.getLogger("app.train")
+    if launched_distributed():
+        log.info(
+            "rank %d of %d holds %d training and %d validation scans",
+            rank(),
+            torch.distributed.get_world_size(),
+            len(parser.get_parsed_content("train#dataset")),
+            len(parser.get_parsed_content("validate#dataset")),
+        )
+    if resume:  # train.yaml's ResumeFromCheckpoint loads it when the trainer starts
+        log.info(
+            "resuming %s from %s (to epoch %s)",
+            output,
+            latest_checkpoint(output),
+            parser.get_parsed_content("epochs"),
+        )
+
+
+def _result(output: Path, already_finished: str | None = None) -> TrainResult:
+    from app.handlers.run_recorder import read_metrics
+
     best = output / BEST_MODEL
     return TrainResult(
-        output, read_metrics(output / "metrics.csv"), best if best.exists() else None
+        output,
+        read_metrics(output / "metrics.csv"),
+        best if best.exists() else None,
+        already_finished=already_finished,
     )
 
 
