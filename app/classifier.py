@@ -81,7 +81,7 @@ def resolve_checkpoint(path: str | Path | None, runs_dir: str | Path = "runs") -
         for name in (BEST_MODEL, "models/model.pt"):
             if (path / name).is_file():
                 return path / name
-        from app.handlers.trainer_checkpoint import latest_checkpoint
+        from app.run_folder import latest_checkpoint
 
         last = latest_checkpoint(path)
         if last is None:
@@ -144,7 +144,7 @@ def validation_of(checkpoint: Path) -> dict[str, Any] | None:
     """The validation metrics of a run folder's checkpoint, from the ``metrics.csv`` beside it:
     the first best validation accuracy for ``best_model.pt`` (the epoch it was saved at), that
     epoch's row for ``last_checkpoint_epoch=N.pt``."""
-    from app.handlers.run_recorder import read_metrics
+    from app.run_folder import read_metrics
 
     try:
         rows = [r for r in read_metrics(checkpoint.parent / "metrics.csv") if r.get("val_acc")]

@@ -163,8 +163,7 @@ def export_bundle(
     from app.classifier import Classifier, resolve_checkpoint
     from app.errors import ConfigError
     from app.fileio import atomic_write, atomic_write_text
-    from app.handlers.run_recorder import read_metrics
-    from app.run_folder import check_own_folder
+    from app.run_folder import check_own_folder, read_metrics
 
     final = Path(output)
     if final.exists() and not final.is_dir():

@@ -1,14 +1,20 @@
-"""What a run folder and an exported bundle hold, so that ``--overwrite`` removes only those."""
+"""What a run folder and an exported bundle hold: the names of their files, their metrics and
+checkpoints (training, inference and export share this), and ``--overwrite`` removes only
+those."""
 
 from __future__ import annotations
 
+import csv
 import fnmatch
 import shutil
 from collections.abc import Iterable
 from pathlib import Path
+from typing import Any
 
 from app.errors import ConfigError
 
+#: prefix of the resumable checkpoint saved after every epoch (``last_checkpoint_epoch=N.pt``)
+LAST_PREFIX = "last"
 #: the best model of a run (train.yaml's ``key_metric_filename`` writes it)
 BEST_MODEL = "best_model.pt"
 #: what ``app.train`` writes into a run folder (``overrides.json`` first of all)
@@ -23,7 +29,7 @@ RUN_ENTRIES = (
     "montage.png",
     "split.json",
     BEST_MODEL,
-    "last_checkpoint_epoch=*.pt",
+    f"{LAST_PREFIX}_checkpoint_epoch=*.pt",
     "tensorboard",
     "tmp*",  # a save killed mid-write (ignite's atomic saver)
     ".*.tmp",  # an atomic write killed mid-write (app.fileio)
@@ -67,3 +73,37 @@ def check_own_folder(folder: Path, kind: str) -> None:
             f"--overwrite: {folder} does not look like a {kind} folder written by ctclassify "
             f"({what}); nothing was removed: choose another --output or remove it yourself"
         )
+
+
+def read_metrics(path: str | Path) -> list[dict[str, Any]]:
+    """Rows of a ``metrics.csv`` as dicts of floats (``epoch`` as int); [] if there is none."""
+    path = Path(path)
+    if not path.exists():
+        return []
+    rows = []
+    with path.open(newline="") as f:
+        for row in csv.DictReader(f):
+            rows.append(
+                {
+                    k: (int(v) if k == "epoch" else (float(v) if v != "" else None))
+                    for k, v in row.items()
+                }
+            )
+    return rows
+
+
+def last_checkpoints(run_dir: str | Path) -> list[tuple[int, Path]]:
+    """(epoch, path) of every ``last_checkpoint_epoch=N.pt`` in ``run_dir``."""
+    found = []
+    for path in Path(run_dir).glob(f"{LAST_PREFIX}_checkpoint_epoch=*.pt"):
+        try:
+            found.append((int(path.stem.rsplit("=", 1)[1]), path))
+        except ValueError:
+            continue
+    return found
+
+
+def latest_checkpoint(run_dir: str | Path) -> Path | None:
+    """The newest ``last_checkpoint_epoch=N.pt`` in ``run_dir`` (highest N), or ``None``."""
+    found = last_checkpoints(run_dir)
+    return max(found)[1] if found else None

@@ -224,8 +224,7 @@ def _log_to_file(path: Path) -> logging.Handler:
 
 def prepare_run_dir(output: Path, resume: bool, overwrite: bool) -> None:
     """Refuse to touch an existing run folder unless asked to resume or overwrite it."""
-    from app.handlers.trainer_checkpoint import latest_checkpoint
-    from app.run_folder import remove_own_folder
+    from app.run_folder import latest_checkpoint, remove_own_folder
 
     if output.exists() and not output.is_dir():
         raise ConfigError(f"--output {output} is a file, not a folder")
@@ -449,7 +448,7 @@ def _log_start(output: Path, parser: Any, resume: bool) -> None:
     import torch
 
     from app.distributed import launched_distributed, rank
-    from app.handlers.trainer_checkpoint import latest_checkpoint
+    from app.run_folder import latest_checkpoint
 
     log = logging.getLogger("app.train")
     if launched_distributed():
@@ -470,7 +469,7 @@ def _log_start(output: Path, parser: Any, resume: bool) -> None:
 
 
 def _result(output: Path, already_finished: str | None = None) -> TrainResult:
-    from app.handlers.run_recorder import read_metrics
+    from app.run_folder import read_metrics
 
     best = output / BEST_MODEL
     return TrainResult(
@@ -535,7 +534,7 @@ def finished_reason(
     import torch
 
     from app.handlers.early_stopping import STATE_KEY
-    from app.handlers.trainer_checkpoint import latest_checkpoint
+    from app.run_folder import latest_checkpoint
 
     last = latest_checkpoint(output)
     if last is None:

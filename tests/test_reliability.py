@@ -23,9 +23,9 @@ from hypothesis import strategies as st
 
 from app.classifier import Classifier, ScanPreparer
 from app.fileio import atomic_write_text
-from app.handlers.trainer_checkpoint import latest_checkpoint
 from app.inputs import find_inputs
 from app.predictions import PredictionLog
+from app.run_folder import latest_checkpoint
 from app.scanqc import Limits
 
 SMALL = [

@@ -11,8 +11,7 @@ from ignite.engine import Engine, Events
 from monai.handlers import CheckpointLoader, CheckpointSaver
 
 from app.errors import ConfigError
-from app.handlers.trainer_checkpoint import latest_checkpoint
-from app.run_folder import BEST_MODEL
+from app.run_folder import BEST_MODEL, latest_checkpoint
 
 
 class ResumeFromCheckpoint:

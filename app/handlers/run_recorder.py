@@ -14,6 +14,7 @@ from typing import Any
 from ignite.engine import Engine, Events
 
 from app.fileio import atomic_write_text
+from app.run_folder import read_metrics
 
 COLUMNS = (
     "epoch",
@@ -27,23 +28,6 @@ COLUMNS = (
     "lr",
     "seconds",
 )
-
-
-def read_metrics(path: str | Path) -> list[dict[str, Any]]:
-    """Rows of a ``metrics.csv`` as dicts of floats (``epoch`` as int); [] if there is none."""
-    path = Path(path)
-    if not path.exists():
-        return []
-    rows = []
-    with path.open(newline="") as f:
-        for row in csv.DictReader(f):
-            rows.append(
-                {
-                    k: (int(v) if k == "epoch" else (float(v) if v != "" else None))
-                    for k, v in row.items()
-                }
-            )
-    return rows
 
 
 class RunRecorder:

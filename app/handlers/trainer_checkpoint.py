@@ -10,7 +10,7 @@ from ignite.engine import Engine, Events
 from ignite.handlers import DiskSaver
 from monai.handlers import CheckpointSaver
 
-LAST_PREFIX = "last"
+from app.run_folder import LAST_PREFIX, last_checkpoints
 
 
 class _AtomicDiskSaver(DiskSaver):
@@ -82,22 +82,6 @@ class TrainerCheckpointSaver:
         engine.add_event_handler(Events.EPOCH_COMPLETED, self._prune)
 
     def _prune(self, engine: Engine) -> None:
-        found = sorted(_last_checkpoints(self.save_dir))
+        found = sorted(last_checkpoints(self.save_dir))
         for _, path in found[: max(len(found) - self.n_saved, 0)]:
             path.unlink(missing_ok=True)
-
-
-def _last_checkpoints(run_dir: str | Path) -> list[tuple[int, Path]]:
-    found = []
-    for path in Path(run_dir).glob(f"{LAST_PREFIX}_checkpoint_epoch=*.pt"):
-        try:
-            found.append((int(path.stem.rsplit("=", 1)[1]), path))
-        except ValueError:
-            continue
-    return found
-
-
-def latest_checkpoint(run_dir: str | Path) -> Path | None:
-    """The newest ``last_checkpoint_epoch=N.pt`` in ``run_dir`` (highest N), or ``None``."""
-    found = _last_checkpoints(run_dir)
-    return max(found)[1] if found else None
