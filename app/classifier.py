@@ -23,8 +23,9 @@ import numpy as np
 import torch
 
 from app.errors import ConfigError, CTClassifyError
-from app.inputs import ScanInput, find_inputs
 from app.model_settings import MODEL_SETTINGS, SettingsError, validate_settings
+from app.portable.inferers import PRECISIONS
+from app.portable.scans import ScanInput, find_inputs
 from app.run_folder import BEST_MODEL
 from app.scanqc import (
     Limits,
@@ -116,11 +117,11 @@ def load_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str
     if settings is None and (path.parent.parent / "configs" / "metadata.json").is_file():
         import yaml
 
-        from app.bundle_io import bundle_settings
+        from app.model_settings import read_bundle_settings
 
         source = str(path.parent.parent / "configs" / "inference.yaml")
         try:
-            settings = bundle_settings(path.parent.parent)
+            settings = read_bundle_settings(path.parent.parent)
         except (OSError, ValueError, yaml.YAMLError) as exc:
             raise CheckpointError(f"{source} cannot be read ({str(exc)[:200]})") from exc
         state = data if state is None else state
@@ -294,25 +295,31 @@ class Classifier:
     ) -> None:
         from app.config import load_config
 
-        if precision not in ("auto", "fp32", "bf16"):
-            raise ConfigError(f"precision must be auto, fp32 or bf16, got {precision!r}")
+        if precision not in PRECISIONS:
+            raise ConfigError(
+                f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}"
+            )
         self.precision = precision
         try:
             self.settings = validate_settings(settings, str(checkpoint or "settings"))
         except SettingsError as exc:
             raise CheckpointError(str(exc)) from exc
         self.device = device
-        self.network = network.to(device).eval()
-        #: channels-last (NDHWC) memory: oneDNN's 3D convolutions run faster so on the CPU
-        self.channels_last = device.type == "cpu"
-        if self.channels_last:
-            self.network = self.network.to(memory_format=torch.channels_last_3d)  # type: ignore[call-overload]
         self.checkpoint = checkpoint
-        # the configs' threshold and class names unless the checkpoint carries its own
-        parser = load_config("inference.yaml", overrides=self._overrides())
-        own = parser.get_parsed_content("threshold")
-        self.threshold = float(own if threshold is None else threshold)
+        # the building blocks of inference.yaml, as monai.bundle run builds them: the threshold
+        # and class names are the configs' unless the checkpoint (or the caller) has its own
+        runtime: dict[str, Any] = {"precision": precision, "device": f"$torch.device('{device}')"}
+        if threshold is not None:
+            runtime["threshold"] = float(threshold)
+        parser = load_config("inference.yaml", overrides={**self._overrides(), **runtime})
+        self.threshold = float(parser.get_parsed_content("threshold"))
         self.class_names = [str(c) for c in parser.get_parsed_content("class_names")]
+        self.inferer = parser.get_parsed_content("inferer")
+        self.postprocessing = parser.get_parsed_content("postprocessing")
+        self.autocast_fp16 = bool(parser.get_parsed_content("autocast_fp16"))
+        self.network = network.to(device).eval()
+        if parser.get_parsed_content("channels_last"):
+            self.network = self.network.to(memory_format=torch.channels_last_3d)  # type: ignore[call-overload]
         self.preparer = ScanPreparer(
             parser.get_parsed_content("preprocessing"),
             limits or Limits(),
@@ -433,23 +440,18 @@ class Classifier:
             notes.append("this model's validation metrics are unknown (no metrics.csv beside it)")
         return notes
 
-    def _label(self, prob: float) -> str:
-        return self.class_names[1] if prob >= self.threshold else self.class_names[0]
-
     @torch.inference_mode()
-    def _forward(self, images: list[torch.Tensor]) -> list[float]:
+    def _forward(self, images: list[torch.Tensor]) -> list[tuple[float, str]]:
+        """(P(abnormal), label) per image: the configs' inferer and postprocessing (sigmoid,
+        threshold), with float16 autocast where the bundle's evaluator uses it (``amp``)."""
         batch = torch.stack([torch.as_tensor(i) for i in images]).to(self.device, non_blocking=True)
-        if self.channels_last:
-            batch = batch.contiguous(memory_format=torch.channels_last_3d)
-        if self.precision == "bf16":
-            with torch.autocast(self.device.type, dtype=torch.bfloat16):
-                logits = self.network(batch)
-        elif self.precision == "auto" and self.device.type == "cuda":
-            with torch.autocast("cuda", dtype=torch.float16):
-                logits = self.network(batch)
-        else:
-            logits = self.network(batch)
-        return torch.sigmoid(logits.float()).view(-1).cpu().tolist()
+        with torch.autocast(self.device.type, dtype=torch.float16, enabled=self.autocast_fp16):
+            logits = self.inferer(batch, self.network)
+        results = []
+        for logit in logits.float():
+            out = self.postprocessing({"pred": logit})
+            results.append((float(out["prob"]), self.class_names[int(out["pred"])]))
+        return results
 
     def predict_many(
         self,
@@ -461,7 +463,7 @@ class Classifier:
         """Classify inputs in batches, streaming one :class:`Prediction` per input, in order.
 
         Inputs are NIfTI paths, DICOM series folders, or :class:`ScanInput` from
-        :func:`app.inputs.find_inputs`. Bad inputs yield a prediction with ``error`` set; memory
+        :func:`app.portable.scans.find_inputs`. Bad inputs yield a prediction with ``error`` set; memory
         holds a few batches at a time. With ``keep_images`` each prediction carries its
         preprocessed volume as ``prediction.image`` (for montages and saliency).
         """
@@ -475,15 +477,15 @@ class Classifier:
         )
         for batch in loader:
             ready = [r for r in batch if r["image"] is not None]
-            probs = self._forward([r["image"] for r in ready]) if ready else []
-            for r, p in zip(ready, probs, strict=True):
-                r["prob"] = p
+            results = self._forward([r["image"] for r in ready]) if ready else []
+            for r, (p, label) in zip(ready, results, strict=True):
+                r["prob"], r["label"] = p, label
             for r in batch:
                 prob = r.get("prob")
                 pred = Prediction(
                     path=r["path"],
                     prob_abnormal=None if prob is None else round(float(prob), 6),
-                    label=None if prob is None else self._label(prob),
+                    label=r.get("label"),
                     warnings=r["warnings"],
                     error=r["error"],
                     seconds=round(r["seconds"], 3),

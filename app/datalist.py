@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 
 from app.errors import DataError
+from app.portable.scans import is_scan_name
 
 #: MosMedData's class folders: CT-0 is normal; CT-1..CT-4 (and the example's CT-23) abnormal.
 DEFAULT_CLASS_MAP: dict[str, int] = {
@@ -21,17 +22,10 @@ DEFAULT_CLASS_MAP: dict[str, int] = {
     "CT-4": 1,
     "CT-23": 1,
 }
-SCAN_SUFFIXES = (".nii.gz", ".nii")
 #: larger files are not datalists (1,110 MosMed entries take about 100 KB)
 MAX_DATALIST_BYTES = 64 * 1024**2
 
 Item = dict[str, object]
-
-
-def is_scan_name(name: str) -> bool:
-    """A scan's file name: ``.nii``/``.nii.gz``, not hidden, not a temporary file being written
-    (``*.tmp.nii.gz`` of older versions of ``app.data synth``)."""
-    return name.endswith(SCAN_SUFFIXES) and not name.startswith(".") and ".tmp.nii" not in name
 
 
 def is_scan_file(path: Path) -> bool:

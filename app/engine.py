@@ -67,34 +67,3 @@ class RunInfo:
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         self.settings = dict(state)
-
-
-class CPUMixedPrecisionInferer:
-    """Run the network with channels-last memory, and optionally bfloat16 autocast, on the CPU.
-
-    oneDNN's 3D convolutions are faster on channels-last (NDHWC) tensors on the CPU
-    (``docs/benchmarks.md`` has the figures), in full float32. MONAI's engines only autocast on CUDA (``amp``); on
-    CPUs with AVX512-BF16, ``bf16`` adds bfloat16 autocast. Outputs are returned as float32, so
-    losses and metrics stay in full precision. On other devices it is a plain ``SimpleInferer``.
-
-    Args:
-        enabled: use bfloat16 autocast (the ``cpu_bf16`` setting).
-        channels_last: pass inputs in channels-last memory (match the network's memory format).
-    """
-
-    def __init__(self, enabled: bool = False, channels_last: bool = True) -> None:
-        self.enabled = bool(enabled)
-        self.channels_last = bool(channels_last)
-
-    def __call__(
-        self, inputs: torch.Tensor, network: torch.nn.Module, *args: Any, **kwargs: Any
-    ) -> Any:
-        if inputs.device.type != "cpu":
-            return network(inputs, *args, **kwargs)
-        if self.channels_last and inputs.dim() == 5:
-            inputs = inputs.contiguous(memory_format=torch.channels_last_3d)
-        if not self.enabled:
-            return network(inputs, *args, **kwargs)
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            out = network(inputs, *args, **kwargs)
-        return out.float()

@@ -27,12 +27,13 @@ from app.config import CONFIG_DIR
 from app.model_settings import MODEL_SETTINGS, validate_settings
 
 REPO = Path(__file__).resolve().parent.parent
-#: this project's modules that travel in the bundle's scripts/, and how config targets move
-PORTABLE = ("nets", "transforms")  # whole packages: a new module travels without a list to update
+#: this project's packages that travel in the bundle's scripts/ (whole packages: a new module
+#: travels without a list to update), and how config targets move with them
+PORTABLE = {"nets": "nets", "transforms": "transforms", "app/portable": "portable"}
 TARGET_PREFIXES = {
     "nets.": "scripts.nets.",
     "transforms.": "scripts.transforms.",
-    "app.bundle_io.": "scripts.bundle_io.",
+    "app.portable.": "scripts.portable.",
 }
 
 
@@ -182,11 +183,10 @@ def export_bundle(
     metrics = read_metrics(source.parent / "metrics.csv")
     for sub in ("configs", "models", "docs", "scripts"):
         (output / sub).mkdir(parents=True, exist_ok=True)
-    for package in PORTABLE:
-        (output / "scripts" / package).mkdir(exist_ok=True)
+    for package, name in PORTABLE.items():
+        (output / "scripts" / name).mkdir(exist_ok=True)
         for source_file in sorted((REPO / package).glob("*.py")):
-            shutil.copy(source_file, output / "scripts" / package / source_file.name)
-    shutil.copy(REPO / "app" / "bundle_io.py", output / "scripts" / "bundle_io.py")
+            shutil.copy(source_file, output / "scripts" / name / source_file.name)
     (output / "scripts" / "__init__.py").write_text(
         '"""ctclassify code carried by this bundle."""\n'
     )

@@ -114,8 +114,8 @@ def main(argv: list[str] | None = None) -> int:
 
     from app.classifier import CheckpointError, Classifier
     from app.errors import ConfigError
-    from app.inputs import find_inputs
     from app.plots import plot_montage
+    from app.portable.scans import find_inputs
     from app.predictions import OutputFolderError, PredictionLog
 
     limits = Limits() if args.max_voxels is None else Limits(max_voxels=args.max_voxels)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Callable, Mapping
+from pathlib import Path
 from typing import Any
 
 from app.errors import CTClassifyError
@@ -260,3 +261,18 @@ def validate_settings(
         except ValueError as exc:
             raise SettingsError(f"{source}: field {key!r} must be {exc}") from None
     return out
+
+
+def read_bundle_settings(bundle_root: str | Path, max_bytes: int = 1 << 20) -> Any:
+    """The ``run_settings`` written into an exported bundle's ``configs/inference.yaml``.
+
+    Read as plain YAML (a bundle's ``$`` expressions are code and are never evaluated here) and
+    returned as read: the caller validates them (``app.model_settings.validate_settings``).
+    """
+    import yaml
+
+    path = Path(bundle_root) / "configs" / "inference.yaml"
+    if path.stat().st_size > max_bytes:
+        raise ValueError(f"{path} is larger than {max_bytes:,} bytes: not a bundle config")
+    config = yaml.safe_load(path.read_text())
+    return config.get("run_settings") if isinstance(config, dict) else None

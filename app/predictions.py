@@ -2,22 +2,17 @@
 
 from __future__ import annotations
 
-import csv
-import io
 import json
-import os
 from pathlib import Path
 from typing import Any
 
 from app.classifier import Prediction
 from app.errors import ConfigError
 from app.fileio import atomic_write_text
+from app.portable.writer import PredictionCSV, prediction_row
 
-COLUMNS = ("path", "prob_abnormal", "label", "warnings", "error", "seconds")
 CSV_NAME = "predictions.csv"
 JSON_NAME = "predictions.json"
-
-
 MODEL_NAME = "model.json"
 
 
@@ -54,16 +49,15 @@ class PredictionLog:
             (self.out_dir / MODEL_NAME).unlink(missing_ok=True)
         if model is not None:
             self._claim(model)
-        self._repair()
-        self.rows = self.read()
-        self.retried = [r["path"] for r in self.rows if r["error"]]
-        if self.retried:
-            self.rows = [r for r in self.rows if not r["error"]]
-            self._rewrite()
-        new = not self.csv_path.exists() or self.csv_path.stat().st_size == 0
-        self._file = self.csv_path.open("a", newline="")
-        if new:
-            self._write_line(",".join(COLUMNS) + "\n")
+        failed: list[str] = []
+
+        def keep(row: dict[str, str]) -> bool:  # a rerun retries the inputs that failed
+            if row["error"]:
+                failed.append(row["path"])
+            return not row["error"]
+
+        self._csv = PredictionCSV(self.csv_path, keep=keep)
+        self.retried = failed
 
     def _claim(self, model: dict[str, Any]) -> None:
         """Record ``model`` as this folder's, or refuse a folder that another model wrote."""
@@ -93,52 +87,20 @@ class PredictionLog:
             )
         atomic_write_text(record, json.dumps(model, indent=1))
 
-    def _rewrite(self) -> None:
-        buf = io.StringIO()
-        writer = csv.DictWriter(buf, fieldnames=COLUMNS, lineterminator="\n")
-        writer.writeheader()
-        writer.writerows(self.rows)
-        atomic_write_text(self.csv_path, buf.getvalue())
-
-    def _repair(self) -> None:
-        if not self.csv_path.exists():
-            return
-        data = self.csv_path.read_bytes()
-        if data and not data.endswith(b"\n"):
-            keep = data.rfind(b"\n") + 1
-            with self.csv_path.open("r+b") as f:
-                f.truncate(keep)
-
-    def read(self) -> list[dict[str, str]]:
-        if not self.csv_path.exists():
-            return []
-        with self.csv_path.open(newline="") as f:
-            return list(csv.DictReader(f))
-
     @property
     def done(self) -> set[str]:
         return {r["path"] for r in self.rows}
 
-    def _write_line(self, line: str) -> None:
-        self._file.write(line)
-        self._file.flush()
-        os.fsync(self._file.fileno())
+    @property
+    def rows(self) -> list[dict[str, str]]:
+        return self._csv.rows
 
     def append(self, pred: Prediction) -> None:
-        row = {
-            "path": pred.path,
-            "prob_abnormal": "" if pred.prob_abnormal is None else f"{pred.prob_abnormal:.6f}",
-            "label": pred.label or "",
-            "warnings": "; ".join(pred.warnings),
-            "error": pred.error or "",
-            "seconds": f"{pred.seconds:.3f}",
-        }
-        buf = io.StringIO()
-        csv.DictWriter(buf, fieldnames=COLUMNS, lineterminator="\n").writerow(row)
-        self._write_line(
-            buf.getvalue()
-        )  # one write: a kill leaves a whole line or a repairable part
-        self.rows.append(row)
+        self._csv.append(
+            prediction_row(
+                pred.path, pred.prob_abnormal, pred.label, pred.warnings, pred.error, pred.seconds
+            )
+        )
 
     def write_json(self) -> None:
         rows: list[dict[str, Any]] = []
@@ -156,4 +118,4 @@ class PredictionLog:
         atomic_write_text(self.out_dir / JSON_NAME, json.dumps(rows, indent=1))
 
     def close(self) -> None:
-        self._file.close()
+        self._csv.close()

@@ -370,3 +370,46 @@ def test_train_evaluate_infer_through_the_configs(tmp_path):
     with (out / "predictions.csv").open() as f:
         rows = list(csv.DictReader(f))
     assert len(rows) == 6 and all(0.0 <= float(r["prob_abnormal"]) <= 1.0 for r in rows)
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_bundle_run_and_app_infer_give_the_same_probabilities(tmp_path, checkpoint, precision):
+    """One inference path: the repository's inference.yaml under MONAI's workflow and
+    python -m app.infer build the same preprocessing, inferer and postprocessing."""
+    from conftest import TINY_SETTINGS, ct_volume, nifti
+
+    from app.infer import main as infer_main
+
+    scans = tmp_path / "scans"
+    scans.mkdir()
+    for i in range(5):
+        nifti(scans / f"s{i}.nii.gz", ct_volume((48, 48, 20), seed=i))
+    model = {k: TINY_SETTINGS[k] for k in ("spatial_size", "filters", "dense_units")}
+    flow = ConfigWorkflow(
+        config_file=config_files("inference.yaml"),
+        meta_file=str(CONFIG_DIR / "metadata.json"),
+        workflow_type="infer",
+        logging_file=str(CONFIG_DIR / "logging.conf"),
+        dataset_dir=str(scans),
+        output_dir=str(tmp_path / "bundle"),
+        ckpt_path=str(checkpoint),
+        precision=precision,
+        device="$torch.device('cpu')",
+        **model,
+    )
+    flow.initialize()
+    flow.run()
+    args = [str(scans), "--checkpoint", str(checkpoint), "--output", str(tmp_path / "app")]
+    assert infer_main([*args, "--precision", precision, "--device", "cpu", "--no-progress"]) == 0
+
+    def probabilities(folder):
+        with (folder / "predictions.csv").open() as f:
+            return {
+                Path(r["path"]).name: (float(r["prob_abnormal"]), r["label"])
+                for r in csv.DictReader(f)
+            }
+
+    bundle, app = probabilities(tmp_path / "bundle"), probabilities(tmp_path / "app")
+    assert bundle.keys() == app.keys() and len(app) == 5
+    for name, (prob, label) in app.items():
+        assert abs(bundle[name][0] - prob) <= 1e-6 and bundle[name][1] == label, name

@@ -14,7 +14,7 @@ from conftest import TINY_SETTINGS, ct_volume, nifti
 
 from app.classifier import CheckpointError, Classifier, load_checkpoint
 from app.infer import main as infer_main
-from app.inputs import find_inputs
+from app.portable.scans import find_inputs
 from app.scanqc import Limits, ScanError, check_dicom_series, check_nifti_header, check_values
 from nets.cnn3d import CNN3D
 

@@ -23,8 +23,7 @@ from hypothesis import strategies as st
 
 from app.classifier import Classifier, ScanPreparer
 from app.fileio import atomic_write_text
-from app.inputs import find_inputs
-from app.predictions import PredictionLog
+from app.portable.scans import find_inputs
 from app.run_folder import latest_checkpoint
 from app.scanqc import Limits
 
@@ -188,16 +187,16 @@ def test_disk_full_during_inference_is_a_clear_error(tmp_path, checkpoint, monke
     )
     before = (out / "predictions.csv").read_text()
     (folder / "s9.nii.gz").write_bytes((folder / "s0.nii.gz").read_bytes())
-    real_write = PredictionLog._write_line
+    from app.portable.writer import PredictionCSV
 
     def full(self, line):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(PredictionLog, "_write_line", full)
+    monkeypatch.setattr(PredictionCSV, "_write", full)
     code = infer_main(
         [str(folder), "--checkpoint", str(checkpoint), "--output", str(out), "--no-progress"]
     )
-    monkeypatch.setattr(PredictionLog, "_write_line", real_write)
+    monkeypatch.undo()
     assert code == 1
     assert "No space left on device" in capsys.readouterr().err
     assert (out / "predictions.csv").read_text() == before
@@ -251,7 +250,7 @@ DTYPES = [np.uint8, np.int16, np.int32, np.float32, np.float64]
 def test_hostile_nifti_headers_never_crash(
     tmp_path, preparer, shape, dtype, pixdim, slope, inter, vox_offset, codes, corrupt, gz
 ):
-    from app.inputs import ScanInput
+    from app.portable.scans import ScanInput
 
     data_shape = [max(s, 1) for s in shape]
     if int(np.prod(data_shape)) > 300_000:

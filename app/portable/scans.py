@@ -1,4 +1,8 @@
-"""Find the scans under a folder: NIfTI files, and DICOM series (one input per SeriesInstanceUID)."""
+"""Find the scans under a folder: NIfTI files, and DICOM series (one input per SeriesInstanceUID).
+
+The one scan finder: ``app.infer``, ``app.datalist`` and an exported bundle's ``monai.bundle
+run`` (:func:`find_scans`) all use it.
+"""
 
 from __future__ import annotations
 
@@ -7,9 +11,14 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from app.datalist import SCAN_SUFFIXES, is_scan_name
-
+SCAN_SUFFIXES = (".nii.gz", ".nii")
 DICOM_SUFFIXES = (".dcm", ".dicom", ".ima")
+
+
+def is_scan_name(name: str) -> bool:
+    """A scan's file name: ``.nii``/``.nii.gz``, not hidden, not a temporary file being written
+    (``*.tmp.nii.gz`` of older versions of ``app.data synth``)."""
+    return name.endswith(SCAN_SUFFIXES) and not name.startswith(".") and ".tmp.nii" not in name
 
 
 @dataclass(frozen=True)
@@ -109,3 +118,26 @@ def find_inputs(root: str | Path) -> list[ScanInput]:
             series, bad = _dicom_series(folder, dicom_files)
             found.extend(series + bad)
     return sorted(found, key=lambda s: s.key)
+
+
+def find_scans(root: str | Path) -> list[dict[str, str]]:
+    """:func:`find_inputs` as a MONAI datalist ``[{"image": path, "path": key}]`` for a bundle's
+    ``monai.bundle run``: NIfTI files, and DICOM series that fill a folder of their own (MONAI's
+    ``PydicomReader`` reads such a folder as one volume). What it cannot read this way (a folder
+    of several series, unreadable files) is logged as a warning, never dropped silently;
+    ``app.infer`` reads those too."""
+    import logging
+
+    found = find_inputs(root)
+    items = []
+    for scan in found:
+        if scan.kind == "nifti" or (scan.kind == "dicom" and "#" not in scan.key):
+            items.append({"image": scan.key, "path": scan.key})
+        else:
+            reason = scan.problem or "one of several DICOM series in one folder"
+            logging.getLogger("ctclassify.bundle").warning(
+                "skipped %s: %s (python -m app.infer reads it)", scan.key, reason
+            )
+    if not items:
+        raise FileNotFoundError(f"no .nii/.nii.gz scan or DICOM series under {root}")
+    return items

@@ -1,0 +1,6 @@
+"""The code an exported bundle carries in ``scripts/portable/``: the scan finder, the inferer
+and the predictions writer that ``app.infer`` uses too, so the app and the bundle cannot drift.
+
+Standard library, NumPy, PyTorch, Ignite, MONAI (and pydicom for DICOM) only; modules of this
+package import each other relatively and nothing else of ``app``.
+"""

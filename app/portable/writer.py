@@ -1,0 +1,174 @@
+"""predictions.csv: one column set, one fsync'd row per scan, for ``app.infer`` and bundles."""
+
+from __future__ import annotations
+
+import csv
+import io
+import os
+import tempfile
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+COLUMNS = ("path", "prob_abnormal", "label", "warnings", "error", "seconds")
+
+
+def prediction_row(
+    path: str,
+    prob: float | None,
+    label: str | None,
+    warnings: Sequence[str] = (),
+    error: str | None = None,
+    seconds: float | None = None,
+) -> dict[str, str]:
+    """One row of ``predictions.csv`` (probability to 6 decimals; empty fields for what is not
+    known)."""
+    return {
+        "path": str(path),
+        "prob_abnormal": "" if prob is None else f"{float(prob):.6f}",
+        "label": label or "",
+        "warnings": "; ".join(warnings),
+        "error": error or "",
+        "seconds": "" if seconds is None else f"{float(seconds):.3f}",
+    }
+
+
+class PredictionCSV:
+    """Append-only ``predictions.csv``: each row is written and fsync'd as soon as its scan is
+    done, so a crash or kill keeps every finished row; opening an existing file drops a
+    half-written last line (a kill mid-write).
+
+    Args:
+        path: the CSV file (its folder is created).
+        fresh: start an empty file instead of continuing an existing one.
+        keep: which existing rows to keep (the others are removed, atomically, before appending).
+    """
+
+    def __init__(
+        self,
+        path: str | Path,
+        fresh: bool = False,
+        keep: Callable[[dict[str, str]], bool] | None = None,
+    ) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if fresh:
+            self.path.unlink(missing_ok=True)
+        self._repair()
+        self.rows = self._read()
+        if keep is not None:
+            kept = [r for r in self.rows if keep(r)]
+            if len(kept) != len(self.rows):
+                self.rows = kept
+                self._rewrite(kept)
+        new = not self.path.exists() or self.path.stat().st_size == 0
+        self._file = self.path.open("a", newline="")
+        if new:
+            self._write(",".join(COLUMNS) + "\n")
+
+    def _repair(self) -> None:
+        if not self.path.exists():
+            return
+        data = self.path.read_bytes()
+        if data and not data.endswith(b"\n"):
+            with self.path.open("r+b") as f:
+                f.truncate(data.rfind(b"\n") + 1)
+
+    def _read(self) -> list[dict[str, str]]:
+        if not self.path.exists():
+            return []
+        with self.path.open(newline="") as f:
+            return [{k: r.get(k) or "" for k in COLUMNS} for r in csv.DictReader(f)]
+
+    def _rewrite(self, rows: Iterable[dict[str, str]]) -> None:
+        buf = io.StringIO()
+        writer = csv.DictWriter(buf, fieldnames=COLUMNS, lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(rows)
+        fd, tmp = tempfile.mkstemp(
+            dir=self.path.parent, prefix=f".{self.path.name}.", suffix=".tmp"
+        )
+        try:
+            with os.fdopen(fd, "w", newline="") as f:
+                f.write(buf.getvalue())
+                f.flush()
+                os.fsync(f.fileno())
+            os.chmod(tmp, 0o666 & ~_umask())
+            os.replace(tmp, self.path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+
+    def _write(self, text: str) -> None:
+        self._file.write(text)  # one write: a kill leaves a whole line or a repairable part
+        self._file.flush()
+        os.fsync(self._file.fileno())
+
+    def append(self, row: dict[str, str]) -> None:
+        buf = io.StringIO()
+        csv.DictWriter(buf, fieldnames=COLUMNS, lineterminator="\n").writerow(row)
+        self._write(buf.getvalue())
+        self.rows.append(row)
+
+    def close(self) -> None:
+        self._file.close()
+
+
+def _umask() -> int:
+    current = os.umask(0o022)
+    os.umask(current)
+    return current
+
+
+class PredictionWriter:
+    """A bundle's ``predictions.csv`` (:data:`COLUMNS`), written as batches complete.
+
+    The label comes from the postprocessing's thresholded ``pred`` (the threshold is the
+    config's, written once), the probability from ``prob``.
+
+    Args:
+        output_dir: folder of the CSV (created).
+        class_names: label 0 and label 1.
+        prob_key: key of the probability in the engine's (decollated) output.
+        pred_key: key of the thresholded 0/1 prediction.
+        path_key: key of the scan path in the batch.
+    """
+
+    def __init__(
+        self,
+        output_dir: str | Path,
+        class_names: Sequence[str],
+        prob_key: str = "prob",
+        pred_key: str = "pred",
+        path_key: str = "path",
+    ) -> None:
+        self.path = Path(output_dir) / "predictions.csv"
+        self.class_names = list(class_names)
+        self.prob_key = prob_key
+        self.pred_key = pred_key
+        self.path_key = path_key
+        self.csv: PredictionCSV | None = None
+
+    def attach(self, engine: Any) -> None:
+        from ignite.engine import Events
+
+        engine.add_event_handler(Events.STARTED, self.started)
+        engine.add_event_handler(Events.ITERATION_COMPLETED, self.write)
+        engine.add_event_handler(Events.COMPLETED, self.completed)
+
+    def started(self, engine: Any) -> None:
+        self.csv = PredictionCSV(self.path, fresh=True)
+
+    def write(self, engine: Any) -> None:
+        assert self.csv is not None, "attach() first"
+        batch = engine.state.batch  # MONAI engines decollate it into a list of dicts
+        paths = (
+            [b[self.path_key] for b in batch] if isinstance(batch, list) else batch[self.path_key]
+        )
+        for path, item in zip(paths, engine.state.output, strict=True):
+            label = self.class_names[int(float(item[self.pred_key]))]
+            self.csv.append(prediction_row(path, float(item[self.prob_key]), label))
+
+    def completed(self, engine: Any) -> None:
+        if self.csv is not None:
+            self.csv.close()
