@@ -17,6 +17,7 @@ import hashlib
 import re
 import sys
 from pathlib import Path
+from typing import Any
 
 from app.cli import config_values, count, show_progress
 from app.scanqc import Limits
@@ -93,90 +94,26 @@ def safe_name(key: str) -> str:
     return f"{stem}-{hashlib.sha1(key.encode()).hexdigest()[:8]}"
 
 
+class UsageError(Exception):
+    """A command-line problem: printed as one line, exit status 2."""
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    folder: Path = args.folder
-    if not folder.exists():
-        print(f"error: {folder} does not exist", file=sys.stderr)
-        return 2
-    if args.threshold is not None and not 0 <= args.threshold <= 1:
-        print("error: --threshold must be in [0, 1]", file=sys.stderr)
-        return 2
-    out = args.output or Path("outputs") / (folder.resolve().name or "scans")
-    if folder.is_dir() and out.resolve().is_relative_to(folder.resolve()):
-        print(
-            f"error: the output folder {out} is inside the input folder: choose another --output",
-            file=sys.stderr,
-        )
-        return 2
+    from app.errors import CTClassifyError
 
-    from tqdm import tqdm
-
-    from app.classifier import CheckpointError, Classifier
-    from app.errors import ConfigError
-    from app.plots import plot_montage
-    from app.portable.scans import find_inputs
-    from app.predictions import OutputFolderError, PredictionLog
-
-    limits = Limits() if args.max_voxels is None else Limits(max_voxels=args.max_voxels)
     try:
-        clf = Classifier.load(
-            args.checkpoint,
-            device=args.device,
-            threshold=args.threshold,
-            limits=limits,
-            precision=args.precision,
-        )
-    except (CheckpointError, ConfigError) as exc:
+        out = output_folder(args)
+        clf = load_model(args)
+        inputs = find_scan_inputs(args.folder)
+        log = open_log(out, clf, overwrite=args.overwrite)
+    except (UsageError, CTClassifyError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    inputs = find_inputs(folder)
-    if not inputs:
-        print(f"error: no .nii/.nii.gz file or DICOM series under {folder}", file=sys.stderr)
-        return 2
-    try:
-        log = PredictionLog(out, overwrite=args.overwrite, model=clf.identity())
-    except OutputFolderError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    todo = [s for s in inputs if s.key not in log.done]
-    chosen = "" if args.checkpoint else " (the newest run under runs/: choose with --checkpoint)"
-    print(f"model: {clf.describe()}; device {clf.device}{chosen}", flush=True)
-    for note in clf.caveats():
-        print(f"warning: {note}", flush=True)
-    retried = f" ({len(log.retried)} that failed before are retried)" if log.retried else ""
-    print(
-        f"{len(inputs)} inputs, {len(inputs) - len(todo)} already in {log.csv_path}{retried}",
-        flush=True,
-    )
+    announce(clf, chosen=bool(args.checkpoint), inputs=inputs, log=log)
     images: dict[str, dict[str, Path]] = {}
-    want_images = args.saliency or args.report
-    bar = tqdm(
-        total=len(todo), unit="scan", disable=not show_progress(args.no_progress), file=sys.stderr
-    )
     try:
-        for pred in clf.predict_many(
-            todo, batch_size=args.batch_size, workers=args.workers, keep_images=want_images
-        ):
-            image = getattr(pred, "image", None)
-            if image is not None:
-                name = safe_name(pred.path)
-                pics = images.setdefault(pred.path, {})
-                if args.report:
-                    pics["montage"] = out / "montages" / f"{name}.png"
-                    plot_montage(image.numpy(), pics["montage"], rows=2, columns=5)
-                if args.saliency:
-                    pics["saliency"] = out / "saliency" / f"{name}.png"
-                    plot_montage(
-                        image.numpy(),
-                        pics["saliency"],
-                        overlay=clf.saliency(image),
-                        title=f"Grad-CAM, P(abnormal) = {pred.prob_abnormal:.3f}",
-                    )
-            log.append(pred)
-            note = f"  [warning: {'; '.join(pred.warnings)}]" if pred.warnings and pred.ok else ""
-            bar.write(pred.sentence() + note)
-            bar.update(1)
+        classify(clf, inputs, log, out, args, images)
     except OSError as exc:  # e.g. a full disk: finished rows are on disk already
         print(
             f"error: cannot write to {out}: {exc.strerror or exc}; the finished rows are kept, run "
@@ -184,23 +121,140 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 1
+    if args.report:
+        print(f"report: {report(log.rows, out, images)}")
+    return summarise(log, clf)
+
+
+def output_folder(args: argparse.Namespace) -> Path:
+    """The output folder; refuses a missing input, a bad threshold, an output inside the input."""
+    folder: Path = args.folder
+    if not folder.exists():
+        raise UsageError(f"{folder} does not exist")
+    if args.threshold is not None and not 0 <= args.threshold <= 1:
+        raise UsageError("--threshold must be in [0, 1]")
+    out: Path = args.output or Path("outputs") / (folder.resolve().name or "scans")
+    if folder.is_dir() and out.resolve().is_relative_to(folder.resolve()):
+        raise UsageError(
+            f"the output folder {out} is inside the input folder: choose another --output"
+        )
+    return out
+
+
+def load_model(args: argparse.Namespace) -> Any:
+    from app.classifier import Classifier
+
+    limits = Limits() if args.max_voxels is None else Limits(max_voxels=args.max_voxels)
+    return Classifier.load(
+        args.checkpoint,
+        device=args.device,
+        threshold=args.threshold,
+        limits=limits,
+        precision=args.precision,
+    )
+
+
+def find_scan_inputs(folder: Path) -> list[Any]:
+    from app.portable.scans import find_inputs
+
+    inputs = find_inputs(folder)
+    if not inputs:
+        raise UsageError(f"no .nii/.nii.gz file or DICOM series under {folder}")
+    return inputs
+
+
+def open_log(out: Path, clf: Any, overwrite: bool) -> Any:
+    from app.predictions import PredictionLog
+
+    return PredictionLog(out, overwrite=overwrite, model=clf.identity())
+
+
+def announce(clf: Any, chosen: bool, inputs: list[Any], log: Any) -> None:
+    """The model line, its caveats, and how much of the folder is done."""
+    default = "" if chosen else " (the newest run under runs/: choose with --checkpoint)"
+    print(f"model: {clf.describe()}; device {clf.device}{default}", flush=True)
+    for note in clf.caveats():
+        print(f"warning: {note}", flush=True)
+    retried = f" ({len(log.retried)} that failed before are retried)" if log.retried else ""
+    done = sum(1 for s in inputs if s.key in log.done)
+    print(f"{len(inputs)} inputs, {done} already in {log.csv_path}{retried}", flush=True)
+
+
+def classify(
+    clf: Any,
+    inputs: list[Any],
+    log: Any,
+    out: Path,
+    args: argparse.Namespace,
+    images: dict[str, dict[str, Path]],
+) -> None:
+    """Classify the inputs not yet in ``log``, one fsync'd row and one console line each."""
+    from tqdm import tqdm
+
+    todo = [s for s in inputs if s.key not in log.done]
+    bar = tqdm(
+        total=len(todo), unit="scan", disable=not show_progress(args.no_progress), file=sys.stderr
+    )
+    try:
+        for pred in clf.predict_many(
+            todo,
+            batch_size=args.batch_size,
+            workers=args.workers,
+            keep_images=args.saliency or args.report,
+        ):
+            draw_pictures(clf, pred, out, args, images)
+            log.append(pred)
+            note = f"  [warning: {'; '.join(pred.warnings)}]" if pred.warnings and pred.ok else ""
+            bar.write(pred.sentence() + note)
+            bar.update(1)
     finally:
         bar.close()
         with contextlib.suppress(OSError):
             log.write_json()
         log.close()
-    rows = log.rows
-    if args.report:
-        from app.report import write_report
 
-        for r in rows:  # thumbnails of scans classified by an earlier, interrupted run
-            name = safe_name(r["path"])
-            pics = images.setdefault(r["path"], {})
-            for kind, folder_name in (("montage", "montages"), ("saliency", "saliency")):
-                candidate = out / folder_name / f"{name}.png"
-                if kind not in pics and candidate.is_file():
-                    pics[kind] = candidate
-        print(f"report: {write_report(rows, out, images)}")
+
+def draw_pictures(
+    clf: Any, pred: Any, out: Path, args: argparse.Namespace, images: dict[str, dict[str, Path]]
+) -> None:
+    """The report's montage and the Grad-CAM montage of one prediction, as asked."""
+    from app.plots import plot_montage
+
+    image = getattr(pred, "image", None)
+    if image is None:
+        return
+    name = safe_name(pred.path)
+    pics = images.setdefault(pred.path, {})
+    if args.report:
+        pics["montage"] = out / "montages" / f"{name}.png"
+        plot_montage(image.numpy(), pics["montage"], rows=2, columns=5)
+    if args.saliency:
+        pics["saliency"] = out / "saliency" / f"{name}.png"
+        plot_montage(
+            image.numpy(),
+            pics["saliency"],
+            overlay=clf.saliency(image),
+            title=f"Grad-CAM, P(abnormal) = {pred.prob_abnormal:.3f}",
+        )
+
+
+def report(rows: list[dict[str, str]], out: Path, images: dict[str, dict[str, Path]]) -> Path:
+    """OUT/report.html, with the pictures of scans classified by an earlier, interrupted run."""
+    from app.report import write_report
+
+    for r in rows:
+        name = safe_name(r["path"])
+        pics = images.setdefault(r["path"], {})
+        for kind, folder_name in (("montage", "montages"), ("saliency", "saliency")):
+            candidate = out / folder_name / f"{name}.png"
+            if kind not in pics and candidate.is_file():
+                pics[kind] = candidate
+    return write_report(rows, out, images)
+
+
+def summarise(log: Any, clf: Any) -> int:
+    """The summary line; exit status 1 when some inputs failed."""
+    rows = log.rows
     failed = [r for r in rows if r["error"]]
     classified = [r for r in rows if r["prob_abnormal"]]
     abnormal = sum(1 for r in classified if r["label"] == clf.class_names[1])
