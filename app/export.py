@@ -159,101 +159,112 @@ def export_bundle(
     onnx: bool = True,
     make_zip: bool = False,
 ) -> Path:
-    """Write the bundle for ``checkpoint`` (run folder or file) to ``output``; returns ``output``."""
-    import torch
+    """Write the bundle for ``checkpoint`` (run folder or file) to ``output``; returns ``output``.
 
+    Built beside the target (``OUTPUT.partial``) and renamed into place at the end: a kill or an
+    error leaves the previous bundle (or nothing), never a partial bundle under the final name.
+    """
     from app.classifier import Classifier, resolve_checkpoint
-    from app.errors import ConfigError
-    from app.fileio import atomic_write, atomic_write_text
-    from app.run_folder import check_own_folder, read_metrics
+    from app.run_folder import read_metrics
 
     final = Path(output)
+    _check_target(final, overwrite)
+    work = final.with_name(final.name + ".partial")
+    shutil.rmtree(work, ignore_errors=True)
+    source = resolve_checkpoint(checkpoint)
+    clf = Classifier.load(source, device="cpu")
+    settings = {**clf.settings, "threshold": clf.threshold, "class_names": clf.class_names}
+    metrics = read_metrics(source.parent / "metrics.csv")
+    _write_code(work)
+    _write_configs_and_docs(work, settings, metrics, source)
+    _write_models(work, clf.network.cpu().eval(), settings, onnx=onnx)
+    if final.exists():
+        shutil.rmtree(final)
+    work.replace(final)
+    if make_zip:  # written under a temporary name, then renamed: never a truncated zip
+        archive = shutil.make_archive(str(work), "zip", root_dir=final)
+        Path(archive).replace(final.with_name(final.name + ".zip"))
+    return final
+
+
+def _check_target(final: Path, overwrite: bool) -> None:
+    """Refuse a file, an existing folder without ``--overwrite``, and any folder that is not a
+    bundle (before any work: a foreign folder is never replaced)."""
+    from app.errors import ConfigError
+    from app.run_folder import check_own_folder
+
     if final.exists() and not final.is_dir():
         raise ConfigError(f"--output {final} is a file, not a folder")
     if final.exists() and any(final.iterdir()):
         if not overwrite:
             raise ConfigError(f"{final} exists; choose another --output or add --overwrite")
-        check_own_folder(final, "bundle")  # before any work: a foreign folder is never replaced
-    # built beside the target and renamed into place at the end: a kill or an error leaves the
-    # previous bundle (or nothing), never a partial bundle under the final name
-    output = final.with_name(final.name + ".partial")
-    shutil.rmtree(output, ignore_errors=True)
-    source = resolve_checkpoint(checkpoint)
-    clf = Classifier.load(source, device="cpu")
-    settings = {**clf.settings, "threshold": clf.threshold, "class_names": clf.class_names}
-    metrics = read_metrics(source.parent / "metrics.csv")
-    for sub in ("configs", "models", "docs", "scripts"):
-        (output / sub).mkdir(parents=True, exist_ok=True)
-    for package, name in PORTABLE.items():
-        (output / "scripts" / name).mkdir(exist_ok=True)
-        for source_file in sorted((REPO / package).glob("*.py")):
-            shutil.copy(source_file, output / "scripts" / name / source_file.name)
-    (output / "scripts" / "__init__.py").write_text(
-        '"""ctclassify code carried by this bundle."""\n'
-    )
-    config = bundle_inference_config(settings)
-    atomic_write_text(
-        output / "configs" / "inference.yaml",
-        "# Exported by ctclassify (python -m app.export); self-contained.\n"
-        + yaml.safe_dump(config, sort_keys=False),
-    )
-    atomic_write_text(
-        output / "configs" / "metadata.json", json.dumps(_metadata(settings, metrics), indent=4)
-    )
-    shutil.copy(CONFIG_DIR / "logging.conf", output / "configs" / "logging.conf")
-    shutil.copy(REPO / "LICENSE", output / "LICENSE")
-    shutil.copy(REPO / "docs" / "data_license.md", output / "docs" / "data_license.md")
-    atomic_write_text(output / "docs" / "README.md", _docs(settings, metrics, source))
+        check_own_folder(final, "bundle")
 
-    network = clf.network.cpu().eval()
+
+def _write_code(work: Path) -> None:
+    """scripts/: this project's portable packages, so the bundle runs without the app."""
+    for sub in ("configs", "models", "docs", "scripts"):
+        (work / sub).mkdir(parents=True, exist_ok=True)
+    for package, name in PORTABLE.items():
+        (work / "scripts" / name).mkdir(exist_ok=True)
+        for source_file in sorted((REPO / package).glob("*.py")):
+            shutil.copy(source_file, work / "scripts" / name / source_file.name)
+    (work / "scripts" / "__init__.py").write_text('"""ctclassify code carried by this bundle."""\n')
+
+
+def _write_configs_and_docs(
+    work: Path, settings: dict[str, Any], metrics: list[dict[str, Any]], source: Path
+) -> None:
+    from app.fileio import atomic_write_text
+
+    atomic_write_text(
+        work / "configs" / "inference.yaml",
+        "# Exported by ctclassify (python -m app.export); self-contained.\n"
+        + yaml.safe_dump(bundle_inference_config(settings), sort_keys=False),
+    )
+    atomic_write_text(
+        work / "configs" / "metadata.json", json.dumps(_metadata(settings, metrics), indent=4)
+    )
+    shutil.copy(CONFIG_DIR / "logging.conf", work / "configs" / "logging.conf")
+    shutil.copy(REPO / "LICENSE", work / "LICENSE")
+    shutil.copy(REPO / "docs" / "data_license.md", work / "docs" / "data_license.md")
+    atomic_write_text(work / "docs" / "README.md", _docs(settings, metrics, source))
+
+
+def _write_models(work: Path, network: Any, settings: dict[str, Any], onnx: bool) -> None:
+    """models/: the state dict, TorchScript made by MONAI inside the bundle (which proves the
+    bundle works without this app), and ONNX."""
+    import torch
+
+    from app.fileio import atomic_write
+
     state = {k: v.detach().clone() for k, v in network.state_dict().items()}
-    atomic_write(output / "models" / "model.pt", lambda tmp: torch.save(state, tmp))
-    # TorchScript as MONAI makes it, run inside the bundle: proves it works without this app
+    atomic_write(work / "models" / "model.pt", lambda tmp: torch.save(state, tmp))
+    command = ["ckpt_export", "network_def", "--filepath", "models/model.ts"]
+    command += ["--ckpt_file", "models/model.pt", "--meta_file", "configs/metadata.json"]
+    command += ["--config_file", "configs/inference.yaml"]
     proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "monai.bundle",
-            "ckpt_export",
-            "network_def",
-            "--filepath",
-            "models/model.ts",
-            "--ckpt_file",
-            "models/model.pt",
-            "--meta_file",
-            "configs/metadata.json",
-            "--config_file",
-            "configs/inference.yaml",
-        ],
-        cwd=output,
+        [sys.executable, "-m", "monai.bundle", *command],
+        cwd=work,
         capture_output=True,
         text=True,
         check=False,
     )
     if proc.returncode != 0:
-        raise RuntimeError(f"monai.bundle ckpt_export failed in {output}:\n{proc.stderr[-2000:]}")
+        raise RuntimeError(f"monai.bundle ckpt_export failed in {work}:\n{proc.stderr[-2000:]}")
     if onnx:
-        example = torch.zeros(
-            1, int(settings["in_channels"]), *[int(s) for s in settings["spatial_size"]]
-        )
+        size = [int(s) for s in settings["spatial_size"]]
+        example = torch.zeros(1, int(settings["in_channels"]), *size)
         with torch.no_grad():
             torch.onnx.export(
                 network,
                 (example,),
-                str(output / "models" / "model.onnx"),
+                str(work / "models" / "model.onnx"),
                 input_names=["image"],
                 output_names=["pred"],
                 dynamic_axes={"image": {0: "batch"}, "pred": {0: "batch"}},
                 dynamo=False,
             )
-    if final.exists():
-        shutil.rmtree(final)
-    output.replace(final)
-    if make_zip:  # written under a temporary name, then renamed: never a truncated zip
-        partial = final.with_name(final.name + ".partial")
-        archive = shutil.make_archive(str(partial), "zip", root_dir=final)
-        Path(archive).replace(final.with_name(final.name + ".zip"))
-    return final
 
 
 def main(argv: list[str] | None = None) -> int:
