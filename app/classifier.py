@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from app.errors import ConfigError, CTClassifyError
+from app.model_card import ModelCard
 from app.model_settings import MODEL_SETTINGS, SettingsError, validate_settings
 from app.portable.inferers import PRECISIONS
 from app.portable.scans import ScanInput, find_inputs
@@ -363,82 +364,19 @@ class Classifier:
             ) from exc
         return cls(network, settings, pick_device(device), threshold, limits, path, precision)
 
-    def identity(self) -> dict[str, Any]:
-        """What identifies this model's predictions: checkpoint, its SHA-256, threshold, classes."""
-        import hashlib
+    @property
+    def card(self) -> ModelCard:
+        """What the model is: its identity, training data, validation metrics and caveats."""
+        return ModelCard(self.settings, self.checkpoint, self.threshold, self.class_names)
 
-        digest = None
-        if self.checkpoint is not None and self.checkpoint.is_file():
-            h = hashlib.sha256()
-            with self.checkpoint.open("rb") as f:
-                for block in iter(lambda: f.read(1 << 20), b""):
-                    h.update(block)
-            digest = h.hexdigest()
-        return {
-            "checkpoint": str(self.checkpoint.resolve()) if self.checkpoint else None,
-            "sha256": digest,
-            "threshold": self.threshold,
-            "class_names": self.class_names,
-        }
+    def identity(self) -> dict[str, Any]:
+        return self.card.identity()
 
     def describe(self) -> str:
-        """One line: the model, what it was trained on, and how it did on its validation data."""
-        data = self.settings.get("training_data") or {}
-        if data:
-            counts = data.get("class_counts") or [None, None]
-            kind = "generated" if data.get("generated") else "real"
-            trained = (
-                f"trained on {data.get('scans')} {kind} scans ({counts[0]} {self.class_names[0]}, "
-                f"{counts[1]} {self.class_names[1]}) from {data.get('source', 'unknown')}"
-            )
-        else:
-            source = self.settings.get("dataset_dir")
-            trained = f"trained on {source}" if source else "training data not recorded"
-        val = self.settings.get("validation") or {}
-        if val:
-            parts = [
-                f"{name} {val[key]:.3f}"
-                for key, name in (
-                    ("val_acc", "accuracy"),
-                    ("val_auc", "ROC-AUC"),
-                    ("val_sensitivity", "sensitivity"),
-                    ("val_specificity", "specificity"),
-                )
-                if val.get(key) is not None
-            ]
-            scored = f"validation at epoch {val.get('epoch', '?')}: {', '.join(parts)}"
-        else:
-            scored = "validation metrics not recorded"
-        return f"{self.checkpoint}: {trained}; {scored}; threshold {self.threshold}"
+        return self.card.describe()
 
     def caveats(self) -> list[str]:
-        """Warnings about the model itself, for the console (not per scan)."""
-        notes = []
-        data = self.settings.get("training_data") or {}
-        if data.get("generated"):
-            notes.append(
-                "this model was trained on generated scans (app.data synth / --demo): its answers "
-                "on real CT are not evidence of anything; train on MosMedData for real use"
-            )
-        val = self.settings.get("validation") or {}
-        weak = [
-            f"{name} {val[key]:.2f}"
-            for key, name, floor in (
-                ("val_acc", "accuracy", 0.6),
-                ("val_auc", "ROC-AUC", 0.6),
-                ("val_sensitivity", "sensitivity", 0.01),
-                ("val_specificity", "specificity", 0.01),
-            )
-            if val.get(key) is not None and val[key] < floor
-        ]
-        if weak:
-            notes.append(
-                f"this model did little better than chance on its validation data "
-                f"({', '.join(weak)} at epoch {val.get('epoch', '?')})"
-            )
-        if not val:
-            notes.append("this model's validation metrics are unknown (no metrics.csv beside it)")
-        return notes
+        return self.card.caveats()
 
     @torch.inference_mode()
     def _forward(self, images: list[torch.Tensor]) -> list[tuple[float, str]]:

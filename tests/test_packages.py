@@ -20,6 +20,7 @@ TRAINING_MODULES = ("app.train", "app.handlers", "app.engine", "app.datasets", "
 INFERENCE_MODULES = (
     "infer",
     "classifier",
+    "model_card",
     "scanqc",
     "predictions",
     "report",

@@ -1,0 +1,101 @@
+"""What a model is and where it does not apply: the lines ``app.infer`` prints before it
+classifies, and what identifies the predictions a model wrote."""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+
+@dataclass(frozen=True)
+class ModelCard:
+    """A model's settings (validated), checkpoint, threshold and class names.
+
+    Args:
+        settings: the checkpoint's validated settings (``training_data``, ``validation``...).
+        checkpoint: where the weights came from.
+        threshold: P(abnormal) from which a scan is abnormal.
+        class_names: label 0 and label 1.
+    """
+
+    settings: dict[str, Any]
+    checkpoint: Path | None
+    threshold: float
+    class_names: list[str]
+
+    def identity(self) -> dict[str, Any]:
+        """What identifies this model's predictions: checkpoint, its SHA-256, threshold, classes."""
+        digest = None
+        if self.checkpoint is not None and self.checkpoint.is_file():
+            h = hashlib.sha256()
+            with self.checkpoint.open("rb") as f:
+                for block in iter(lambda: f.read(1 << 20), b""):
+                    h.update(block)
+            digest = h.hexdigest()
+        return {
+            "checkpoint": str(self.checkpoint.resolve()) if self.checkpoint else None,
+            "sha256": digest,
+            "threshold": self.threshold,
+            "class_names": self.class_names,
+        }
+
+    def describe(self) -> str:
+        """One line: the model, what it was trained on, and how it did on its validation data."""
+        data = self.settings.get("training_data") or {}
+        if data:
+            counts = data.get("class_counts") or [None, None]
+            kind = "generated" if data.get("generated") else "real"
+            trained = (
+                f"trained on {data.get('scans')} {kind} scans ({counts[0]} {self.class_names[0]}, "
+                f"{counts[1]} {self.class_names[1]}) from {data.get('source', 'unknown')}"
+            )
+        else:
+            source = self.settings.get("dataset_dir")
+            trained = f"trained on {source}" if source else "training data not recorded"
+        val = self.settings.get("validation") or {}
+        if val:
+            parts = [
+                f"{name} {val[key]:.3f}"
+                for key, name in (
+                    ("val_acc", "accuracy"),
+                    ("val_auc", "ROC-AUC"),
+                    ("val_sensitivity", "sensitivity"),
+                    ("val_specificity", "specificity"),
+                )
+                if val.get(key) is not None
+            ]
+            scored = f"validation at epoch {val.get('epoch', '?')}: {', '.join(parts)}"
+        else:
+            scored = "validation metrics not recorded"
+        return f"{self.checkpoint}: {trained}; {scored}; threshold {self.threshold}"
+
+    def caveats(self) -> list[str]:
+        """Warnings about the model itself, for the console (not per scan)."""
+        notes = []
+        data = self.settings.get("training_data") or {}
+        if data.get("generated"):
+            notes.append(
+                "this model was trained on generated scans (app.data synth / --demo): its answers "
+                "on real CT are not evidence of anything; train on MosMedData for real use"
+            )
+        val = self.settings.get("validation") or {}
+        weak = [
+            f"{name} {val[key]:.2f}"
+            for key, name, floor in (
+                ("val_acc", "accuracy", 0.6),
+                ("val_auc", "ROC-AUC", 0.6),
+                ("val_sensitivity", "sensitivity", 0.01),
+                ("val_specificity", "specificity", 0.01),
+            )
+            if val.get(key) is not None and val[key] < floor
+        ]
+        if weak:
+            notes.append(
+                f"this model did little better than chance on its validation data "
+                f"({', '.join(weak)} at epoch {val.get('epoch', '?')})"
+            )
+        if not val:
+            notes.append("this model's validation metrics are unknown (no metrics.csv beside it)")
+        return notes
