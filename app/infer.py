@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from app.cli import config_values, count, show_progress
-from app.scanqc import Limits
+from app.inference.scanqc import Limits
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -142,7 +142,7 @@ def output_folder(args: argparse.Namespace) -> Path:
 
 
 def load_model(args: argparse.Namespace) -> Any:
-    from app.classifier import Classifier
+    from app.inference.classifier import Classifier
 
     limits = Limits() if args.max_voxels is None else Limits(max_voxels=args.max_voxels)
     return Classifier.load(
@@ -155,7 +155,7 @@ def load_model(args: argparse.Namespace) -> Any:
 
 
 def find_scan_inputs(folder: Path) -> list[Any]:
-    from app.portable.scans import find_inputs
+    from app.bundle.portable.scans import find_inputs
 
     inputs = find_inputs(folder)
     if not inputs:
@@ -164,7 +164,7 @@ def find_scan_inputs(folder: Path) -> list[Any]:
 
 
 def open_log(out: Path, clf: Any, overwrite: bool) -> Any:
-    from app.predictions import PredictionLog
+    from app.inference.predictions import PredictionLog
 
     return PredictionLog(out, overwrite=overwrite, model=clf.identity())
 
@@ -240,7 +240,7 @@ def draw_pictures(
 
 def report(rows: list[dict[str, str]], out: Path, images: dict[str, dict[str, Path]]) -> Path:
     """OUT/report.html, with the pictures of scans classified by an earlier, interrupted run."""
-    from app.report import write_report
+    from app.inference.report import write_report
 
     for r in rows:
         name = safe_name(r["path"])

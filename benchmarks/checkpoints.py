@@ -11,7 +11,7 @@ import torch
 def write_spec_checkpoint(path: str | Path, **overrides: Any) -> Path:
     """Save a checkpoint as app.train writes it (network + run settings); ``overrides`` change
     config ids, e.g. ``spatial_size=[48, 48, 48]``."""
-    from app.classifier import MODEL_SETTINGS
+    from app.inference.classifier import MODEL_SETTINGS
     from app.config import load_config
 
     parser = load_config("inference.yaml", overrides=overrides)

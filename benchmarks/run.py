@@ -232,7 +232,7 @@ def bench_gpu(tmp: Path) -> dict:
     from ignite.engine import Events
 
     from app.config import load_config
-    from app.synth import write_dataset
+    from app.data.synth import write_dataset
 
     cuda = torch.cuda.is_available()
     per_class, shape, epochs = (100, (128, 128, 64), 4) if cuda else (4, (48, 48, 24), 2)
@@ -295,7 +295,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.render:
         (REPO / "docs" / "benchmarks.md").write_text(markdown(json.loads(args.out.read_text())))
         return 0
-    from app.synth import write_dataset
+    from app.data.synth import write_dataset
 
     started = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp_name:

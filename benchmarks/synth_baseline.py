@@ -16,7 +16,7 @@ import torch
 from monai.metrics import compute_roc_auc
 from tqdm import tqdm
 
-from app.synth import generate_scan, scan_seed
+from app.data.synth import generate_scan, scan_seed
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -103,7 +103,7 @@ def nifti(path: Path, array: np.ndarray, affine=None) -> Path:
 
 def synth_dataset(root: Path, per_class: int, shape: tuple[int, int, int], seed: int = 0) -> Path:
     """Write a generated dataset through the CLI (``python -m app.data synth``) and return it."""
-    from app.data import main as data_main
+    from app.data.cli import main as data_main
 
     args = ["synth", str(root), "--per-class", str(per_class), "--shape", *map(str, shape)]
     assert data_main([*args, "--seed", str(seed), "--no-progress"]) == 0

@@ -274,7 +274,7 @@ def test_exported_bundle_runs_with_monai_alone(tmp_path, real_ct):
     assert via_bundle == from_app  # the bundle's weights and settings: the same probabilities
 
     # TorchScript and ONNX equal PyTorch
-    from app.classifier import Classifier
+    from app.inference.classifier import Classifier
 
     net = Classifier.load(run, device="cpu").network
     x = torch.rand(2, 1, 48, 48, 48)

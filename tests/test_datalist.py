@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from app.datalist import discover, find_items, load_datalist, stratified_split, write_split
+from app.data.datalist import discover, find_items, load_datalist, stratified_split, write_split
 from app.errors import DataError
 
 
@@ -138,7 +138,7 @@ def test_datalist_text_is_never_evaluated(tmp_path, capsys):
 
 
 def test_datalist_that_is_not_a_list_or_too_large_is_refused(tmp_path, monkeypatch):
-    from app import datalist
+    from app.data import datalist
 
     (tmp_path / "list.json").write_text(json.dumps({"training": "everything"}))
     with pytest.raises(DataError, match="is empty"):

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from app.data import main as data_main
-from app.download import download_mosmed, fetch
+from app.data.cli import main as data_main
+from app.data.download import download_mosmed, fetch
 from app.errors import DownloadError
 
 
@@ -188,7 +188,7 @@ def test_zip_bomb_is_refused_before_anything_is_written(tmp_path):
 
 
 def test_too_many_members_and_links_are_refused(tmp_path):
-    from app.download import ZipLimits, safe_extract
+    from app.data.download import ZipLimits, safe_extract
 
     many = tmp_path / "many.zip"
     many.write_bytes(zip_of({f"CT-0/s{i}.nii.gz": b"x" for i in range(12)}))
@@ -227,6 +227,6 @@ def test_unknown_size_download_is_bounded(tmp_path):
 
 def test_zip_limits_are_the_quoted_ones():
     """README: at most 10,000 members and 20x the archive's size inflated (16 GiB at most)."""
-    from app.download import ZipLimits
+    from app.data.download import ZipLimits
 
     assert ZipLimits() == ZipLimits(max_members=10_000, max_bytes=16 * 1024**3, max_ratio=20.0)

@@ -28,7 +28,7 @@ from monai.transforms import (
     ScaleIntensityRanged,
 )
 
-from app.classifier import Classifier
+from app.inference.classifier import Classifier
 from transforms.presets import eval_transforms
 
 DTYPES = ("uint8", "int8", "uint16", "int16", "int32", "float32", "float64")

@@ -12,10 +12,16 @@ import pytest
 import torch
 from conftest import TINY_SETTINGS, ct_volume, nifti
 
-from app.classifier import CheckpointError, Classifier, load_checkpoint
+from app.inference.classifier import CheckpointError, Classifier, load_checkpoint
 from app.infer import main as infer_main
-from app.portable.scans import find_inputs
-from app.scanqc import Limits, ScanError, check_dicom_series, check_nifti_header, check_values
+from app.bundle.portable.scans import find_inputs
+from app.inference.scanqc import (
+    Limits,
+    ScanError,
+    check_dicom_series,
+    check_nifti_header,
+    check_values,
+)
 from nets.cnn3d import CNN3D
 
 # --- bad inputs: each one is reported with a one-line reason -------------------------------------
@@ -598,7 +604,7 @@ def test_dicom_claims_are_bounded_before_reading(tmp_path, checkpoint, fields, m
 @pytest.mark.parametrize(("lung_slices", "warned"), [(4, True), (5, False), (20, False)])
 def test_lung_warning_below_a_quarter_of_the_slices(lung_slices, warned):
     """README: a warning when lung-density air inside the body is in under 25% of the slices."""
-    from app.scanqc import check_values
+    from app.inference.scanqc import check_values
 
     vol = np.full((64, 64, 20), -1000.0)
     vol[8:56, 8:56, :] = 40.0  # a body in every slice
@@ -619,7 +625,7 @@ def test_lung_warning_below_a_quarter_of_the_slices(lung_slices, warned):
 )
 def test_spacing_warning_beyond_twice_the_training_range(zooms, warned):
     """README: a warning when the spacing lies more than 2x outside the training scans'."""
-    from app.scanqc import TrainingContext, training_warnings
+    from app.inference.scanqc import TrainingContext, training_warnings
 
     context = TrainingContext(
         generated=False, spacing_min=(0.82, 0.82, 8.0), spacing_max=(0.9, 0.9, 8.0)

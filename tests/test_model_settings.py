@@ -11,7 +11,7 @@ import torch
 import yaml
 from conftest import TINY_SETTINGS
 
-from app.classifier import CheckpointError, Classifier
+from app.inference.classifier import CheckpointError, Classifier
 from app.model_settings import SettingsError, validate_settings
 from nets.cnn3d import CNN3D
 

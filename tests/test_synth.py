@@ -6,8 +6,8 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from app.data import main as data_main
-from app.synth import generate_scan
+from app.data.cli import main as data_main
+from app.data.synth import generate_scan
 
 
 def test_scans_are_deterministic_and_mosmed_like():
@@ -96,9 +96,9 @@ def test_synth_cli_writes_class_folders(tmp_path):
 
 
 def test_a_kill_mid_write_leaves_no_file_a_finder_takes_for_a_scan(tmp_path, monkeypatch):
-    from app import synth
-    from app.datalist import discover
-    from app.portable.scans import find_inputs
+    from app.data import synth
+    from app.data.datalist import discover
+    from app.bundle.portable.scans import find_inputs
 
     calls = {"n": 0}
     real_replace = Path.replace

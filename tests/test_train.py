@@ -9,8 +9,8 @@ import torch
 from conftest import synth_dataset
 from ignite.engine import Engine, Events
 
-from app.engine import RunInfo
-from app.handlers import EarlyStopping
+from app.training.engine import RunInfo
+from app.training.handlers import EarlyStopping
 from app.train import main as train_main
 
 TINY = [
@@ -141,10 +141,12 @@ def test_early_stopping_state_travels_with_the_trainer():
 def test_best_checkpoint_is_the_first_best_val_acc(tmp_path):
     """The configured best-model saver keeps the first best val accuracy (Keras save-best-only)."""
     from app.config import load_config
-    from app.handlers import AtomicCheckpointSaver as CheckpointSaver
+    from app.training.handlers import AtomicCheckpointSaver as CheckpointSaver
 
     handlers = load_config("train.yaml").get("validate#handlers")
-    entry = next(h for h in handlers if h["_target_"] == "app.handlers.AtomicCheckpointSaver")
+    entry = next(
+        h for h in handlers if h["_target_"] == "app.training.handlers.AtomicCheckpointSaver"
+    )
     options = {
         k: v
         for k, v in entry.items()
@@ -254,7 +256,7 @@ def test_device_cache_and_batched_augmentation_path(tiny_data, tmp_path):
 def test_checkpoints_are_never_left_half_written(tmp_path, monkeypatch):
     """A process that dies while saving leaves the previous checkpoint and no truncated file
     (MONAI's own CheckpointSaver writes straight into the final file)."""
-    from app.handlers import AtomicCheckpointSaver
+    from app.training.handlers import AtomicCheckpointSaver
 
     net = torch.nn.Linear(2, 1)
     engine = Engine(lambda e, b: None)
@@ -332,7 +334,7 @@ def test_cache_key_is_the_same_in_two_processes():
     import sys
 
     code = (
-        "from app.datasets import settings_key; from app.config import load_config; "
+        "from app.training.datasets import settings_key; from app.config import load_config; "
         "print(settings_key(load_config('train.yaml').get_parsed_content('train_preprocessing')))"
     )
     keys = {
@@ -343,7 +345,7 @@ def test_cache_key_is_the_same_in_two_processes():
     }
     assert len(keys) == 1 and len(keys.pop()) == 12
     from app.config import load_config
-    from app.datasets import settings_key
+    from app.training.datasets import settings_key
 
     other = load_config("train.yaml", overrides={"spatial_size": [64, 64, 32]})
     base = load_config("train.yaml")

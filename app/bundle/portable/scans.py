@@ -1,6 +1,6 @@
 """Find the scans under a folder: NIfTI files, and DICOM series (one input per SeriesInstanceUID).
 
-The one scan finder: ``app.infer``, ``app.datalist`` and an exported bundle's ``monai.bundle
+The one scan finder: ``app.infer``, ``app.data.datalist`` and an exported bundle's ``monai.bundle
 run`` (:func:`find_scans`) all use it.
 """
 

@@ -6,10 +6,10 @@ import json
 from pathlib import Path
 from typing import Any
 
-from app.classifier import Prediction
+from app.bundle.portable.writer import PredictionCSV, prediction_row
 from app.errors import ConfigError
 from app.fileio import atomic_write_text
-from app.portable.writer import PredictionCSV, prediction_row
+from app.inference.classifier import Prediction
 
 CSV_NAME = "predictions.csv"
 JSON_NAME = "predictions.json"

@@ -1,4 +1,4 @@
-"""``python -m app.data``: download MosMedData, or generate the MosMed-like default dataset.
+"""python -m app.data: download MosMedData, or generate the MosMed-like default dataset.
 
 python -m app.data download [--root DIR]
 python -m app.data synth OUT [--per-class N] [--shape X Y Z] [--seed S] [--difficulty D]
@@ -61,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "download":
             from app.config import load_config
-            from app.download import download_mosmed
+            from app.data.download import download_mosmed
 
             archives = load_config("train.yaml").get_parsed_content("mosmed_archives")
             download_mosmed(
@@ -72,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
                 progress=show_progress(args.no_progress),
             )
         else:
-            from app.synth import write_dataset
+            from app.data.synth import write_dataset
 
             if args.per_class < 1:
                 print("error: --per-class must be at least 1", file=sys.stderr)
@@ -94,6 +94,3 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     return 0
 
-
-if __name__ == "__main__":
-    raise SystemExit(main())

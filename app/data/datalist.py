@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 
 from app.errors import DataError
-from app.portable.scans import is_scan_name
+from app.bundle.portable.scans import is_scan_name
 
 #: MosMedData's class folders: CT-0 is normal; CT-1..CT-4 (and the example's CT-23) abnormal.
 DEFAULT_CLASS_MAP: dict[str, int] = {
@@ -184,7 +184,7 @@ def describe_training_data(items: Sequence[Item], source: str | Path) -> dict[st
     thickness last) and shapes. Read from the NIfTI headers only."""
     import nibabel as nib
 
-    from app.synth import is_generated
+    from app.data.synth import is_generated
 
     counts = [0, 0]
     generated = bool(items)

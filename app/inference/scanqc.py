@@ -130,7 +130,7 @@ def check_nifti_header(
     """
     import nibabel as nib
 
-    from app.synth import is_generated
+    from app.data.synth import is_generated
 
     path = Path(path)
     size = path.stat().st_size

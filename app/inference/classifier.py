@@ -1,7 +1,7 @@
 """Classify scans with a trained model: the Python API behind ``python -m app.infer``.
 
 Example:
-    >>> from app.classifier import Classifier
+    >>> from app.inference.classifier import Classifier
     >>> clf = Classifier.load("runs/demo", device="cpu")          # doctest: +SKIP
     >>> clf.predict("scan.nii.gz").prob_abnormal                   # doctest: +SKIP
     0.8731
@@ -22,13 +22,11 @@ from typing import Any
 import numpy as np
 import torch
 
+from app.bundle.portable.inferers import PRECISIONS
+from app.bundle.portable.scans import ScanInput, find_inputs
 from app.errors import ConfigError, CTClassifyError
-from app.model_card import ModelCard
-from app.model_settings import MODEL_SETTINGS, SettingsError, validate_settings
-from app.portable.inferers import PRECISIONS
-from app.portable.scans import ScanInput, find_inputs
-from app.run_folder import BEST_MODEL
-from app.scanqc import (
+from app.inference.model_card import ModelCard
+from app.inference.scanqc import (
     Limits,
     ScanError,
     TrainingContext,
@@ -36,6 +34,8 @@ from app.scanqc import (
     check_nifti_header,
     check_values,
 )
+from app.model_settings import MODEL_SETTINGS, SettingsError, validate_settings
+from app.run_folder import BEST_MODEL
 
 
 class CheckpointError(CTClassifyError):
@@ -401,7 +401,7 @@ class Classifier:
         """Classify inputs in batches, streaming one :class:`Prediction` per input, in order.
 
         Inputs are NIfTI paths, DICOM series folders, or :class:`ScanInput` from
-        :func:`app.portable.scans.find_inputs`. Bad inputs yield a prediction with ``error`` set; memory
+        :func:`app.bundle.portable.scans.find_inputs`. Bad inputs yield a prediction with ``error`` set; memory
         holds a few batches at a time. With ``keep_images`` each prediction carries its
         preprocessed volume as ``prediction.image`` (for montages and saliency).
         """

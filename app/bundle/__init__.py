@@ -1,0 +1,1 @@
+"""The MONAI bundle: export (``python -m app.export``) and the portable code a bundle carries."""

@@ -1,0 +1,524 @@
+"""The training workflow: build MONAI's Ignite engines from the bundle configs and run them.
+
+``python -m app.train`` (``app/train.py``) is its command line; :func:`train` its Python entry.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import platform
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from app.config import CONFIG_DIR, config_files, load_config
+from app.errors import ConfigError, CTClassifyError, DataError
+from app.run_folder import BEST_MODEL
+
+OVERRIDES_FILE = "overrides.json"
+DEMO_CONFIG = "demo.yaml"
+
+
+@dataclass
+class TrainResult:
+    """What :func:`train` returns: the run folder and one metrics row per epoch."""
+
+    run_dir: Path
+    metrics: list[dict[str, Any]]
+    best_checkpoint: Path | None
+    #: set when ``resume`` found the run already finished (nothing was run or written): why
+    already_finished: str | None = None
+
+    @property
+    def best_val_acc(self) -> float | None:
+        values = [r["val_acc"] for r in self.metrics if r.get("val_acc") is not None]
+        return max(values) if values else None
+
+
+def demo_dataset(config_dir: Path = CONFIG_DIR) -> Path:
+    """The generated demo dataset, made on first use in the user's cache folder."""
+    from monai.bundle import ConfigParser
+
+    from app.data.synth import write_dataset
+
+    spec = ConfigParser.load_config_files(str(config_dir / DEMO_CONFIG))["demo_data"]
+    cache = Path(os.environ.get("CTCLASSIFY_CACHE", Path.home() / ".cache" / "ctclassify"))
+    shape = spec.get("shape")
+    name = f"demo-{spec['per_class']}x2-seed{spec['seed']}-" + (
+        "x".join(map(str, shape)) if shape else "mosmed"
+    )
+    root = cache / name
+    marker = root / ".complete"
+    if not marker.exists():
+        print(f"generating the demo dataset in {root} (once)", flush=True)
+        write_dataset(
+            root,
+            int(spec["per_class"]),
+            tuple(shape) if shape else None,
+            seed=int(spec["seed"]),
+            difficulty=float(spec.get("difficulty", 0.5)),
+        )
+        marker.write_text(json.dumps(spec))
+    return root
+
+
+def _environment(device: str) -> dict[str, Any]:
+    import ignite
+    import monai
+    import numpy
+    import torch
+
+    try:
+        commit = (
+            subprocess.run(
+                ["git", "rev-parse", "HEAD"],
+                cwd=Path(__file__).resolve().parent,
+                capture_output=True,
+                text=True,
+                timeout=5,
+                check=False,
+            ).stdout.strip()
+            or None
+        )
+    except (OSError, subprocess.SubprocessError):
+        commit = None
+    return {
+        "argv": sys.argv,
+        "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "git_commit": commit,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "torch": torch.__version__,
+        "monai": monai.__version__,
+        "pytorch-ignite": ignite.__version__,
+        "numpy": numpy.__version__,
+        "device": device,
+        "cuda_device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        "cpu_threads": torch.get_num_threads(),
+    }
+
+
+def _log_to_file(path: Path) -> logging.Handler:
+    handler = logging.FileHandler(path)
+    handler.setFormatter(logging.Formatter("%(asctime)s - %(name)s - %(levelname)s - %(message)s"))
+    return handler
+
+
+def prepare_run_dir(output: Path, resume: bool, overwrite: bool) -> None:
+    """Refuse to touch an existing run folder unless asked to resume or overwrite it."""
+    from app.run_folder import latest_checkpoint, remove_own_folder
+
+    if output.exists() and not output.is_dir():
+        raise ConfigError(f"--output {output} is a file, not a folder")
+    exists = output.exists() and any(output.iterdir())
+    if resume:
+        if latest_checkpoint(output) is None:
+            raise ConfigError(
+                f"--resume: {output} holds no last_checkpoint_epoch=*.pt to resume from"
+            )
+    elif exists:
+        if not overwrite:
+            raise ConfigError(
+                f"run folder {output} exists; add --resume to continue it, --overwrite to replace "
+                "it, or choose another --output"
+            )
+        remove_own_folder(output, "run")
+
+
+def train(
+    data: str | Path | None = None,
+    output: str | Path | None = None,
+    *,
+    demo: bool = False,
+    resume: bool = False,
+    overwrite: bool = False,
+    overrides: dict[str, Any] | None = None,
+    config_dir: str | Path = CONFIG_DIR,
+) -> TrainResult:
+    """Train from the bundle configs; the Python entry behind ``python -m app.train``.
+
+    Args:
+        data: class-folder root or datalist (default: the config's ``dataset_dir``).
+        output: run folder (default ``runs/run-<date>-<time>``).
+        demo: train on the generated demo data with ``configs/demo.yaml`` on top.
+        resume: continue the run in ``output`` from its last checkpoint; the run's own settings
+            are reused, ``overrides`` (e.g. a larger ``epochs``) apply on top.
+        overwrite: replace an existing ``output``.
+        overrides: config id -> value, e.g. ``{"epochs": 5, "spatial_size": [48, 48, 48]}``.
+        config_dir: folder of the bundle configs.
+
+    Example:
+        >>> result = train("data/synth", "runs/try", overrides={"epochs": 2})  # doctest: +SKIP
+        >>> result.metrics[-1]["val_auc"]  # doctest: +SKIP
+    """
+    import transforms  # noqa: F401  (quiets MONAI's optional-decoder notices)
+
+    config_dir = Path(config_dir)
+    output = _output_folder(output)
+    _prepare(
+        output,
+        resume=resume,
+        overwrite=overwrite,
+        demo=demo,
+        overrides=overrides or {},
+        config_dir=config_dir,
+    )
+    names, settings = _run_settings(
+        output, data, demo=demo, resume=resume, overrides=overrides or {}, config_dir=config_dir
+    )
+    if resume:
+        done = finished_reason(output, settings, names, config_dir)
+        if done:
+            return _result(output, already_finished=done)
+    _check_data(settings)
+    _record_settings(output, settings, names)
+    _run_workflow(output, names, settings, resume=resume, config_dir=config_dir)
+    return _result(output)
+
+
+def _output_folder(output: str | Path | None) -> Path:
+    from app.training.distributed import launched_distributed
+
+    if output is None and launched_distributed():
+        raise ConfigError("multi-process training needs --output (every rank must use the same)")
+    return Path(output) if output else Path("runs") / time.strftime("run-%Y%m%d-%H%M%S")
+
+
+def _prepare(
+    output: Path,
+    *,
+    resume: bool,
+    overwrite: bool,
+    demo: bool,
+    overrides: dict[str, Any],
+    config_dir: Path,
+) -> None:
+    """Join the process group (under torchrun), check the run folder and make the demo data,
+    on rank 0 while the other ranks wait."""
+    import torch
+
+    from app.training.distributed import launched_distributed, rank
+
+    if launched_distributed():
+        _init_process_group(config_dir, overrides.get("device"))
+    if rank() == 0:
+        prepare_run_dir(output, resume, overwrite)
+        if demo:
+            demo_dataset(config_dir)
+    if launched_distributed():
+        torch.distributed.barrier()
+
+
+def _run_settings(
+    output: Path,
+    data: str | Path | None,
+    *,
+    demo: bool,
+    resume: bool,
+    overrides: dict[str, Any],
+    config_dir: Path,
+) -> tuple[list[str], dict[str, Any]]:
+    """The config files to read and the overrides on top: a resumed run's own, then the data,
+    then this call's ``overrides``."""
+    from app.training.distributed import launched_distributed
+
+    settings: dict[str, Any] = {}
+    if resume and (output / OVERRIDES_FILE).exists():
+        settings.update(read_saved_overrides(output / OVERRIDES_FILE, overrides))
+    names = ["train.yaml"] + ([DEMO_CONFIG] if demo or settings.pop("__demo__", False) else [])
+    if launched_distributed():
+        names.append("multi_gpu_train.yaml")
+    if demo:
+        settings["dataset_dir"] = str(demo_dataset(config_dir))
+    if data is not None:
+        settings["dataset_dir"] = str(data)
+    settings.update(overrides)
+    settings["output_dir"] = str(output)
+    if "dataset_dir" not in settings:  # the configs' default place (data/MosMedData)
+        settings["dataset_dir"] = load_config(*names, config_dir=config_dir).get("dataset_dir")
+    return names, settings
+
+
+def _check_data(settings: dict[str, Any]) -> None:
+    """Refuse missing data, a missing GPU or a malformed dataset before the run folder exists."""
+    import torch
+
+    from app.data.datalist import find_items
+
+    dataset_dir = Path(str(settings["dataset_dir"]))
+    if not dataset_dir.exists():
+        root = dataset_dir.parent if dataset_dir.name == "MosMedData" else Path("data")
+        raise DataError(
+            f"no training data at {dataset_dir}: download MosMedData with "
+            f"`python -m app.data download --root {root}`, pass --data DIR, "
+            "or try `python -m app.train --demo`"
+        )
+    if "cuda" in str(settings.get("device", "")) and not torch.cuda.is_available():
+        raise ConfigError("--device cuda: no CUDA device is available here")
+    find_items(dataset_dir)
+
+
+def _record_settings(output: Path, settings: dict[str, Any], names: list[str]) -> None:
+    """``overrides.json``: what ``--resume`` rebuilds the run from (rank 0 writes it)."""
+    from app.fileio import atomic_write_text
+    from app.training.distributed import rank
+
+    output.mkdir(parents=True, exist_ok=True)
+    if rank() == 0:
+        saved = {**settings, "__demo__": DEMO_CONFIG in names}
+        atomic_write_text(output / OVERRIDES_FILE, json.dumps(saved, indent=1))
+
+
+def _run_workflow(
+    output: Path, names: list[str], settings: dict[str, Any], *, resume: bool, config_dir: Path
+) -> None:
+    """Build the training workflow from the configs and run it to its end (or a signal)."""
+    from monai.bundle import ConfigWorkflow
+
+    from app.training.distributed import rank
+
+    lead = rank() == 0
+    log_handler = _log_to_file(output / "train.log") if lead else logging.NullHandler()
+    try:
+        workflow = ConfigWorkflow(
+            config_file=config_files(*names, config_dir=config_dir),
+            meta_file=str(config_dir / "metadata.json"),
+            logging_file=str(config_dir / "logging.conf"),
+            workflow_type="train",
+            **settings,
+            resume=resume,
+        )
+        # after the workflow applied logging.conf, which replaces the root logger's handlers
+        logging.getLogger().addHandler(log_handler)
+        workflow.initialize()
+        if lead:
+            _record_run(output, workflow.parser)
+        trainer = workflow.parser.get_parsed_content("train#trainer")
+        _log_start(output, workflow.parser, resume)
+        try:
+            with _stop_on_signals(trainer):
+                workflow.run()
+        except Interrupted:
+            workflow.finalize()  # every rank stopped after the same iteration: meet, tear down
+            raise
+        except BaseException:
+            _leave_process_group()  # no barrier: the other ranks may never reach it
+            raise
+        workflow.finalize()
+    except RuntimeError as exc:  # MONAI's config parser wraps what a component raised
+        cause = _user_error(exc)
+        if cause is None:
+            raise
+        raise cause from exc
+    finally:
+        logging.getLogger().removeHandler(log_handler)
+        log_handler.close()
+
+
+def _record_run(output: Path, parser: Any) -> None:
+    """The resolved config and the environment, beside the run's results."""
+    from app.fileio import atomic_write_text
+
+    parser.export_config_file(parser.get(), str(output / "config.json"), indent=1)
+    atomic_write_text(
+        output / "environment.json",
+        json.dumps(_environment(str(parser.get_parsed_content("device"))), indent=1),
+    )
+
+
+def _log_start(output: Path, parser: Any, resume: bool) -> None:
+    import torch
+
+    from app.run_folder import latest_checkpoint
+    from app.training.distributed import launched_distributed, rank
+
+    log = logging.getLogger("app.train")
+    if launched_distributed():
+        log.info(
+            "rank %d of %d holds %d training and %d validation scans",
+            rank(),
+            torch.distributed.get_world_size(),
+            len(parser.get_parsed_content("train#dataset")),
+            len(parser.get_parsed_content("validate#dataset")),
+        )
+    if resume:  # train.yaml's ResumeFromCheckpoint loads it when the trainer starts
+        log.info(
+            "resuming %s from %s (to epoch %s)",
+            output,
+            latest_checkpoint(output),
+            parser.get_parsed_content("epochs"),
+        )
+
+
+def _result(output: Path, already_finished: str | None = None) -> TrainResult:
+    from app.run_folder import read_metrics
+
+    best = output / BEST_MODEL
+    return TrainResult(
+        output,
+        read_metrics(output / "metrics.csv"),
+        best if best.exists() else None,
+        already_finished=already_finished,
+    )
+
+
+def _user_error(exc: BaseException) -> CTClassifyError | None:
+    """The first of our own errors in ``exc``'s chain of causes, if any."""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        if isinstance(current, CTClassifyError):
+            return current
+        seen.add(id(current))
+        current = current.__cause__ or current.__context__
+    return None
+
+
+#: the config expressions ``--device`` writes into overrides.json itself
+DEVICE_EXPRESSIONS = {f"$torch.device('{d}')" for d in ("cpu", "cuda")}
+
+
+def read_saved_overrides(path: Path, given: dict[str, Any]) -> dict[str, Any]:
+    """A run folder's ``overrides.json`` for ``--resume``, read as data.
+
+    The file comes from a folder, which may come from someone else: a value that MONAI's parser
+    would evaluate (``$``/``@``/``%`` strings, ``_target_`` dicts) is refused unless it is one
+    ``--device`` writes, or the same value is given again on this command line (``given``).
+    """
+    from app.model_settings import find_config_syntax
+
+    try:
+        saved = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"--resume: {path} cannot be read ({exc})") from exc
+    if not isinstance(saved, dict):
+        raise ConfigError(f"--resume: {path} is not a JSON object")
+    for key, value in saved.items():
+        if key == "device" and value in DEVICE_EXPRESSIONS:
+            continue
+        found = find_config_syntax(value, key)
+        if found and given.get(key) != value:
+            raise ConfigError(
+                f"--resume: {path} field {found} holds config syntax, which is never evaluated "
+                f"from a file; give it again on the command line (--set {key}=...) to use it"
+            )
+    return saved
+
+
+def finished_reason(
+    output: Path, settings: dict[str, Any], names: list[str], config_dir: Path
+) -> str | None:
+    """Why the run in ``output`` has nothing left to do with these settings, or ``None``.
+
+    Finished: its last checkpoint reached the requested ``epochs``, or early stopping ended it
+    and ``patience`` was not raised since. Read from the checkpoint's trainer state alone.
+    """
+    import torch
+
+    from app.run_folder import latest_checkpoint
+    from app.training.handlers.early_stopping import STATE_KEY
+
+    last = latest_checkpoint(output)
+    if last is None:
+        return None
+    wanted: dict[str, Any] = {k: settings[k] for k in ("epochs", "patience") if k in settings}
+    parser = load_config(*names, overrides=wanted, config_dir=config_dir)
+    epochs = int(parser.get_parsed_content("epochs"))
+    patience = int(parser.get_parsed_content("patience"))
+    try:
+        trainer = torch.load(last, map_location="cpu", weights_only=True)["trainer"]
+        # ignite stores the iteration (or the epoch) of the trainer
+        epoch = int(
+            trainer["epoch"]
+            if "epoch" in trainer
+            else int(trainer["iteration"]) // max(int(trainer["epoch_length"]), 1)
+        )
+    except (KeyError, TypeError, ValueError, RuntimeError, OSError):
+        return None  # the resume itself reports an unusable checkpoint
+    if epoch >= epochs:
+        return f"it reached epoch {epoch} of {epochs}; raise --epochs to train on"
+    stopper = trainer.get(STATE_KEY) or {}
+    if int(stopper.get("counter", 0)) >= patience:
+        return (
+            f"early stopping ended it at epoch {epoch} ({stopper.get('counter')} epochs without a "
+            f"better validation accuracy, patience {patience}); raise --patience to train on"
+        )
+    return None
+
+
+class Interrupted(CTClassifyError):
+    """Training stopped on SIGINT/SIGTERM; the last completed epoch is saved."""
+
+
+@contextlib.contextmanager
+def _stop_on_signals(trainer: Any) -> Iterator[None]:
+    """SIGINT/SIGTERM end the run after the current iteration instead of killing it mid-write.
+
+    The last checkpoint holds the last completed epoch; ``--resume`` continues from there.
+    """
+    import signal
+    import threading
+
+    received: list[int] = []
+
+    def stop(signum: int, frame: Any) -> None:
+        if received:  # a second signal: stop now
+            raise KeyboardInterrupt
+        received.append(signum)
+        logging.getLogger("app.train").warning(
+            "received %s: stopping after the current iteration", signal.Signals(signum).name
+        )
+        trainer.terminate()
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    if received:
+        raise Interrupted(
+            f"stopped by {signal.Signals(received[0]).name}; the last completed epoch is saved: "
+            "continue with --resume"
+        )
+
+
+def _init_process_group(config_dir: Path, device: str | None = None) -> None:
+    """Join the process group before any file work, in one place: the backend and device as
+    multi_gpu_train.yaml chooses them (``device``: a ``--device`` override), this process's GPU
+    selected before the first collective call (NCCL needs it)."""
+    import torch
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        return
+    parser = load_config(
+        "train.yaml",
+        "multi_gpu_train.yaml",
+        overrides={"device": device} if device else None,
+        config_dir=config_dir,
+    )
+    chosen = parser.get_parsed_content("device")
+    if chosen.type == "cuda":
+        torch.cuda.set_device(chosen)
+    dist.init_process_group(backend=parser.get_parsed_content("backend"))
+
+
+def _leave_process_group() -> None:
+    import contextlib
+
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        with contextlib.suppress(Exception):
+            dist.destroy_process_group()
