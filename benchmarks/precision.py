@@ -36,8 +36,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=7)
     parser.add_argument("--difficulty", type=float, default=0.5)
     args = parser.parse_args(argv)
-    from app.inference.classifier import Classifier
     from app.data.synth import write_dataset
+    from app.inference.classifier import Classifier
 
     with tempfile.TemporaryDirectory() as tmp:
         items = write_dataset(

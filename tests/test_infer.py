@@ -12,9 +12,9 @@ import pytest
 import torch
 from conftest import TINY_SETTINGS, ct_volume, nifti
 
-from app.inference.classifier import CheckpointError, Classifier, load_checkpoint
-from app.infer import main as infer_main
 from app.bundle.portable.scans import find_inputs
+from app.infer import main as infer_main
+from app.inference.classifier import CheckpointError, Classifier, load_checkpoint
 from app.inference.scanqc import (
     Limits,
     ScanError,

@@ -9,9 +9,9 @@ import torch
 from conftest import synth_dataset
 from ignite.engine import Engine, Events
 
+from app.train import main as train_main
 from app.training.engine import RunInfo
 from app.training.handlers import EarlyStopping
-from app.train import main as train_main
 
 TINY = [
     "--epochs",
