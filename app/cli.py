@@ -58,3 +58,17 @@ def show_progress(no_progress: bool) -> bool:
     """Progress bars unless ``--no-progress``, and only on a terminal: in a log file they are
     thousands of redrawn lines."""
     return not no_progress and sys.stderr.isatty()
+
+
+def add_device_option(parser: argparse.ArgumentParser, help: str) -> None:
+    """``--device auto|cpu|cuda`` (default auto: CUDA when there is a GPU)."""
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help=help)
+
+
+def add_progress_option(parser: argparse.ArgumentParser) -> None:
+    """``--no-progress``; bars are shown only on a terminal anyway (:func:`show_progress`)."""
+    parser.add_argument(
+        "--no-progress",
+        action="store_true",
+        help="no progress bars (they are shown only when stderr is a terminal anyway)",
+    )

@@ -19,7 +19,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from app.cli import config_values, count, show_progress
+from app.cli import add_device_option, add_progress_option, config_values, count, show_progress
 from app.inference.scanqc import Limits
 
 
@@ -34,12 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--checkpoint", help="run folder, checkpoint file or exported bundle (default: newest run)"
     )
     p.add_argument("--output", type=Path, help="output folder (default: outputs/<FOLDER name>)")
-    p.add_argument(
-        "--device",
-        choices=("auto", "cpu", "cuda"),
-        default="auto",
-        help="where the model runs (default auto: CUDA when there is a GPU)",
-    )
+    add_device_option(p, "where the model runs (default auto: CUDA when there is a GPU)")
     defaults = config_values("common.yaml", "inference.yaml")
     p.add_argument(
         "--batch-size",
@@ -81,11 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="N",
         help=f"refuse larger scans, e.g. 300000000 or 300M (default {Limits.max_voxels:,})",
     )
-    p.add_argument(
-        "--no-progress",
-        action="store_true",
-        help="no progress bar (it is shown only when stderr is a terminal anyway)",
-    )
+    add_progress_option(p)
     return p
 
 

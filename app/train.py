@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from app.cli import default_text, show_progress
+from app.cli import add_device_option, add_progress_option, default_text, show_progress
 from app.config import parse_set_options
 from app.errors import ConfigError, CTClassifyError, DataError
 from app.training.workflow import DEMO_CONFIG, Interrupted, TrainResult, train
@@ -63,12 +63,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--seed", type=int, help=f"seed of split, initialisation and augmentation {default('seed')}"
     )
-    p.add_argument(
-        "--device",
-        choices=("auto", "cpu", "cuda"),
-        default="auto",
-        help="where to train (default auto: CUDA when there is a GPU; under torchrun each "
-        "process takes its LOCAL_RANK's GPU)",
+    add_device_option(
+        p,
+        "where to train (default auto: CUDA when there is a GPU; under torchrun each process "
+        "takes its LOCAL_RANK's GPU)",
     )
     p.add_argument(
         "--amp",
@@ -89,11 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="ID=VALUE",
         help="override any config id, e.g. --set bn_momentum=0.1 (repeatable)",
     )
-    p.add_argument(
-        "--no-progress",
-        action="store_true",
-        help="no progress bars (they are shown only when stderr is a terminal anyway)",
-    )
+    add_progress_option(p)
     return p
 
 

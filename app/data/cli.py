@@ -10,7 +10,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from app.cli import show_progress
+from app.cli import add_progress_option, show_progress
 
 DEFAULT_ROOT = Path("data")
 
@@ -31,7 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     dl.add_argument("--base-url", default=None, help="mirror to fetch the archives from")
     dl.add_argument("--keep-archives", action="store_true", help="keep the zips after unpacking")
-    dl.add_argument("--no-progress", action="store_true")
+    add_progress_option(dl)
     sy = sub.add_parser("synth", help="write a generated MosMed-like dataset")
     sy.add_argument("out", type=Path, help="output folder (gets CT-0/ and CT-23/)")
     sy.add_argument("--per-class", type=int, default=100, help="scans per class (default: 100)")
@@ -50,7 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=0.5,
         help="0 (large, dense findings) .. 1 (few, faint ones); default 0.5",
     )
-    sy.add_argument("--no-progress", action="store_true")
+    add_progress_option(sy)
     return parser
 
 
