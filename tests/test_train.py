@@ -415,3 +415,21 @@ def test_resume_never_evaluates_text_from_the_run_folder(tiny_data, tmp_path, ca
     assert train_main(["--output", str(run), "--resume", *TINY]) == 2
     assert "never evaluated from a file" in capsys.readouterr().err
     assert not marker.exists() and snapshot(run) == before
+
+
+def test_metrics_csv_columns_are_the_configs_metric_names(tiny_data, tmp_path):
+    """Metric names are written once, in train.yaml: metrics.csv takes its columns from there."""
+    from app.cli import config_values
+
+    config = config_values("common.yaml", "train.yaml")
+    names = [
+        *config["train"]["key_metric"],
+        *config["train"]["additional_metrics"],
+        *config["validate"]["key_metric"],
+        *config["validate"]["additional_metrics"],
+    ]
+    run = tmp_path / "R"
+    assert train_main(["--data", str(tiny_data), "--output", str(run), *TINY, "--epochs", "1"]) == 0
+    with (run / "metrics.csv").open() as f:
+        header = next(csv.reader(f))
+    assert header == ["epoch", *names, "lr", "seconds"]

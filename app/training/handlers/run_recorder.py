@@ -16,19 +16,6 @@ from ignite.engine import Engine, Events
 from app.fileio import atomic_write_text
 from app.run_folder import read_metrics
 
-COLUMNS = (
-    "epoch",
-    "train_loss",
-    "train_acc",
-    "val_loss",
-    "val_acc",
-    "val_auc",
-    "val_sensitivity",
-    "val_specificity",
-    "lr",
-    "seconds",
-)
-
 
 class RunRecorder:
     """Record each epoch of a training run in its folder, atomically, one row per epoch.
@@ -43,6 +30,7 @@ class RunRecorder:
         output_dir: the run folder.
         evaluator: the validation engine whose metrics are recorded.
         optimizer: its first parameter group's learning rate is recorded.
+        metric_names: the trainer's and the evaluator's metrics, as the config names them.
         montage_source: returns a preprocessed (C, x, y, z) volume for ``montage.png``.
         val_interval: validation runs every ``val_interval`` epochs.
     """
@@ -52,10 +40,13 @@ class RunRecorder:
         output_dir: str | Path,
         evaluator: Engine,
         optimizer: Any,
+        metric_names: Sequence[str],
         montage_source: Callable[[], Any] | None = None,
         val_interval: int = 1,
     ) -> None:
         self.output_dir = Path(output_dir)
+        #: metrics.csv's columns: the epoch, the engines' metrics as the config names them
+        self.columns = ("epoch", *metric_names, "lr", "seconds")
         self.evaluator = evaluator
         self.optimizer = optimizer
         self.montage_source = montage_source
@@ -91,27 +82,20 @@ class RunRecorder:
         train = engine.state.metrics
         validated = epoch % self.val_interval == 0
         val = self.evaluator.state.metrics if validated else {}
-        row: dict[str, Any] = {
-            "epoch": epoch,
-            "train_loss": _number(train.get("train_loss")),
-            "train_acc": _number(train.get("train_acc")),
-            "val_loss": _number(val.get("val_loss")),
-            "val_acc": _number(val.get("val_acc")),
-            "val_auc": _number(val.get("val_auc")),
-            "val_sensitivity": _number(val.get("val_sensitivity")),
-            "val_specificity": _number(val.get("val_specificity")),
-            "lr": float(self.optimizer.param_groups[0]["lr"]),
-            "seconds": round(time.perf_counter() - self._epoch_start, 3),
-        }
+        row: dict[str, Any] = {"epoch": epoch}
+        for name in self.columns[1:-2]:  # a trainer metric, else a validation one
+            row[name] = _number(train[name] if name in train else val.get(name))
+        row["lr"] = float(self.optimizer.param_groups[0]["lr"])
+        row["seconds"] = round(time.perf_counter() - self._epoch_start, 3)
         self.rows = [r for r in self.rows if r["epoch"] < epoch] + [row]
         self.write()
 
     def write(self) -> None:
         buf = io.StringIO()
-        writer = csv.DictWriter(buf, fieldnames=COLUMNS, lineterminator="\n")
+        writer = csv.DictWriter(buf, fieldnames=self.columns, lineterminator="\n")
         writer.writeheader()
         for r in self.rows:
-            writer.writerow({k: "" if r.get(k) is None else r[k] for k in COLUMNS})
+            writer.writerow({k: "" if r.get(k) is None else r[k] for k in self.columns})
         atomic_write_text(self.output_dir / "metrics.csv", buf.getvalue())
         atomic_write_text(self.output_dir / "metrics.json", json.dumps(self.rows, indent=1))
         from app.plots import plot_curves
