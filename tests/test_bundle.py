@@ -17,6 +17,7 @@ import torch
 from conftest import require_module, synth_dataset
 from monai.bundle import ConfigWorkflow
 
+from app.bundle.export import monai_bundle
 from app.config import CONFIG_DIR, config_files
 from app.export import main as export_main
 from app.infer import main as infer_main
@@ -207,14 +208,7 @@ def test_exported_bundle_runs_with_monai_alone(tmp_path, real_ct):
         ],
     ]
     for args in commands:
-        proc = subprocess.run(
-            [sys.executable, "-m", "monai.bundle", *args],
-            cwd=bundle,
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=300,
-        )
+        proc = monai_bundle(args, cwd=bundle, env=env, timeout=300)
         assert proc.returncode == 0, (args[0], proc.stderr[-3000:])
         if args[0] == "run":
             assert (

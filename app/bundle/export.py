@@ -205,6 +205,21 @@ def _write_configs_and_docs(
     atomic_write_text(work / "docs" / "README.md", _docs(settings, metrics, source))
 
 
+def monai_bundle(
+    args: list[str], cwd: Path, env: dict[str, str] | None = None, timeout: float | None = None
+) -> subprocess.CompletedProcess[str]:
+    """``python -m monai.bundle ARGS`` in ``cwd`` (a bundle folder), output captured."""
+    return subprocess.run(
+        [sys.executable, "-m", "monai.bundle", *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+
+
 def _write_models(work: Path, network: Any, settings: dict[str, Any], onnx: bool) -> None:
     """models/: the state dict, TorchScript made by MONAI inside the bundle (which proves the
     bundle works without this app), and ONNX."""
@@ -217,13 +232,7 @@ def _write_models(work: Path, network: Any, settings: dict[str, Any], onnx: bool
     command = ["ckpt_export", "network_def", "--filepath", "models/model.ts"]
     command += ["--ckpt_file", "models/model.pt", "--meta_file", "configs/metadata.json"]
     command += ["--config_file", "configs/inference.yaml"]
-    proc = subprocess.run(
-        [sys.executable, "-m", "monai.bundle", *command],
-        cwd=work,
-        capture_output=True,
-        text=True,
-        check=False,
-    )
+    proc = monai_bundle(command, cwd=work)
     if proc.returncode != 0:
         raise RuntimeError(f"monai.bundle ckpt_export failed in {work}:\n{proc.stderr[-2000:]}")
     if onnx:
