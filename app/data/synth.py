@@ -73,124 +73,159 @@ def generate_scan(
     # In-plane coordinates normalised to the field of view: u runs R->L, v runs P->A.
     u, v = np.meshgrid(np.linspace(-1, 1, nx), np.linspace(-1, 1, ny), indexing="ij")
     z_mm = (np.arange(nz) - (nz - 1) / 2) * SLICE_MM * (30 / nz if nz < 30 else 1.0)
-
-    body_cu, body_cv = rng.normal(0, 0.03), rng.normal(-0.05, 0.03)
-    body_ru, body_rv = rng.uniform(0.72, 0.88), rng.uniform(0.50, 0.62)
-    fat = rng.uniform(0.04, 0.09)
-    lung_top = rng.uniform(100, 150) + rng.normal(0, 20)
-    lung_bottom = lung_top - rng.uniform(220, 290)
-    inspiration_hu = -850 + rng.normal(0, 40)
-    gravity_hu = rng.uniform(0, 70)  # dependent (posterior) lung is denser
-    noise_hu = rng.uniform(12, 25)
-    lungs: list[dict[str, Any]] = []
-    for side in (-1, 1):  # right lung at u < 0 (R->L axis), left lung at u > 0
-        lungs.append(
-            {
-                "cu": body_cu + side * rng.uniform(0.36, 0.44) * body_ru,
-                "cv": body_cv + rng.uniform(-0.02, 0.06),
-                "ru": rng.uniform(0.30, 0.36) * body_ru * (1.05 if side < 0 else 0.95),
-                "rv": rng.uniform(0.68, 0.80) * body_rv,
-                "harm": rng.normal(0, 0.04, size=(3, 2)),
-            }
-        )
-
-    lesions: list[dict[str, Any]] = []
-    if label == 1:
-        extent = rng.uniform(0.0, 1.0) ** (0.5 + difficulty)
-        count = 2 + int(round(extent * (12 - 6 * difficulty))) + int(rng.integers(0, 3))
-        for k in range(count):
-            side = k % 2 if rng.uniform() < 0.8 else int(rng.integers(0, 2))  # mostly bilateral
-            lesions.append(
-                {
-                    "lung": side,
-                    "angle": rng.uniform(0, 2 * np.pi),
-                    "depth": rng.uniform(0.55, 0.95),  # fraction of the lung radius: peripheral
-                    "z": rng.uniform(lung_bottom + 30, lung_top - 30),
-                    "r": rng.uniform(0.08, 0.17) * (1.4 - 0.8 * difficulty) * (0.7 + extent),
-                    "rz": rng.uniform(16, 40) * (0.7 + extent),
-                    "hu": rng.uniform(-700, -300) + 150 * difficulty * rng.uniform(-1, 0),
-                    "solid": rng.uniform() < 0.35 * (1 - 0.5 * difficulty) + 0.3 * extent,
-                }
-            )
-
-    theta = np.arctan2(v, u)
+    body = _draw_anatomy(rng)
+    lesions = _draw_lesions(rng, difficulty, body) if label == 1 else []
     volume = np.empty(shape, dtype=np.float32)
     lung_mask = np.zeros(shape, dtype=bool)
     for iz, z in enumerate(z_mm):
-        r_body = _ellipse(u, v, body_cu, body_cv, body_ru, body_rv)
-        sl = np.full((nx, ny), -1000.0, dtype=np.float32)
-        sl[r_body < 1] = -100.0  # subcutaneous fat
-        sl[r_body < 1 - fat] = 40.0  # muscle and mediastinum
-        # ribs: bright ovals just inside the fat, crossing the plane every few slices
-        for rib in range(12):
-            ang = np.pi * (rib / 11.0) * 1.6 - 0.3 * np.pi + np.pi  # lateral and posterior arc
-            phase = (z / 25.0 + rib * 0.37) % 1.0
-            if phase < 0.45:
-                ru = body_cu + (1 - fat * 1.6) * body_ru * np.cos(ang)
-                rv = body_cv + (1 - fat * 1.6) * body_rv * np.sin(ang)
-                sl[_ellipse(u, v, ru, rv, 0.035, 0.02) < 1] = 700.0
-        # spine: vertebral body with cortex, posterior midline
-        sp_u, sp_v = body_cu, body_cv - 0.72 * body_rv
-        r_sp = _ellipse(u, v, sp_u, sp_v, 0.09, 0.08)
-        sl[r_sp < 1] = 800.0
-        sl[r_sp < 0.8] = 250.0
-        sl[_ellipse(u, v, sp_u, sp_v - 0.12, 0.03, 0.05) < 1] = 600.0
-
+        sl = _chest_wall_slice(u, v, float(z), body)
         in_lungs = np.zeros((nx, ny), dtype=bool)
-        if lung_bottom < z < lung_top:
-            t = (z - lung_bottom) / (lung_top - lung_bottom)
-            # cross-section grows from the diaphragm dome, then narrows to the apex
-            scale = np.sqrt(np.clip(np.sin(np.pi * min(0.5 + 0.5 * t, 1.0) * 0.999), 0, 1))
-            scale *= np.clip(t * 4, 0.35, 1.0)
-            for lung in lungs:
-                harm = lung["harm"]
-                wobble = 1 + sum(
-                    harm[k, 0] * np.cos((k + 2) * theta) + harm[k, 1] * np.sin((k + 2) * theta)
-                    for k in range(3)
-                )
-                r = _ellipse(u, v, lung["cu"], lung["cv"], lung["ru"] * scale, lung["rv"] * scale)
-                in_lungs |= r < wobble
-            heart = _ellipse(
-                u, v, body_cu + 0.1, body_cv + 0.3 * body_rv, 0.2 + 0.1 * (t < 0.5), 0.22
-            )
-            if t < 0.75:
-                in_lungs &= heart > 1
-            density = inspiration_hu + gravity_hu * np.clip((0.3 - v) / 0.9, 0, 1)
-            lung_sl = density + 8 * _smooth_noise(rng, (nx, ny), 16, 1.5)
-            # vessels: small bright blobs, denser towards the hila
-            field = _smooth_noise(rng, (nx, ny), 6, 0.8)
-            hilum = np.minimum(
-                _ellipse(u, v, lungs[0]["cu"] + 0.1, body_cv, 0.5, 0.5),
-                _ellipse(u, v, lungs[1]["cu"] - 0.1, body_cv, 0.5, 0.5),
-            )
-            vessels = field > 1.4 + 0.8 * np.clip(hilum, 0, 1.5)
-            lung_sl = np.where(vessels, 30.0, lung_sl)
-            sl = np.where(in_lungs, lung_sl, sl)
-            for les in lesions:
-                dz = (z - les["z"]) / les["rz"]
-                if abs(dz) >= 1:
-                    continue
-                lung = lungs[les["lung"]]
-                cu = lung["cu"] + les["depth"] * lung["ru"] * scale * np.cos(les["angle"])
-                cv = lung["cv"] + les["depth"] * lung["rv"] * scale * np.sin(les["angle"])
-                rad = les["r"] * np.sqrt(1 - dz**2)
-                rr = _ellipse(u, v, cu, cv, rad, rad * rng.uniform(0.7, 1.3))
-                blob = np.clip((1.0 - rr) * 4, 0, 1) * np.clip(
-                    0.85 + 0.25 * _smooth_noise(rng, (nx, ny), 12, 1), 0.4, 1
-                )
-                blob *= in_lungs
-                sl = sl * (1 - blob) + les["hu"] * blob
-                if les["solid"]:
-                    core = (rr < 0.45) & in_lungs
-                    sl = np.where(core, rng.uniform(-100, 50), sl)
+        if body["lung_bottom"] < z < body["lung_top"]:
+            sl, in_lungs = _add_lungs(rng, sl, u, v, float(z), body, lesions)
         lung_mask[:, :, iz] = in_lungs
-        sl += rng.normal(0, noise_hu, size=sl.shape).astype(np.float32)
+        sl += rng.normal(0, body["noise_hu"], size=sl.shape).astype(np.float32)
         volume[:, :, iz] = sl
     volume = np.clip(np.rint(volume), -1024, 3071).astype(np.int16)
     slice_mm = SLICE_MM if nz >= 30 else SLICE_MM * 30 / nz
     affine = np.diag([-pixel_mm, pixel_mm, slice_mm, 1.0])  # LAS: x toward Left
     affine[:3, 3] = [pixel_mm * (nx - 1) / 2, -pixel_mm * (ny - 1) / 2, float(z_mm[0])]
     return SynthScan(volume=volume, affine=affine, lung_mask=lung_mask, label=label)
+
+
+def _draw_anatomy(rng: np.random.Generator) -> dict[str, Any]:
+    """Body outline, fat, lung extent and density, noise, and the two lungs' shapes."""
+    body: dict[str, Any] = {"cu": rng.normal(0, 0.03), "cv": rng.normal(-0.05, 0.03)}
+    body["ru"], body["rv"] = rng.uniform(0.72, 0.88), rng.uniform(0.50, 0.62)
+    body["fat"] = rng.uniform(0.04, 0.09)
+    body["lung_top"] = rng.uniform(100, 150) + rng.normal(0, 20)
+    body["lung_bottom"] = body["lung_top"] - rng.uniform(220, 290)
+    body["inspiration_hu"] = -850 + rng.normal(0, 40)
+    body["gravity_hu"] = rng.uniform(0, 70)  # dependent (posterior) lung is denser
+    body["noise_hu"] = rng.uniform(12, 25)
+    lungs: list[dict[str, Any]] = []
+    for side in (-1, 1):  # right lung at u < 0 (R->L axis), left lung at u > 0
+        lungs.append(
+            {
+                "cu": body["cu"] + side * rng.uniform(0.36, 0.44) * body["ru"],
+                "cv": body["cv"] + rng.uniform(-0.02, 0.06),
+                "ru": rng.uniform(0.30, 0.36) * body["ru"] * (1.05 if side < 0 else 0.95),
+                "rv": rng.uniform(0.68, 0.80) * body["rv"],
+                "harm": rng.normal(0, 0.04, size=(3, 2)),
+            }
+        )
+    body["lungs"] = lungs
+    return body
+
+
+def _draw_lesions(
+    rng: np.random.Generator, difficulty: float, body: dict[str, Any]
+) -> list[dict[str, Any]]:
+    """Ground-glass opacities (some with a consolidated core), mostly peripheral and bilateral."""
+    lesions: list[dict[str, Any]] = []
+    extent = rng.uniform(0.0, 1.0) ** (0.5 + difficulty)
+    count = 2 + int(round(extent * (12 - 6 * difficulty))) + int(rng.integers(0, 3))
+    for k in range(count):
+        side = k % 2 if rng.uniform() < 0.8 else int(rng.integers(0, 2))  # mostly bilateral
+        lesions.append(
+            {
+                "lung": side,
+                "angle": rng.uniform(0, 2 * np.pi),
+                "depth": rng.uniform(0.55, 0.95),  # fraction of the lung radius: peripheral
+                "z": rng.uniform(body["lung_bottom"] + 30, body["lung_top"] - 30),
+                "r": rng.uniform(0.08, 0.17) * (1.4 - 0.8 * difficulty) * (0.7 + extent),
+                "rz": rng.uniform(16, 40) * (0.7 + extent),
+                "hu": rng.uniform(-700, -300) + 150 * difficulty * rng.uniform(-1, 0),
+                "solid": rng.uniform() < 0.35 * (1 - 0.5 * difficulty) + 0.3 * extent,
+            }
+        )
+    return lesions
+
+
+def _chest_wall_slice(u: np.ndarray, v: np.ndarray, z: float, body: dict[str, Any]) -> np.ndarray:
+    """Air, subcutaneous fat, muscle and mediastinum, ribs and spine of one axial slice."""
+    cu, cv, ru_body, rv_body, fat = body["cu"], body["cv"], body["ru"], body["rv"], body["fat"]
+    r_body = _ellipse(u, v, cu, cv, ru_body, rv_body)
+    sl = np.full(u.shape, -1000.0, dtype=np.float32)
+    sl[r_body < 1] = -100.0  # subcutaneous fat
+    sl[r_body < 1 - fat] = 40.0  # muscle and mediastinum
+    # ribs: bright ovals just inside the fat, crossing the plane every few slices
+    for rib in range(12):
+        ang = np.pi * (rib / 11.0) * 1.6 - 0.3 * np.pi + np.pi  # lateral and posterior arc
+        phase = (z / 25.0 + rib * 0.37) % 1.0
+        if phase < 0.45:
+            ru = cu + (1 - fat * 1.6) * ru_body * np.cos(ang)
+            rv = cv + (1 - fat * 1.6) * rv_body * np.sin(ang)
+            sl[_ellipse(u, v, ru, rv, 0.035, 0.02) < 1] = 700.0
+    # spine: vertebral body with cortex, posterior midline
+    sp_u, sp_v = cu, cv - 0.72 * rv_body
+    r_sp = _ellipse(u, v, sp_u, sp_v, 0.09, 0.08)
+    sl[r_sp < 1] = 800.0
+    sl[r_sp < 0.8] = 250.0
+    sl[_ellipse(u, v, sp_u, sp_v - 0.12, 0.03, 0.05) < 1] = 600.0
+    return sl
+
+
+def _add_lungs(
+    rng: np.random.Generator,
+    sl: np.ndarray,
+    u: np.ndarray,
+    v: np.ndarray,
+    z: float,
+    body: dict[str, Any],
+    lesions: list[dict[str, Any]],
+) -> tuple[np.ndarray, np.ndarray]:
+    """The lungs of one slice (with vessels, without the heart), and the lesions crossing it;
+    returns the slice and the lung mask."""
+    nx, ny = u.shape
+    lungs = body["lungs"]
+    theta = np.arctan2(v, u)
+    in_lungs = np.zeros((nx, ny), dtype=bool)
+    t = (z - body["lung_bottom"]) / (body["lung_top"] - body["lung_bottom"])
+    # cross-section grows from the diaphragm dome, then narrows to the apex
+    scale = np.sqrt(np.clip(np.sin(np.pi * min(0.5 + 0.5 * t, 1.0) * 0.999), 0, 1))
+    scale *= np.clip(t * 4, 0.35, 1.0)
+    for lung in lungs:
+        harm = lung["harm"]
+        wobble = 1 + sum(
+            harm[k, 0] * np.cos((k + 2) * theta) + harm[k, 1] * np.sin((k + 2) * theta)
+            for k in range(3)
+        )
+        r = _ellipse(u, v, lung["cu"], lung["cv"], lung["ru"] * scale, lung["rv"] * scale)
+        in_lungs |= r < wobble
+    heart = _ellipse(
+        u, v, body["cu"] + 0.1, body["cv"] + 0.3 * body["rv"], 0.2 + 0.1 * (t < 0.5), 0.22
+    )
+    if t < 0.75:
+        in_lungs &= heart > 1
+    density = body["inspiration_hu"] + body["gravity_hu"] * np.clip((0.3 - v) / 0.9, 0, 1)
+    lung_sl = density + 8 * _smooth_noise(rng, (nx, ny), 16, 1.5)
+    # vessels: small bright blobs, denser towards the hila
+    field = _smooth_noise(rng, (nx, ny), 6, 0.8)
+    hilum = np.minimum(
+        _ellipse(u, v, lungs[0]["cu"] + 0.1, body["cv"], 0.5, 0.5),
+        _ellipse(u, v, lungs[1]["cu"] - 0.1, body["cv"], 0.5, 0.5),
+    )
+    vessels = field > 1.4 + 0.8 * np.clip(hilum, 0, 1.5)
+    lung_sl = np.where(vessels, 30.0, lung_sl)
+    sl = np.where(in_lungs, lung_sl, sl)
+    for les in lesions:
+        dz = (z - les["z"]) / les["rz"]
+        if abs(dz) >= 1:
+            continue
+        lung = lungs[les["lung"]]
+        cu = lung["cu"] + les["depth"] * lung["ru"] * scale * np.cos(les["angle"])
+        cv = lung["cv"] + les["depth"] * lung["rv"] * scale * np.sin(les["angle"])
+        rad = les["r"] * np.sqrt(1 - dz**2)
+        rr = _ellipse(u, v, cu, cv, rad, rad * rng.uniform(0.7, 1.3))
+        blob = np.clip((1.0 - rr) * 4, 0, 1) * np.clip(
+            0.85 + 0.25 * _smooth_noise(rng, (nx, ny), 12, 1), 0.4, 1
+        )
+        blob *= in_lungs
+        sl = sl * (1 - blob) + les["hu"] * blob
+        if les["solid"]:
+            core = (rr < 0.45) & in_lungs
+            sl = np.where(core, rng.uniform(-100, 50), sl)
+    return sl, in_lungs
 
 
 #: ``descrip`` of every generated file: how training and inference tell generated scans apart
