@@ -217,6 +217,49 @@ def test_two_process_gloo_training(tiny_data, tmp_path):
     # saved unwrapped (no DDP "module." prefix), so single-process inference loads it
     assert all(not k.startswith("module.") for k in checkpoint["network"])
 
+    # config-native: monai.bundle run joins the process group from multi_gpu_train.yaml itself
+    from app.config import config_files
+
+    bundle_run = tmp_path / "bundle_ddp"
+    files = (
+        "[" + ",".join(repr(f) for f in config_files("train.yaml", "multi_gpu_train.yaml")) + "]"
+    )
+    with socket.socket() as sock:  # a new port: the first rendezvous may still hold its own
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node=2",
+        f"--master_port={port}",
+        "-m",
+        "monai.bundle",
+        "run",
+        "--config_file",
+        files,
+        "--dataset_dir",
+        str(tiny_data),
+        "--output_dir",
+        str(bundle_run),
+        "--epochs",
+        "1",
+        "--spatial_size",
+        "[48, 48, 48]",
+        "--filters",
+        "[4, 4, 8, 8]",
+        "--dense_units",
+        "8",
+        "--progress",
+        "false",
+        "--device",
+        "$torch.device('cpu')",
+    ]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert [r["epoch"] for r in rows(bundle_run)] == ["1"]
+    assert len(list((bundle_run / "tensorboard").glob("events.out.tfevents.*"))) == 2
+
 
 def test_device_cache_and_batched_augmentation_path(tiny_data, tmp_path):
     """The GPU path (deterministic prefix cached on the training device, rotation of whole batches

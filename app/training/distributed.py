@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from typing import Any
 
 import ignite.distributed as idist
 
@@ -19,3 +20,19 @@ def rank() -> int:
     if dist.is_available() and dist.is_initialized():
         return int(idist.get_rank())
     return int(os.environ.get("RANK", "0"))
+
+
+def join_process_group(backend: str, device: Any) -> None:
+    """Join the process group (once; later calls do nothing), this process's GPU selected
+    first: NCCL's first collective call needs it. The one place that initialises the group:
+    ``app.train`` calls it before it touches the run folder, ``multi_gpu_train.yaml``'s
+    ``initialize`` for ``monai.bundle run``."""
+    import torch
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        return
+    device = torch.device(device)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    dist.init_process_group(backend=backend)

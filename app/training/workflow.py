@@ -494,24 +494,17 @@ def _stop_on_signals(trainer: Any) -> Iterator[None]:
 
 
 def _init_process_group(config_dir: Path, device: str | None = None) -> None:
-    """Join the process group before any file work, in one place: the backend and device as
-    multi_gpu_train.yaml chooses them (``device``: a ``--device`` override), this process's GPU
-    selected before the first collective call (NCCL needs it)."""
-    import torch
-    import torch.distributed as dist
+    """Join the process group before any file work, with the backend and device
+    multi_gpu_train.yaml chooses (``device``: a ``--device`` override)."""
+    from app.training.distributed import join_process_group
 
-    if dist.is_initialized():
-        return
     parser = load_config(
         "train.yaml",
         "multi_gpu_train.yaml",
         overrides={"device": device} if device else None,
         config_dir=config_dir,
     )
-    chosen = parser.get_parsed_content("device")
-    if chosen.type == "cuda":
-        torch.cuda.set_device(chosen)
-    dist.init_process_group(backend=parser.get_parsed_content("backend"))
+    join_process_group(parser.get_parsed_content("backend"), parser.get_parsed_content("device"))
 
 
 def _leave_process_group() -> None:
