@@ -10,8 +10,8 @@ from typing import Any
 
 import numpy as np
 
-from app.errors import DataError
 from app.bundle.portable.scans import is_scan_name
+from app.errors import DataError
 
 #: MosMedData's class folders: CT-0 is normal; CT-1..CT-4 (and the example's CT-23) abnormal.
 DEFAULT_CLASS_MAP: dict[str, int] = {
