@@ -407,3 +407,29 @@ def test_bundle_run_and_app_infer_give_the_same_probabilities(tmp_path, checkpoi
     assert bundle.keys() == app.keys() and len(app) == 5
     for name, (prob, label) in app.items():
         assert abs(bundle[name][0] - prob) <= 1e-6 and bundle[name][1] == label, name
+
+
+def test_training_config_leaves_cudnn_fast_and_logs_tensorboard_per_epoch(tmp_path):
+    """GPU readiness seen on the CPU: set_determinism's cudnn.deterministic is undone unless
+    asked for, and no TensorBoard handler of the trainer writes every iteration."""
+    import torch
+    from monai.handlers import TensorBoardStatsHandler
+
+    data = synth_dataset(tmp_path / "d", 2, (48, 48, 8))
+    for wanted in (False, True):
+        flow = ConfigWorkflow(
+            config_file=config_files("train.yaml"),
+            meta_file=str(CONFIG_DIR / "metadata.json"),
+            workflow_type="train",
+            logging_file=str(CONFIG_DIR / "logging.conf"),
+            dataset_dir=str(data),
+            output_dir=str(tmp_path / f"out{wanted}"),
+            cudnn_deterministic=wanted,
+            progress=False,
+        )
+        flow.initialize()
+        assert torch.backends.cudnn.deterministic is wanted
+    handlers = flow.parser.get_parsed_content("train#handlers")
+    boards = [h for h in handlers if isinstance(h, TensorBoardStatsHandler)]
+    assert boards and all(not h.iteration_log for h in boards)
+    torch.backends.cudnn.deterministic = False
