@@ -476,3 +476,27 @@ def test_metrics_csv_columns_are_the_configs_metric_names(tiny_data, tmp_path):
     with (run / "metrics.csv").open() as f:
         header = next(csv.reader(f))
     assert header == ["epoch", *names, "lr", "seconds"]
+
+
+def test_device_cache_holds_labels_as_tensors_there(tiny_data):
+    """cache: device caches the labels with the images on the device: a step copies nothing
+    from host memory (checked on the CPU, where the device is the CPU)."""
+    from monai.transforms import Compose, LoadImaged
+
+    from app.data.datalist import discover
+    from app.training.datasets import make_dataset
+
+    items = discover(tiny_data)[:3]
+    chain = Compose([LoadImaged("image", image_only=True)])
+    data = make_dataset(
+        items,
+        chain,
+        cache="device",
+        device="cpu",
+        keys=["image"],
+        label_keys=["label"],
+        progress=False,
+    )
+    for item, source in zip(data, items, strict=True):
+        assert isinstance(item["label"], torch.Tensor) and int(item["label"]) == source["label"]
+        assert item["label"].device.type == "cpu" and item["image"].device.type == "cpu"

@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 import torch
 from monai.data import CacheDataset, Dataset, PersistentDataset
-from monai.transforms import Compose, ToDeviced
+from monai.transforms import Compose, EnsureTyped, ToDeviced
 
 from app.errors import ConfigError
 
@@ -83,6 +83,7 @@ def make_dataset(
     progress: bool = True,
     device: str | torch.device = "cpu",
     keys: Sequence[str] = ("image",),
+    label_keys: Sequence[str] = (),
 ) -> Dataset:
     """Wrap ``data`` with ``transform``, caching the deterministic prefix as ``cache`` says.
 
@@ -98,13 +99,20 @@ def make_dataset(
         progress: show a progress bar while filling the memory cache.
         device: where ``cache: device`` keeps the cached volumes.
         keys: the volumes ``cache: device`` moves there.
+        label_keys: labels ``cache: device`` caches there as tensors too, so a training step
+            never copies a label from pageable host memory (a synchronisation per step).
     """
     if cache == "device":
         steps = list(transform.transforms)
         first_random = next(
             (i for i, t in enumerate(steps) if getattr(t, "R", None) is not None), len(steps)
         )
-        steps.insert(first_random, ToDeviced(keys=list(keys), device=device))
+        to_device = [ToDeviced(keys=[*keys, *label_keys], device=device)]
+        if label_keys:
+            to_device.insert(
+                0, EnsureTyped(keys=list(label_keys), data_type="tensor", track_meta=False)
+            )
+        steps[first_random:first_random] = to_device
         return CacheDataset(
             data, Compose(steps), num_workers=num_workers or None, progress=progress
         )
