@@ -45,6 +45,19 @@ REQUIRED_METADATA = (
 )
 
 
+def config_workflow(files: list[str], kind: str, **overrides) -> ConfigWorkflow:
+    """MONAI's ConfigWorkflow over common.yaml + ``files``, initialised (as monai.bundle run)."""
+    flow = ConfigWorkflow(
+        config_file=config_files(*files),
+        meta_file=str(CONFIG_DIR / "metadata.json"),
+        workflow_type=kind,
+        logging_file=str(CONFIG_DIR / "logging.conf"),
+        **overrides,
+    )
+    flow.initialize()
+    return flow
+
+
 @pytest.mark.parametrize(
     ("files", "kind"),
     [
@@ -318,15 +331,7 @@ def test_train_evaluate_infer_through_the_configs(tmp_path):
     }
 
     def workflow(files: list[str], kind: str, **overrides) -> ConfigWorkflow:
-        flow = ConfigWorkflow(
-            config_file=config_files(*files),
-            meta_file=str(CONFIG_DIR / "metadata.json"),
-            workflow_type=kind,
-            logging_file=str(CONFIG_DIR / "logging.conf"),
-            **model,
-            **overrides,
-        )
-        flow.initialize()
+        flow = config_workflow(files, kind, **model, **overrides)
         flow.run()
         flow.finalize()
         return flow
@@ -379,11 +384,9 @@ def test_bundle_run_and_app_infer_give_the_same_probabilities(tmp_path, checkpoi
     for i in range(5):
         nifti(scans / f"s{i}.nii.gz", ct_volume((48, 48, 20), seed=i))
     model = {k: TINY_SETTINGS[k] for k in ("spatial_size", "filters", "dense_units")}
-    flow = ConfigWorkflow(
-        config_file=config_files("inference.yaml"),
-        meta_file=str(CONFIG_DIR / "metadata.json"),
-        workflow_type="infer",
-        logging_file=str(CONFIG_DIR / "logging.conf"),
+    flow = config_workflow(
+        ["inference.yaml"],
+        "infer",
         dataset_dir=str(scans),
         output_dir=str(tmp_path / "bundle"),
         ckpt_path=str(checkpoint),
@@ -391,7 +394,6 @@ def test_bundle_run_and_app_infer_give_the_same_probabilities(tmp_path, checkpoi
         device="$torch.device('cpu')",
         **model,
     )
-    flow.initialize()
     flow.run()
     args = [str(scans), "--checkpoint", str(checkpoint), "--output", str(tmp_path / "app")]
     assert infer_main([*args, "--precision", precision, "--device", "cpu", "--no-progress"]) == 0
@@ -417,17 +419,14 @@ def test_training_config_leaves_cudnn_fast_and_logs_tensorboard_per_epoch(tmp_pa
 
     data = synth_dataset(tmp_path / "d", 2, (48, 48, 8))
     for wanted in (False, True):
-        flow = ConfigWorkflow(
-            config_file=config_files("train.yaml"),
-            meta_file=str(CONFIG_DIR / "metadata.json"),
-            workflow_type="train",
-            logging_file=str(CONFIG_DIR / "logging.conf"),
+        flow = config_workflow(
+            ["train.yaml"],
+            "train",
             dataset_dir=str(data),
             output_dir=str(tmp_path / f"out{wanted}"),
             cudnn_deterministic=wanted,
             progress=False,
         )
-        flow.initialize()
         assert torch.backends.cudnn.deterministic is wanted
     handlers = flow.parser.get_parsed_content("train#handlers")
     boards = [h for h in handlers if isinstance(h, TensorBoardStatsHandler)]

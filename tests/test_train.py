@@ -178,17 +178,23 @@ def test_two_process_gloo_training(tiny_data, tmp_path):
     import subprocess
     import sys
 
-    with socket.socket() as sock:  # a free port for the rendezvous
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    def torchrun() -> list[str]:
+        """torchrun with 2 processes and a new free port (a rendezvous may still hold its own)."""
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        return [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node=2",
+            f"--master_port={port}",
+        ]
+
     run = tmp_path / "ddp"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node=2",
-        f"--master_port={port}",
+        *torchrun(),
         "-m",
         "app.train",
         "--data",
@@ -224,15 +230,8 @@ def test_two_process_gloo_training(tiny_data, tmp_path):
     files = (
         "[" + ",".join(repr(f) for f in config_files("train.yaml", "multi_gpu_train.yaml")) + "]"
     )
-    with socket.socket() as sock:  # a new port: the first rendezvous may still hold its own
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
     cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node=2",
-        f"--master_port={port}",
+        *torchrun(),
         "-m",
         "monai.bundle",
         "run",
