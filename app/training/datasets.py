@@ -107,7 +107,7 @@ def make_dataset(
         first_random = next(
             (i for i, t in enumerate(steps) if getattr(t, "R", None) is not None), len(steps)
         )
-        to_device = [ToDeviced(keys=[*keys, *label_keys], device=device)]
+        to_device: list[Any] = [ToDeviced(keys=[*keys, *label_keys], device=device)]
         if label_keys:
             to_device.insert(
                 0, EnsureTyped(keys=list(label_keys), data_type="tensor", track_meta=False)
