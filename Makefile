@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: setup demo test lint
+.PHONY: setup demo test lint bench-reference
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -27,3 +27,12 @@ lint: setup
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
+
+# the peer: the reference network in TensorFlow/Keras, in its own environment, timed beside the app
+.venv-reference/bin/python:
+	$(PYTHON) -m venv .venv-reference
+	.venv-reference/bin/pip install --quiet --upgrade pip
+	.venv-reference/bin/pip install --quiet tensorflow-cpu
+
+bench-reference: setup .venv-reference/bin/python
+	$(BIN)/python benchmarks/peer.py --reference-python .venv-reference/bin/python
