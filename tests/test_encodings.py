@@ -218,3 +218,17 @@ def test_header_fields_drawn_at_random_equal_monai(
     got = np.asarray(ours(size)({"image": str(path)})["image"])
     want = np.asarray(stock_chain(size)({"image": str(path)})["image"])
     assert float(np.abs(got - want).max()) <= TOLERANCE
+
+
+def test_trailing_singleton_dimensions_are_one_3d_scan(tmp_path, classifier):
+    """(x, y, z, 1, 1) holds one volume, as (x, y, z) does (a hostile-header run found it refused)."""
+    raw, slope, inter = stored("int16", False, hu_volume())
+    flat = write_raw_nifti(tmp_path / "flat.nii.gz", raw, AFFINE)
+    deep = write_raw_nifti(tmp_path / "deep.nii.gz", raw[..., None, None], AFFINE)
+    chain = ours()
+    assert np.array_equal(
+        np.asarray(chain({"image": str(deep)})["image"]),
+        np.asarray(chain({"image": str(flat)})["image"]),
+    )
+    a, b = classifier.predict_many([flat, deep])
+    assert b.ok and b.prob_abnormal == a.prob_abnormal, b.error

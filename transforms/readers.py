@@ -158,6 +158,8 @@ class FastNiftiReader(NibabelReader):
             image: Any = inflate_nifti(name, self.max_bytes) if str(name).endswith(".gz") else None
             if image is None:
                 image = nib.load(name, **{**self.kwargs, **kwargs})
+            # trailing dimensions of size 1 (x, y, z, 1, 1) hold no data: a 3D scan, read as one
+            image = nib.funcs.squeeze_image(image)
             image = reversed_axes(image) if self.reverse_axes else native_byte_order(image)
             images.append(correct_nifti_header_if_necessary(image))
         return images if len(filenames) > 1 else images[0]
