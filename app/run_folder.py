@@ -32,7 +32,7 @@ RUN_ENTRIES = (
     f"{LAST_PREFIX}_checkpoint_epoch=*.pt",
     "tensorboard",
     "tmp*",  # a save killed mid-write (ignite's atomic saver)
-    ".*.tmp",  # an atomic write killed mid-write (app.fileio)
+    ".*.tmp",  # an atomic write killed mid-write (app.bundle.portable.files)
 )
 #: what ``app.export`` writes into a bundle folder
 BUNDLE_ENTRIES = ("configs", "models", "scripts", "docs", "LICENSE")

@@ -189,7 +189,7 @@ def _write_code(work: Path) -> None:
 def _write_configs_and_docs(
     work: Path, settings: dict[str, Any], metrics: list[dict[str, Any]], source: Path
 ) -> None:
-    from app.fileio import atomic_write_text
+    from app.bundle.portable.files import atomic_write_text
 
     atomic_write_text(
         work / "configs" / "inference.yaml",
@@ -225,7 +225,7 @@ def _write_models(work: Path, network: Any, settings: dict[str, Any], onnx: bool
     bundle works without this app), and ONNX."""
     import torch
 
-    from app.fileio import atomic_write
+    from app.bundle.portable.files import atomic_write
 
     state = {k: v.detach().clone() for k, v in network.state_dict().items()}
     atomic_write(work / "models" / "model.pt", lambda tmp: torch.save(state, tmp))

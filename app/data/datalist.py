@@ -170,7 +170,7 @@ def split_datalist(
 
 def write_split(path: str | Path, train: Sequence[Item], val: Sequence[Item]) -> None:
     """Write a MONAI datalist JSON (``training``, ``validation``), atomically."""
-    from app.fileio import atomic_write_text
+    from app.bundle.portable.files import atomic_write_text
 
     atomic_write_text(
         path, json.dumps({"training": list(train), "validation": list(val)}, indent=1)

@@ -6,9 +6,9 @@ import json
 from pathlib import Path
 from typing import Any
 
+from app.bundle.portable.files import atomic_write_text
 from app.bundle.portable.writer import PredictionCSV, prediction_row
 from app.errors import ConfigError
-from app.fileio import atomic_write_text
 from app.inference.classifier import Prediction
 
 CSV_NAME = "predictions.csv"

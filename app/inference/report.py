@@ -6,7 +6,7 @@ import base64
 import html
 from pathlib import Path
 
-from app.fileio import atomic_write_text
+from app.bundle.portable.files import atomic_write_text
 
 
 def _img(path: Path | None, alt: str) -> str:

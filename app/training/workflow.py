@@ -267,7 +267,7 @@ def _check_data(settings: dict[str, Any]) -> None:
 
 def _record_settings(output: Path, settings: dict[str, Any], names: list[str]) -> None:
     """``overrides.json``: what ``--resume`` rebuilds the run from (rank 0 writes it)."""
-    from app.fileio import atomic_write_text
+    from app.bundle.portable.files import atomic_write_text
     from app.training.distributed import rank
 
     output.mkdir(parents=True, exist_ok=True)
@@ -324,7 +324,7 @@ def _run_workflow(
 
 def _record_run(output: Path, parser: Any) -> None:
     """The resolved config and the environment, beside the run's results."""
-    from app.fileio import atomic_write_text
+    from app.bundle.portable.files import atomic_write_text
 
     parser.export_config_file(parser.get(), str(output / "config.json"), indent=1)
     atomic_write_text(

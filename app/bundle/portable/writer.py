@@ -5,10 +5,11 @@ from __future__ import annotations
 import csv
 import io
 import os
-import tempfile
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
+
+from .files import atomic_write_text
 
 COLUMNS = ("path", "prob_abnormal", "label", "warnings", "error", "seconds")
 
@@ -85,19 +86,7 @@ class PredictionCSV:
         writer = csv.DictWriter(buf, fieldnames=COLUMNS, lineterminator="\n")
         writer.writeheader()
         writer.writerows(rows)
-        fd, tmp = tempfile.mkstemp(
-            dir=self.path.parent, prefix=f".{self.path.name}.", suffix=".tmp"
-        )
-        try:
-            with os.fdopen(fd, "w", newline="") as f:
-                f.write(buf.getvalue())
-                f.flush()
-                os.fsync(f.fileno())
-            os.chmod(tmp, 0o666 & ~_umask())
-            os.replace(tmp, self.path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        atomic_write_text(self.path, buf.getvalue())
 
     def _write(self, text: str) -> None:
         self._file.write(text)  # one write: a kill leaves a whole line or a repairable part
@@ -112,12 +101,6 @@ class PredictionCSV:
 
     def close(self) -> None:
         self._file.close()
-
-
-def _umask() -> int:
-    current = os.umask(0o022)
-    os.umask(current)
-    return current
 
 
 class PredictionWriter:

@@ -13,7 +13,7 @@ from typing import Any
 
 from ignite.engine import Engine, Events
 
-from app.fileio import atomic_write_text
+from app.bundle.portable.files import atomic_write_text
 from app.run_folder import read_metrics
 
 
