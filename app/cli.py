@@ -72,3 +72,16 @@ def add_progress_option(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="no progress bars (they are shown only when stderr is a terminal anyway)",
     )
+
+
+def add_precision_option(parser: argparse.ArgumentParser, default: str | None = None) -> None:
+    """``--precision auto|fp32|bf16|fp16``, as configs/common.yaml's ``precision``."""
+    from app.bundle.portable.inferers import PRECISIONS
+
+    parser.add_argument(
+        "--precision",
+        choices=PRECISIONS,
+        default=default,
+        help="auto (default): bfloat16 autocast on CPUs with AVX512-BF16/AMX and on GPUs with "
+        "bfloat16, float16 on older GPUs, float32 elsewhere; fp32; bf16; fp16 (CUDA)",
+    )

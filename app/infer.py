@@ -19,7 +19,14 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from app.cli import add_device_option, add_progress_option, config_values, count, show_progress
+from app.cli import (
+    add_device_option,
+    add_precision_option,
+    add_progress_option,
+    config_values,
+    count,
+    show_progress,
+)
 from app.inference.scanqc import Limits
 
 
@@ -55,13 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="P(abnormal) from which a scan is 'abnormal' (default: the model's own, "
         f"{defaults['threshold']} unless it was trained with another)",
     )
-    p.add_argument(
-        "--precision",
-        choices=("auto", "fp32", "bf16"),
-        default="auto",
-        help="auto: mixed precision on CUDA, float32 on the CPU; fp32; bf16: bfloat16 autocast "
-        "(faster on CPUs with AVX512-BF16)",
-    )
+    add_precision_option(p, default="auto")
     p.add_argument("--saliency", action="store_true", help="save a Grad-CAM montage per scan")
     p.add_argument("--report", action="store_true", help="write OUT/report.html")
     p.add_argument(
@@ -133,16 +134,20 @@ def output_folder(args: argparse.Namespace) -> Path:
 
 
 def load_model(args: argparse.Namespace) -> Any:
+    from app.bundle.portable.allocator import reuse_freed_memory
     from app.inference.classifier import Classifier
 
     limits = Limits() if args.max_voxels is None else Limits(max_voxels=args.max_voxels)
-    return Classifier.load(
+    clf = Classifier.load(
         args.checkpoint,
         device=args.device,
         threshold=args.threshold,
         limits=limits,
         precision=args.precision,
     )
+    # a process of its own: keep freed blocks for the next scan (configs' reuse_freed_memory)
+    reuse_freed_memory(clf.reuse_freed_memory and clf.device.type == "cpu")
+    return clf
 
 
 def find_scan_inputs(folder: Path) -> list[Any]:

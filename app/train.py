@@ -15,7 +15,13 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from app.cli import add_device_option, add_progress_option, default_text, show_progress
+from app.cli import (
+    add_device_option,
+    add_precision_option,
+    add_progress_option,
+    default_text,
+    show_progress,
+)
 from app.config import parse_set_options
 from app.errors import ConfigError, CTClassifyError, DataError
 from app.training.workflow import DEMO_CONFIG, Interrupted, TrainResult, train
@@ -68,12 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
         "where to train (default auto: CUDA when there is a GPU; under torchrun each process "
         "takes its LOCAL_RANK's GPU)",
     )
-    p.add_argument(
-        "--amp",
-        action=argparse.BooleanOptionalAction,
-        default=None,
-        help="mixed precision (default: on with CUDA)",
-    )
+    add_precision_option(p)
     p.add_argument(
         "--workers", type=int, help=f"data-loading worker processes {default('num_workers')}"
     )
@@ -101,7 +102,7 @@ def overrides_from_args(args: argparse.Namespace) -> dict[str, Any]:
         "spatial_size": list(args.spatial_size) if args.spatial_size else None,
         "cache": args.cache,
         "seed": args.seed,
-        "amp": args.amp,
+        "precision": args.precision,
         "num_workers": args.workers,
     }
     out = {k: v for k, v in mapping.items() if v is not None}

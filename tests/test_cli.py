@@ -43,7 +43,9 @@ def test_infer_help_shows_the_configs_defaults():
     values = configs("common.yaml", "inference.yaml")
     help_text = " ".join(build_parser().format_help().split())
     assert f"scans per forward pass (default {values['batch_size']})" in help_text
-    assert " float16" not in help_text and "``" not in help_text
+    # the help says what auto means, as resolve_precision decides it (tests/test_precision.py)
+    assert "auto (default): bfloat16 autocast on CPUs with AVX512-BF16/AMX" in help_text
+    assert "float16 on older GPUs" in help_text and "``" not in help_text
     args = build_parser().parse_args(["x", "--max-voxels", "300M"])
     assert args.max_voxels == 300_000_000 and args.batch_size == values["batch_size"]
 

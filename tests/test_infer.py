@@ -632,3 +632,42 @@ def test_spacing_warning_beyond_twice_the_training_range(zooms, warned):
     )
     warnings = training_warnings(zooms, False, context)
     assert any("far from the training scans'" in w for w in warnings) == warned, warnings
+
+
+def test_prefetched_preparation_keeps_order_and_bounds_lookahead():
+    """app.infer prepares scans in a background thread: results come in input order whatever
+    each scan's time, at most `ahead` scans are prepared before the consumer asks for them, and a
+    consumer that stops early leaves the rest unread."""
+    import threading
+    import time as _time
+
+    from app.inference.classifier import _batched, _prefetched
+
+    started: list[int] = []
+    consumed = 0
+    most_ahead = 0
+    lock = threading.Lock()
+
+    def prepare(i):
+        nonlocal most_ahead
+        with lock:
+            started.append(i)
+            most_ahead = max(most_ahead, len(started) - consumed)
+        _time.sleep(0.02 * (i % 3))  # uneven preparation times
+        return {"i": i, "thread": threading.current_thread().name}
+
+    out = []
+    for r in _prefetched(prepare, list(range(12)), ahead=3):
+        out.append(r["i"])
+        consumed += 1
+        assert r["thread"].startswith("ctclassify-read")
+    assert out == list(range(12))
+    assert most_ahead <= 4  # the `ahead` in flight, plus the one being handed over
+    assert [len(b) for b in _batched(({"i": i} for i in range(5)), 2)] == [2, 2, 1]
+    assert list(_prefetched(prepare, [], ahead=3)) == []
+
+    started.clear()
+    stream = _prefetched(prepare, list(range(50)), ahead=3)
+    next(stream)
+    stream.close()
+    assert len(started) <= 5  # the rest of the 50 were never read

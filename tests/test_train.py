@@ -499,3 +499,64 @@ def test_device_cache_holds_labels_as_tensors_there(tiny_data):
     for item, source in zip(data, items, strict=True):
         assert isinstance(item["label"], torch.Tensor) and int(item["label"]) == source["label"]
         assert item["label"].device.type == "cpu" and item["image"].device.type == "cpu"
+
+
+#: ATen ops that make a CUDA host wait for the device: a value read back (``.item()``,
+#: ``float(t)``, ``bool(t)``) or an output whose size depends on the data
+SYNCING_OPS = ("_local_scalar_dense", "nonzero", "masked_select", "unique", "item")
+
+
+def test_training_steps_read_nothing_back_from_the_device(tiny_data):
+    """The GPU path (cache: device, rotation on the device) run on the CPU with a dispatch mode
+    that records every ATen op of steps 2-4: none reads a value back to the host (each would be
+    a CUDA synchronisation per step); epoch-level handlers (validation, logs) are outside steps."""
+    from ignite.engine import Events
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from app.config import load_config
+
+    class Recorder(TorchDispatchMode):
+        def __init__(self) -> None:
+            super().__init__()
+            self.ops: list[str] = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops.append(func.__name__)
+            return func(*args, **(kwargs or {}))
+
+    parser = load_config(
+        "train.yaml",
+        overrides={
+            "dataset_dir": str(tiny_data),
+            "output_dir": str(tiny_data.parent / "sync-run"),
+            "cache": "device",
+            "augment_on_device": True,
+            "device": "$torch.device('cpu')",
+            "spatial_size": [48, 48, 48],
+            "filters": [4, 4, 4, 4],
+            "epochs": 1,
+            "progress": False,
+            "is_not_rank0": True,  # no files or logs: the steps alone
+        },
+    )
+    parser.get_parsed_content("initialize")
+    trainer = parser.get_parsed_content("train#trainer")
+    recorder = Recorder()
+    steps: list[list[str]] = []
+
+    def start(engine):
+        if engine.state.iteration > 1:  # the first step may build per-device tables
+            recorder.ops = []
+            recorder.__enter__()
+
+    def stop(engine):
+        if engine.state.iteration > 1:
+            recorder.__exit__(None, None, None)
+            steps.append(recorder.ops)
+
+    trainer.add_event_handler(Events.ITERATION_STARTED, start)
+    trainer.add_event_handler(Events.ITERATION_COMPLETED, stop)  # after the metrics
+    trainer.run()
+    assert len(steps) >= 2 and all("convolution" in " ".join(ops) for ops in steps)
+    syncing = [op for ops in steps for op in ops if op.split(".")[0] in SYNCING_OPS]
+    assert syncing == [], f"ops that read back from the device every step: {sorted(set(syncing))}"

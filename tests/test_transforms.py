@@ -268,3 +268,28 @@ def test_reversed_axes_reader_gives_the_same_oriented_volume(real_ct, name, tmp_
         assert ours.shape == monai.shape and ours.dtype == monai.dtype
         torch.testing.assert_close(ours.as_tensor(), monai.as_tensor(), rtol=0, atol=0)
         np.testing.assert_allclose(np.asarray(ours.affine), np.asarray(monai.affine), atol=1e-6)
+
+
+def test_batched_rotation_builds_its_affine_where_the_batch_is():
+    """On a GPU the rotation must not build its matrices on the host and copy them over (a
+    synchronisation per step): run on the `meta` device, no ATen op sees a CPU tensor."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Devices(TorchDispatchMode):
+        def __init__(self) -> None:
+            super().__init__()
+            self.seen: set[str] = set()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            for a in [*args, *(kwargs or {}).values()]:
+                if isinstance(a, torch.Tensor):
+                    self.seen.add(f"{func.__name__}:{a.device.type}")
+            return func(*args, **(kwargs or {}))
+
+    rotate = BatchAxialRotation(angles_deg=(-20, 5, 10), seed=1)
+    images = torch.empty(2, 1, 20, 24, 8, device="meta")
+    angles = torch.empty(2, dtype=torch.float64, device="meta")
+    with Devices() as mode:
+        out = rotate.rotate(images, angles)
+    assert out.shape == images.shape and out.device.type == "meta"
+    assert mode.seen and not [s for s in mode.seen if s.endswith(":cpu")], mode.seen

@@ -110,19 +110,39 @@ class BatchAxialRotation:
         self.clip_range = (
             None if clip_range is None else (float(clip_range[0]), float(clip_range[1]))
         )
-        self.generator = torch.Generator().manual_seed(int(seed))
+        self.seed = int(seed)
+        self.generator = torch.Generator().manual_seed(self.seed)
+        # per device: the angle table and a generator there, so a GPU batch is rotated without
+        # any host-device copy or synchronisation
+        self._on_device: dict[torch.device, tuple[torch.Tensor, torch.Generator]] = {}
 
     def set_random_state(self, seed: int | None = None, state: Any = None) -> BatchAxialRotation:
-        """Reseed the angle generator (MONAI's ``Randomizable`` interface, for ``EpochSeeder``)."""
-        self.generator.manual_seed(int(seed or 0) % 2**63)
+        """Reseed the angle generators (MONAI's ``Randomizable`` interface, for ``EpochSeeder``)."""
+        self.seed = int(seed or 0) % 2**63
+        self.generator.manual_seed(self.seed)
+        for _, generator in self._on_device.values():
+            generator.manual_seed(self.seed)
         return self
 
-    def draw(self, batch_size: int) -> torch.Tensor:
-        """Angles in degrees for ``batch_size`` scans (0 where a scan is not rotated)."""
-        pick = torch.randint(len(self.angles_deg), (batch_size,), generator=self.generator)
-        angles = self.angles_deg[pick]
+    def _tables(self, device: torch.device) -> tuple[torch.Tensor, torch.Generator]:
+        device = torch.device(device)
+        if device.type == "cpu":
+            return self.angles_deg, self.generator
+        if device not in self._on_device:
+            generator = torch.Generator(device=device).manual_seed(self.seed)
+            self._on_device[device] = (self.angles_deg.to(device), generator)
+        return self._on_device[device]
+
+    def draw(self, batch_size: int, device: torch.device | str = "cpu") -> torch.Tensor:
+        """Angles in degrees for ``batch_size`` scans (0 where a scan is not rotated), drawn on
+        ``device`` by a generator there (the CPU's draws are the same on every machine)."""
+        table, generator = self._tables(torch.device(device))
+        pick = torch.randint(len(table), (batch_size,), generator=generator, device=table.device)
+        angles = table[pick]
         if self.prob < 1.0:
-            keep = torch.rand(batch_size, generator=self.generator, dtype=torch.float64)
+            keep = torch.rand(
+                batch_size, generator=generator, dtype=torch.float64, device=table.device
+            )
             angles = torch.where(keep < self.prob, angles, torch.zeros_like(angles))
         return angles
 
@@ -131,21 +151,24 @@ class BatchAxialRotation:
         if images.dim() != 5:
             raise ValueError(f"expected a (batch, channel, x, y, z) batch, got {images.dim()} dims")
         n, _, sx, sy, sz = images.shape
-        theta = torch.zeros(n, 3, 4, dtype=torch.float64)
-        rad = torch.deg2rad(angles_deg.to(torch.float64))
+        work = images if images.is_floating_point() else images.float()
+        # the affine built where the images are; float64 where the device has it (not MPS)
+        dtype = torch.float64 if images.device.type in ("cpu", "cuda") else work.dtype
+        rad = torch.deg2rad(angles_deg.to(device=images.device, dtype=dtype))
         cos, sin = torch.cos(rad), torch.sin(rad)
+        zero, one = torch.zeros_like(cos), torch.ones_like(cos)
         # affine_grid's coordinates run (z, y, x) = (W, H, D); normalised by each axis' half size,
         # so a rotation in voxel units is rescaled for non-square slices
-        theta[:, 0, 0] = 1.0
-        theta[:, 1, 1] = cos
-        theta[:, 1, 2] = sin * sx / sy
-        theta[:, 2, 1] = -sin * sy / sx
-        theta[:, 2, 2] = cos
-        work = images if images.is_floating_point() else images.float()
+        theta = torch.stack(
+            [
+                torch.stack([one, zero, zero, zero], -1),
+                torch.stack([zero, cos, sin * sx / sy, zero], -1),
+                torch.stack([zero, -sin * sy / sx, cos, zero], -1),
+            ],
+            1,
+        )
         grid = torch.nn.functional.affine_grid(
-            theta.to(device=images.device, dtype=work.dtype),
-            [n, 1, sx, sy, sz],
-            align_corners=False,
+            theta.to(work.dtype), [n, 1, sx, sy, sz], align_corners=False
         )
         out = torch.nn.functional.grid_sample(
             work, grid, mode="bilinear", padding_mode="zeros", align_corners=False
@@ -155,4 +178,4 @@ class BatchAxialRotation:
         return out
 
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
-        return self.rotate(images, self.draw(images.shape[0]))
+        return self.rotate(images, self.draw(images.shape[0], images.device))

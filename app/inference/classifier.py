@@ -11,10 +11,13 @@ Example:
 
 from __future__ import annotations
 
+import itertools
 import os
 import tempfile
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,7 +25,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from app.bundle.portable.inferers import PRECISIONS
+from app.bundle.portable.inferers import PRECISIONS, resolve_precision
 from app.bundle.portable.scans import ScanInput, find_inputs
 from app.errors import ConfigError, CTClassifyError
 from app.inference.model_card import ModelCard
@@ -268,6 +271,44 @@ def _as_list(batch: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return batch
 
 
+def _prefetched(
+    prepare: Callable[[ScanInput], dict[str, Any]], scans: Sequence[ScanInput], ahead: int
+) -> Iterator[dict[str, Any]]:
+    """``prepare`` each scan in a background thread, at most ``ahead`` scans ahead, in order.
+
+    Reading, inflating and resizing release the GIL (ISA-L/zlib, NumPy, PyTorch), so the next
+    scans are prepared while the network classifies the current ones. The preparer catches every
+    error of a scan itself, so one bad file never stops the others.
+    """
+    if not scans:
+        return
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="ctclassify-read") as pool:
+        pending: deque[Future[dict[str, Any]]] = deque()
+        todo = iter(scans)
+        try:
+            for scan in itertools.islice(todo, ahead):
+                pending.append(pool.submit(prepare, scan))
+            while pending:
+                result = pending.popleft().result()
+                for scan in itertools.islice(todo, 1):
+                    pending.append(pool.submit(prepare, scan))
+                yield result
+        finally:  # a consumer that stops early: drop what was not started
+            for future in pending:
+                future.cancel()
+
+
+def _batched(items: Iterable[dict[str, Any]], size: int) -> Iterator[list[dict[str, Any]]]:
+    batch: list[dict[str, Any]] = []
+    for item in items:
+        batch.append(item)
+        if len(batch) == size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
 class Classifier:
     """A trained model with the preprocessing it was trained with.
 
@@ -278,10 +319,10 @@ class Classifier:
         threshold: P(abnormal) at or above it gives ``abnormal``; default: the run's.
         limits: caps on scan size checked before reading.
         checkpoint: where the weights came from.
-        precision: ``auto`` (float16 autocast on CUDA, float32 on CPU), ``fp32``, or ``bf16``
-            (bfloat16 autocast: faster on CPUs with AVX512-BF16, probabilities slightly off
-            float32's; ``docs/benchmarks.md`` has the measured figures). On the CPU the network
-            always runs in channels-last memory.
+        precision: ``auto`` (bfloat16 autocast on CPUs with AVX512-BF16/AMX and on GPUs with
+            bfloat16, float16 on older GPUs, float32 elsewhere), ``fp32``, ``bf16``, or ``fp16``
+            (CUDA). Autocast probabilities are slightly off float32's; ``docs/benchmarks.md``
+            has the measured figures. On the CPU the network always runs in channels-last memory.
     """
 
     def __init__(
@@ -300,7 +341,10 @@ class Classifier:
             raise ConfigError(
                 f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}"
             )
-        self.precision = precision
+        try:
+            self.precision = resolve_precision(precision, device)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from exc
         try:
             self.settings = validate_settings(settings, str(checkpoint or "settings"))
         except SettingsError as exc:
@@ -317,7 +361,9 @@ class Classifier:
         self.class_names = [str(c) for c in parser.get_parsed_content("class_names")]
         self.inferer = parser.get_parsed_content("inferer")
         self.postprocessing = parser.get_parsed_content("postprocessing")
-        self.autocast_fp16 = bool(parser.get_parsed_content("autocast_fp16"))
+        self.autocast_fp16 = bool(parser.get_parsed_content("amp"))
+        #: whether a process of its own should keep freed memory (``reuse_freed_memory()``)
+        self.reuse_freed_memory = bool(parser.get_parsed_content("reuse_freed_memory"))
         self.network = network.to(device).eval()
         if parser.get_parsed_content("channels_last"):
             self.network = self.network.to(memory_format=torch.channels_last_3d)  # type: ignore[call-overload]
@@ -406,14 +452,19 @@ class Classifier:
         preprocessed volume as ``prediction.image`` (for montages and saliency).
         """
         scans = [s if isinstance(s, ScanInput) else _as_input(s) for s in inputs]
-        loader = torch.utils.data.DataLoader(
-            _InputDataset(scans, self.preparer),
-            batch_size=max(batch_size, 1),
-            num_workers=workers,
-            collate_fn=_as_list,
-            pin_memory=self.device.type == "cuda",
-        )
-        for batch in loader:
+        size = max(batch_size, 1)
+        batches: Iterable[list[dict[str, Any]]]
+        if workers > 0:
+            batches = torch.utils.data.DataLoader(
+                _InputDataset(scans, self.preparer),
+                batch_size=size,
+                num_workers=workers,
+                collate_fn=_as_list,
+                pin_memory=self.device.type == "cuda",
+            )
+        else:
+            batches = _batched(_prefetched(self.preparer, scans, ahead=2 * size), size)
+        for batch in batches:
             ready = [r for r in batch if r["image"] is not None]
             results = self._forward([r["image"] for r in ready]) if ready else []
             for r, (p, label) in zip(ready, results, strict=True):

@@ -6,16 +6,55 @@ from typing import Any
 
 import torch
 
-PRECISIONS = ("auto", "fp32", "bf16")
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+
+
+def cpu_flags() -> set[str]:
+    """The CPU's feature flags from /proc/cpuinfo (empty where there is none: macOS, Windows)."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return set(line.partition(":")[2].split())
+    except OSError:
+        pass
+    return set()
+
+
+def cpu_has_bf16() -> bool:
+    """Native bfloat16 dot products on this CPU (AVX512-BF16: AMD Zen 4 and newer, Intel Cooper
+    Lake and Sapphire Rapids; AMX-BF16). oneDNN emulates bfloat16 elsewhere, slower than float32."""
+    return bool(cpu_flags() & {"avx512_bf16", "amx_bf16"})
+
+
+def resolve_precision(precision: str, device: torch.device | str) -> str:
+    """What ``precision`` means on ``device``: ``fp32``, ``bf16`` or ``fp16`` (autocast dtypes).
+
+    ``auto`` is bfloat16 where the hardware computes it natively (CPUs with AVX512-BF16 or AMX,
+    CUDA GPUs with bfloat16: no gradient scaling needed), float16 on older GPUs (MONAI's ``amp``
+    with a GradScaler), float32 elsewhere. ``fp16`` needs CUDA.
+    """
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    kind = torch.device(device).type
+    if precision == "fp16" and kind != "cuda":
+        raise ValueError("precision fp16 needs a CUDA device; use bf16 or fp32 on the CPU")
+    if precision != "auto":
+        return precision
+    if kind == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    if kind == "cpu":
+        return "bf16" if cpu_has_bf16() else "fp32"
+    return "fp32"
 
 
 class MixedPrecisionInferer:
     """Run the network with channels-last memory and, optionally, bfloat16 autocast.
 
     oneDNN's 3D convolutions are faster on channels-last (NDHWC) tensors on the CPU
-    (``docs/benchmarks.md`` has the figures), in full float32. MONAI's engines autocast to
-    float16 on CUDA themselves (``amp``); ``bf16`` adds bfloat16 autocast on any device (fast on
-    CPUs with AVX512-BF16). Outputs are returned as float32, so losses, probabilities and
+    (``docs/benchmarks.md`` has the figures). ``bf16`` adds bfloat16 autocast on any device (the
+    default where the hardware has it: ``resolve_precision``); MONAI's engines autocast to
+    float16 themselves (``amp``). Outputs are returned as float32, so losses, probabilities and
     metrics stay in full precision.
 
     Args:
