@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Wheels that the lent GPU machines (Python 3.12 with CUDA torch, scipy, matplotlib, pyyaml)
-# lack for `python benchmarks/run.py`. Run here, in the repository root; then, on the device:
+# lack for `python benchmarks/run.py`. Run here, in the repository root; then, on the device,
+# `bash benchmarks/gpu.sh "$OUT"` (the install, a version check and section e), or by hand:
 #   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
 #     --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site:$PWD && \
 #     PYTHONUNBUFFERED=1 python3 benchmarks/run.py --scans 10 --steps 5

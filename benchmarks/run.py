@@ -34,6 +34,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import warnings
 from pathlib import Path
 
 import nibabel as nib
@@ -224,11 +225,13 @@ def bench_cache_memory(data: Path, scans: int, tmp: Path) -> dict:
     return result
 
 
-def bench_gpu(tmp: Path, large_batch: int) -> dict:
+def bench_gpu(tmp: Path, large_batch: int, compile_network: bool = False) -> dict:
     """(e) The GPU training path from train.yaml: measured with CUDA, exercised on the CPU without.
 
     Epoch wall time from one EPOCH_STARTED to the next (the last: to the end of the run), so
     validation, checkpoints, plots and logging are inside it; at batch 2 and at ``large_batch``.
+    With CUDA, steps after the first run under ``torch.cuda.set_sync_debug_mode("warn")``: the
+    synchronisations it reports per step are recorded (0 expected).
     """
     from ignite.engine import Events
 
@@ -249,6 +252,7 @@ def bench_gpu(tmp: Path, large_batch: int) -> dict:
             "cache": "device",
             "augment_on_device": True,
             "progress": False,
+            "compile": compile_network,
         }
         if not cuda:
             overrides.update(
@@ -266,9 +270,13 @@ def bench_gpu(tmp: Path, large_batch: int) -> dict:
             Events.EPOCH_STARTED, lambda _, marks=starts: marks.append(time.perf_counter())
         )
         if cuda:
+            trainer.add_event_handler(Events.ITERATION_STARTED, _watch_syncs)
+            trainer.add_event_handler(Events.ITERATION_COMPLETED, _unwatch_syncs)
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
-        trainer.run()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            trainer.run()
         if cuda:
             torch.cuda.synchronize()
         starts.append(time.perf_counter())
@@ -285,10 +293,22 @@ def bench_gpu(tmp: Path, large_batch: int) -> dict:
         }
         if cuda:
             entry["peak_gpu_memory_gb"] = torch.cuda.max_memory_allocated() / 2**30
+            syncs = [str(w.message) for w in caught if "synchroniz" in str(w.message).lower()]
+            entry["syncs_per_step"] = len(syncs) / max(1, trainer.state.iteration - 1)
+            entry["sync_examples"] = sorted(set(syncs))[:5]
         result[f"batch_{batch}"] = entry
     if cuda:
         result["device"] = torch.cuda.get_device_name(0)
     return result
+
+
+def _watch_syncs(engine) -> None:
+    if engine.state.iteration > 1:  # the first step builds per-device tables
+        torch.cuda.set_sync_debug_mode("warn")
+
+
+def _unwatch_syncs(engine) -> None:
+    torch.cuda.set_sync_debug_mode("default")
 
 
 SECTIONS = {
@@ -322,6 +342,7 @@ def main(argv: list[str] | None = None) -> int:
         "benchmarks/, whose full run also rewrites docs/benchmarks.md)",
     )
     parser.add_argument("--keras-python", type=Path, default=KERAS_PYTHON)
+    parser.add_argument("--compile", action="store_true", help="(e) with torch.compile")
     parser.add_argument(
         "--render", action="store_true", help="only rewrite docs/benchmarks.md from --out"
     )
@@ -375,7 +396,7 @@ def main(argv: list[str] | None = None) -> int:
         if "d" in only:
             results["cache_memory"] = bench_cache_memory(data, len(scans), tmp)
         if "e" in only:
-            results["gpu"] = bench_gpu(tmp, args.large_batch)
+            results["gpu"] = bench_gpu(tmp, args.large_batch, args.compile)
     results.update(
         machine=machine(),
         cpu=cpu(),

@@ -560,3 +560,53 @@ def test_training_steps_read_nothing_back_from_the_device(tiny_data):
     assert len(steps) >= 2 and all("convolution" in " ".join(ops) for ops in steps)
     syncing = [op for ops in steps for op in ops if op.split(".")[0] in SYNCING_OPS]
     assert syncing == [], f"ops that read back from the device every step: {sorted(set(syncing))}"
+
+
+def test_write_budget_spends_its_share_and_writers_agree():
+    """Fast epochs (0.5 s) with writes as slow as an epoch: the records are written every few
+    epochs, within 10% of the time, both writers in the same epochs, the final epoch always."""
+    from app.training.handlers import WriteBudget
+
+    now = [0.0]
+    budget = WriteBudget(0.1, clock=lambda: now[0])
+    written, writing = [], 0.0
+    for epoch in range(1, 101):
+        now[0] += 0.5  # the epoch
+        final = epoch == 100
+        for _writer in ("records", "checkpoint"):
+            if budget.due(epoch, final=final):
+                with budget.timed():
+                    now[0] += 0.25
+                    writing += 0.25
+                if _writer == "records":
+                    written.append(epoch)
+        assert budget.due(epoch) == (written[-1] == epoch)  # asked again: the same answer
+    assert written[0] == 1 and written[-1] == 100
+    assert 5 <= len(written) <= 15, written
+    assert writing / now[0] <= 0.1
+    every = WriteBudget(1.0, clock=lambda: now[0])
+    assert all(every.due(e) for e in range(1, 20))
+    with pytest.raises(ValueError, match="above 0"):
+        WriteBudget(0)
+
+
+def test_fast_epochs_are_written_within_the_budget(tiny_data, tmp_path, monkeypatch):
+    """With a budget far below what writing costs, only the first and the final epoch are
+    written, and the files still hold every epoch; checkpoint and metrics agree."""
+    from app.run_folder import latest_checkpoint
+    from app.training.handlers import RunRecorder
+
+    writes: list[int] = []
+    original = RunRecorder.write
+
+    def counting(self):
+        writes.append(self.rows[-1]["epoch"])
+        original(self)
+
+    monkeypatch.setattr(RunRecorder, "write", counting)
+    run = tmp_path / "run"
+    args = [*TINY, "--epochs", "4", "--set", "write_budget=0.0001"]
+    assert train_main(["--data", str(tiny_data), "--output", str(run), *args]) == 0
+    assert writes == [1, 4]
+    assert [r["epoch"] for r in rows(run)] == ["1", "2", "3", "4"]
+    assert latest_checkpoint(run).name == "last_checkpoint_epoch=4.pt"

@@ -303,7 +303,7 @@ def _run_workflow(
         trainer = workflow.parser.get_parsed_content("train#trainer")
         _log_start(output, workflow.parser, resume)
         try:
-            with _stop_on_signals(trainer):
+            with _stop_on_signals(trainer, output):
                 workflow.run()
         except Interrupted:
             workflow.finalize()  # every rank stopped after the same iteration: meet, tear down
@@ -454,17 +454,20 @@ def finished_reason(
 
 
 class Interrupted(CTClassifyError):
-    """Training stopped on SIGINT/SIGTERM; the last completed epoch is saved."""
+    """Training stopped on SIGINT/SIGTERM; the newest checkpoint is kept for ``--resume``."""
 
 
 @contextlib.contextmanager
-def _stop_on_signals(trainer: Any) -> Iterator[None]:
+def _stop_on_signals(trainer: Any, output: Path) -> Iterator[None]:
     """SIGINT/SIGTERM end the run after the current iteration instead of killing it mid-write.
 
-    The last checkpoint holds the last completed epoch; ``--resume`` continues from there.
+    The newest checkpoint holds the last epoch written (every epoch on a CPU; within the write
+    budget on a fast GPU); ``--resume`` continues from there.
     """
     import signal
     import threading
+
+    from app.run_folder import latest_checkpoint
 
     received: list[int] = []
 
@@ -487,9 +490,10 @@ def _stop_on_signals(trainer: Any) -> Iterator[None]:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
     if received:
+        newest = latest_checkpoint(output)
+        kept = f"{newest.name} is kept" if newest else "no epoch was saved"
         raise Interrupted(
-            f"stopped by {signal.Signals(received[0]).name}; the last completed epoch is saved: "
-            "continue with --resume"
+            f"stopped by {signal.Signals(received[0]).name}; {kept}: continue with --resume"
         )
 
 

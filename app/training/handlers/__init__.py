@@ -5,6 +5,7 @@ from app.training.handlers.epoch_seeder import EpochSeeder
 from app.training.handlers.resume import ResumeFromCheckpoint
 from app.training.handlers.run_recorder import RunRecorder
 from app.training.handlers.trainer_checkpoint import AtomicCheckpointSaver, TrainerCheckpointSaver
+from app.training.handlers.write_budget import WriteBudget
 
 __all__ = [
     "AtomicCheckpointSaver",
@@ -13,4 +14,5 @@ __all__ = [
     "ResumeFromCheckpoint",
     "RunRecorder",
     "TrainerCheckpointSaver",
+    "WriteBudget",
 ]

@@ -15,6 +15,7 @@ from ignite.engine import Engine, Events
 
 from app.bundle.portable.files import atomic_write_text
 from app.run_folder import read_metrics
+from app.training.handlers.write_budget import WriteBudget, is_final_epoch
 
 
 class RunRecorder:
@@ -22,7 +23,9 @@ class RunRecorder:
 
     Attach to the trainer after the validation handler. At each epoch end it writes
     ``metrics.csv`` and ``metrics.json`` (epoch, train and val loss and accuracy, val ROC-AUC,
-    sensitivity, specificity, learning rate, seconds) and redraws ``curves.png``. A resumed run
+    sensitivity, specificity, learning rate, seconds) and redraws ``curves.png``, when
+    ``budget`` says so (:class:`WriteBudget`: every epoch on a CPU, every few on a fast GPU; the
+    final epoch always; the files hold every epoch up to the one written). A resumed run
     keeps the rows up to its checkpoint's epoch and replaces any later ones, so each epoch
     appears exactly once. At the start it draws ``montage.png`` from ``montage_source()``.
 
@@ -33,6 +36,8 @@ class RunRecorder:
         metric_names: the trainer's and the evaluator's metrics, as the config names them.
         montage_source: returns a preprocessed (C, x, y, z) volume for ``montage.png``.
         val_interval: validation runs every ``val_interval`` epochs.
+        budget: decides which epochs are written (shared with the checkpoint saver); default:
+            every epoch.
     """
 
     def __init__(
@@ -43,8 +48,10 @@ class RunRecorder:
         metric_names: Sequence[str],
         montage_source: Callable[[], Any] | None = None,
         val_interval: int = 1,
+        budget: WriteBudget | None = None,
     ) -> None:
         self.output_dir = Path(output_dir)
+        self.budget = budget or WriteBudget(1.0)
         #: metrics.csv's columns: the epoch, the engines' metrics as the config names them
         self.columns = ("epoch", *metric_names, "lr", "seconds")
         self.evaluator = evaluator
@@ -88,7 +95,9 @@ class RunRecorder:
         row["lr"] = float(self.optimizer.param_groups[0]["lr"])
         row["seconds"] = round(time.perf_counter() - self._epoch_start, 3)
         self.rows = [r for r in self.rows if r["epoch"] < epoch] + [row]
-        self.write()
+        if self.budget.due(epoch, final=is_final_epoch(engine)):
+            with self.budget.timed():
+                self.write()
 
     def write(self) -> None:
         buf = io.StringIO()
