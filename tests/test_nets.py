@@ -116,6 +116,24 @@ def test_slab_path_equals_plain_path_with_gradients(shape, mode):
             assert not torch.equal(ours.bn.running_var, torch.ones_like(ours.bn.running_var))
 
 
+@pytest.mark.parametrize("shape", [(1, 1, 64, 50, 47), (2, 1, 51, 49, 46), (1, 1, 47, 47, 47)])
+@pytest.mark.parametrize("slab_bytes", [1, 16 * 2**20])
+def test_inference_slabs_two_step_pool_equals_plain_path(shape, slab_bytes):
+    """Without gradients the slabs pool in-plane then across plane pairs: the 2x2x2 max of the
+    plain path, exactly, for odd and even sizes on every axis (the features, before the head)."""
+    torch.manual_seed(1)
+    net = CNN3D(dropout=0.0).double().eval()
+    net.features[0].slab_bytes = slab_bytes
+    plain = _plain_copy(net).eval()
+    x = torch.rand(*shape, dtype=torch.float64)
+    x[:, :, :10] = 0.0  # flat regions: ties inside pooling windows
+    with torch.inference_mode():
+        fast, ref = net.features[0](x), plain.features[0](x)
+        assert fast.shape == ref.shape
+        torch.testing.assert_close(fast, ref, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(net(x), plain(x), rtol=1e-10, atol=1e-12)
+
+
 def test_slab_path_channels_last_and_bf16_close_to_float32():
     torch.manual_seed(0)
     net = CNN3D().eval()
@@ -139,3 +157,44 @@ def test_scripted_network_keeps_the_plain_path():
     with torch.no_grad():
         torch.testing.assert_close(scripted(x), net(x), rtol=1e-4, atol=1e-5)
     assert "slab" not in getattr(scripted.features, "0").code  # compiled without the slab loop
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(1, 3, 8, 8, 8), (2, 5, 7, 9, 11), (1, 64, 61, 61, 29)])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_pairwise_max_pool_equals_max_pool3d(dtype, shape, channels_last):
+    """Inference pools by pairwise maxima: equal to F.max_pool3d(x, 2), exactly, for odd and even
+    sizes, both memory formats and the dtypes autocast gives (ties included)."""
+    from nets.cnn3d import max_pool_2x
+
+    torch.manual_seed(0)
+    x = torch.randn(shape).round(decimals=1).to(dtype)  # rounded: many ties
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last_3d)
+    out = max_pool_2x(x)
+    assert torch.equal(out, torch.nn.functional.max_pool3d(x, 2))
+    assert out.is_contiguous(memory_format=torch.channels_last_3d) == channels_last or shape[1] == 1
+
+
+def test_inference_network_pools_pairwise_and_training_pools_with_max_pool3d(monkeypatch):
+    """The pairwise pool is used without gradients only (its values are max_pool3d's; training
+    keeps max_pool3d, whose backward is faster), and never when scripting or tracing."""
+    import nets.cnn3d as cnn
+
+    calls = []
+    original = cnn.max_pool_2x
+
+    def counting(x, out=None):
+        calls.append(x.shape)
+        return original(x, out=out)
+
+    monkeypatch.setattr(cnn, "max_pool_2x", counting)
+    net = CNN3D(filters=(4, 4, 8, 8), dense_units=8).eval()
+    x = torch.rand(1, 1, 48, 48, 48)
+    with torch.inference_mode():
+        net(x)
+    assert len(calls) >= 4  # every block (the first once per slab)
+    calls.clear()
+    net.train()
+    net(torch.rand(2, 1, 48, 48, 48)).sum().backward()
+    assert calls == []
