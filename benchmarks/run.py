@@ -326,6 +326,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--scans", type=int, default=10, help="MosMed-sized scans for (a), (d)")
     parser.add_argument("--folder-scans", type=int, default=100, help="MosMed-sized scans for (f)")
+    parser.add_argument(
+        "--folder-data",
+        type=Path,
+        help="(f): keep the generated scans in this folder and reuse them (generating 100 takes "
+        "about 5 minutes on 2 cores)",
+    )
     parser.add_argument("--steps", type=int, default=5, help="timed training steps per variant")
     parser.add_argument("--rounds", type=int, default=2, help="alternations of the (b) variants")
     parser.add_argument("--large-batch", type=int, default=32, help="(e)'s second batch size")
@@ -388,7 +394,7 @@ def main(argv: list[str] | None = None) -> int:
                 )
         if "f" in only:
             # MosMed's geometry: 512x512, 30-70 slices, both classes
-            folder = tmp / "folder"
+            folder = args.folder_data or tmp / "folder"
             write_dataset(
                 folder, max(1, args.folder_scans // 2), shape=None, seed=1, progress=False
             )
