@@ -35,4 +35,4 @@ lint: setup
 	.venv-reference/bin/pip install --quiet tensorflow-cpu
 
 bench-reference: setup .venv-reference/bin/python
-	$(BIN)/python benchmarks/peer.py --reference-python .venv-reference/bin/python
+	$(BIN)/python benchmarks/run.py --only b

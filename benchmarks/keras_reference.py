@@ -1,6 +1,6 @@
 """The peer: the reference network in TensorFlow/Keras, timed in graph mode. Runs in its own
 environment (``make bench-reference`` makes ``.venv-reference`` with tensorflow-cpu);
-``benchmarks/peer.py`` runs it beside the app and prints the ratios.
+``benchmarks/run.py --only b`` runs it beside the app and writes the ratios.
 
     .venv-reference/bin/python benchmarks/keras_reference.py --steps 5
 
