@@ -35,8 +35,8 @@ def test_packages_keep_to_their_roles():
     """Inference, the bundle and data never import training; the portable bundle code, nets and
     transforms never import the app (a bundle carries them alone)."""
     app_dir = REPO / "app"
-    users = [app_dir / "infer.py", app_dir / "export.py"]
-    for package in ("inference", "bundle", "data"):
+    users = [app_dir / "infer.py", app_dir / "export.py", app_dir / "evaluate.py"]
+    for package in ("inference", "bundle", "data", "evaluation"):
         users += sorted((app_dir / package).rglob("*.py"))
     for path in users:
         wrong = sorted(i for i in _imports(path) if i.startswith(TRAINING))
@@ -50,8 +50,8 @@ def test_packages_keep_to_their_roles():
 
 def test_the_app_is_laid_out_by_role():
     top = sorted(p.name for p in (REPO / "app").iterdir() if not p.name.startswith("__"))
-    packages = {"bundle", "data", "inference", "training"}
+    packages = {"bundle", "data", "evaluation", "inference", "training"}
     assert packages <= set(top)
     # the command lines keep their names: python -m app.train | app.infer | app.export | app.data
-    assert {"train.py", "infer.py", "export.py"} <= set(top)
+    assert {"train.py", "infer.py", "export.py", "evaluate.py"} <= set(top)
     assert (REPO / "app" / "data" / "__main__.py").is_file()

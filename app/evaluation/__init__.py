@@ -1,0 +1,1 @@
+"""Evaluation on a labelled test set: metrics with confidence intervals, plots, a report."""

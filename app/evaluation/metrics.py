@@ -1,0 +1,194 @@
+"""Metrics of a binary classifier on a labelled test set, each with its 95% confidence interval.
+
+The statistics come from well-kept libraries: scikit-learn's metrics (ROC-AUC, confusion matrix,
+Brier score, ROC curve), ``scipy.stats.bootstrap`` (a seeded, stratified BCa bootstrap of the
+ROC-AUC, the Mann-Whitney U statistic computed for all resamples at once) and
+``scipy.stats.binomtest(...).proportion_ci`` (Wilson intervals for accuracy, sensitivity,
+specificity, PPV and NPV). Only the expected calibration error, a weighted mean over bins, is
+computed here.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class Estimate:
+    """A value with its confidence interval (``nan`` where the data cannot give one)."""
+
+    value: float
+    low: float
+    high: float
+    method: str
+
+    def text(self, digits: int = 3) -> str:
+        if math.isnan(self.value):
+            return "n/a"
+        return f"{self.value:.{digits}f} ({self.low:.{digits}f}-{self.high:.{digits}f})"
+
+
+@dataclass
+class BinaryMetrics:
+    """What :func:`binary_metrics` measures; ``rows()`` gives a pandas-friendly table."""
+
+    n: int
+    n_positive: int
+    n_negative: int
+    threshold: float
+    confidence: float
+    roc_auc: Estimate
+    accuracy: Estimate
+    sensitivity: Estimate
+    specificity: Estimate
+    ppv: Estimate
+    npv: Estimate
+    brier: float
+    ece: float
+    confusion: dict[str, int] = field(default_factory=dict)
+
+    ESTIMATES = ("roc_auc", "accuracy", "sensitivity", "specificity", "ppv", "npv")
+
+    def rows(self) -> list[dict[str, Any]]:
+        """One row per metric: ``metric, value, ci_low, ci_high, method`` (``pd.DataFrame(...)``)."""
+        out: list[dict[str, Any]] = []
+        for name in self.ESTIMATES:
+            e: Estimate = getattr(self, name)
+            out.append(
+                {
+                    "metric": name,
+                    "value": e.value,
+                    "ci_low": e.low,
+                    "ci_high": e.high,
+                    "method": e.method,
+                }
+            )
+        for name in ("brier", "ece"):
+            out.append(
+                {
+                    "metric": name,
+                    "value": getattr(self, name),
+                    "ci_low": math.nan,
+                    "ci_high": math.nan,
+                    "method": "",
+                }
+            )
+        return out
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def wilson(successes: int, trials: int, confidence: float = 0.95) -> Estimate:
+    """A proportion with its Wilson score interval (``nan`` for no trials)."""
+    from scipy.stats import binomtest
+
+    if trials == 0:
+        return Estimate(math.nan, math.nan, math.nan, "wilson")
+    ci = binomtest(int(successes), int(trials)).proportion_ci(confidence, method="wilson")
+    return Estimate(successes / trials, float(ci.low), float(ci.high), "wilson")
+
+
+def _auc_statistic(positive: np.ndarray, negative: np.ndarray, axis: int = -1) -> np.ndarray:
+    """ROC-AUC as the Mann-Whitney U of positives over negatives, for every resample at once."""
+    from scipy.stats import mannwhitneyu
+
+    u = mannwhitneyu(positive, negative, axis=axis).statistic
+    return u / (positive.shape[axis] * negative.shape[axis])
+
+
+def auc_with_ci(
+    probs: np.ndarray,
+    labels: np.ndarray,
+    confidence: float = 0.95,
+    n_resamples: int = 2000,
+    seed: int = 0,
+) -> Estimate:
+    """ROC-AUC (scikit-learn) and a seeded BCa bootstrap interval, resampling positives and
+    negatives separately (the class counts of the test set are kept)."""
+    from scipy.stats import bootstrap
+    from sklearn.metrics import roc_auc_score
+
+    probs, labels = np.asarray(probs, float), np.asarray(labels, int)
+    positive, negative = probs[labels == 1], probs[labels == 0]
+    if len(positive) == 0 or len(negative) == 0:
+        return Estimate(math.nan, math.nan, math.nan, "bootstrap")
+    value = float(roc_auc_score(labels, probs))
+    low = high = value
+    if len(positive) > 1 and len(negative) > 1 and np.ptp(probs) > 0:
+        for method in ("BCa", "percentile"):  # BCa is undefined when every resample is equal
+            result = bootstrap(
+                (positive, negative),
+                _auc_statistic,
+                n_resamples=n_resamples,
+                confidence_level=confidence,
+                method=method,
+                vectorized=True,
+                random_state=np.random.default_rng(seed),
+            )
+            low, high = (
+                float(result.confidence_interval.low),
+                float(result.confidence_interval.high),
+            )
+            if not (math.isnan(low) or math.isnan(high)):
+                break
+    return Estimate(value, low, high, f"stratified bootstrap ({n_resamples}, seed {seed})")
+
+
+def expected_calibration_error(probs: np.ndarray, labels: np.ndarray, bins: int = 10) -> float:
+    """Mean |predicted probability - observed frequency| over equal-width bins, weighted by
+    each bin's share of the scans."""
+    probs, labels = np.asarray(probs, float), np.asarray(labels, float)
+    if len(probs) == 0:
+        return math.nan
+    which = np.minimum((probs * bins).astype(int), bins - 1)
+    total = 0.0
+    for b in range(bins):
+        inside = which == b
+        if inside.any():
+            total += inside.sum() * abs(probs[inside].mean() - labels[inside].mean())
+    return float(total / len(probs))
+
+
+def binary_metrics(
+    probs: np.ndarray,
+    labels: np.ndarray,
+    threshold: float = 0.5,
+    confidence: float = 0.95,
+    n_resamples: int = 2000,
+    seed: int = 0,
+) -> BinaryMetrics:
+    """Every figure of a test set: P(abnormal) ``probs`` against 0/1 ``labels``; a scan is
+    called abnormal at ``probs >= threshold`` (as ``app.infer`` calls it)."""
+    from sklearn.metrics import brier_score_loss, confusion_matrix
+
+    probs, labels = np.asarray(probs, float), np.asarray(labels, int)
+    if probs.shape != labels.shape or probs.ndim != 1:
+        raise ValueError(f"probs {probs.shape} and labels {labels.shape} must be equal 1D arrays")
+    if not set(np.unique(labels)) <= {0, 1}:
+        raise ValueError("labels must be 0 (normal) or 1 (abnormal)")
+    if not np.isfinite(probs).all() or probs.min(initial=0) < 0 or probs.max(initial=0) > 1:
+        raise ValueError("probabilities must lie in [0, 1]")
+    predicted = (probs >= threshold).astype(int)
+    tn, fp, fn, tp = (int(v) for v in confusion_matrix(labels, predicted, labels=[0, 1]).ravel())
+    n = len(labels)
+    return BinaryMetrics(
+        n=n,
+        n_positive=tp + fn,
+        n_negative=tn + fp,
+        threshold=float(threshold),
+        confidence=confidence,
+        roc_auc=auc_with_ci(probs, labels, confidence, n_resamples, seed),
+        accuracy=wilson(tp + tn, n, confidence),
+        sensitivity=wilson(tp, tp + fn, confidence),
+        specificity=wilson(tn, tn + fp, confidence),
+        ppv=wilson(tp, tp + fp, confidence),
+        npv=wilson(tn, tn + fn, confidence),
+        brier=float(brier_score_loss(labels, probs)) if n else math.nan,
+        ece=expected_calibration_error(probs, labels),
+        confusion={"tp": tp, "fp": fp, "tn": tn, "fn": fn},
+    )

@@ -1,0 +1,91 @@
+"""The evaluation's pictures: ROC curve with the operating point, reliability diagram, confusion."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from app.evaluation.metrics import BinaryMetrics
+from app.plots import _pyplot, _save
+
+
+def plot_roc(probs: np.ndarray, labels: np.ndarray, m: BinaryMetrics, path: str | Path) -> None:
+    """ROC curve (scikit-learn's), the chance line, and the operating point at the threshold."""
+    from sklearn.metrics import roc_curve
+
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(5, 5))
+    if m.n_positive and m.n_negative:
+        fpr, tpr, _ = roc_curve(labels, probs)
+        ax.plot(fpr, tpr, color="C0", lw=2, label=f"ROC-AUC {m.roc_auc.text()}")
+        ax.plot(
+            [1 - m.specificity.value],
+            [m.sensitivity.value],
+            "o",
+            color="C3",
+            ms=8,
+            label=f"threshold {m.threshold:g}: sensitivity {m.sensitivity.value:.2f}, "
+            f"specificity {m.specificity.value:.2f}",
+        )
+    ax.plot([0, 1], [0, 1], ls="--", color="0.6", lw=1, label="chance")
+    ax.set(xlabel="1 - specificity", ylabel="sensitivity", xlim=(0, 1), ylim=(0, 1.01))
+    ax.set_title(f"ROC on {m.n} scans ({m.n_positive} abnormal, {m.n_negative} normal)")
+    ax.legend(loc="lower right", fontsize=8)
+    ax.grid(alpha=0.3)
+    _save(fig, path)
+    plt.close(fig)
+
+
+def plot_calibration(
+    probs: np.ndarray, labels: np.ndarray, m: BinaryMetrics, path: str | Path, bins: int = 10
+) -> None:
+    """Reliability diagram: observed frequency of abnormal per bin of predicted probability
+    (the bins ``expected_calibration_error`` uses), with the scans per bin below."""
+    plt = _pyplot()
+    fig, (ax, hist) = plt.subplots(
+        2, 1, figsize=(5, 6), gridspec_kw={"height_ratios": [3, 1]}, sharex=True
+    )
+    which = np.minimum((np.asarray(probs) * bins).astype(int), bins - 1)
+    centres, observed, counts = [], [], []
+    for b in range(bins):
+        inside = which == b
+        counts.append(int(inside.sum()))
+        if inside.any():
+            centres.append(float(np.mean(probs[inside])))
+            observed.append(float(np.mean(labels[inside])))
+    ax.plot([0, 1], [0, 1], ls="--", color="0.6", lw=1, label="perfect calibration")
+    ax.plot(centres, observed, "o-", color="C0", label=f"model (ECE {m.ece:.3f})")
+    ax.set(ylabel="observed fraction abnormal", xlim=(0, 1), ylim=(0, 1))
+    ax.set_title(f"Calibration (Brier score {m.brier:.3f})")
+    ax.legend(loc="upper left", fontsize=8)
+    ax.grid(alpha=0.3)
+    hist.bar((np.arange(bins) + 0.5) / bins, counts, width=0.9 / bins, color="0.5")
+    hist.set(xlabel="predicted P(abnormal)", ylabel="scans")
+    _save(fig, path)
+    plt.close(fig)
+
+
+def plot_confusion(m: BinaryMetrics, path: str | Path, class_names: list[str]) -> None:
+    """The 2x2 confusion matrix at the threshold, counts and row percentages."""
+    plt = _pyplot()
+    c = m.confusion
+    matrix = np.array([[c["tn"], c["fp"]], [c["fn"], c["tp"]]])
+    fig, ax = plt.subplots(figsize=(4.5, 4))
+    ax.imshow(matrix, cmap="Blues")
+    for (i, j), count in np.ndenumerate(matrix):
+        share = count / max(1, matrix[i].sum())
+        ax.text(
+            j,
+            i,
+            f"{count}\n{100 * share:.0f}%",
+            ha="center",
+            va="center",
+            fontsize=12,
+            color="white" if count > matrix.max() / 2 else "black",
+        )
+    ax.set_xticks([0, 1], [f"predicted {n}" for n in class_names])
+    ax.set_yticks([0, 1], [f"true {n}" for n in class_names])
+    ax.set_title(f"Confusion at threshold {m.threshold:g}")
+    _save(fig, path)
+    plt.close(fig)

@@ -1,0 +1,93 @@
+"""The evaluation as one self-contained HTML page: model, data, date, metrics, pictures, scans."""
+
+from __future__ import annotations
+
+import base64
+import html
+import math
+from pathlib import Path
+from typing import Any
+
+from app.bundle.portable.files import atomic_write_text
+
+NAMES = {
+    "roc_auc": "ROC-AUC",
+    "accuracy": "accuracy",
+    "sensitivity": "sensitivity (recall of abnormal)",
+    "specificity": "specificity",
+    "ppv": "PPV (precision)",
+    "npv": "NPV",
+    "brier": "Brier score",
+    "ece": "expected calibration error (10 bins)",
+}
+
+
+def _img(path: Path, alt: str) -> str:
+    if not path.is_file():
+        return ""
+    data = base64.b64encode(path.read_bytes()).decode("ascii")
+    return f'<img alt="{html.escape(alt)}" src="data:image/png;base64,{data}">'
+
+
+def _num(value: Any) -> str:
+    return (
+        "" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.3f}"
+    )
+
+
+def write_report(summary: dict[str, Any], rows: list[dict[str, Any]], out_dir: Path) -> Path:
+    """Write ``out_dir/report.html`` from ``metrics.json``'s content and the prediction rows."""
+    e = html.escape
+    metrics = summary["metrics"]
+    table = []
+    for row in metrics["rows"]:
+        ci = (
+            f"{_num(row['ci_low'])}-{_num(row['ci_high'])}" if not math.isnan(row["ci_low"]) else ""
+        )
+        table.append(
+            f"<tr><td>{e(NAMES.get(row['metric'], row['metric']))}</td>"
+            f"<td class=num>{_num(row['value'])}</td><td class=num>{ci}</td>"
+            f"<td>{e(row['method'])}</td></tr>"
+        )
+    scans = []
+    for r in rows:
+        prob = "" if r["prob_abnormal"] == "" else f"{100 * float(r['prob_abnormal']):.1f}%"
+        wrong = r["predicted"] != "" and int(r["predicted"]) != int(r["label"])
+        scans.append(
+            f"<tr class={'wrong' if wrong else 'ok'}><td class=path>{e(str(r['path']))}</td>"
+            f"<td>{e(str(r['label_name']))}</td><td class=num>{prob}</td>"
+            f"<td>{e(str(r['predicted_name']))}</td><td>{e(str(r['error']))}</td></tr>"
+        )
+    c = metrics["confusion"]
+    page = f"""<!doctype html>
+<html><head><meta charset="utf-8"><title>ctclassify evaluation</title>
+<style>
+body {{ font-family: sans-serif; margin: 2em; max-width: 70em; }}
+table {{ border-collapse: collapse; margin: 1em 0; }}
+td, th {{ border: 1px solid #ccc; padding: 0.3em 0.6em; }}
+.num {{ text-align: right; }} .path {{ font-family: monospace; font-size: 0.85em; }}
+tr.wrong {{ background: #fde8e8; }} img {{ max-width: 32%; margin-right: 1%; }}
+dt {{ font-weight: bold; }} dd {{ margin: 0 0 0.5em 0; }}
+</style></head><body>
+<h1>Evaluation</h1>
+<dl>
+<dt>Model</dt><dd>{e(summary["model"]["description"])}</dd>
+<dt>Test data</dt><dd>{e(summary["data"])}: {metrics["n"]} scans classified
+({metrics["n_positive"]} abnormal, {metrics["n_negative"]} normal), {summary["failed"]} failed</dd>
+<dt>Threshold</dt><dd>{metrics["threshold"]:g} (P(abnormal) at or above it: abnormal)</dd>
+<dt>Date</dt><dd>{e(summary["date"])}</dd>
+<dt>Confusion</dt><dd>TP {c["tp"]}, FP {c["fp"]}, TN {c["tn"]}, FN {c["fn"]}</dd>
+</dl>
+<h2>Metrics ({int(100 * metrics["confidence"])}% confidence intervals)</h2>
+<table><tr><th>metric</th><th>value</th><th>CI</th><th>method</th></tr>
+{"".join(table)}</table>
+<p>{_img(out_dir / "roc.png", "ROC curve")}{_img(out_dir / "calibration.png", "calibration")}
+{_img(out_dir / "confusion.png", "confusion matrix")}</p>
+<h2>Scans</h2>
+<table><tr><th>path</th><th>true</th><th>P(abnormal)</th><th>predicted</th><th>error</th></tr>
+{"".join(scans)}</table>
+</body></html>
+"""
+    path = out_dir / "report.html"
+    atomic_write_text(path, page)
+    return path
