@@ -81,3 +81,26 @@ def plot_montage(
         fig.suptitle(title)
     _save(fig, path)
     plt.close(fig)
+
+
+def plot_cv_curves(folds: Sequence[Sequence[Mapping[str, Any]]], path: str | Path) -> None:
+    """Cross-validation: each fold's validation ROC-AUC and accuracy per epoch, overlaid, the
+    kept epoch (best validation accuracy) marked."""
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharex=True)
+    for k, rows in enumerate(folds):
+        rows = [r for r in rows if r.get("val_acc") is not None]
+        if not rows:
+            continue
+        epochs = [r["epoch"] for r in rows]
+        kept = max(rows, key=lambda r: (r["val_acc"], -r["epoch"]))
+        for ax, key in zip(axes, ("val_auc", "val_acc"), strict=True):
+            values = [r.get(key) for r in rows]
+            (line,) = ax.plot(epochs, values, marker=".", label=f"fold {k}")
+            ax.plot([kept["epoch"]], [kept.get(key)], "*", ms=12, color=line.get_color())
+    for ax, title in zip(axes, ("validation ROC-AUC", "validation accuracy"), strict=True):
+        ax.set(xlabel="epoch", title=title + " (star: the kept epoch)", ylim=(0, 1.02))
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    _save(fig, path)
+    plt.close(fig)

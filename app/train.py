@@ -79,6 +79,20 @@ def build_parser() -> argparse.ArgumentParser:
         "--workers", type=int, help=f"data-loading worker processes {default('num_workers')}"
     )
     p.add_argument("--resume", action="store_true", help="continue the run in --output")
+    p.add_argument(
+        "--folds",
+        type=int,
+        help="cross-validation: K stratified folds, each a run in OUTPUT/fold-k; finished folds "
+        "are kept, started ones resumed; then OUTPUT/cv_summary.csv, oof_predictions.csv, "
+        "cv_calibration.json (threshold, temperature)",
+    )
+    p.add_argument("--fold", type=int, help="with --folds: run this fold only (0 to K-1)")
+    p.add_argument(
+        "--target-sensitivity",
+        type=float,
+        help="with --folds: the threshold reaching this out-of-fold sensitivity (default: "
+        "Youden's J)",
+    )
     p.add_argument("--overwrite", action="store_true", help="replace an existing run folder")
     p.add_argument(
         "--set",
@@ -127,6 +141,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.resume and args.output is None:
         print("error: --resume needs --output RUN_DIR", file=sys.stderr)
         return 2
+    if args.folds is not None or args.fold is not None:
+        return _cross_validate(args)
     try:
         overrides = overrides_from_args(args)
         result = train(
@@ -159,6 +175,48 @@ def main(argv: list[str] | None = None) -> int:
         f"epochs: {len(result.metrics)}; last val_acc {last.get('val_acc')}, val_auc "
         f"{last.get('val_auc')}; best val_acc {result.best_val_acc}\n"
         f"best model: {result.best_checkpoint}"
+    )
+    return 0
+
+
+def _cross_validate(args: argparse.Namespace) -> int:
+    from app.training.cross_validation import cross_validate
+
+    if args.folds is None or args.output is None:
+        print("error: cross-validation needs --folds K and --output CV_DIR", file=sys.stderr)
+        return 2
+    try:
+        result = cross_validate(
+            args.data,
+            args.output,
+            args.folds,
+            only_fold=args.fold,
+            demo=args.demo,
+            overwrite=args.overwrite,
+            overrides=overrides_from_args(args),
+            target_sensitivity=args.target_sensitivity,
+        )
+    except (ConfigError, DataError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except Interrupted as exc:
+        print(f"stopped: {exc}; continue with the same command", file=sys.stderr)
+        return 130
+    except CTClassifyError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    if result.summary is None:
+        missing = [str(d) for d in result.fold_dirs if not (d / "best_model.pt").exists()]
+        print(f"folds still to run: {', '.join(missing)}; the summary follows when all are done")
+        return 0
+    print(f"cross-validation: {result.output} ({result.folds} folds)")
+    for name, stat in result.summary["mean_sd"].items():
+        print(f"  {name:<16} {stat['mean']:.3f} +- {stat['sd']:.3f}")
+    cal = result.calibration or {}
+    print(
+        f"threshold {cal.get('threshold', float('nan')):.3f} ({cal.get('threshold_method')}), "
+        f"temperature {cal.get('temperature', float('nan')):.3f} (out-of-fold NLL "
+        f"{cal.get('nll_before', float('nan')):.3f} -> {cal.get('nll_after', float('nan')):.3f})"
     )
     return 0
 

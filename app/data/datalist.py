@@ -168,6 +168,38 @@ def split_datalist(
     return {"training": train, "validation": val}
 
 
+def make_split(
+    items: Sequence[Item], *, train_fraction: float, seed: int, folds: int = 0, fold: int = 0
+) -> dict[str, list[Item]]:
+    """The run's datalist: :func:`split_datalist` (``folds`` 0), or fold ``fold`` of ``folds``
+    stratified, seeded folds over all ``items`` (cross-validation: that fold validates, the
+    others train). The folds depend on the items' paths and labels and ``seed`` alone.
+
+    Raises:
+        DataError: ``fold`` is not one of the folds, or a class has fewer scans than folds.
+    """
+    if folds == 0:
+        return split_datalist(items, train_fraction=train_fraction, seed=seed)
+    if folds < 2 or not 0 <= fold < folds:
+        raise DataError(f"fold {fold} of {folds} folds: folds must be 2 or more, fold 0 to K-1")
+    from sklearn.model_selection import StratifiedKFold
+
+    ordered = sorted(items, key=lambda item: str(item["image"]))
+    labels = [int(str(item["label"])) for item in ordered]
+    fewest = min(labels.count(0), labels.count(1))
+    if fewest < folds:
+        raise DataError(
+            f"{folds} folds need at least {folds} scans of each class; the smaller class has "
+            f"{fewest}"
+        )
+    splitter = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed)
+    train_idx, val_idx = list(splitter.split(labels, labels))[fold]
+    return {
+        "training": [ordered[i] for i in train_idx],
+        "validation": [ordered[i] for i in val_idx],
+    }
+
+
 def write_split(path: str | Path, train: Sequence[Item], val: Sequence[Item]) -> None:
     """Write a MONAI datalist JSON (``training``, ``validation``), atomically."""
     from app.bundle.portable.files import atomic_write_text

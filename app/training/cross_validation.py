@@ -1,0 +1,235 @@
+"""K-fold cross-validation: one run folder per fold, the summary, out-of-fold predictions, and
+the operating threshold and temperature chosen from them (never from a test set).
+
+    R/fold-0/ ... R/fold-{K-1}/   normal run folders (resumable, metrics, curves, best_model.pt)
+    R/cv_summary.csv, .json       per fold the kept epoch's validation metrics; mean and sd
+    R/cv_curves.png               the folds' validation ROC-AUC and accuracy per epoch
+    R/oof_predictions.csv         each scan predicted by the fold model that did not train on it
+    R/cv_calibration.json         threshold (Youden's J, or a target sensitivity) and temperature
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import statistics
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from app.errors import DataError
+
+#: the kept epoch's validation figures in the summary
+SUMMARY_METRICS = ("val_acc", "val_auc", "val_sensitivity", "val_specificity", "val_loss")
+
+
+@dataclass
+class CrossValidation:
+    """What :func:`cross_validate` returns."""
+
+    output: Path
+    folds: int
+    fold_dirs: list[Path]
+    summary: dict[str, Any] | None = None
+    calibration: dict[str, Any] | None = None
+    ran: list[int] = field(default_factory=list)
+
+
+def fold_dir(output: Path, fold: int) -> Path:
+    return output / f"fold-{fold}"
+
+
+def cross_validate(
+    data: str | Path | None,
+    output: str | Path,
+    folds: int,
+    *,
+    only_fold: int | None = None,
+    demo: bool = False,
+    overwrite: bool = False,
+    overrides: dict[str, Any] | None = None,
+    target_sensitivity: float | None = None,
+) -> CrossValidation:
+    """Train fold ``only_fold`` (default: every fold not finished yet) of ``folds`` into
+    ``output/fold-k``, then, once every fold is finished, write the summary, out-of-fold
+    predictions and calibration. A fold folder with a checkpoint is resumed (a finished fold is
+    left as it is); ``overwrite`` retrains every fold asked for."""
+    from app.run_folder import latest_checkpoint
+    from app.training.workflow import train
+
+    if folds < 2:
+        raise DataError(f"--folds must be 2 or more, got {folds}")
+    if only_fold is not None and not 0 <= only_fold < folds:
+        raise DataError(f"--fold must be 0 to {folds - 1}, got {only_fold}")
+    if target_sensitivity is not None and not 0 < target_sensitivity <= 1:
+        raise DataError(f"--target-sensitivity must be in (0, 1], got {target_sensitivity}")
+    out = Path(output)
+    out.mkdir(parents=True, exist_ok=True)
+    result = CrossValidation(out, folds, [fold_dir(out, k) for k in range(folds)])
+    todo = range(folds) if only_fold is None else [only_fold]
+    for k in todo:
+        run = fold_dir(out, k)
+        started = run.exists() and latest_checkpoint(run) is not None
+        train(
+            data,
+            run,
+            demo=demo,
+            resume=started and not overwrite,
+            overwrite=overwrite or (run.exists() and not started),
+            overrides={**(overrides or {}), "folds": folds, "fold": k},
+        )
+        result.ran.append(k)
+    if all(_finished(d) for d in result.fold_dirs):
+        result.summary = write_summary(out, result.fold_dirs)
+        result.calibration = write_out_of_fold(out, result.fold_dirs, target_sensitivity)
+    return result
+
+
+def _finished(run: Path) -> bool:
+    return (run / "best_model.pt").is_file() and (run / "metrics.csv").is_file()
+
+
+def _kept_epoch(run: Path) -> dict[str, Any]:
+    """The epoch ``best_model.pt`` holds: the first with the best validation accuracy."""
+    from app.run_folder import read_metrics
+
+    rows = [r for r in read_metrics(run / "metrics.csv") if r.get("val_acc") is not None]
+    if not rows:
+        raise DataError(f"{run} has no validated epoch")
+    best = max(rows, key=lambda r: (r["val_acc"], -r["epoch"]))
+    return {"epoch": best["epoch"], **{k: best.get(k) for k in SUMMARY_METRICS}}
+
+
+def write_summary(out: Path, runs: list[Path]) -> dict[str, Any]:
+    from app.bundle.portable.files import atomic_write_text
+    from app.plots import plot_cv_curves
+    from app.run_folder import read_metrics
+
+    per_fold = [{"fold": k, **_kept_epoch(run)} for k, run in enumerate(runs)]
+    stats: dict[str, dict[str, float]] = {}
+    for name in SUMMARY_METRICS:
+        values = [float(f[name]) for f in per_fold if f.get(name) is not None]
+        if values:
+            stats[name] = {
+                "mean": statistics.mean(values),
+                "sd": statistics.stdev(values) if len(values) > 1 else 0.0,
+            }
+    summary = {"folds": per_fold, "mean_sd": stats}
+    atomic_write_text(out / "cv_summary.json", json.dumps(summary, indent=1))
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(["fold", "epoch", *SUMMARY_METRICS])
+    for f in per_fold:
+        writer.writerow([f["fold"], f["epoch"], *(f.get(k, "") for k in SUMMARY_METRICS)])
+    for what in ("mean", "sd"):
+        writer.writerow([what, "", *(stats.get(k, {}).get(what, "") for k in SUMMARY_METRICS)])
+    atomic_write_text(out / "cv_summary.csv", buf.getvalue())
+    plot_cv_curves([read_metrics(r / "metrics.csv") for r in runs], out / "cv_curves.png")
+    return summary
+
+
+def out_of_fold(runs: list[Path]) -> list[dict[str, Any]]:
+    """Each validation scan of each fold, predicted by that fold's best model."""
+    from app.inference.classifier import Classifier
+
+    rows = []
+    for k, run in enumerate(runs):
+        split = json.loads((run / "split.json").read_text())
+        items = split["validation"]
+        clf = Classifier.load(run, device="auto", precision="auto")
+        paths = [str(item["image"]) for item in items]
+        for item, pred in zip(items, clf.predict_many(paths), strict=True):
+            rows.append(
+                {
+                    "path": str(item["image"]),
+                    "label": int(item["label"]),
+                    "fold": k,
+                    "prob_abnormal": "" if pred.prob_abnormal is None else pred.prob_abnormal,
+                    "error": pred.error or "",
+                }
+            )
+    return rows
+
+
+def logits_of(probs: np.ndarray) -> np.ndarray:
+    p = np.clip(np.asarray(probs, float), 1e-7, 1 - 1e-7)
+    return np.log(p / (1 - p))
+
+
+def nll(logits: np.ndarray, labels: np.ndarray, temperature: float = 1.0) -> float:
+    """Mean binary cross-entropy of sigmoid(logits / temperature)."""
+    z = logits / temperature
+    return float(np.mean(np.logaddexp(0, z) - labels * z))
+
+
+def fit_temperature(logits: np.ndarray, labels: np.ndarray) -> float:
+    """Temperature scaling: the T in [0.05, 20] that minimises the NLL of sigmoid(logit / T)."""
+    from scipy.optimize import minimize_scalar
+
+    found = minimize_scalar(
+        lambda log_t: nll(logits, labels, math.exp(log_t)),
+        bounds=(math.log(0.05), math.log(20.0)),
+        method="bounded",
+    )
+    best = math.exp(float(found.x))
+    return best if nll(logits, labels, best) <= nll(logits, labels, 1.0) else 1.0
+
+
+def choose_threshold(
+    probs: np.ndarray, labels: np.ndarray, target_sensitivity: float | None = None
+) -> tuple[float, str]:
+    """Youden's J (sensitivity + specificity - 1, at its maximum), or the highest threshold
+    whose sensitivity reaches ``target_sensitivity``."""
+    from sklearn.metrics import roc_curve
+
+    fpr, tpr, thresholds = roc_curve(labels, probs)
+    thresholds = np.minimum(thresholds, 1.0)
+    if target_sensitivity is None:
+        best = int(np.argmax(tpr - fpr))
+        return float(thresholds[best]), "Youden's J"
+    reaching = np.flatnonzero(tpr >= target_sensitivity)
+    return float(thresholds[reaching[0]]), f"sensitivity >= {target_sensitivity:g}"
+
+
+def write_out_of_fold(
+    out: Path, runs: list[Path], target_sensitivity: float | None = None
+) -> dict[str, Any]:
+    from app.bundle.portable.files import atomic_write_text
+    from app.evaluation.metrics import expected_calibration_error
+
+    rows = out_of_fold(runs)
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=list(rows[0]), lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic_write_text(out / "oof_predictions.csv", buf.getvalue())
+    ok = [r for r in rows if r["prob_abnormal"] != ""]
+    probs = np.array([float(r["prob_abnormal"]) for r in ok])
+    labels = np.array([int(r["label"]) for r in ok])
+    if len(set(labels.tolist())) < 2:
+        raise DataError("the out-of-fold predictions hold one class only: no threshold")
+    threshold, method = choose_threshold(probs, labels, target_sensitivity)
+    logits = logits_of(probs)
+    temperature = fit_temperature(logits, labels)
+    calibrated = 1 / (1 + np.exp(-logits / temperature))
+    calibration = {
+        "threshold": threshold,
+        "threshold_method": method,
+        "temperature": temperature,
+        # the same cut on the temperature-scaled probabilities (the scaling is monotone)
+        "threshold_calibrated": float(
+            1 / (1 + math.exp(-float(logits_of(np.array([threshold]))[0]) / temperature))
+        ),
+        "scans": len(ok),
+        "failed": len(rows) - len(ok),
+        "nll_before": nll(logits, labels),
+        "nll_after": nll(logits, labels, temperature),
+        "ece_before": expected_calibration_error(probs, labels),
+        "ece_after": expected_calibration_error(calibrated, labels),
+    }
+    atomic_write_text(out / "cv_calibration.json", json.dumps(calibration, indent=1))
+    return calibration

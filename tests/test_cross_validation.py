@@ -1,0 +1,127 @@
+"""Cross-validation: the folds, the fold runs, the summary, out-of-fold threshold and temperature."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from conftest import synth_dataset
+
+from app.data.datalist import find_items, make_split
+from app.errors import DataError
+from app.training.cross_validation import choose_threshold, fit_temperature, logits_of, nll
+
+
+@pytest.fixture(scope="module")
+def cv_data(tmp_path_factory):
+    return synth_dataset(tmp_path_factory.mktemp("cv") / "d", 6, (64, 64, 16), seed=3)
+
+
+def test_folds_partition_the_data_stratified_and_seeded(cv_data):
+    items = find_items(cv_data)
+    folds = [make_split(items, train_fraction=0.7, seed=5, folds=3, fold=k) for k in range(3)]
+    validated = [str(i["image"]) for f in folds for i in f["validation"]]
+    assert sorted(validated) == sorted(str(i["image"]) for i in items)  # each scan once
+    for f in folds:
+        assert [int(i["label"]) for i in f["validation"]].count(1) == 2  # 6 per class / 3
+        train = {str(i["image"]) for i in f["training"]}
+        assert not train & {str(i["image"]) for i in f["validation"]}
+        assert len(train) == 8
+    again = make_split(list(reversed(items)), train_fraction=0.7, seed=5, folds=3, fold=1)
+    assert again == folds[1]  # the order the items come in does not matter
+    other = make_split(items, train_fraction=0.7, seed=6, folds=3, fold=1)
+    assert other["validation"] != folds[1]["validation"]
+    with pytest.raises(DataError, match="fold 3 of 3"):
+        make_split(items, train_fraction=0.7, seed=5, folds=3, fold=3)
+    with pytest.raises(DataError, match="at least 7 scans of each class"):
+        make_split(items, train_fraction=0.7, seed=5, folds=7, fold=0)
+
+
+def test_threshold_is_youdens_j_or_reaches_the_target_sensitivity():
+    rng = np.random.default_rng(0)
+    labels = np.r_[np.zeros(40, int), np.ones(40, int)]
+    probs = np.clip(rng.normal(0.4, 0.15, 80) + 0.2 * labels, 0, 1)
+    threshold, method = choose_threshold(probs, labels)
+    assert method == "Youden's J"
+
+    def j(t):
+        pred = probs >= t
+        return pred[labels == 1].mean() + (~pred[labels == 0]).mean() - 1
+
+    assert j(threshold) == pytest.approx(max(j(t) for t in np.unique(probs)))
+    high, _ = choose_threshold(probs, labels, target_sensitivity=0.9)
+    assert (probs[labels == 1] >= high).mean() >= 0.9
+
+
+def test_temperature_scaling_lowers_the_negative_log_likelihood():
+    """Overconfident logits (3x too large): the fitted temperature is near 3 and the NLL falls."""
+    rng = np.random.default_rng(1)
+    true_logits = rng.normal(0, 1.5, 2000)
+    labels = (rng.uniform(size=2000) < 1 / (1 + np.exp(-true_logits))).astype(int)
+    logits = 3 * true_logits
+    t = fit_temperature(logits, labels)
+    assert 2.5 < t < 3.5
+    assert nll(logits, labels, t) < nll(logits, labels) - 0.05
+    calibrated = fit_temperature(true_logits, labels)
+    assert 0.85 < calibrated < 1.15  # already calibrated: left near 1
+    assert np.isfinite(logits_of(np.array([0.0, 1.0]))).all()
+
+
+def test_cross_validation_writes_folds_summary_and_calibration_and_resumes(cv_data, tmp_path):
+    from app.train import main
+
+    out = tmp_path / "cv"
+    args = [
+        "--data",
+        str(cv_data),
+        "--output",
+        str(out),
+        "--folds",
+        "3",
+        "--epochs",
+        "2",
+        "--spatial-size",
+        "48",
+        "48",
+        "48",
+        "--device",
+        "cpu",
+        "--no-progress",
+        "--seed",
+        "2",
+    ]
+    # one fold first (an array job), then the rest: the summary waits for all three
+    assert main([*args, "--fold", "1"]) == 0
+    assert (out / "fold-1" / "best_model.pt").exists() and not (out / "fold-0").exists()
+    assert not (out / "cv_summary.json").exists()
+    fold1 = (out / "fold-1" / "best_model.pt").read_bytes()
+    assert main(args) == 0
+    assert (out / "fold-1" / "best_model.pt").read_bytes() == fold1  # finished: kept
+    for name in (
+        "cv_summary.csv",
+        "cv_summary.json",
+        "cv_curves.png",
+        "oof_predictions.csv",
+        "cv_calibration.json",
+    ):
+        assert (out / name).stat().st_size > 0, name
+    summary = json.loads((out / "cv_summary.json").read_text())
+    assert [f["fold"] for f in summary["folds"]] == [0, 1, 2]
+    assert set(summary["mean_sd"]) >= {"val_acc", "val_auc"}
+    oof = (out / "oof_predictions.csv").read_text().strip().splitlines()
+    assert len(oof) == 1 + 12  # every scan once, by the model that did not train on it
+    calibration = json.loads((out / "cv_calibration.json").read_text())
+    assert 0 <= calibration["threshold"] <= 1 and calibration["temperature"] > 0
+    assert calibration["nll_after"] <= calibration["nll_before"] + 1e-12
+    # the same command again: nothing retrained, the same figures
+    before = (out / "cv_summary.json").read_text()
+    assert main(args) == 0
+    assert (out / "cv_summary.json").read_text() == before
+    # the same seed in another folder: the same folds
+    for k in range(3):
+        split = json.loads((out / f"fold-{k}" / "split.json").read_text())
+        expected = make_split(find_items(cv_data), train_fraction=0.7, seed=2, folds=3, fold=k)
+        assert [i["image"] for i in split["validation"]] == [
+            str(i["image"]) for i in expected["validation"]
+        ]
