@@ -125,3 +125,55 @@ def test_cross_validation_writes_folds_summary_and_calibration_and_resumes(cv_da
         assert [i["image"] for i in split["validation"]] == [
             str(i["image"]) for i in expected["validation"]
         ]
+
+
+def test_cross_validation_folder_is_one_model_the_mean_of_its_folds(cv_data, tmp_path):
+    """Classifier.load(CV folder): the mean of the folds' temperature-scaled probabilities, at
+    the out-of-fold threshold on that scale; app.infer and app.evaluate take the folder too."""
+    import math
+
+    from app.evaluate import evaluate
+    from app.inference.classifier import Classifier
+    from app.train import main
+
+    out = tmp_path / "cv"
+    assert (
+        main(
+            [
+                "--data",
+                str(cv_data),
+                "--output",
+                str(out),
+                "--folds",
+                "2",
+                "--epochs",
+                "1",
+                "--spatial-size",
+                "48",
+                "48",
+                "48",
+                "--device",
+                "cpu",
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
+    calibration = json.loads((out / "cv_calibration.json").read_text())
+    ensemble = Classifier.load(out, device="cpu", precision="fp32")
+    assert ensemble.threshold == pytest.approx(calibration["threshold_calibrated"])
+    assert "cross-validation, mean over the folds" in ensemble.describe()
+    scan = str(next((cv_data / "CT-23").glob("*.nii.gz")))
+    members = []
+    for k in range(2):
+        p = Classifier.load(out / f"fold-{k}", device="cpu", precision="fp32").predict(scan)
+        z = math.log(p.prob_abnormal / (1 - p.prob_abnormal))
+        members.append(1 / (1 + math.exp(-z / calibration["temperature"])))
+    assert ensemble.predict(scan).prob_abnormal == pytest.approx(sum(members) / 2, abs=2e-6)
+    result = evaluate(cv_data, out, tmp_path / "E", device="cpu", n_resamples=200)
+    assert result.metrics.n == 12 and result.metrics.threshold == ensemble.threshold
+    (out / "cv_calibration.json").write_text('{"temperature": "$__import__(\'os\')"}')
+    from app.inference.classifier import CheckpointError
+
+    with pytest.raises(CheckpointError, match="cannot be read"):
+        Classifier.load(out, device="cpu")

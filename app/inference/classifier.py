@@ -40,6 +40,9 @@ from app.inference.scanqc import (
 from app.model_settings import MODEL_SETTINGS, SettingsError, validate_settings
 from app.run_folder import BEST_MODEL
 
+#: a cross-validation folder's threshold and temperature (app.train --folds K)
+CV_CALIBRATION = "cv_calibration.json"
+
 
 class CheckpointError(CTClassifyError):
     """The checkpoint cannot be used (missing, unsafe, or without the settings of its model)."""
@@ -391,6 +394,8 @@ class Classifier:
         import transforms  # noqa: F401  (quiets MONAI's optional-decoder notices)
         from app.config import load_config
 
+        if checkpoint is not None and (Path(checkpoint) / CV_CALIBRATION).is_file():
+            return cls.load_ensemble(Path(checkpoint), device, threshold, limits, precision)
         path = resolve_checkpoint(checkpoint)
         state, settings = load_checkpoint(path)
         if "validation" not in settings:
@@ -409,6 +414,61 @@ class Classifier:
                 f"{path}: weights do not fit the network its settings describe ({exc})"
             ) from exc
         return cls(network, settings, pick_device(device), threshold, limits, path, precision)
+
+    @classmethod
+    def load_ensemble(
+        cls,
+        folder: Path,
+        device: str | torch.device = "auto",
+        threshold: float | None = None,
+        limits: Limits | None = None,
+        precision: str = "auto",
+    ) -> Classifier:
+        """A cross-validation folder (``app.train --folds K``) as one model: the mean of the fold
+        models' temperature-scaled probabilities, at the threshold chosen out of fold (on the
+        same scale), unless ``threshold`` is given."""
+        import json
+
+        from app.config import load_config
+        from nets.ensemble import MeanProbabilityEnsemble
+
+        try:
+            calibration = json.loads((folder / CV_CALIBRATION).read_text())
+            temperature = float(calibration["temperature"])
+            chosen = float(calibration["threshold_calibrated"])
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise CheckpointError(f"{folder / CV_CALIBRATION} cannot be read ({exc})") from exc
+        if not (0 < temperature < 1e3 and 0 <= chosen <= 1):
+            raise CheckpointError(
+                f"{folder / CV_CALIBRATION}: temperature or threshold out of range"
+            )
+        folds = sorted(
+            (p for p in folder.glob("fold-*") if p.name[5:].isdigit()),
+            key=lambda p: int(p.name[5:]),
+        )
+        if not folds or [int(p.name[5:]) for p in folds] != list(range(len(folds))):
+            raise CheckpointError(f"{folder} holds no fold-0 ... fold-K folders")
+        members, settings = [], None
+        for run in folds:
+            state, fold_settings = load_checkpoint(run / BEST_MODEL)
+            model = {k: fold_settings[k] for k in MODEL_SETTINGS}
+            if settings is None:
+                settings = fold_settings
+            elif model != {k: settings[k] for k in MODEL_SETTINGS}:
+                raise CheckpointError(f"{run}: its model settings differ from fold-0's")
+            net = load_config("inference.yaml", overrides=model).get_parsed_content("network_def")
+            try:
+                net.load_state_dict({k.removeprefix("module."): v for k, v in state.items()})
+            except RuntimeError as exc:
+                raise CheckpointError(f"{run / BEST_MODEL}: weights do not fit ({exc})") from exc
+            members.append(net)
+        assert settings is not None
+        summary = _cv_means(folder)
+        if summary:
+            settings["validation"] = summary
+        settings["threshold"] = chosen
+        ensemble = MeanProbabilityEnsemble(members, temperature)
+        return cls(ensemble, settings, pick_device(device), threshold, limits, folder, precision)
 
     @property
     def card(self) -> ModelCard:
@@ -491,6 +551,9 @@ class Classifier:
         """Grad-CAM of the last conv block for one preprocessed (C, x, y, z) volume, in [0, 1]."""
         from monai.visualize import GradCAM
 
+        if not hasattr(self.network, "features"):
+            raise ConfigError("saliency needs one network: run it with one fold's model")
+
         layer = f"features.{len(self.network.features) - 1}.conv"  # type: ignore[arg-type]
         cam = GradCAM(nn_module=self.network, target_layers=layer)
         with torch.enable_grad():
@@ -499,6 +562,17 @@ class Classifier:
         heat = heat[0, 0].detach().cpu().numpy()
         span = float(heat.max() - heat.min())
         return (heat - heat.min()) / span if span > 0 else np.zeros_like(heat)
+
+
+def _cv_means(folder: Path) -> dict[str, Any] | None:
+    """The folds' mean validation metrics from ``cv_summary.json`` (no epoch: several)."""
+    import json
+
+    try:
+        stats = json.loads((folder / "cv_summary.json").read_text())["mean_sd"]
+        return {k: float(v["mean"]) for k, v in stats.items() if k.startswith("val_")}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return None
 
 
 def _as_input(path: str | Path) -> ScanInput:

@@ -66,7 +66,12 @@ class ModelCard:
                 )
                 if val.get(key) is not None
             ]
-            scored = f"validation at epoch {val.get('epoch', '?')}: {', '.join(parts)}"
+            where = (
+                f"validation at epoch {val['epoch']}"
+                if "epoch" in val
+                else "cross-validation, mean over the folds"
+            )
+            scored = f"{where}: {', '.join(parts)}"
         else:
             scored = "validation metrics not recorded"
         return f"{self.checkpoint}: {trained}; {scored}; threshold {self.threshold}"
@@ -94,7 +99,8 @@ class ModelCard:
         if weak:
             notes.append(
                 f"this model did little better than chance on its validation data "
-                f"({', '.join(weak)} at epoch {val.get('epoch', '?')})"
+                f"({', '.join(weak)} "
+                + (f"at epoch {val['epoch']})" if "epoch" in val else "over the folds)")
             )
         if not val:
             notes.append("this model's validation metrics are unknown (no metrics.csv beside it)")

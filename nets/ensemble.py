@@ -1,0 +1,35 @@
+"""Several trained networks as one: the mean of their temperature-scaled probabilities."""
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+
+class MeanProbabilityEnsemble(nn.Module):
+    """The mean of ``sigmoid(member(x) / temperature)`` over the members, returned as a logit
+    (so ``sigmoid`` of the output is the ensemble's probability, as for one :class:`CNN3D`).
+
+    Cross-validation (``app.train --folds K``) gives K fold models and the temperature fitted on
+    their out-of-fold logits; this runs them as one network.
+
+    Args:
+        members: networks of the same input and one logit per scan.
+        temperature: divides each member's logit before the sigmoid (1: no scaling).
+    """
+
+    def __init__(self, members: Sequence[nn.Module], temperature: float = 1.0) -> None:
+        super().__init__()
+        if not members:
+            raise ValueError("an ensemble needs at least one member")
+        if not temperature > 0:
+            raise ValueError(f"temperature must be above 0, got {temperature}")
+        self.members = nn.ModuleList(members)
+        self.temperature = float(temperature)
+
+    def member_probabilities(self, x: torch.Tensor) -> torch.Tensor:
+        """(members, batch, 1) temperature-scaled probabilities."""
+        return torch.stack([torch.sigmoid(m(x).float() / self.temperature) for m in self.members])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.logit(self.member_probabilities(x).mean(0), eps=1e-7)
