@@ -25,28 +25,59 @@ def _save(fig: Any, path: str | Path) -> None:
 
 
 def plot_curves(rows: Sequence[Mapping[str, Any]], path: str | Path) -> None:
-    """Accuracy and loss per epoch, train vs val, in two panels (as the reference plots them)."""
+    """Accuracy and loss per epoch, train vs val (as the reference plots them), and validation
+    ROC-AUC, sensitivity and specificity; the kept epoch (best validation accuracy, the one
+    ``best_model.pt`` holds) marked in every panel, and where the run stopped."""
     plt = _pyplot()
     from matplotlib.ticker import MaxNLocator
 
     epochs = [int(r["epoch"]) for r in rows]
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4))
-    for ax, metric in zip(axes, ("acc", "loss"), strict=True):
-        for split in ("train", "val"):
-            values = [r.get(f"{split}_{metric}") for r in rows]
+    validated = [r for r in rows if r.get("val_acc") is not None]
+    kept = max(validated, key=lambda r: (r["val_acc"], -int(r["epoch"]))) if validated else None
+    fig, axes = plt.subplots(1, 3, figsize=(16, 4))
+    panels = (
+        ("Model accuracy", (("train_acc", "train"), ("val_acc", "val"))),
+        ("Model loss", (("train_loss", "train"), ("val_loss", "val"))),
+        (
+            "Validation ROC-AUC, sensitivity, specificity",
+            (
+                ("val_auc", "ROC-AUC"),
+                ("val_sensitivity", "sensitivity"),
+                ("val_specificity", "specificity"),
+            ),
+        ),
+    )
+    for ax, (title, series) in zip(axes, panels, strict=True):
+        for key, label in series:
+            values = [r.get(key) for r in rows]
             if any(v is not None for v in values):
                 ax.plot(
                     epochs,
                     [np.nan if v is None else v for v in values],
                     marker="o",
                     ms=3,
-                    label=split,
+                    label=label,
                 )
+        if kept is not None:
+            ax.axvline(
+                int(kept["epoch"]),
+                color="0.3",
+                ls="--",
+                lw=1,
+                label=f"kept model (epoch {kept['epoch']})",
+            )
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        ax.set_title(f"Model {metric}")
+        ax.set_title(title)
         ax.set_xlabel("epoch")
-        ax.set_ylabel(metric)
-        ax.legend(["train", "val"])
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    if kept is not None:
+        fig.suptitle(
+            f"kept model: epoch {kept['epoch']} of {epochs[-1]}, val accuracy "
+            f"{kept['val_acc']:.3f}"
+            + (f", ROC-AUC {kept['val_auc']:.3f}" if kept.get("val_auc") is not None else ""),
+            fontsize=11,
+        )
     _save(fig, path)
     plt.close(fig)
 

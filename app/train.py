@@ -169,13 +169,21 @@ def main(argv: list[str] | None = None) -> int:
     if result.already_finished:
         print(f"{result.run_dir} is already finished: {result.already_finished}. Nothing changed.")
         return 0
-    last = result.metrics[-1] if result.metrics else {}
-    print(
-        f"run folder: {result.run_dir}\n"
-        f"epochs: {len(result.metrics)}; last val_acc {last.get('val_acc')}, val_auc "
-        f"{last.get('val_auc')}; best val_acc {result.best_val_acc}\n"
-        f"best model: {result.best_checkpoint}"
-    )
+    validated = [r for r in result.metrics if r.get("val_acc") is not None]
+    kept = max(validated, key=lambda r: (r["val_acc"], -r["epoch"])) if validated else None
+    if kept is not None:
+        figures = ", ".join(
+            f"{name} {kept[key]:.3f}"
+            for key, name in (
+                ("val_acc", "accuracy"),
+                ("val_auc", "ROC-AUC"),
+                ("val_sensitivity", "sensitivity"),
+                ("val_specificity", "specificity"),
+            )
+            if kept.get(key) is not None
+        )
+        print(f"kept model: {result.best_checkpoint} (epoch {kept['epoch']}: validation {figures})")
+    print(f"run folder: {result.run_dir} ({len(result.metrics)} epochs; metrics.csv, curves.png)")
     return 0
 
 

@@ -610,3 +610,16 @@ def test_fast_epochs_are_written_within_the_budget(tiny_data, tmp_path, monkeypa
     assert writes == [1, 4]
     assert [r["epoch"] for r in rows(run)] == ["1", "2", "3", "4"]
     assert latest_checkpoint(run).name == "last_checkpoint_epoch=4.pt"
+
+
+def test_end_of_run_summary_leads_with_the_kept_model(tiny_data, tmp_path, capsys):
+    """The last lines name the model best_model.pt holds (the first best validation accuracy)
+    with its epoch and validation figures, not the last epoch's."""
+    run = tmp_path / "run"
+    assert train_main(["--data", str(tiny_data), "--output", str(run), *TINY, "--epochs", "3"]) == 0
+    out = capsys.readouterr().out.strip().splitlines()
+    table = rows(run)
+    best = max(table, key=lambda r: (float(r["val_acc"]), -int(r["epoch"])))
+    assert out[-2].startswith(f"kept model: {run / 'best_model.pt'} (epoch {best['epoch']}:")
+    assert f"accuracy {float(best['val_acc']):.3f}" in out[-2]
+    assert out[-1].startswith(f"run folder: {run} (3 epochs")
