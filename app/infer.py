@@ -114,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         return 1
     if args.report:
-        print(f"report: {report(log.rows, out, images)}")
+        print(f"report: {report(log.rows, out, images, clf.describe())}")
     return summarise(log, clf)
 
 
@@ -234,7 +234,9 @@ def draw_pictures(
         )
 
 
-def report(rows: list[dict[str, str]], out: Path, images: dict[str, dict[str, Path]]) -> Path:
+def report(
+    rows: list[dict[str, str]], out: Path, images: dict[str, dict[str, Path]], model: str = ""
+) -> Path:
     """OUT/report.html, with the pictures of scans classified by an earlier, interrupted run."""
     from app.inference.report import write_report
 
@@ -245,7 +247,10 @@ def report(rows: list[dict[str, str]], out: Path, images: dict[str, dict[str, Pa
             candidate = out / folder_name / f"{name}.png"
             if kind not in pics and candidate.is_file():
                 pics[kind] = candidate
-    return write_report(rows, out, images)
+    import datetime as dt
+
+    date = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+    return write_report(rows, out, images, model=model, date=date)
 
 
 def summarise(log: Any, clf: Any) -> int:

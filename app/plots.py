@@ -100,14 +100,19 @@ def plot_montage(
     count = rows * columns
     index = np.linspace(0, volume.shape[2] - 1, count).round().astype(int)
     fig, axes = plt.subplots(rows, columns, figsize=(columns * 1.2, rows * 1.2))
+    heat = None
     for ax, z in zip(np.ravel(axes), index, strict=True):
         # the reference's 90-degree rotation makes axis 0 the rows: anterior up, patient right
         # on the left, as radiologists read axial slices
         ax.imshow(volume[:, :, z], cmap="gray", vmin=0, vmax=1)
         if overlay is not None:
-            ax.imshow(np.asarray(overlay)[..., z], cmap="jet", alpha=0.35, vmin=0, vmax=1)
+            heat = ax.imshow(np.asarray(overlay)[..., z], cmap="jet", alpha=0.35, vmin=0, vmax=1)
+        ax.text(0.03, 0.97, f"z {z}", color="yellow", fontsize=6, va="top", transform=ax.transAxes)
         ax.axis("off")
     plt.subplots_adjust(wspace=0.02, hspace=0.02)
+    if heat is not None:  # what the colours mean
+        bar = fig.colorbar(heat, ax=np.ravel(axes).tolist(), fraction=0.015, pad=0.01)
+        bar.set_label("Grad-CAM (0: no contribution, 1: the most)", fontsize=8)
     if title:
         fig.suptitle(title)
     _save(fig, path)

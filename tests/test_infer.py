@@ -248,6 +248,11 @@ def test_cli_mixed_folder_report_and_saliency(real_ct, tmp_path, checkpoint, cap
     }
     html = (out / "report.html").read_text()
     assert html.count("<tr class=") == 6 and html.count("data:image/png;base64,") == 10
+    # the report names the model (checkpoint, threshold) and the date; pictures open full size
+    assert (
+        f"<b>Model:</b> {checkpoint}" in html and "threshold" in html and "<b>Date:</b> 20" in html
+    )
+    assert html.count('tabindex="0"') == 10 and "img:focus" in html
     assert len(list((out / "saliency").glob("*.png"))) == 5
     assert "percent confident that CT scan is normal" in capsys.readouterr().out
 

@@ -10,17 +10,24 @@ from app.bundle.portable.files import atomic_write_text
 
 
 def _img(path: Path | None, alt: str) -> str:
+    """The picture, embedded; a click shows it at full size (CSS focus, no script)."""
     if path is None or not path.is_file():
         return ""
     data = base64.b64encode(path.read_bytes()).decode("ascii")
-    return f'<img alt="{html.escape(alt)}" src="data:image/png;base64,{data}">'
+    return f'<img tabindex="0" alt="{html.escape(alt)}" src="data:image/png;base64,{data}">'
 
 
 def write_report(
-    rows: list[dict[str, str]], out_dir: Path, images: dict[str, dict[str, Path]]
+    rows: list[dict[str, str]],
+    out_dir: Path,
+    images: dict[str, dict[str, Path]],
+    model: str = "",
+    date: str = "",
 ) -> Path:
-    """Write ``out_dir/report.html``: a row per scan with probability, label, warnings or error,
-    a montage thumbnail and the Grad-CAM overlay when one was computed."""
+    """Write ``out_dir/report.html``: the model (its description: checkpoint, training data,
+    validation figures, threshold) and the date, then a row per scan with probability, label,
+    warnings or error, a montage thumbnail and the Grad-CAM overlay when one was computed (a
+    click shows either at full size)."""
     body = []
     for r in rows:
         prob = r.get("prob_abnormal") or ""
@@ -51,9 +58,12 @@ td.normal {{ color: #1b5e20; font-weight: 600; }}
 tr.error td {{ background: #fdecea; }}
 tr.warn td {{ background: #fff8e1; }}
 td.path {{ font-family: monospace; word-break: break-all; max-width: 28em; }}
-img {{ max-width: 360px; }}
+img {{ max-width: 360px; cursor: zoom-in; }}
+img:focus {{ max-width: 95vw; width: 1400px; cursor: zoom-out; position: relative; z-index: 1;
+  box-shadow: 0 0 1em #0006; background: white; }}
 </style></head><body>
 <h1>ctclassify: chest CT classification</h1>
+<p><b>Model:</b> {html.escape(model) or "not recorded"}<br><b>Date:</b> {html.escape(date)}</p>
 <p>{len(rows)} inputs: {classified} classified ({abnormal} abnormal, {classified - abnormal} normal),
 {failed} could not be classified. Research use only, not for diagnosis.</p>
 <table><thead><tr><th>scan</th><th>P(abnormal)</th><th>label</th><th>warnings / error</th>
