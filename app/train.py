@@ -5,7 +5,8 @@
     python -m app.train --output runs/mosmed --epochs 120 --resume
 
 Every default comes from configs/common.yaml and configs/train.yaml (with --demo:
-configs/demo.yaml on top); --set ID=VALUE overrides any config id.
+configs/recipes/small-data.yaml and configs/demo.yaml on top; --recipe NAME: that recipe);
+--set ID=VALUE overrides any config id.
 """
 
 from __future__ import annotations
@@ -24,7 +25,14 @@ from app.cli import (
 )
 from app.config import parse_set_options
 from app.errors import ConfigError, CTClassifyError, DataError
-from app.training.workflow import DEMO_CONFIG, Interrupted, TrainResult, train
+from app.training.workflow import (
+    DEMO_RECIPE,
+    Interrupted,
+    TrainResult,
+    recipe_file,
+    recipes,
+    train,
+)
 
 __all__ = ["TrainResult", "build_parser", "main", "overrides_from_args", "train"]
 
@@ -43,9 +51,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="generate the MosMed-like demo data if needed and train a CPU-sized model",
     )
     p.add_argument("--output", type=Path, help="run folder (default: runs/run-<date>-<time>)")
+    p.add_argument(
+        "--recipe",
+        choices=recipes(),
+        help="a named recipe read after train.yaml (configs/recipes/NAME.yaml); default: the "
+        f"reference's; --demo uses {DEMO_RECIPE}",
+    )
 
     def default(key: str) -> str:
-        return default_text(key, "common.yaml", "train.yaml", demo=DEMO_CONFIG)
+        return default_text(key, "common.yaml", "train.yaml", demo=recipe_file(DEMO_RECIPE))
 
     p.add_argument("--epochs", type=int, help=f"maximum epochs {default('epochs')}")
     p.add_argument("--batch-size", type=int, help=f"scans per step {default('batch_size')}")
@@ -152,6 +166,7 @@ def main(argv: list[str] | None = None) -> int:
             resume=args.resume,
             overwrite=args.overwrite,
             overrides=overrides,
+            recipe=args.recipe,
         )
     except (ConfigError, DataError) as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -203,6 +218,7 @@ def _cross_validate(args: argparse.Namespace) -> int:
             overwrite=args.overwrite,
             overrides=overrides_from_args(args),
             target_sensitivity=args.target_sensitivity,
+            recipe=args.recipe,
         )
     except (ConfigError, DataError) as exc:
         print(f"error: {exc}", file=sys.stderr)

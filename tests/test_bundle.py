@@ -91,9 +91,10 @@ def test_metadata_has_the_bundle_specification_fields():
 
 
 #: files a workflow reads together (common.yaml with one of the others); overlays on top of them
-#: (demo.yaml, evaluate.yaml, multi_gpu_train.yaml) exist to redefine ids and are checked apart
+#: (demo.yaml, evaluate.yaml, multi_gpu_train.yaml, recipes/) exist to redefine ids and are
+#: checked apart
 BASE_CONFIGS = ("common.yaml", "train.yaml", "inference.yaml")
-OVERLAYS = ("demo.yaml", "evaluate.yaml", "multi_gpu_train.yaml")
+OVERLAYS = ("demo.yaml", "evaluate.yaml", "multi_gpu_train.yaml", "recipes/small-data.yaml")
 #: each workflow's own entry points, as MONAI bundles name them
 ENTRY_IDS = {"imports", "run", "initialize", "finalize"}
 

@@ -24,7 +24,7 @@ def test_train_help_shows_the_configs_defaults_and_the_demos(capsys):
     help_text = " ".join(build_parser().format_help().split())
     base, demo = (
         configs("common.yaml", "train.yaml"),
-        configs("common.yaml", "train.yaml", "demo.yaml"),
+        configs("common.yaml", "train.yaml", "recipes/small-data.yaml"),
     )
     for option, key in (
         ("epochs", "epochs"),

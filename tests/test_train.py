@@ -623,3 +623,38 @@ def test_end_of_run_summary_leads_with_the_kept_model(tiny_data, tmp_path, capsy
     assert out[-2].startswith(f"kept model: {run / 'best_model.pt'} (epoch {best['epoch']}:")
     assert f"accuracy {float(best['val_acc']):.3f}" in out[-2]
     assert out[-1].startswith(f"run folder: {run} (3 epochs")
+
+
+def test_recipe_is_read_after_train_yaml_and_kept_on_resume(tiny_data, tmp_path):
+    """--recipe small-data trains with configs/recipes/small-data.yaml on top (the demo's
+    recipe); a resume keeps it; a recipe name from the run folder is data: an unknown one is
+    refused, never read as a path."""
+    from app.training.workflow import recipe_file, recipes
+
+    assert "small-data" in recipes() and recipe_file("small-data") == "recipes/small-data.yaml"
+    run = tmp_path / "run"
+    small = ["--epochs", "1", "--device", "cpu", "--no-progress", "--set", "filters=[4, 4, 4, 4]"]
+    args = ["--data", str(tiny_data), "--output", str(run), "--recipe", "small-data", *small]
+    assert train_main(args) == 0
+    saved = json.loads((run / "overrides.json").read_text())
+    assert saved["__recipe__"] == "small-data"
+    info = torch.load(run / "best_model.pt", weights_only=True)["run_info"]
+    assert info["spatial_size"] == [64, 64, 48] and info["dense_units"] == 256  # the recipe's
+    assert (
+        train_main(
+            ["--output", str(run), "--resume", "--epochs", "2", "--device", "cpu", "--no-progress"]
+        )
+        == 0
+    )
+    info = torch.load(run / "best_model.pt", weights_only=True)["run_info"]
+    assert info["spatial_size"] == [64, 64, 48]
+    saved["__recipe__"] = "../../etc/passwd"
+    (run / "overrides.json").write_text(json.dumps(saved))
+    assert (
+        train_main(
+            ["--output", str(run), "--resume", "--epochs", "3", "--device", "cpu", "--no-progress"]
+        )
+        == 2
+    )
+    with pytest.raises(SystemExit):  # argparse: not one of the recipes
+        train_main(["--data", str(tiny_data), "--output", str(tmp_path / "x"), "--recipe", "huge"])

@@ -53,6 +53,7 @@ def cross_validate(
     overwrite: bool = False,
     overrides: dict[str, Any] | None = None,
     target_sensitivity: float | None = None,
+    recipe: str | None = None,
 ) -> CrossValidation:
     """Train fold ``only_fold`` (default: every fold not finished yet) of ``folds`` into
     ``output/fold-k``, then, once every fold is finished, write the summary, out-of-fold
@@ -81,6 +82,7 @@ def cross_validate(
             resume=started and not overwrite,
             overwrite=overwrite or (run.exists() and not started),
             overrides={**(overrides or {}), "folds": folds, "fold": k},
+            recipe=recipe,
         )
         result.ran.append(k)
     if all(_finished(d) for d in result.fold_dirs):
@@ -221,8 +223,8 @@ def write_out_of_fold(
         "threshold_method": method,
         "temperature": temperature,
         # the same cut on the temperature-scaled probabilities (the scaling is monotone)
-        "threshold_calibrated": float(
-            1 / (1 + math.exp(-float(logits_of(np.array([threshold]))[0]) / temperature))
+        "threshold_calibrated": round(
+            1 / (1 + math.exp(-float(logits_of(np.array([threshold]))[0]) / temperature)), 6
         ),
         "scans": len(ok),
         "failed": len(rows) - len(ok),

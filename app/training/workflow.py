@@ -24,6 +24,10 @@ from app.run_folder import BEST_MODEL
 
 OVERRIDES_FILE = "overrides.json"
 DEMO_CONFIG = "demo.yaml"
+#: named training recipes: configs/recipes/NAME.yaml, read after train.yaml (--recipe NAME)
+RECIPES_DIR = "recipes"
+#: the recipe --demo trains with
+DEMO_RECIPE = "small-data"
 
 
 @dataclass
@@ -141,18 +145,22 @@ def train(
     overwrite: bool = False,
     overrides: dict[str, Any] | None = None,
     config_dir: str | Path = CONFIG_DIR,
+    recipe: str | None = None,
 ) -> TrainResult:
     """Train from the bundle configs; the Python entry behind ``python -m app.train``.
 
     Args:
         data: class-folder root or datalist (default: the config's ``dataset_dir``).
         output: run folder (default ``runs/run-<date>-<time>``).
-        demo: train on the generated demo data with ``configs/demo.yaml`` on top.
+        demo: train on the generated demo data with the small-data recipe
+            (``configs/recipes/small-data.yaml``, then ``configs/demo.yaml``).
         resume: continue the run in ``output`` from its last checkpoint; the run's own settings
             are reused, ``overrides`` (e.g. a larger ``epochs``) apply on top.
         overwrite: replace an existing ``output``.
         overrides: config id -> value, e.g. ``{"epochs": 5, "spatial_size": [48, 48, 48]}``.
         config_dir: folder of the bundle configs.
+        recipe: a named recipe, ``configs/recipes/NAME.yaml``, read after train.yaml (a resumed
+            run keeps its own).
 
     Example:
         >>> result = train("data/synth", "runs/try", overrides={"epochs": 2})  # doctest: +SKIP
@@ -171,7 +179,13 @@ def train(
         config_dir=config_dir,
     )
     names, settings = _run_settings(
-        output, data, demo=demo, resume=resume, overrides=overrides or {}, config_dir=config_dir
+        output,
+        data,
+        demo=demo,
+        resume=resume,
+        overrides=overrides or {},
+        config_dir=config_dir,
+        recipe=recipe,
     )
     if resume:
         done = finished_reason(output, settings, names, config_dir)
@@ -224,6 +238,7 @@ def _run_settings(
     resume: bool,
     overrides: dict[str, Any],
     config_dir: Path,
+    recipe: str | None = None,
 ) -> tuple[list[str], dict[str, Any]]:
     """The config files to read and the overrides on top: a resumed run's own, then the data,
     then this call's ``overrides``."""
@@ -232,7 +247,13 @@ def _run_settings(
     settings: dict[str, Any] = {}
     if resume and (output / OVERRIDES_FILE).exists():
         settings.update(read_saved_overrides(output / OVERRIDES_FILE, overrides))
-    names = ["train.yaml"] + ([DEMO_CONFIG] if demo or settings.pop("__demo__", False) else [])
+    demo = demo or bool(settings.pop("__demo__", False))
+    recipe = recipe or settings.pop("__recipe__", None) or (DEMO_RECIPE if demo else None)
+    names = ["train.yaml"]
+    if recipe:
+        names.append(recipe_file(str(recipe), config_dir))
+    if demo:
+        names.append(DEMO_CONFIG)
     if launched_distributed():
         names.append("multi_gpu_train.yaml")
     if demo:
@@ -244,6 +265,19 @@ def _run_settings(
     if "dataset_dir" not in settings:  # the configs' default place (data/MosMedData)
         settings["dataset_dir"] = load_config(*names, config_dir=config_dir).get("dataset_dir")
     return names, settings
+
+
+def recipes(config_dir: Path = CONFIG_DIR) -> list[str]:
+    """The recipe names: configs/recipes/*.yaml."""
+    return sorted(p.stem for p in (Path(config_dir) / RECIPES_DIR).glob("*.yaml"))
+
+
+def recipe_file(name: str, config_dir: Path = CONFIG_DIR) -> str:
+    """``recipes/NAME.yaml`` for a known recipe; a ConfigError naming the known ones else."""
+    known = recipes(config_dir)
+    if name not in known:
+        raise ConfigError(f"no recipe {name!r}: choose one of {', '.join(known) or 'none'}")
+    return f"{RECIPES_DIR}/{name}.yaml"
 
 
 def _check_data(settings: dict[str, Any]) -> None:
@@ -272,7 +306,12 @@ def _record_settings(output: Path, settings: dict[str, Any], names: list[str]) -
 
     output.mkdir(parents=True, exist_ok=True)
     if rank() == 0:
-        saved = {**settings, "__demo__": DEMO_CONFIG in names}
+        recipe = next((n for n in names if n.startswith(RECIPES_DIR + "/")), None)
+        saved = {
+            **settings,
+            "__demo__": DEMO_CONFIG in names,
+            "__recipe__": None if recipe is None else Path(recipe).stem,
+        }
         atomic_write_text(output / OVERRIDES_FILE, json.dumps(saved, indent=1))
 
 
