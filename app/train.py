@@ -230,7 +230,9 @@ def _cross_validate(args: argparse.Namespace) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     if result.summary is None:
-        missing = [str(d) for d in result.fold_dirs if not (d / "best_model.pt").exists()]
+        from app.run_folder import BEST_MODEL
+
+        missing = [str(d) for d in result.fold_dirs if not (d / BEST_MODEL).exists()]
         print(f"folds still to run: {', '.join(missing)}; the summary follows when all are done")
         return 0
     print(f"cross-validation: {result.output} ({result.folds} folds)")

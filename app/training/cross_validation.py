@@ -92,7 +92,9 @@ def cross_validate(
 
 
 def _finished(run: Path) -> bool:
-    return (run / "best_model.pt").is_file() and (run / "metrics.csv").is_file()
+    from app.run_folder import BEST_MODEL
+
+    return (run / BEST_MODEL).is_file() and (run / "metrics.csv").is_file()
 
 
 def _kept_epoch(run: Path) -> dict[str, Any]:
