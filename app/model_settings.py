@@ -210,6 +210,16 @@ def _validation(value: Any) -> dict[str, Any]:
     return out
 
 
+def _ensemble(value: Any) -> dict[str, Any]:
+    """A cross-validation ensemble: how many fold models, and the temperature."""
+    if not isinstance(value, Mapping) or set(value) != {"members", "temperature"}:
+        raise ValueError("a mapping of 'members' and 'temperature'")
+    return {
+        "members": _int(1, 100)(value["members"]),
+        "temperature": _float(0.0, 1000.0, open_low=True)(value["temperature"]),
+    }
+
+
 #: every field a checkpoint's settings may carry, with its check
 FIELDS: dict[str, Callable[[Any], Any]] = {
     "spatial_size": _list(_int(1, 2048), 3, 3),
@@ -229,6 +239,7 @@ FIELDS: dict[str, Callable[[Any], Any]] = {
     "dataset_dir": _path_text,
     "training_data": _training_data,
     "validation": _validation,
+    "ensemble": _ensemble,
 }
 
 

@@ -29,7 +29,11 @@ class MeanProbabilityEnsemble(nn.Module):
 
     def member_probabilities(self, x: torch.Tensor) -> torch.Tensor:
         """(members, batch, 1) temperature-scaled probabilities."""
-        return torch.stack([torch.sigmoid(m(x).float() / self.temperature) for m in self.members])
+        probs: list[torch.Tensor] = []
+        for member in self.members:  # a loop: TorchScript unrolls it
+            probs.append(torch.sigmoid(member(x).float() / self.temperature))
+        return torch.stack(probs)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.logit(self.member_probabilities(x).mean(0), eps=1e-7)
+        p = self.member_probabilities(x).mean(0).clamp(1e-7, 1 - 1e-7)
+        return torch.log(p) - torch.log1p(-p)  # the logit, in ops every exporter knows

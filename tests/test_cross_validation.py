@@ -177,3 +177,99 @@ def test_cross_validation_folder_is_one_model_the_mean_of_its_folds(cv_data, tmp
 
     with pytest.raises(CheckpointError, match="cannot be read"):
         Classifier.load(out, device="cpu")
+
+
+def test_cross_validation_exports_as_one_bundle_that_equals_app_infer(cv_data, tmp_path):
+    """app.export --checkpoint CV: one bundle whose network averages the folds; under
+    `monai.bundle run` with MONAI alone (the app cannot be imported) it gives app.infer's
+    ensemble probabilities to 1e-5, and app.infer reads the bundle back as the same ensemble."""
+    import csv
+    import os
+    from pathlib import Path
+
+    from test_bundle import BLOCKER
+
+    from app.bundle.export import monai_bundle
+    from app.export import main as export_main
+    from app.infer import main as infer_main
+    from app.train import main as train_main
+
+    cv, bundle = tmp_path / "cv", tmp_path / "bundle"
+    assert (
+        train_main(
+            [
+                "--data",
+                str(cv_data),
+                "--output",
+                str(cv),
+                "--folds",
+                "2",
+                "--epochs",
+                "1",
+                "--spatial-size",
+                "48",
+                "48",
+                "48",
+                "--device",
+                "cpu",
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
+    assert export_main(["--checkpoint", str(cv), "--output", str(bundle), "--no-onnx"]) == 0
+    assert (bundle / "models" / "model.ts").is_file()  # MONAI scripted the ensemble itself
+    blocker = tmp_path / "blocker"
+    blocker.mkdir()
+    (blocker / "sitecustomize.py").write_text(BLOCKER)
+    env = {**os.environ, "PYTHONPATH": f"{blocker}{os.pathsep}{bundle}"}
+    proc = monai_bundle(
+        [
+            "run",
+            "--config_file",
+            "configs/inference.yaml",
+            "--meta_file",
+            "configs/metadata.json",
+            "--bundle_root",
+            ".",
+            "--dataset_dir",
+            str(cv_data),
+            "--output_dir",
+            str(tmp_path / "B"),
+            "--precision",
+            "fp32",
+            "--device",
+            "$torch.device('cpu')",
+        ],
+        cwd=bundle,
+        env=env,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for source, out in ((cv, "A"), (bundle, "C")):
+        assert (
+            infer_main(
+                [
+                    str(cv_data),
+                    "--checkpoint",
+                    str(source),
+                    "--output",
+                    str(tmp_path / out),
+                    "--precision",
+                    "fp32",
+                    "--device",
+                    "cpu",
+                    "--no-progress",
+                ]
+            )
+            == 0
+        )
+
+    def probabilities(folder):
+        with (folder / "predictions.csv").open() as f:
+            return {Path(r["path"]).name: float(r["prob_abnormal"]) for r in csv.DictReader(f)}
+
+    ensemble = probabilities(tmp_path / "A")
+    assert len(ensemble) == 12
+    for other in (probabilities(tmp_path / "B"), probabilities(tmp_path / "C")):
+        assert other.keys() == ensemble.keys()
+        assert max(abs(other[k] - ensemble[k]) for k in ensemble) <= 1e-5

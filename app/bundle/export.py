@@ -3,6 +3,7 @@ not (``python -m app.export`` is its command line)."""
 
 from __future__ import annotations
 
+import copy
 import json
 import shutil
 import subprocess
@@ -57,6 +58,13 @@ def bundle_inference_config(
     for key in (*MODEL_SETTINGS, "threshold", "class_names"):
         if key in plain and key in merged:
             merged[key] = plain[key]
+    if plain.get("ensemble"):  # K copies of the network, their calibrated probabilities averaged
+        single = merged["network_def"]
+        merged["network_def"] = {
+            "_target_": "nets.ensemble.MeanProbabilityEnsemble",
+            "members": [copy.deepcopy(single) for _ in range(int(plain["ensemble"]["members"]))],
+            "temperature": plain["ensemble"]["temperature"],
+        }
     merged = _retarget(merged)
     # literal copy for readers that must not evaluate the bundle (app.infer --checkpoint BUNDLE)
     merged["run_settings"] = plain
@@ -138,17 +146,22 @@ def export_bundle(
     Built beside the target (``OUTPUT.partial``) and renamed into place at the end: a kill or an
     error leaves the previous bundle (or nothing), never a partial bundle under the final name.
     """
-    from app.inference.classifier import Classifier, resolve_checkpoint
+    from app.inference.classifier import CV_CALIBRATION, Classifier, resolve_checkpoint
     from app.run_folder import read_metrics
 
     final = Path(output)
     _check_target(final, overwrite)
     work = final.with_name(final.name + ".partial")
     shutil.rmtree(work, ignore_errors=True)
-    source = resolve_checkpoint(checkpoint)
-    clf = Classifier.load(source, device="cpu")
+    if (Path(checkpoint) / CV_CALIBRATION).is_file():  # a cross-validation folder: its ensemble
+        source = Path(checkpoint) / CV_CALIBRATION
+        clf = Classifier.load(checkpoint, device="cpu")
+        metrics: list[dict[str, Any]] = []
+    else:
+        source = resolve_checkpoint(checkpoint)
+        clf = Classifier.load(source, device="cpu")
+        metrics = read_metrics(source.parent / "metrics.csv")
     settings = {**clf.settings, "threshold": clf.threshold, "class_names": clf.class_names}
-    metrics = read_metrics(source.parent / "metrics.csv")
     _write_code(work)
     _write_configs_and_docs(work, settings, metrics, source)
     _write_models(work, clf.network.cpu().eval(), settings, onnx=onnx)

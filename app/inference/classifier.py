@@ -392,7 +392,6 @@ class Classifier:
     ) -> Classifier:
         """Rebuild the model from a checkpoint file, run folder, exported bundle, or the newest run."""
         import transforms  # noqa: F401  (quiets MONAI's optional-decoder notices)
-        from app.config import load_config
 
         if checkpoint is not None and (Path(checkpoint) / CV_CALIBRATION).is_file():
             return cls.load_ensemble(Path(checkpoint), device, threshold, limits, precision)
@@ -402,10 +401,7 @@ class Classifier:
             found = validation_of(path)
             if found:
                 settings["validation"] = found
-        overrides = {k: settings[k] for k in MODEL_SETTINGS}
-        network = load_config("inference.yaml", overrides=overrides).get_parsed_content(
-            "network_def"
-        )
+        network = build_network(settings)
         state = {k.removeprefix("module."): v for k, v in state.items()}
         try:
             network.load_state_dict(state, strict=True)
@@ -467,6 +463,7 @@ class Classifier:
         if summary:
             settings["validation"] = summary
         settings["threshold"] = chosen
+        settings["ensemble"] = {"members": len(members), "temperature": temperature}
         ensemble = MeanProbabilityEnsemble(members, temperature)
         return cls(ensemble, settings, pick_device(device), threshold, limits, folder, precision)
 
@@ -562,6 +559,24 @@ class Classifier:
         heat = heat[0, 0].detach().cpu().numpy()
         span = float(heat.max() - heat.min())
         return (heat - heat.min()) / span if span > 0 else np.zeros_like(heat)
+
+
+def build_network(settings: dict[str, Any]) -> torch.nn.Module:
+    """The network its settings describe: inference.yaml's ``network_def`` with the model's
+    settings, or, with ``ensemble``, that many of them averaged (an exported CV ensemble)."""
+    from app.config import load_config
+    from nets.ensemble import MeanProbabilityEnsemble
+
+    overrides = {k: settings[k] for k in MODEL_SETTINGS}
+
+    def one() -> torch.nn.Module:
+        return load_config("inference.yaml", overrides=overrides).get_parsed_content("network_def")
+
+    ensemble = settings.get("ensemble")
+    if not ensemble:
+        return one()
+    members = [one() for _ in range(int(ensemble["members"]))]
+    return MeanProbabilityEnsemble(members, float(ensemble["temperature"]))
 
 
 def _cv_means(folder: Path) -> dict[str, Any] | None:
