@@ -32,8 +32,9 @@ def plot_curves(rows: Sequence[Mapping[str, Any]], path: str | Path) -> None:
     from matplotlib.ticker import MaxNLocator
 
     epochs = [int(r["epoch"]) for r in rows]
-    validated = [r for r in rows if r.get("val_acc") is not None]
-    kept = max(validated, key=lambda r: (r["val_acc"], -int(r["epoch"]))) if validated else None
+    from app.run_folder import kept_row
+
+    kept = kept_row(rows)
     fig, axes = plt.subplots(1, 3, figsize=(16, 4))
     panels = (
         ("Model accuracy", (("train_acc", "train"), ("val_acc", "val"))),
@@ -122,14 +123,16 @@ def plot_montage(
 def plot_cv_curves(folds: Sequence[Sequence[Mapping[str, Any]]], path: str | Path) -> None:
     """Cross-validation: each fold's validation ROC-AUC and accuracy per epoch, overlaid, the
     kept epoch (best validation accuracy) marked."""
+    from app.run_folder import kept_row
+
     plt = _pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharex=True)
     for k, rows in enumerate(folds):
         rows = [r for r in rows if r.get("val_acc") is not None]
-        if not rows:
+        kept = kept_row(rows)
+        if kept is None:
             continue
         epochs = [r["epoch"] for r in rows]
-        kept = max(rows, key=lambda r: (r["val_acc"], -r["epoch"]))
         for ax, key in zip(axes, ("val_auc", "val_acc"), strict=True):
             values = [r.get(key) for r in rows]
             (line,) = ax.plot(epochs, values, marker=".", label=f"fold {k}")

@@ -7,7 +7,7 @@ from __future__ import annotations
 import csv
 import fnmatch
 import shutil
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -73,6 +73,13 @@ def check_own_folder(folder: Path, kind: str) -> None:
             f"--overwrite: {folder} does not look like a {kind} folder written by ctclassify "
             f"({what}); nothing was removed: choose another --output or remove it yourself"
         )
+
+
+def kept_row(rows: Sequence[Mapping[str, Any]]) -> Mapping[str, Any] | None:
+    """The epoch ``best_model.pt`` holds: the first with the best validation accuracy (None
+    when no epoch was validated)."""
+    validated = [r for r in rows if r.get("val_acc") is not None]
+    return max(validated, key=lambda r: (r["val_acc"], -int(r["epoch"]))) if validated else None
 
 
 def read_metrics(path: str | Path) -> list[dict[str, Any]]:

@@ -184,8 +184,9 @@ def main(argv: list[str] | None = None) -> int:
     if result.already_finished:
         print(f"{result.run_dir} is already finished: {result.already_finished}. Nothing changed.")
         return 0
-    validated = [r for r in result.metrics if r.get("val_acc") is not None]
-    kept = max(validated, key=lambda r: (r["val_acc"], -r["epoch"])) if validated else None
+    from app.run_folder import kept_row
+
+    kept = kept_row(result.metrics)
     if kept is not None:
         figures = ", ".join(
             f"{name} {kept[key]:.3f}"

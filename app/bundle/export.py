@@ -74,8 +74,10 @@ def bundle_inference_config(
 def _metadata(settings: dict[str, Any], metrics: list[dict[str, Any]]) -> dict[str, Any]:
     meta = json.loads((CONFIG_DIR / "metadata.json").read_text())
     meta["network_data_format"]["inputs"]["image"]["spatial_shape"] = list(settings["spatial_size"])
-    if metrics:
-        best = max((r for r in metrics if r.get("val_acc") is not None), key=lambda r: r["val_acc"])
+    from app.run_folder import kept_row
+
+    best = kept_row(metrics)
+    if best is not None:
         meta["eval_metrics"] = {
             "val_accuracy": best["val_acc"],
             "val_roc_auc": best.get("val_auc"),

@@ -16,7 +16,7 @@ import os
 import tempfile
 import time
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -152,22 +152,20 @@ def validation_of(checkpoint: Path) -> dict[str, Any] | None:
     """The validation metrics of a run folder's checkpoint, from the ``metrics.csv`` beside it:
     the first best validation accuracy for ``best_model.pt`` (the epoch it was saved at), that
     epoch's row for ``last_checkpoint_epoch=N.pt``."""
-    from app.run_folder import read_metrics
+    from app.run_folder import kept_row, read_metrics
 
     try:
         rows = [r for r in read_metrics(checkpoint.parent / "metrics.csv") if r.get("val_acc")]
     except (OSError, ValueError, KeyError):
         return None
-    if not rows:
-        return None
-    row: dict[str, Any] | None
+    row: Mapping[str, Any] | None
     if checkpoint.name == BEST_MODEL:
-        row = max(rows, key=lambda r: (r["val_acc"], -r["epoch"]))
+        row = kept_row(rows)
     else:
         epoch = checkpoint.stem.rsplit("=", 1)[-1]
         row = next((r for r in rows if str(r["epoch"]) == epoch), None)
-        if row is None:
-            return None
+    if row is None:
+        return None
     keys = ("val_acc", "val_auc", "val_sensitivity", "val_specificity", "val_loss")
     return {"epoch": int(row["epoch"]), **{k: row[k] for k in keys if row.get(k) is not None}}
 

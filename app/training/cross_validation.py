@@ -99,12 +99,11 @@ def _finished(run: Path) -> bool:
 
 def _kept_epoch(run: Path) -> dict[str, Any]:
     """The epoch ``best_model.pt`` holds: the first with the best validation accuracy."""
-    from app.run_folder import read_metrics
+    from app.run_folder import kept_row, read_metrics
 
-    rows = [r for r in read_metrics(run / "metrics.csv") if r.get("val_acc") is not None]
-    if not rows:
+    best = kept_row(read_metrics(run / "metrics.csv"))
+    if best is None:
         raise DataError(f"{run} has no validated epoch")
-    best = max(rows, key=lambda r: (r["val_acc"], -r["epoch"]))
     return {"epoch": best["epoch"], **{k: best.get(k) for k in SUMMARY_METRICS}}
 
 
