@@ -13,8 +13,9 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from app.cli import (
     add_device_option,
@@ -150,6 +151,25 @@ def overrides_from_args(args: argparse.Namespace) -> dict[str, Any]:
     return out
 
 
+T = TypeVar("T")
+
+
+def _attempt(call: Callable[[], T], stopped_hint: str = "") -> tuple[T | None, int]:
+    """``(result, 0)``, or ``(None, exit status)`` with the error printed: 2 for bad settings or
+    data, 130 for a signal, 1 for any other error of the app."""
+    try:
+        return call(), 0
+    except (ConfigError, DataError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return None, 2
+    except Interrupted as exc:
+        print(f"stopped: {exc}{stopped_hint}", file=sys.stderr)
+        return None, 130
+    except CTClassifyError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return None, 1
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.resume and args.output is None:
@@ -157,26 +177,19 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if args.folds is not None or args.fold is not None:
         return _cross_validate(args)
-    try:
-        overrides = overrides_from_args(args)
-        result = train(
+    result, code = _attempt(
+        lambda: train(
             args.data,
             args.output,
             demo=args.demo,
             resume=args.resume,
             overwrite=args.overwrite,
-            overrides=overrides,
+            overrides=overrides_from_args(args),
             recipe=args.recipe,
         )
-    except (ConfigError, DataError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except Interrupted as exc:
-        print(f"stopped: {exc}", file=sys.stderr)
-        return 130
-    except CTClassifyError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
+    )
+    if result is None:
+        return code
     from app.training.distributed import rank
 
     if rank() != 0:
@@ -209,8 +222,8 @@ def _cross_validate(args: argparse.Namespace) -> int:
     if args.folds is None or args.output is None:
         print("error: cross-validation needs --folds K and --output CV_DIR", file=sys.stderr)
         return 2
-    try:
-        result = cross_validate(
+    result, code = _attempt(
+        lambda: cross_validate(
             args.data,
             args.output,
             args.folds,
@@ -220,16 +233,11 @@ def _cross_validate(args: argparse.Namespace) -> int:
             overrides=overrides_from_args(args),
             target_sensitivity=args.target_sensitivity,
             recipe=args.recipe,
-        )
-    except (ConfigError, DataError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except Interrupted as exc:
-        print(f"stopped: {exc}; continue with the same command", file=sys.stderr)
-        return 130
-    except CTClassifyError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
+        ),
+        stopped_hint="; continue with the same command",
+    )
+    if result is None:
+        return code
     if result.summary is None:
         from app.run_folder import BEST_MODEL
 
