@@ -98,13 +98,16 @@ class ConvBlock3D(nn.Sequential):
         )
 
     @torch.jit.unused
+    def _needs_grad(self, x: torch.Tensor) -> bool:
+        """Whether this forward pass builds a graph (training, or gradients for saliency)."""
+        return torch.is_grad_enabled() and (x.requires_grad or self.conv.weight.requires_grad)
+
+    @torch.jit.unused
     def _pool_pairwise(self, x: torch.Tensor) -> bool:
         """Inference on the CPU: pool by pairwise maxima (``max_pool_2x``)."""
         return (
             x.device.type == "cpu"
-            and not (
-                torch.is_grad_enabled() and (x.requires_grad or self.conv.weight.requires_grad)
-            )
+            and not self._needs_grad(x)
             and not torch.jit.is_tracing()
             and not torch.compiler.is_compiling()
         )
@@ -115,7 +118,7 @@ class ConvBlock3D(nn.Sequential):
         pooled_depth = (depth - 2) // 2
         row_bytes = n * self.conv.out_channels * 2 * (height - 2) * (width - 2) * 4
         rows = max(1, min(pooled_depth, self.slab_bytes // row_bytes))
-        train = torch.is_grad_enabled() and (x.requires_grad or self.conv.weight.requires_grad)
+        train = self._needs_grad(x)
         if not train:  # each slab's pooled planes written straight into the output
             out: torch.Tensor | None = None
             for start in range(0, pooled_depth, rows):

@@ -423,7 +423,6 @@ class Classifier:
         same scale), unless ``threshold`` is given."""
         import json
 
-        from app.config import load_config
         from nets.ensemble import MeanProbabilityEnsemble
 
         try:
@@ -445,12 +444,11 @@ class Classifier:
         members, settings = [], None
         for run in folds:
             state, fold_settings = load_checkpoint(run / BEST_MODEL)
-            model = {k: fold_settings[k] for k in MODEL_SETTINGS}
             if settings is None:
                 settings = fold_settings
-            elif model != {k: settings[k] for k in MODEL_SETTINGS}:
+            elif any(fold_settings[k] != settings[k] for k in MODEL_SETTINGS):
                 raise CheckpointError(f"{run}: its model settings differ from fold-0's")
-            net = load_config("inference.yaml", overrides=model).get_parsed_content("network_def")
+            net = build_network(fold_settings)
             try:
                 net.load_state_dict({k.removeprefix("module."): v for k, v in state.items()})
             except RuntimeError as exc:
