@@ -29,7 +29,12 @@ MODEL_SETTINGS = (
     "dropout",
     "bn_eps",
     "bn_momentum",
+    "norm",
 )
+
+#: model settings that checkpoints written before the setting existed lack: their value then
+#: (the network those checkpoints hold)
+MODEL_DEFAULTS = {"norm": "batch"}
 
 #: prefixes MONAI's config parser acts on: expression, reference, macro
 CONFIG_SYNTAX = ("$", "@", "%")
@@ -139,6 +144,14 @@ def _axcodes(value: Any) -> str:
     return letters
 
 
+def _norm(value: Any) -> str:
+    from nets.cnn3d import NORMS
+
+    if value not in NORMS:
+        raise ValueError(f"one of {', '.join(NORMS)}, got {value!r}"[:200])
+    return str(value)
+
+
 def _name(value: Any) -> str:
     if not isinstance(value, str) or not _NAME.match(value):
         raise ValueError(f"a short name of letters, digits, space, '_.+-', got {value!r}"[:200])
@@ -231,6 +244,7 @@ FIELDS: dict[str, Callable[[Any], Any]] = {
     "dropout": _float(0.0, 1.0, open_high=True),
     "bn_eps": _float(0.0, 1.0, open_low=True),
     "bn_momentum": _float(0.0, 1.0),
+    "norm": _norm,
     "threshold": _float(0.0, 1.0),
     "class_names": _class_names,
     "seed": _int(-(2**63), 2**63 - 1),
@@ -260,6 +274,7 @@ def validate_settings(
             f"{source}: field {found} holds config syntax ('$' expression, '@' reference, '%' "
             "macro or '_target_'); settings are data and are never evaluated: refused"
         )
+    settings = {**{k: v for k, v in MODEL_DEFAULTS.items() if k in required}, **settings}
     missing = [k for k in required if k not in settings]
     if missing:
         raise SettingsError(f"{source}: run settings lack {', '.join(missing)}")

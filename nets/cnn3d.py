@@ -36,6 +36,27 @@ def max_pool_2x(x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tenso
     return x
 
 
+#: normalisations a block can end with: the reference's BatchNorm, or two that do not depend on
+#: the batch (GroupNorm of up to 8 groups, InstanceNorm with learned scale and shift)
+NORMS = ("batch", "group", "instance")
+
+
+def make_norm(norm: str, channels: int, eps: float, momentum: float) -> nn.Module:
+    """The normalisation layer ``norm`` (one of :data:`NORMS`) over ``channels``.
+
+    ``group`` splits the channels into 8 groups where they divide by 8 (else 4, 2, 1); ``eps``
+    is every layer's epsilon, ``momentum`` the BatchNorm moving average's (unused by the others).
+    """
+    if norm == "batch":
+        return nn.BatchNorm3d(channels, eps=eps, momentum=momentum)
+    if norm == "group":
+        groups = next(g for g in (8, 4, 2, 1) if channels % g == 0)
+        return nn.GroupNorm(groups, channels, eps=eps)
+    if norm == "instance":
+        return nn.InstanceNorm3d(channels, eps=eps, affine=True)
+    raise ValueError(f"norm must be one of {', '.join(NORMS)}, got {norm!r}")
+
+
 class ConvBlock3D(nn.Sequential):
     """Conv3D (kernel 3, valid) -> ReLU -> MaxPool3D(2) -> BatchNorm, as the reference stacks them.
 
@@ -57,6 +78,7 @@ class ConvBlock3D(nn.Sequential):
         bn_momentum: BatchNorm momentum in PyTorch terms (Keras' moving average 0.99 is 0.01).
         slab_bytes: size of the convolution output computed at once by the CPU slab path (0 turns
             the slab path off).
+        norm: the block's normalisation, one of :data:`NORMS` (``batch``: the reference's).
     """
 
     #: blocks with at most this many input channels take the slab path on the CPU
@@ -69,12 +91,14 @@ class ConvBlock3D(nn.Sequential):
         bn_eps: float = 1e-3,
         bn_momentum: float = 0.01,
         slab_bytes: int = 16 * 2**20,
+        norm: str = "batch",
     ) -> None:
         super().__init__()
         self.conv = nn.Conv3d(in_channels, out_channels, kernel_size=3)
         self.pool = nn.MaxPool3d(2)
         self.act = nn.ReLU(inplace=True)
-        self.bn = nn.BatchNorm3d(out_channels, eps=bn_eps, momentum=bn_momentum)
+        # named bn whatever the kind: state dicts keep the reference's keys
+        self.bn = make_norm(norm, out_channels, bn_eps, bn_momentum)
         self.slab_bytes = slab_bytes
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -180,6 +204,8 @@ class CNN3D(nn.Module):
         dropout: dropout rate before the output layer.
         bn_eps: BatchNorm epsilon (Keras default 1e-3).
         bn_momentum: BatchNorm momentum in PyTorch terms (Keras' 0.99 moving average is 0.01).
+        norm: the blocks' normalisation, one of :data:`NORMS`; ``batch`` is the reference's,
+            ``group`` and ``instance`` do not depend on the batch (small batches, one scan).
 
     Example:
         >>> net = CNN3D()
@@ -195,12 +221,15 @@ class CNN3D(nn.Module):
         dropout: float = 0.3,
         bn_eps: float = 1e-3,
         bn_momentum: float = 0.01,
+        norm: str = "batch",
     ) -> None:
         super().__init__()
+        if norm not in NORMS:
+            raise ValueError(f"norm must be one of {', '.join(NORMS)}, got {norm!r}")
         channels = [in_channels, *filters]
         self.features = nn.Sequential(
             *(
-                ConvBlock3D(c_in, c_out, bn_eps=bn_eps, bn_momentum=bn_momentum)
+                ConvBlock3D(c_in, c_out, bn_eps=bn_eps, bn_momentum=bn_momentum, norm=norm)
                 for c_in, c_out in zip(channels[:-1], channels[1:], strict=True)
             )
         )

@@ -76,7 +76,34 @@ class RandDiscreteAxialRotated(RandomizableTransform, MapTransform):
         return d
 
 
-class BatchAxialRotation:
+class DeviceGenerators:
+    """Seeded random generators, one per device, so a batch is augmented where it is (the GPU)
+    without a host-device copy or synchronisation; reseeded together by ``set_random_state``
+    (MONAI's ``Randomizable`` interface, which ``EpochSeeder`` calls every epoch).
+
+    Args:
+        seed: seed of every generator.
+    """
+
+    def __init__(self, seed: int = 0) -> None:
+        self.seed = int(seed)
+        self._generators: dict[torch.device, torch.Generator] = {}
+
+    def set_random_state(self, seed: int | None = None, state: Any = None) -> DeviceGenerators:
+        self.seed = int(seed or 0) % 2**63
+        for generator in self._generators.values():
+            generator.manual_seed(self.seed)
+        return self
+
+    def generator_on(self, device: torch.device) -> torch.Generator:
+        """The generator on ``device`` (the CPU's draws are the same on every machine)."""
+        device = torch.device("cpu") if device.type == "cpu" else device
+        if device not in self._generators:
+            self._generators[device] = torch.Generator(device=device).manual_seed(self.seed)
+        return self._generators[device]
+
+
+class BatchAxialRotation(DeviceGenerators):
     """The reference's random axial rotation for a whole batch at once, on the batch's device.
 
     One angle is drawn per scan from ``angles_deg``; all scans of the batch are resampled by one
@@ -110,33 +137,16 @@ class BatchAxialRotation:
         self.clip_range = (
             None if clip_range is None else (float(clip_range[0]), float(clip_range[1]))
         )
-        self.seed = int(seed)
-        self.generator = torch.Generator().manual_seed(self.seed)
-        # per device: the angle table and a generator there, so a GPU batch is rotated without
-        # any host-device copy or synchronisation
-        self._on_device: dict[torch.device, tuple[torch.Tensor, torch.Generator]] = {}
-
-    def set_random_state(self, seed: int | None = None, state: Any = None) -> BatchAxialRotation:
-        """Reseed the angle generators (MONAI's ``Randomizable`` interface, for ``EpochSeeder``)."""
-        self.seed = int(seed or 0) % 2**63
-        self.generator.manual_seed(self.seed)
-        for _, generator in self._on_device.values():
-            generator.manual_seed(self.seed)
-        return self
-
-    def _tables(self, device: torch.device) -> tuple[torch.Tensor, torch.Generator]:
-        device = torch.device(device)
-        if device.type == "cpu":
-            return self.angles_deg, self.generator
-        if device not in self._on_device:
-            generator = torch.Generator(device=device).manual_seed(self.seed)
-            self._on_device[device] = (self.angles_deg.to(device), generator)
-        return self._on_device[device]
+        DeviceGenerators.__init__(self, seed)
+        self._tables: dict[torch.device, torch.Tensor] = {}  # the angles, copied once per device
 
     def draw(self, batch_size: int, device: torch.device | str = "cpu") -> torch.Tensor:
         """Angles in degrees for ``batch_size`` scans (0 where a scan is not rotated), drawn on
         ``device`` by a generator there (the CPU's draws are the same on every machine)."""
-        table, generator = self._tables(torch.device(device))
+        generator = self.generator_on(torch.device(device))
+        if generator.device not in self._tables:
+            self._tables[generator.device] = self.angles_deg.to(generator.device)
+        table = self._tables[generator.device]
         pick = torch.randint(len(table), (batch_size,), generator=generator, device=table.device)
         angles = table[pick]
         if self.prob < 1.0:
@@ -179,3 +189,98 @@ class BatchAxialRotation:
 
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
         return self.rotate(images, self.draw(images.shape[0], images.device))
+
+
+class BatchAugmentation(DeviceGenerators):
+    """Augmentation beyond the reference's rotation, for a whole batch on its device.
+
+    Each scan of a (batch, channel, x, y, z) batch of [0, 1] intensities gets, independently:
+    a left-right flip (x axis) with probability ``flip_prob``; a zoom about the volume centre by
+    a factor drawn from [1 - ``scale``, 1 + ``scale``] (trilinear, zero padding, shape kept);
+    its contrast about its mean multiplied by a factor from [1 - ``contrast``, 1 + ``contrast``];
+    a shift of ``intensity_shift`` at most added; then clipped to ``clip_range``. A zero turns a
+    step off; with all of them zero the batch is returned as it came. Draws come from a seeded
+    generator on the batch's device (no host copy), reseeded by ``set_random_state``.
+
+    Args:
+        flip_prob: probability of flipping a scan left-right.
+        scale: largest relative zoom (0.1: 0.9x to 1.1x).
+        contrast: largest relative change of contrast about the scan's mean.
+        intensity_shift: largest shift added to every voxel (intensities are in [0, 1]).
+        clip_range: range to clip the result to; ``None`` leaves it unclipped.
+        seed: seed of the generators.
+
+    Example:
+        >>> augment = BatchAugmentation(flip_prob=0.5, contrast=0.1, seed=0)
+        >>> augment(torch.rand(2, 1, 32, 32, 16)).shape
+        torch.Size([2, 1, 32, 32, 16])
+    """
+
+    def __init__(
+        self,
+        flip_prob: float = 0.0,
+        scale: float = 0.0,
+        contrast: float = 0.0,
+        intensity_shift: float = 0.0,
+        clip_range: Sequence[float] | None = (0.0, 1.0),
+        seed: int = 0,
+    ) -> None:
+        for name, value, high in (
+            ("flip_prob", flip_prob, 1.0),
+            ("scale", scale, 0.5),
+            ("contrast", contrast, 1.0),
+            ("intensity_shift", intensity_shift, 1.0),
+        ):
+            if not 0.0 <= float(value) <= high:
+                raise ValueError(f"{name} must be in [0, {high}], got {value!r}")
+        self.flip_prob = float(flip_prob)
+        self.scale = float(scale)
+        self.contrast = float(contrast)
+        self.intensity_shift = float(intensity_shift)
+        self.clip_range = (
+            None if clip_range is None else (float(clip_range[0]), float(clip_range[1]))
+        )
+        DeviceGenerators.__init__(self, seed)
+
+    @property
+    def active(self) -> bool:
+        """Whether any step is on."""
+        return any((self.flip_prob, self.scale, self.contrast, self.intensity_shift))
+
+    def _uniform(self, n: int, half_width: float, generator: torch.Generator) -> torch.Tensor:
+        """``n`` draws from [-half_width, half_width] on the generator's device."""
+        u = torch.rand(n, generator=generator, device=generator.device, dtype=torch.float32)
+        return (2.0 * u - 1.0) * half_width
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        if images.dim() != 5:
+            raise ValueError(f"expected a (batch, channel, x, y, z) batch, got {images.dim()} dims")
+        if not self.active:
+            return images
+        generator = self.generator_on(images.device)
+        n = images.shape[0]
+        out = images if images.is_floating_point() else images.float()
+        shape = (n, 1, 1, 1, 1)
+        if self.flip_prob > 0:
+            flip = torch.rand(n, generator=generator, device=generator.device) < self.flip_prob
+            out = torch.where(flip.view(shape), out.flip(2), out)
+        if self.scale > 0:
+            zoom = 1.0 + self._uniform(n, self.scale, generator)
+            # affine_grid maps output to input coordinates: a zoom by f samples at 1/f
+            theta = torch.zeros(n, 3, 4, device=out.device, dtype=torch.float32)
+            theta[:, [0, 1, 2], [0, 1, 2]] = (1.0 / zoom).view(n, 1)
+            grid = torch.nn.functional.affine_grid(
+                theta.to(out.dtype), list(out.shape), align_corners=False
+            )
+            out = torch.nn.functional.grid_sample(
+                out, grid, mode="bilinear", padding_mode="zeros", align_corners=False
+            )
+        if self.contrast > 0:
+            factor = (1.0 + self._uniform(n, self.contrast, generator)).view(shape).to(out.dtype)
+            mean = out.mean(dim=(1, 2, 3, 4), keepdim=True)
+            out = (out - mean) * factor + mean
+        if self.intensity_shift > 0:
+            out = out + self._uniform(n, self.intensity_shift, generator).view(shape).to(out.dtype)
+        if self.clip_range is not None:
+            out = out.clamp(*self.clip_range)
+        return out
