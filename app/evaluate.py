@@ -9,6 +9,11 @@ data and date), predictions.csv, roc.png (with the operating point), calibration
 (reliability diagram), confusion.png and report.html (one self-contained page). Scans that
 cannot be read are listed with their error and left out of the metrics (exit status 1).
 
+A cross-validation folder (``app.train --folds K``) is evaluated as the ensemble it is, and as
+its parts: each fold model's ROC-AUC with its CI, Brier score and ECE, and the ensemble's NLL,
+Brier score and ECE before and after the temperature fitted out of fold (``folds`` and
+``calibration`` in metrics.json; ``prob_fold_K`` columns in predictions.csv).
+
 From Python: ``app.evaluate.evaluate(...)`` returns an :class:`Evaluation`; its ``table()`` is a
 list of rows for ``pandas.DataFrame``.
 """
@@ -22,7 +27,7 @@ import io
 import json
 import math
 import sys
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, cast
 
@@ -30,7 +35,7 @@ import numpy as np
 
 from app.cli import add_device_option, add_precision_option, add_progress_option, show_progress
 from app.errors import CTClassifyError
-from app.evaluation.metrics import BinaryMetrics, binary_metrics
+from app.evaluation.metrics import BinaryMetrics, Estimate, binary_metrics, ensemble_figures
 
 __all__ = ["Evaluation", "build_parser", "evaluate", "main"]
 
@@ -59,10 +64,42 @@ class Evaluation:
     date: str
     failed: int = 0
     files: dict[str, Path] = field(default_factory=dict)
+    #: a cross-validation ensemble's fold models: ``{"fold", "roc_auc": Estimate, "brier",
+    #: "ece"}`` each (empty for one model)
+    folds: list[dict[str, Any]] = field(default_factory=list)
+    #: an ensemble's ``{"temperature", "before": {nll, brier, ece}, "after": {...}}``
+    calibration: dict[str, Any] | None = None
 
     def table(self) -> list[dict[str, Any]]:
-        """One row per metric (value, CI, method): ``pandas.DataFrame(evaluation.table())``."""
-        return self.metrics.rows()
+        """One row per metric (value, CI, method): ``pandas.DataFrame(evaluation.table())``.
+        An ensemble adds ``fold K roc_auc`` rows, and ``nll``, ``brier`` and ``ece`` ``before
+        temperature`` and ``after temperature``."""
+        rows = self.metrics.rows()
+        nan = math.nan
+        for f in self.folds:
+            e: Estimate = f["roc_auc"]
+            rows.append(
+                {
+                    "metric": f"fold {f['fold']} roc_auc",
+                    "value": e.value,
+                    "ci_low": e.low,
+                    "ci_high": e.high,
+                    "method": e.method,
+                }
+            )
+        if self.calibration:
+            for when in ("before", "after"):
+                for name, value in self.calibration[when].items():
+                    rows.append(
+                        {
+                            "metric": f"{name} {when} temperature",
+                            "value": value,
+                            "ci_low": nan,
+                            "ci_high": nan,
+                            "method": f"temperature {self.calibration['temperature']:.3g}",
+                        }
+                    )
+        return rows
 
     def summary(self) -> dict[str, Any]:
         """What metrics.json holds."""
@@ -72,6 +109,8 @@ class Evaluation:
             "date": self.date,
             "failed": self.failed,
             "metrics": {**self.metrics.as_dict(), "rows": self.metrics.rows()},
+            "folds": [{**f, "roc_auc": asdict(f["roc_auc"])} for f in self.folds],
+            "calibration": self.calibration,
         }
 
 
@@ -124,8 +163,20 @@ def evaluate(
         n_resamples=n_resamples,
         seed=seed,
     )
+    folds: list[dict[str, Any]] = []
+    calibration = None
+    if clf.folds:  # a cross-validation ensemble: its members and its calibration too
+        folds, calibration = ensemble_figures(
+            np.array([[float(r[f"prob_fold_{k}"]) for k in range(clf.folds)] for r in ok]),
+            np.array([int(r["label"]) for r in ok]),
+            temperature=float(clf.settings["ensemble"]["temperature"]),
+            n_resamples=n_resamples,
+            seed=seed,
+        )
     result = Evaluation(
         metrics=metrics,
+        folds=folds,
+        calibration=calibration,
         predictions=rows,
         model={**clf.identity(), "description": clf.describe(), "precision": clf.precision},
         data=str(data),
@@ -158,17 +209,18 @@ def _classify(
         ):
             ok = pred.prob_abnormal is not None
             predicted = int(pred.prob_abnormal >= clf.threshold) if ok else ""
-            rows.append(
-                {
-                    "path": path,
-                    "label": label,
-                    "label_name": names[label],
-                    "prob_abnormal": pred.prob_abnormal if ok else "",
-                    "predicted": predicted,
-                    "predicted_name": names[predicted] if ok else "",
-                    "error": pred.error or "",
-                }
-            )
+            row = {
+                "path": path,
+                "label": label,
+                "label_name": names[label],
+                "prob_abnormal": pred.prob_abnormal if ok else "",
+                "predicted": predicted,
+                "predicted_name": names[predicted] if ok else "",
+                "error": pred.error or "",
+            }
+            for k in range(clf.folds):  # an ensemble: each fold model's (scaled) probability
+                row[f"prob_fold_{k}"] = pred.fold_probs[k] if ok and pred.fold_probs else ""
+            rows.append(row)
             bar.update(1)
     return rows
 
@@ -255,7 +307,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     for row in result.table():
         ci = "" if math.isnan(row["ci_low"]) else f" ({row['ci_low']:.3f}-{row['ci_high']:.3f})"
-        print(f"  {row['metric']:<12} {row['value']:.3f}{ci}")
+        print(f"  {row['metric']:<24} {row['value']:.3f}{ci}")
     print(f"report: {result.files['report.html']}")
     return 1 if result.failed else 0
 

@@ -34,7 +34,6 @@ CHOICES: dict[str, tuple[str, list[str]]] = {
     ),
     "scale": ("+ zoom 0.9x-1.1x", ["scale_range=0.1"]),
     "group-norm": ("GroupNorm (8 groups) instead of BatchNorm", ["norm=group"]),
-    "instance-norm": ("InstanceNorm instead of BatchNorm", ["norm=instance"]),
     "cosine": ("cosine learning-rate schedule", ["lr_schedule=cosine"]),
     "lr-1e-3": ("learning rate 1e-3", ["learning_rate=0.001"]),
     "quarter-width": (

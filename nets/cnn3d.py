@@ -36,24 +36,25 @@ def max_pool_2x(x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tenso
     return x
 
 
-#: normalisations a block can end with: the reference's BatchNorm, or two that do not depend on
-#: the batch (GroupNorm of up to 8 groups, InstanceNorm with learned scale and shift)
-NORMS = ("batch", "group", "instance")
+#: normalisations a block can end with: the reference's BatchNorm, or GroupNorm, which does not
+#: depend on the batch. (InstanceNorm is not offered: at the smallest inputs the last block's
+#: output is one voxel per channel, which it cannot normalise.)
+NORMS = ("batch", "group")
 
 
 def make_norm(norm: str, channels: int, eps: float, momentum: float) -> nn.Module:
     """The normalisation layer ``norm`` (one of :data:`NORMS`) over ``channels``.
 
-    ``group`` splits the channels into 8 groups where they divide by 8 (else 4, 2, 1); ``eps``
-    is every layer's epsilon, ``momentum`` the BatchNorm moving average's (unused by the others).
+    ``group`` splits the channels into 8 groups where they divide by 8 (else 4, 2, 1), of at
+    least 2 channels each (a group must hold 2 values even where the last block's output is one
+    voxel); ``eps`` is every layer's epsilon, ``momentum`` the BatchNorm moving average's
+    (unused by GroupNorm).
     """
     if norm == "batch":
         return nn.BatchNorm3d(channels, eps=eps, momentum=momentum)
     if norm == "group":
-        groups = next(g for g in (8, 4, 2, 1) if channels % g == 0)
+        groups = next(g for g in (8, 4, 2, 1) if channels % g == 0 and channels >= 2 * g)
         return nn.GroupNorm(groups, channels, eps=eps)
-    if norm == "instance":
-        return nn.InstanceNorm3d(channels, eps=eps, affine=True)
     raise ValueError(f"norm must be one of {', '.join(NORMS)}, got {norm!r}")
 
 
@@ -205,7 +206,7 @@ class CNN3D(nn.Module):
         bn_eps: BatchNorm epsilon (Keras default 1e-3).
         bn_momentum: BatchNorm momentum in PyTorch terms (Keras' 0.99 moving average is 0.01).
         norm: the blocks' normalisation, one of :data:`NORMS`; ``batch`` is the reference's,
-            ``group`` and ``instance`` do not depend on the batch (small batches, one scan).
+            ``group`` does not depend on the batch (small batches, one scan).
 
     Example:
         >>> net = CNN3D()

@@ -34,6 +34,10 @@ class MeanProbabilityEnsemble(nn.Module):
             probs.append(torch.sigmoid(member(x).float() / self.temperature))
         return torch.stack(probs)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        p = self.member_probabilities(x).mean(0).clamp(1e-7, 1 - 1e-7)
+    def combine(self, member_probs: torch.Tensor) -> torch.Tensor:
+        """The ensemble's logit from :meth:`member_probabilities`' output."""
+        p = member_probs.mean(0).clamp(1e-7, 1 - 1e-7)
         return torch.log(p) - torch.log1p(-p)  # the logit, in ops every exporter knows
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.combine(self.member_probabilities(x))

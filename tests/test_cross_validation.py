@@ -10,7 +10,8 @@ from conftest import synth_dataset
 
 from app.data.datalist import find_items, make_split
 from app.errors import DataError
-from app.training.cross_validation import choose_threshold, fit_temperature, logits_of, nll
+from app.evaluation.metrics import logits_of
+from app.training.cross_validation import choose_threshold, fit_temperature, nll
 
 
 @pytest.fixture(scope="module")
@@ -169,9 +170,23 @@ def test_cross_validation_folder_is_one_model_the_mean_of_its_folds(cv_data, tmp
         p = Classifier.load(out / f"fold-{k}", device="cpu", precision="fp32").predict(scan)
         z = math.log(p.prob_abnormal / (1 - p.prob_abnormal))
         members.append(1 / (1 + math.exp(-z / calibration["temperature"])))
-    assert ensemble.predict(scan).prob_abnormal == pytest.approx(sum(members) / 2, abs=2e-6)
+    predicted = ensemble.predict(scan)
+    assert predicted.prob_abnormal == pytest.approx(sum(members) / 2, abs=2e-6)
+    assert predicted.fold_probs == pytest.approx(members, abs=2e-6)  # each fold's, scaled
     result = evaluate(cv_data, out, tmp_path / "E", device="cpu", n_resamples=200)
     assert result.metrics.n == 12 and result.metrics.threshold == ensemble.threshold
+    _check_ensemble_evaluation(result, cv_data, out, calibration["temperature"], tmp_path / "E")
+    # app.infer: each fold's probability in predictions.json, their mean the ensemble's
+    from app.infer import main as infer_main
+
+    assert infer_main([str(cv_data), "--checkpoint", str(out), "--output", str(tmp_path / "I"),
+                       "--no-progress", "--device", "cpu", "--report"]) == 0  # fmt: skip
+    rows = json.loads((tmp_path / "I" / "predictions.json").read_text())
+    assert len(rows) == 12
+    for row in rows:
+        assert len(row["fold_probs"]) == 2
+        assert row["prob_abnormal"] == pytest.approx(sum(row["fold_probs"]) / 2, abs=2e-6)
+    assert "folds " in (tmp_path / "I" / "report.html").read_text()
     (out / "cv_calibration.json").write_text('{"temperature": "$__import__(\'os\')"}')
     from app.inference.classifier import CheckpointError
 
@@ -273,3 +288,51 @@ def test_cross_validation_exports_as_one_bundle_that_equals_app_infer(cv_data, t
     for other in (probabilities(tmp_path / "B"), probabilities(tmp_path / "C")):
         assert other.keys() == ensemble.keys()
         assert max(abs(other[k] - ensemble[k]) for k in ensemble) <= 1e-5
+
+
+def _check_ensemble_evaluation(result, data, cv_folder, temperature, out):
+    """app.evaluate on a CV folder: each fold model's ROC-AUC equals scikit-learn's on that
+    fold model run alone; 'before temperature' is the ensemble of the unscaled fold models,
+    'after' the ensemble app.evaluate reports; predictions.csv has a column per fold."""
+    import csv
+
+    from sklearn.metrics import brier_score_loss, roc_auc_score
+
+    from app.evaluation.metrics import expected_calibration_error
+    from app.inference.classifier import Classifier
+
+    items = find_items(data)
+    paths, labels = [str(i["image"]) for i in items], np.array([int(i["label"]) for i in items])
+    raw = np.array(
+        [
+            [
+                p.prob_abnormal
+                for p in Classifier.load(cv_folder / f"fold-{k}", device="cpu").predict_many(paths)
+            ]
+            for k in range(2)
+        ]
+    ).T  # (scans, folds): what each fold model says on its own
+    assert [f["fold"] for f in result.folds] == [0, 1]
+    for k, fold in enumerate(result.folds):
+        assert fold["roc_auc"].value == pytest.approx(roc_auc_score(labels, raw[:, k]), abs=1e-9)
+        assert fold["roc_auc"].low <= fold["roc_auc"].value <= fold["roc_auc"].high
+    unscaled = raw.mean(axis=1)
+    before, after = result.calibration["before"], result.calibration["after"]
+    assert result.calibration["temperature"] == pytest.approx(temperature)
+    assert before["ece"] == pytest.approx(expected_calibration_error(unscaled, labels), abs=1e-4)
+    assert before["brier"] == pytest.approx(brier_score_loss(labels, unscaled), abs=1e-5)
+    assert after["ece"] == pytest.approx(result.metrics.ece, abs=1e-5)  # 6-decimal rounding
+    assert after["brier"] == pytest.approx(result.metrics.brier, abs=1e-5)
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["calibration"]["before"]["ece"] == pytest.approx(before["ece"])
+    assert [f["roc_auc"]["value"] for f in metrics["folds"]] == [
+        f["roc_auc"].value for f in result.folds
+    ]
+    names = [r["metric"] for r in result.table()]
+    assert {"fold 0 roc_auc", "fold 1 roc_auc", "ece before temperature"} <= set(names)
+    with (out / "predictions.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    for row in rows:
+        folds = [float(row["prob_fold_0"]), float(row["prob_fold_1"])]
+        assert float(row["prob_abnormal"]) == pytest.approx(sum(folds) / 2, abs=2e-6)
+    assert "Calibration: temperature" in (out / "report.html").read_text()

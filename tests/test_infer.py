@@ -676,3 +676,46 @@ def test_prefetched_preparation_keeps_order_and_bounds_lookahead():
     next(stream)
     stream.close()
     assert len(started) <= 5  # the rest of the 50 were never read
+
+
+def test_predictions_csv_of_an_older_version_gains_the_fold_column_and_resumes(tmp_path):
+    """A predictions.csv written before the fold_probs column: reopened, it is rewritten with
+    every column (rows kept, failed ones dropped for retry) and appends whole rows."""
+    import csv
+
+    from app.bundle.portable.writer import COLUMNS, PredictionCSV, prediction_row
+
+    path = tmp_path / "predictions.csv"
+    path.write_text(
+        "path,prob_abnormal,label,warnings,error,seconds\n"
+        "a.nii.gz,0.250000,normal,,,0.100\n"
+        "b.nii.gz,,,,unreadable,0.010\n"
+    )
+    log = PredictionCSV(path, keep=lambda r: not r["error"])
+    log.append(prediction_row("c.nii.gz", 0.75, "abnormal", fold_probs=[0.7, 0.8]))
+    log.close()
+    with path.open(newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert list(rows[0]) == list(COLUMNS)
+    assert [r["path"] for r in rows] == ["a.nii.gz", "c.nii.gz"]
+    assert rows[0]["fold_probs"] == "" and rows[1]["fold_probs"] == "0.700000;0.800000"
+
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("", None),
+        ("0.5;0.25", [0.5, 0.25]),
+        ("0.5;nan", None),
+        ("0.5;1.5", None),
+        ("-0.1", None),
+        ("0.5;x", None),
+        ("__import__('os')", None),
+        (";".join(["0.5"] * 101), None),
+        ("inf", None),
+    ],
+)
+def test_fold_probabilities_read_back_from_a_file_are_checked_data(text, expected):
+    from app.bundle.portable.writer import parse_fold_probs
+
+    assert parse_fold_probs(text) == expected

@@ -113,6 +113,8 @@ def test_config_syntax_anywhere_is_refused_and_never_runs(tmp_path, scans, carri
         pytest.param("class_names", ["a"], "a list of 2", id="one-class"),
         pytest.param("class_names", ["ok", "<script>"], "a short name", id="class-markup"),
         pytest.param("dense_units", 10**9, "an integer in", id="huge-dense"),
+        pytest.param("norm", "layer", "one of batch, group", id="norm-unknown"),
+        pytest.param("norm", ["group"], "one of batch, group", id="norm-list"),
     ],
 )
 def test_wrong_types_and_ranges_name_the_file_and_field(tmp_path, field, value, message):
@@ -140,3 +142,25 @@ def test_aliases_that_multiply_a_list_are_bounded():
     loaded = yaml.safe_load(text)  # 10 * 8**7 values if walked naively
     with pytest.raises(SettingsError, match="values in all|nested deeper"):
         validate_settings({**TINY_SETTINGS, "notes": loaded}, "bomb.yaml")
+
+
+def test_norm_is_read_from_the_checkpoint_and_older_ones_mean_batch(tmp_path):
+    """A checkpoint names its blocks' normalisation; one written before the setting existed
+    holds BatchNorm; weights of another normalisation do not fit and say so."""
+    from nets.cnn3d import CNN3D
+
+    assert "norm" not in TINY_SETTINGS  # as checkpoints of earlier versions
+    old = Classifier.load(write_checkpoint(tmp_path / "old.pt", TINY_SETTINGS), device="cpu")
+    assert old.settings["norm"] == "batch"
+    assert isinstance(old.network.features[0].bn, torch.nn.BatchNorm3d)
+    torch.manual_seed(0)
+    net = CNN3D(filters=[4, 4, 8, 8], dense_units=8, norm="group")
+    path = tmp_path / "group.pt"
+    torch.save({"network": net.state_dict(), "run_info": {**TINY_SETTINGS, "norm": "group"}}, path)
+    loaded = Classifier.load(path, device="cpu")
+    assert isinstance(loaded.network.features[0].bn, torch.nn.GroupNorm)
+    x = torch.rand(1, 1, 48, 48, 48)
+    torch.testing.assert_close(loaded.network(x), net.eval()(x))
+    mismatch = write_checkpoint(tmp_path / "mismatch.pt", {**TINY_SETTINGS, "norm": "group"})
+    with pytest.raises(CheckpointError, match="do not fit"):
+        Classifier.load(mismatch, device="cpu")

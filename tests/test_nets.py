@@ -198,3 +198,35 @@ def test_inference_network_pools_pairwise_and_training_pools_with_max_pool3d(mon
     net.train()
     net(torch.rand(2, 1, 48, 48, 48)).sum().backward()
     assert calls == []
+
+
+def test_group_norm_does_not_depend_on_the_batch():
+    """GroupNorm gives a scan the same output whatever scan is beside it, in training mode too
+    (BatchNorm does not); the network scripts and matches its eager self."""
+    torch.manual_seed(0)
+    net = CNN3D(filters=[8, 8, 16, 16], dense_units=8, dropout=0.0, norm="group").train()
+    a, b = torch.rand(1, 1, 48, 48, 48), torch.rand(1, 1, 48, 48, 48)
+    torch.testing.assert_close(
+        net(torch.cat([a, b]))[:1], net(torch.cat([a, 0.5 * b]))[:1], rtol=1e-4, atol=1e-5
+    )
+    bn = CNN3D(filters=[8, 8, 16, 16], dense_units=8, dropout=0.0).train()
+    assert not torch.allclose(
+        bn(torch.cat([a, b]))[:1], bn(torch.cat([a, 0.5 * b]))[:1], rtol=1e-3, atol=2e-3
+    )
+    net.eval()
+    scripted = torch.jit.script(net)
+    torch.testing.assert_close(scripted(a), net(a), rtol=1e-3, atol=2e-4)  # other kernels
+
+
+def test_group_norm_groups_divide_the_channels_and_unknown_norms_are_refused():
+    from nets.cnn3d import make_norm
+
+    assert make_norm("group", 64, 1e-3, 0.01).num_groups == 8
+    assert make_norm("group", 12, 1e-3, 0.01).num_groups == 4
+    assert make_norm("group", 7, 1e-3, 0.01).num_groups == 1
+    assert make_norm("group", 8, 1e-3, 0.01).num_groups == 4  # 2 channels a group at least
+    narrow = CNN3D(filters=[2, 4, 8, 8], dense_units=4, norm="group").train()
+    assert narrow(torch.rand(2, 1, 46, 46, 46)).shape == (2, 1)  # 1 voxel out of the last block
+    for norm in ("layer", "instance"):
+        with pytest.raises(ValueError, match="norm must be one of"):
+            CNN3D(norm=norm)

@@ -289,7 +289,8 @@ def test_device_cache_and_batched_augmentation_path(tiny_data, tmp_path):
     assert tuple(item.shape) == (1, 48, 48, 48) and item.device.type == "cpu"
     assert parser.get_parsed_content("train#dataloader").num_workers == 0
     prepare = parser.get_parsed_content("train#prepare_batch")
-    assert prepare.augment is parser.get_parsed_content("device_augment")
+    assert prepare.augment[0] is parser.get_parsed_content("device_augment")
+    assert prepare.augment[1] is parser.get_parsed_content("batch_augment")
     # the cached volume is the eval preprocessing (no rotation cached)
     plain = parser.get_parsed_content("preprocessing")(dict(dataset.data[0]))["image"]
     torch.testing.assert_close(torch.as_tensor(item), torch.as_tensor(plain))
@@ -531,6 +532,10 @@ def test_training_steps_read_nothing_back_from_the_device(tiny_data):
             "output_dir": str(tiny_data.parent / "sync-run"),
             "cache": "device",
             "augment_on_device": True,
+            "flip_prob": 0.5,  # and every augmentation beyond the reference's
+            "scale_range": 0.1,
+            "contrast_range": 0.2,
+            "intensity_shift": 0.05,
             "device": "$torch.device('cpu')",
             "spatial_size": [48, 48, 48],
             "filters": [4, 4, 4, 4],
@@ -658,3 +663,67 @@ def test_recipe_is_read_after_train_yaml_and_kept_on_resume(tiny_data, tmp_path)
     )
     with pytest.raises(SystemExit):  # argparse: not one of the recipes
         train_main(["--data", str(tiny_data), "--output", str(tmp_path / "x"), "--recipe", "huge"])
+
+
+def test_learning_rate_schedules():
+    """step: the reference's staircase decay, as StepLR; cosine: from the rate to 0 over the
+    run's steps; anything else is refused."""
+    from app.training.engine import make_lr_scheduler
+
+    def rates(schedule, steps, **kw):
+        opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
+        sched = make_lr_scheduler(opt, schedule, step_size=3, gamma=0.5, total_steps=steps, **kw)
+        out = []
+        for _ in range(steps):
+            out.append(opt.param_groups[0]["lr"])
+            opt.step()
+            sched.step()
+        return out, opt.param_groups[0]["lr"]
+
+    step, _ = rates("step", 7)
+    assert step == pytest.approx([0.1, 0.1, 0.1, 0.05, 0.05, 0.05, 0.025])
+    cosine, last = rates("cosine", 10)
+    assert cosine[0] == pytest.approx(0.1) and last == pytest.approx(0.0, abs=1e-12)
+    assert cosine[5] == pytest.approx(0.05)  # half way: half the rate
+    assert all(a > b for a, b in zip(cosine, cosine[1:], strict=False))
+    with pytest.raises(ValueError, match="lr_schedule must be one of"):
+        rates("linear", 3)
+
+
+def test_train_config_builds_the_recipe_options(tiny_data):
+    """The recipe's knobs reach the objects: cosine over epochs x batches, the batch
+    augmentation in prepare_batch and reseeded each epoch, GroupNorm in the network and in the
+    checkpoint's settings."""
+    from app.config import load_config
+    from app.training.handlers.epoch_seeder import EpochSeeder
+
+    parser = load_config(
+        "train.yaml",
+        overrides={
+            "dataset_dir": str(tiny_data),
+            "output_dir": str(tiny_data.parent / "knobs"),
+            "device": "$torch.device('cpu')",
+            "spatial_size": [48, 48, 48],
+            "filters": [4, 4, 8, 8],
+            "epochs": 5,
+            "batch_size": 2,
+            "lr_schedule": "cosine",
+            "flip_prob": 0.5,
+            "contrast_range": 0.2,
+            "norm": "group",
+        },
+    )
+    scheduler = parser.get_parsed_content("lr_scheduler")
+    batches = len(parser.get_parsed_content("train#dataloader"))
+    assert isinstance(scheduler, torch.optim.lr_scheduler.CosineAnnealingLR)
+    assert scheduler.T_max == 5 * batches
+    augment = parser.get_parsed_content("batch_augment")
+    assert augment.flip_prob == 0.5 and augment.contrast == 0.2 and augment.scale == 0.0
+    assert augment in parser.get_parsed_content("train#prepare_batch").augment
+    seeder = next(
+        h for h in parser.get_parsed_content("train#handlers") if isinstance(h, EpochSeeder)
+    )
+    assert augment in seeder.transform
+    network = parser.get_parsed_content("network_def")
+    assert isinstance(network.features[0].bn, torch.nn.GroupNorm)
+    assert parser.get_parsed_content("run_info").settings["norm"] == "group"

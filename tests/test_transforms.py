@@ -11,6 +11,7 @@ from scipy import ndimage
 
 from app.config import load_config
 from transforms import BatchAxialRotation, RandDiscreteAxialRotated
+from transforms.augment import BatchAugmentation
 
 #: what the README quotes (4.1e-6), with a small margin
 PREPROCESS_TOLERANCE = 5e-6
@@ -291,5 +292,90 @@ def test_batched_rotation_builds_its_affine_where_the_batch_is():
     angles = torch.empty(2, dtype=torch.float64, device="meta")
     with Devices() as mode:
         out = rotate.rotate(images, angles)
+    assert out.shape == images.shape and out.device.type == "meta"
+    assert mode.seen and not [s for s in mode.seen if s.endswith(":cpu")], mode.seen
+
+
+@pytest.mark.parametrize("factor", [0.9, 1.0, 1.13])
+@pytest.mark.parametrize("shape", [(20, 24, 8), (17, 17, 17)])
+def test_batch_zoom_equals_scipy_affine_transform(factor, shape):
+    """The zoom against scipy: voxel i samples c + (i - c) / f, trilinear, zeros outside."""
+    rng = np.random.default_rng(0)
+    volume = rng.random(shape)
+    ours = BatchAugmentation.zoom(
+        torch.from_numpy(volume)[None, None], torch.tensor([factor], dtype=torch.float64)
+    )[0, 0].numpy()
+    centre = (np.array(shape) - 1) / 2
+    expected = ndimage.affine_transform(
+        volume, np.full(3, 1 / factor), offset=centre - centre / factor, order=1,
+        mode="grid-constant", cval=0.0,
+    )  # fmt: skip
+    np.testing.assert_allclose(ours, expected, atol=1e-9)
+
+
+def test_batch_augmentation_steps_do_what_they_say():
+    x = torch.rand(6, 1, 12, 10, 8, dtype=torch.float64) * 0.5 + 0.25
+    assert BatchAugmentation()(x) is x  # all off: untouched
+    torch.testing.assert_close(BatchAugmentation(flip_prob=1.0)(x), x.flip(2), rtol=0, atol=0)
+    half = BatchAugmentation(flip_prob=0.5, seed=0)(x)
+    flipped = [bool(torch.equal(h, v.flip(1))) for h, v in zip(half, x, strict=True)]
+    assert all(f or torch.equal(h, v) for f, h, v in zip(flipped, half, x, strict=True))
+    shifted = BatchAugmentation(intensity_shift=0.05, clip_range=None, seed=1)(x) - x
+    per_scan = shifted.flatten(1)
+    assert torch.allclose(per_scan, per_scan[:, :1].expand_as(per_scan))  # one shift per scan
+    assert per_scan.abs().max() <= 0.05 and per_scan[:, 0].std() > 0
+    contrast = BatchAugmentation(contrast=0.2, clip_range=None, seed=2)(x)
+    mean = x.mean(dim=(1, 2, 3, 4), keepdim=True)
+    torch.testing.assert_close(contrast.mean(dim=(1, 2, 3, 4), keepdim=True), mean)
+    factor = ((contrast - mean) / (x - mean)).flatten(1)
+    assert torch.allclose(factor, factor[:, :1].expand_as(factor), atol=1e-6)
+    assert ((factor[:, 0] - 1).abs() <= 0.2).all()
+    clipped = BatchAugmentation(contrast=1.0, intensity_shift=1.0, seed=3)(x)
+    assert clipped.min() >= 0 and clipped.max() <= 1
+
+
+def test_batch_augmentation_is_seeded_and_reseeds():
+    x = torch.rand(4, 1, 16, 16, 8)
+    make = lambda: BatchAugmentation(flip_prob=0.5, scale=0.1, contrast=0.2, seed=7)  # noqa: E731
+    a, b = make(), make()
+    torch.testing.assert_close(a(x), b(x), rtol=0, atol=0)
+    first = a(x)
+    a.set_random_state(seed=7)
+    b.set_random_state(seed=8)
+    torch.testing.assert_close(a(x), make()(x), rtol=0, atol=0)
+    assert not torch.equal(b(x), first)
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [{"flip_prob": 1.5}, {"scale": -0.1}, {"scale": 0.9}, {"contrast": 2}, {"intensity_shift": -1}],
+)
+def test_batch_augmentation_refuses_values_out_of_range(kwargs):
+    with pytest.raises(ValueError, match="must be in"):
+        BatchAugmentation(**kwargs)
+
+
+def test_batch_augmentation_draws_and_builds_where_the_batch_is():
+    """As the rotation: on the `meta` device no ATen op sees a CPU tensor (on a GPU each would
+    be a copy and a synchronisation per step)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Devices(TorchDispatchMode):
+        def __init__(self) -> None:
+            super().__init__()
+            self.seen: set[str] = set()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            for a in [*args, *(kwargs or {}).values()]:
+                if isinstance(a, torch.Tensor):
+                    self.seen.add(f"{func.__name__}:{a.device.type}")
+            return func(*args, **(kwargs or {}))
+
+    augment = BatchAugmentation(flip_prob=0.5, scale=0.1, contrast=0.2, intensity_shift=0.05)
+    images = torch.empty(2, 1, 20, 24, 8, device="meta")
+    params = {k: torch.empty_like(v, device="meta") for k, v in augment.draw(2).items()}
+    assert set(params) == {"flip", "zoom", "contrast", "shift"}
+    with Devices() as mode:
+        out = augment.apply(images, params)
     assert out.shape == images.shape and out.device.type == "meta"
     assert mode.seen and not [s for s in mode.seen if s.endswith(":cpu")], mode.seen

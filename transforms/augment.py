@@ -247,40 +247,62 @@ class BatchAugmentation(DeviceGenerators):
         """Whether any step is on."""
         return any((self.flip_prob, self.scale, self.contrast, self.intensity_shift))
 
-    def _uniform(self, n: int, half_width: float, generator: torch.Generator) -> torch.Tensor:
-        """``n`` draws from [-half_width, half_width] on the generator's device."""
-        u = torch.rand(n, generator=generator, device=generator.device, dtype=torch.float32)
-        return (2.0 * u - 1.0) * half_width
+    def draw(self, batch_size: int, device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
+        """Each scan's parameters of the steps that are on, drawn on ``device``: ``flip``
+        (bool), ``zoom``, ``contrast`` (factors) and ``shift``."""
+        generator = self.generator_on(torch.device(device))
 
-    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        def uniform(half_width: float) -> torch.Tensor:
+            u = torch.rand(batch_size, generator=generator, device=generator.device)
+            return (2.0 * u - 1.0) * half_width
+
+        params: dict[str, torch.Tensor] = {}
+        if self.flip_prob > 0:
+            u = torch.rand(batch_size, generator=generator, device=generator.device)
+            params["flip"] = u < self.flip_prob
+        if self.scale > 0:
+            params["zoom"] = 1.0 + uniform(self.scale)
+        if self.contrast > 0:
+            params["contrast"] = 1.0 + uniform(self.contrast)
+        if self.intensity_shift > 0:
+            params["shift"] = uniform(self.intensity_shift)
+        return params
+
+    @staticmethod
+    def zoom(images: torch.Tensor, factors: torch.Tensor) -> torch.Tensor:
+        """Zoom each volume of ``images`` by its factor about its centre (trilinear, zeros
+        outside, shape kept): voxel ``i`` takes the value at ``c + (i - c) / factor``, ``c`` the
+        centre, along every axis."""
+        n = images.shape[0]
+        # affine_grid maps output to input coordinates: a zoom by f samples at 1/f; the matrix
+        # is built where the batch is (no host tensor copied over)
+        scale = (1.0 / factors.to(images.device, images.dtype)).view(n, 1).expand(n, 3)
+        theta = torch.cat([torch.diag_embed(scale), scale.new_zeros(n, 3, 1)], dim=2)
+        grid = torch.nn.functional.affine_grid(theta, list(images.shape), align_corners=False)
+        return torch.nn.functional.grid_sample(
+            images, grid, mode="bilinear", padding_mode="zeros", align_corners=False
+        )
+
+    def apply(self, images: torch.Tensor, params: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The steps with the parameters of :meth:`draw`, then the clipping."""
         if images.dim() != 5:
             raise ValueError(f"expected a (batch, channel, x, y, z) batch, got {images.dim()} dims")
-        if not self.active:
-            return images
-        generator = self.generator_on(images.device)
-        n = images.shape[0]
         out = images if images.is_floating_point() else images.float()
-        shape = (n, 1, 1, 1, 1)
-        if self.flip_prob > 0:
-            flip = torch.rand(n, generator=generator, device=generator.device) < self.flip_prob
-            out = torch.where(flip.view(shape), out.flip(2), out)
-        if self.scale > 0:
-            zoom = 1.0 + self._uniform(n, self.scale, generator)
-            # affine_grid maps output to input coordinates: a zoom by f samples at 1/f
-            theta = torch.zeros(n, 3, 4, device=out.device, dtype=torch.float32)
-            theta[:, [0, 1, 2], [0, 1, 2]] = (1.0 / zoom).view(n, 1)
-            grid = torch.nn.functional.affine_grid(
-                theta.to(out.dtype), list(out.shape), align_corners=False
-            )
-            out = torch.nn.functional.grid_sample(
-                out, grid, mode="bilinear", padding_mode="zeros", align_corners=False
-            )
-        if self.contrast > 0:
-            factor = (1.0 + self._uniform(n, self.contrast, generator)).view(shape).to(out.dtype)
+        shape = (images.shape[0], 1, 1, 1, 1)
+        if "flip" in params:
+            out = torch.where(params["flip"].view(shape), out.flip(2), out)
+        if "zoom" in params:
+            out = self.zoom(out, params["zoom"])
+        if "contrast" in params:
             mean = out.mean(dim=(1, 2, 3, 4), keepdim=True)
-            out = (out - mean) * factor + mean
-        if self.intensity_shift > 0:
-            out = out + self._uniform(n, self.intensity_shift, generator).view(shape).to(out.dtype)
+            out = (out - mean) * params["contrast"].view(shape).to(out.dtype) + mean
+        if "shift" in params:
+            out = out + params["shift"].view(shape).to(out.dtype)
         if self.clip_range is not None:
             out = out.clamp(*self.clip_range)
         return out
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        if not self.active:
+            return images
+        return self.apply(images, self.draw(images.shape[0], images.device))

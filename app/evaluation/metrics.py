@@ -192,3 +192,74 @@ def binary_metrics(
         ece=expected_calibration_error(probs, labels),
         confusion={"tp": tp, "fp": fp, "tn": tn, "fn": fn},
     )
+
+
+def logits_of(probs: np.ndarray) -> np.ndarray:
+    """``log(p / (1 - p))``, with ``p`` kept within 1e-7 of 0 and 1."""
+    p = np.clip(np.asarray(probs, float), 1e-7, 1 - 1e-7)
+    return np.asarray(np.log(p) - np.log1p(-p))
+
+
+def unscaled_probabilities(fold_probs: np.ndarray, temperature: float) -> np.ndarray:
+    """An ensemble's probabilities without temperature scaling: the mean over folds of
+    ``sigmoid(temperature * logit(p))`` for ``fold_probs`` (scans, folds) that were each scaled
+    by ``temperature`` (what the fold models said, before calibration, averaged)."""
+    logits = logits_of(fold_probs)
+    return np.asarray(np.mean(1.0 / (1.0 + np.exp(-temperature * logits)), axis=1))
+
+
+def calibration_figures(probs: np.ndarray, labels: np.ndarray) -> dict[str, float]:
+    """Negative log-likelihood, Brier score and expected calibration error of ``probs``."""
+    from sklearn.metrics import brier_score_loss, log_loss
+
+    probs, labels = np.asarray(probs, float), np.asarray(labels, int)
+    return {
+        "nll": float(log_loss(labels, np.clip(probs, 1e-7, 1 - 1e-7), labels=[0, 1])),
+        "brier": float(brier_score_loss(labels, probs)),
+        "ece": expected_calibration_error(probs, labels),
+    }
+
+
+def ensemble_figures(
+    fold_probs: np.ndarray,
+    labels: np.ndarray,
+    temperature: float,
+    confidence: float = 0.95,
+    n_resamples: int = 2000,
+    seed: int = 0,
+) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """What a cross-validation ensemble's members and calibration did on a test set.
+
+    Args:
+        fold_probs: (scans, folds) temperature-scaled probabilities of each fold model.
+        labels: 0/1 per scan.
+        temperature: the temperature that scaled them (fitted out of fold).
+
+    Returns:
+        Per fold ``{"fold", "roc_auc": Estimate, "brier", "ece"}`` (ROC-AUC does not depend on
+        the temperature), and ``{"temperature", "before": ..., "after": ...}``: the ensemble's
+        NLL, Brier score and ECE with its fold probabilities unscaled, then scaled.
+    """
+    fold_probs, labels = np.asarray(fold_probs, float), np.asarray(labels, int)
+    if fold_probs.ndim != 2 or fold_probs.shape[0] != labels.shape[0]:
+        raise ValueError(f"fold_probs {fold_probs.shape} must be (scans, folds) for {labels.shape}")
+    folds = []
+    for k in range(fold_probs.shape[1]):
+        p = fold_probs[:, k]
+        folds.append(
+            {
+                "fold": k,
+                "roc_auc": auc_with_ci(p, labels, confidence, n_resamples, seed),
+                **{
+                    name: value
+                    for name, value in calibration_figures(p, labels).items()
+                    if name != "nll"
+                },
+            }
+        )
+    calibration = {
+        "temperature": float(temperature),
+        "before": calibration_figures(unscaled_probabilities(fold_probs, temperature), labels),
+        "after": calibration_figures(fold_probs.mean(axis=1), labels),
+    }
+    return folds, calibration

@@ -58,6 +58,32 @@ def write_report(summary: dict[str, Any], rows: list[dict[str, Any]], out_dir: P
             f"<td>{e(str(r['label_name']))}</td><td class=num>{prob}</td>"
             f"<td>{e(str(r['predicted_name']))}</td><td>{e(str(r['error']))}</td></tr>"
         )
+    ensemble = ""
+    if summary.get("folds"):  # a cross-validation ensemble: its members, its calibration
+        fold_rows = "".join(
+            f"<tr><td>fold {f['fold']}</td><td class=num>{_num(f['roc_auc']['value'])}</td>"
+            f"<td class=num>{_num(f['roc_auc']['low'])}-{_num(f['roc_auc']['high'])}</td>"
+            f"<td class=num>{_num(f['brier'])}</td><td class=num>{_num(f['ece'])}</td></tr>"
+            for f in summary["folds"]
+        )
+        cal = summary["calibration"]
+        cal_rows = "".join(
+            f"<tr><td>{e(what)}</td><td class=num>{_num(cal['before'][k])}</td>"
+            f"<td class=num>{_num(cal['after'][k])}</td></tr>"
+            for k, what in (
+                ("nll", "negative log-likelihood"),
+                ("brier", "Brier score"),
+                ("ece", "expected calibration error"),
+            )
+        )
+        ensemble = f"""<h2>Fold models (the ensemble averages them)</h2>
+<table><tr><th>model</th><th>ROC-AUC</th><th>CI</th><th>Brier</th><th>ECE</th></tr>
+{fold_rows}<tr><td>ensemble</td><td class=num>{_num(metrics["roc_auc"]["value"])}</td>
+<td class=num>{_num(metrics["roc_auc"]["low"])}-{_num(metrics["roc_auc"]["high"])}</td>
+<td class=num>{_num(metrics["brier"])}</td><td class=num>{_num(metrics["ece"])}</td></tr></table>
+<h2>Calibration: temperature {cal["temperature"]:.3g} (fitted out of fold)</h2>
+<table><tr><th></th><th>before</th><th>after</th></tr>{cal_rows}</table>
+"""
     c = metrics["confusion"]
     page = f"""<!doctype html>
 <html><head><meta charset="utf-8"><title>ctclassify evaluation</title>
@@ -83,7 +109,7 @@ dt {{ font-weight: bold; }} dd {{ margin: 0 0 0.5em 0; }}
 {"".join(table)}</table>
 <p>{_img(out_dir / "roc.png", "ROC curve")}{_img(out_dir / "calibration.png", "calibration")}
 {_img(out_dir / "confusion.png", "confusion matrix")}</p>
-<h2>Scans</h2>
+{ensemble}<h2>Scans</h2>
 <table><tr><th>path</th><th>true</th><th>P(abnormal)</th><th>predicted</th><th>error</th></tr>
 {"".join(scans)}</table>
 </body></html>

@@ -39,6 +39,7 @@ from app.inference.scanqc import (
 )
 from app.model_settings import MODEL_SETTINGS, SettingsError, validate_settings
 from app.run_folder import BEST_MODEL
+from nets.ensemble import MeanProbabilityEnsemble
 
 #: a cross-validation folder's threshold and temperature (app.train --folds K)
 CV_CALIBRATION = "cv_calibration.json"
@@ -58,6 +59,9 @@ class Prediction:
     warnings: list[str] = field(default_factory=list)
     error: str | None = None
     seconds: float = 0.0
+    #: a cross-validation ensemble's fold models, each one's temperature-scaled P(abnormal)
+    #: (``prob_abnormal`` is their mean); ``None`` for one model
+    fold_probs: list[float] | None = None
 
     @property
     def ok(self) -> bool:
@@ -423,8 +427,6 @@ class Classifier:
         same scale), unless ``threshold`` is given."""
         import json
 
-        from nets.ensemble import MeanProbabilityEnsemble
-
         try:
             calibration = json.loads((folder / CV_CALIBRATION).read_text())
             temperature = float(calibration["temperature"])
@@ -477,17 +479,36 @@ class Classifier:
     def caveats(self) -> list[str]:
         return self.card.caveats()
 
+    @property
+    def folds(self) -> int:
+        """How many fold models the model averages (0: one model, not an ensemble)."""
+        return len(self.network.members) if isinstance(self.network, MeanProbabilityEnsemble) else 0
+
     @torch.inference_mode()
-    def _forward(self, images: list[torch.Tensor]) -> list[tuple[float, str]]:
-        """(P(abnormal), label) per image: the configs' inferer and postprocessing (sigmoid,
-        threshold), with float16 autocast where the bundle's evaluator uses it (``amp``)."""
+    def _forward(self, images: list[torch.Tensor]) -> list[tuple[float, str, list[float] | None]]:
+        """(P(abnormal), label, each fold's P(abnormal) or ``None``) per image: the configs'
+        inferer and postprocessing (sigmoid, threshold), with float16 autocast where the
+        bundle's evaluator uses it (``amp``). An ensemble's logit is its own ``forward``'s,
+        computed from the fold probabilities it also returns."""
         batch = torch.stack([torch.as_tensor(i) for i in images]).to(self.device, non_blocking=True)
+        members = None
         with torch.autocast(self.device.type, dtype=torch.float16, enabled=self.autocast_fp16):
-            logits = self.inferer(batch, self.network)
+            if isinstance(self.network, MeanProbabilityEnsemble):
+                members = self.inferer(batch, self.network.member_probabilities).float()
+                logits = self.network.combine(members)
+            else:
+                logits = self.inferer(batch, self.network)
+        fold_probs = None if members is None else members[:, :, 0].T.tolist()
         results = []
-        for logit in logits.float():
+        for i, logit in enumerate(logits.float()):
             out = self.postprocessing({"pred": logit})
-            results.append((float(out["prob"]), self.class_names[int(out["pred"])]))
+            results.append(
+                (
+                    float(out["prob"]),
+                    self.class_names[int(out["pred"])],
+                    None if fold_probs is None else fold_probs[i],
+                )
+            )
         return results
 
     def predict_many(
@@ -520,10 +541,11 @@ class Classifier:
         for batch in batches:
             ready = [r for r in batch if r["image"] is not None]
             results = self._forward([r["image"] for r in ready]) if ready else []
-            for r, (p, label) in zip(ready, results, strict=True):
-                r["prob"], r["label"] = p, label
+            for r, (p, label, folds) in zip(ready, results, strict=True):
+                r["prob"], r["label"], r["folds"] = p, label, folds
             for r in batch:
                 prob = r.get("prob")
+                folds = r.get("folds")
                 pred = Prediction(
                     path=r["path"],
                     prob_abnormal=None if prob is None else round(float(prob), 6),
@@ -531,6 +553,7 @@ class Classifier:
                     warnings=r["warnings"],
                     error=r["error"],
                     seconds=round(r["seconds"], 3),
+                    fold_probs=None if folds is None else [round(float(f), 6) for f in folds],
                 )
                 if keep_images:
                     pred.image = r["image"]  # type: ignore[attr-defined]
@@ -561,7 +584,6 @@ def build_network(settings: dict[str, Any]) -> torch.nn.Module:
     """The network its settings describe: inference.yaml's ``network_def`` with the model's
     settings, or, with ``ensemble``, that many of them averaged (an exported CV ensemble)."""
     from app.config import load_config
-    from nets.ensemble import MeanProbabilityEnsemble
 
     overrides = {k: settings[k] for k in MODEL_SETTINGS}
 

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from app.bundle.portable.files import atomic_write_text
-from app.bundle.portable.writer import PredictionCSV, prediction_row
+from app.bundle.portable.writer import PredictionCSV, parse_fold_probs, prediction_row
 from app.errors import ConfigError
 from app.inference.classifier import Prediction
 
@@ -98,7 +98,13 @@ class PredictionLog:
     def append(self, pred: Prediction) -> None:
         self._csv.append(
             prediction_row(
-                pred.path, pred.prob_abnormal, pred.label, pred.warnings, pred.error, pred.seconds
+                pred.path,
+                pred.prob_abnormal,
+                pred.label,
+                pred.warnings,
+                pred.error,
+                pred.seconds,
+                pred.fold_probs,
             )
         )
 
@@ -113,6 +119,9 @@ class PredictionLog:
                     "warnings": [w for w in r["warnings"].split("; ") if w],
                     "error": r["error"] or None,
                     "seconds": float(r["seconds"]) if r.get("seconds") else None,
+                    # a cross-validation ensemble: each fold model's temperature-scaled
+                    # probability (prob_abnormal is their mean); null for one model
+                    "fold_probs": parse_fold_probs(r.get("fold_probs", "")),
                 }
             )
         atomic_write_text(self.out_dir / JSON_NAME, json.dumps(rows, indent=1))

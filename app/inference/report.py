@@ -7,6 +7,7 @@ import html
 from pathlib import Path
 
 from app.bundle.portable.files import atomic_write_text
+from app.bundle.portable.writer import parse_fold_probs
 
 
 def _img(path: Path | None, alt: str) -> str:
@@ -32,6 +33,10 @@ def write_report(
     for r in rows:
         prob = r.get("prob_abnormal") or ""
         pct = f"{100 * float(prob):.1f}%" if prob else ""
+        folds = parse_fold_probs(r.get("fold_probs") or "")
+        if folds and prob:  # an ensemble: what each fold model said
+            spread = " / ".join(f"{100 * f:.1f}" for f in folds)
+            pct += f'<br><small title="each fold model, %">folds {spread}</small>'
         label = r.get("label") or ""
         status = "error" if r.get("error") else ("warn" if r.get("warnings") else "ok")
         note = html.escape(r.get("error") or r.get("warnings") or "")

@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 
 from app.errors import DataError
+from app.evaluation.metrics import logits_of
 
 #: the kept epoch's validation figures in the summary
 SUMMARY_METRICS = ("val_acc", "val_auc", "val_sensitivity", "val_specificity", "val_loss")
@@ -156,11 +157,6 @@ def out_of_fold(runs: list[Path]) -> list[dict[str, Any]]:
                 }
             )
     return rows
-
-
-def logits_of(probs: np.ndarray) -> np.ndarray:
-    p = np.clip(np.asarray(probs, float), 1e-7, 1 - 1e-7)
-    return np.log(p / (1 - p))
 
 
 def nll(logits: np.ndarray, labels: np.ndarray, temperature: float = 1.0) -> float:

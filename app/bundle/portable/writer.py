@@ -11,7 +11,9 @@ from typing import Any
 
 from .files import atomic_write_text
 
-COLUMNS = ("path", "prob_abnormal", "label", "warnings", "error", "seconds")
+#: ``fold_probs``: a cross-validation ensemble's fold probabilities, ``;``-separated (empty for
+#: one model); files written before the column existed are rewritten with it on opening
+COLUMNS = ("path", "prob_abnormal", "label", "warnings", "error", "seconds", "fold_probs")
 
 
 def prediction_row(
@@ -21,8 +23,9 @@ def prediction_row(
     warnings: Sequence[str] = (),
     error: str | None = None,
     seconds: float | None = None,
+    fold_probs: Sequence[float] | None = None,
 ) -> dict[str, str]:
-    """One row of ``predictions.csv`` (probability to 6 decimals; empty fields for what is not
+    """One row of ``predictions.csv`` (probabilities to 6 decimals; empty fields for what is not
     known)."""
     return {
         "path": str(path),
@@ -31,7 +34,20 @@ def prediction_row(
         "warnings": "; ".join(warnings),
         "error": error or "",
         "seconds": "" if seconds is None else f"{float(seconds):.3f}",
+        "fold_probs": "" if fold_probs is None else ";".join(f"{float(p):.6f}" for p in fold_probs),
     }
+
+
+def parse_fold_probs(text: str) -> list[float] | None:
+    """The ``fold_probs`` field read back: a list of probabilities, or ``None`` when empty or
+    not a list of numbers in [0, 1] (a hand-edited file is data, never trusted)."""
+    if not text:
+        return None
+    try:
+        values = [float(v) for v in text.split(";")]
+    except ValueError:
+        return None
+    return values if len(values) <= 100 and all(0.0 <= v <= 1.0 for v in values) else None
 
 
 class PredictionCSV:
@@ -57,11 +73,10 @@ class PredictionCSV:
             self.path.unlink(missing_ok=True)
         self._repair()
         self.rows = self._read()
-        if keep is not None:
-            kept = [r for r in self.rows if keep(r)]
-            if len(kept) != len(self.rows):
-                self.rows = kept
-                self._rewrite(kept)
+        kept = self.rows if keep is None else [r for r in self.rows if keep(r)]
+        if len(kept) != len(self.rows) or self._header() not in (None, list(COLUMNS)):
+            self.rows = kept
+            self._rewrite(kept)
         new = not self.path.exists() or self.path.stat().st_size == 0
         self._file = self.path.open("a", newline="")
         if new:
@@ -74,6 +89,13 @@ class PredictionCSV:
         if data and not data.endswith(b"\n"):
             with self.path.open("r+b") as f:
                 f.truncate(data.rfind(b"\n") + 1)
+
+    def _header(self) -> list[str] | None:
+        """The existing file's columns (``None``: no file or an empty one)."""
+        if not self.path.exists():
+            return None
+        with self.path.open(newline="") as f:
+            return next(csv.reader(f), None)
 
     def _read(self) -> list[dict[str, str]]:
         if not self.path.exists():
