@@ -271,9 +271,8 @@ def test_reversed_axes_reader_gives_the_same_oriented_volume(real_ct, name, tmp_
         np.testing.assert_allclose(np.asarray(ours.affine), np.asarray(monai.affine), atol=1e-6)
 
 
-def test_batched_rotation_builds_its_affine_where_the_batch_is():
-    """On a GPU the rotation must not build its matrices on the host and copy them over (a
-    synchronisation per step): run on the `meta` device, no ATen op sees a CPU tensor."""
+def _devices_mode():
+    """A dispatch mode that records ``op:device`` of every tensor each ATen op sees."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
     class Devices(TorchDispatchMode):
@@ -287,10 +286,16 @@ def test_batched_rotation_builds_its_affine_where_the_batch_is():
                     self.seen.add(f"{func.__name__}:{a.device.type}")
             return func(*args, **(kwargs or {}))
 
+    return Devices()
+
+
+def test_batched_rotation_builds_its_affine_where_the_batch_is():
+    """On a GPU the rotation must not build its matrices on the host and copy them over (a
+    synchronisation per step): run on the `meta` device, no ATen op sees a CPU tensor."""
     rotate = BatchAxialRotation(angles_deg=(-20, 5, 10), seed=1)
     images = torch.empty(2, 1, 20, 24, 8, device="meta")
     angles = torch.empty(2, dtype=torch.float64, device="meta")
-    with Devices() as mode:
+    with _devices_mode() as mode:
         out = rotate.rotate(images, angles)
     assert out.shape == images.shape and out.device.type == "meta"
     assert mode.seen and not [s for s in mode.seen if s.endswith(":cpu")], mode.seen
@@ -358,24 +363,11 @@ def test_batch_augmentation_refuses_values_out_of_range(kwargs):
 def test_batch_augmentation_draws_and_builds_where_the_batch_is():
     """As the rotation: on the `meta` device no ATen op sees a CPU tensor (on a GPU each would
     be a copy and a synchronisation per step)."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    class Devices(TorchDispatchMode):
-        def __init__(self) -> None:
-            super().__init__()
-            self.seen: set[str] = set()
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            for a in [*args, *(kwargs or {}).values()]:
-                if isinstance(a, torch.Tensor):
-                    self.seen.add(f"{func.__name__}:{a.device.type}")
-            return func(*args, **(kwargs or {}))
-
     augment = BatchAugmentation(flip_prob=0.5, scale=0.1, contrast=0.2, intensity_shift=0.05)
     images = torch.empty(2, 1, 20, 24, 8, device="meta")
     params = {k: torch.empty_like(v, device="meta") for k, v in augment.draw(2).items()}
     assert set(params) == {"flip", "zoom", "contrast", "shift"}
-    with Devices() as mode:
+    with _devices_mode() as mode:
         out = augment.apply(images, params)
     assert out.shape == images.shape and out.device.type == "meta"
     assert mode.seen and not [s for s in mode.seen if s.endswith(":cpu")], mode.seen
