@@ -164,6 +164,7 @@ def test_cross_validation_folder_is_one_model_the_mean_of_its_folds(cv_data, tmp
     ensemble = Classifier.load(out, device="cpu", precision="fp32")
     assert ensemble.threshold == pytest.approx(calibration["threshold_calibrated"])
     assert "cross-validation, mean over the folds" in ensemble.describe()
+    assert ": 2 fold models, each trained on 6 generated scans" in ensemble.describe()
     scan = str(next((cv_data / "CT-23").glob("*.nii.gz")))
     members = []
     for k in range(2):

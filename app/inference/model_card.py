@@ -54,6 +54,9 @@ class ModelCard:
         else:
             source = self.settings.get("dataset_dir")
             trained = f"trained on {source}" if source else "training data not recorded"
+        ensemble = self.settings.get("ensemble")
+        if ensemble:  # a cross-validation ensemble: the record is one fold's
+            trained = f"{ensemble['members']} fold models, each {trained}"
         val = self.settings.get("validation") or {}
         if val:
             parts = [
