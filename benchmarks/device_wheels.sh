@@ -17,5 +17,5 @@ python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 -
     "${platforms[@]}" -d .whl \
     monai==1.6.1 pytorch-ignite==0.5.5 nibabel==5.4.2 isal==1.9.1 tqdm fire termcolor \
     tensorboard tensorboard-data-server protobuf grpcio markdown werkzeug absl-py packaging \
-    markupsafe
+    markupsafe scikit-learn==1.9.1 joblib threadpoolctl
 du -sh .whl
