@@ -336,4 +336,8 @@ def _check_ensemble_evaluation(result, data, cv_folder, temperature, out):
     for row in rows:
         folds = [float(row["prob_fold_0"]), float(row["prob_fold_1"])]
         assert float(row["prob_abnormal"]) == pytest.approx(sum(folds) / 2, abs=2e-6)
-    assert "Calibration: temperature" in (out / "report.html").read_text()
+    report = (out / "report.html").read_text()
+    assert "Calibration: temperature" in report and "<th>each fold, %</th>" in report
+    first = rows[0]
+    spread = f"{100 * float(first['prob_fold_0']):.1f} / {100 * float(first['prob_fold_1']):.1f}"
+    assert spread in report

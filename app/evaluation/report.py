@@ -50,14 +50,23 @@ def write_report(summary: dict[str, Any], rows: list[dict[str, Any]], out_dir: P
             f"<td>{e(row['method'])}</td></tr>"
         )
     scans = []
+    fold_keys = [k for k in (rows[0] if rows else {}) if k.startswith("prob_fold_")]
     for r in rows:
         prob = "" if r["prob_abnormal"] == "" else f"{100 * float(r['prob_abnormal']):.1f}%"
         wrong = r["predicted"] != "" and int(r["predicted"]) != int(r["label"])
+        folds = (  # an ensemble: what each fold model said, where they disagree
+            "<td class=num>"
+            + " / ".join(f"{100 * float(r[k]):.1f}" for k in fold_keys if r[k] != "")
+            + "</td>"
+            if fold_keys
+            else ""
+        )
         scans.append(
             f"<tr class={'wrong' if wrong else 'ok'}><td class=path>{e(str(r['path']))}</td>"
-            f"<td>{e(str(r['label_name']))}</td><td class=num>{prob}</td>"
+            f"<td>{e(str(r['label_name']))}</td><td class=num>{prob}</td>{folds}"
             f"<td>{e(str(r['predicted_name']))}</td><td>{e(str(r['error']))}</td></tr>"
         )
+    fold_head = "<th>each fold, %</th>" if fold_keys else ""
     ensemble = ""
     if summary.get("folds"):  # a cross-validation ensemble: its members, its calibration
         fold_rows = "".join(
@@ -110,7 +119,7 @@ dt {{ font-weight: bold; }} dd {{ margin: 0 0 0.5em 0; }}
 <p>{_img(out_dir / "roc.png", "ROC curve")}{_img(out_dir / "calibration.png", "calibration")}
 {_img(out_dir / "confusion.png", "confusion matrix")}</p>
 {ensemble}<h2>Scans</h2>
-<table><tr><th>path</th><th>true</th><th>P(abnormal)</th><th>predicted</th><th>error</th></tr>
+<table><tr><th>path</th><th>true</th><th>P(abnormal)</th>{fold_head}<th>predicted</th><th>error</th></tr>
 {"".join(scans)}</table>
 </body></html>
 """

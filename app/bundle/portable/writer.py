@@ -72,9 +72,9 @@ class PredictionCSV:
         if fresh:
             self.path.unlink(missing_ok=True)
         self._repair()
-        self.rows = self._read()
+        self.rows, header = self._read()
         kept = self.rows if keep is None else [r for r in self.rows if keep(r)]
-        if len(kept) != len(self.rows) or self._header() not in (None, list(COLUMNS)):
+        if len(kept) != len(self.rows) or header not in (None, list(COLUMNS)):
             self.rows = kept
             self._rewrite(kept)
         new = not self.path.exists() or self.path.stat().st_size == 0
@@ -90,18 +90,15 @@ class PredictionCSV:
             with self.path.open("r+b") as f:
                 f.truncate(data.rfind(b"\n") + 1)
 
-    def _header(self) -> list[str] | None:
-        """The existing file's columns (``None``: no file or an empty one)."""
+    def _read(self) -> tuple[list[dict[str, str]], list[str] | None]:
+        """The existing rows (every column of :data:`COLUMNS`, empty where the file lacks it)
+        and the file's own columns (``None``: no file or an empty one)."""
         if not self.path.exists():
-            return None
+            return [], None
         with self.path.open(newline="") as f:
-            return next(csv.reader(f), None)
-
-    def _read(self) -> list[dict[str, str]]:
-        if not self.path.exists():
-            return []
-        with self.path.open(newline="") as f:
-            return [{k: r.get(k) or "" for k in COLUMNS} for r in csv.DictReader(f)]
+            reader = csv.DictReader(f)
+            rows = [{k: r.get(k) or "" for k in COLUMNS} for r in reader]
+            return rows, None if reader.fieldnames is None else list(reader.fieldnames)
 
     def _rewrite(self, rows: Iterable[dict[str, str]]) -> None:
         buf = io.StringIO()
