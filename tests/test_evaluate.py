@@ -205,3 +205,19 @@ def test_evaluate_refuses_unlabelled_data_and_bad_values(checkpoint, tmp_path, c
     assert main(["--data", str(tmp_path), "--threshold", "1.5", *base]) == 2
     assert main(["--data", str(tmp_path), "--bootstrap", "5", *base]) == 2
     assert not (tmp_path / "E").exists()
+
+
+@pytest.mark.parametrize(
+    "matrix", [[[39, 21], [22, 38]], [[45, 15], [29, 31]], [[0, 0], [0, 5]], [[0, 0], [0, 0]]]
+)
+def test_confusion_counts_read_on_their_cells(matrix):
+    """Every count's text contrasts with its cell: white on dark blue, black on light (a count
+    near the smallest one of a matrix was once white on a near-white cell)."""
+    from app.evaluation.plots import confusion_colours
+
+    cells, text = confusion_colours(np.array(matrix))
+    for i in range(2):
+        for j in range(2):
+            luminance = float(cells[i, j, :3] @ np.array([0.2126, 0.7152, 0.0722]))
+            ink = 1.0 if text[i][j] == "white" else 0.0
+            assert abs(luminance - ink) > 0.4, (matrix, i, j, luminance, text[i][j])

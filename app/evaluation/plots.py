@@ -66,13 +66,27 @@ def plot_calibration(
     plt.close(fig)
 
 
+def confusion_colours(matrix: np.ndarray) -> tuple[np.ndarray, list[list[str]]]:
+    """Each cell's colour (``Blues`` from 0 to the largest count) and the text colour that
+    reads on it (white on dark cells, black on light ones)."""
+    from matplotlib import colormaps
+    from matplotlib.colors import Normalize
+
+    norm = Normalize(vmin=0, vmax=max(1, int(matrix.max())))
+    cells = colormaps["Blues"](norm(matrix))
+    luminance = cells[..., :3] @ np.array([0.2126, 0.7152, 0.0722])
+    text = [["white" if v < 0.5 else "black" for v in row] for row in luminance]
+    return cells, text
+
+
 def plot_confusion(m: BinaryMetrics, path: str | Path, class_names: list[str]) -> None:
     """The 2x2 confusion matrix at the threshold, counts and row percentages."""
     plt = _pyplot()
     c = m.confusion
     matrix = np.array([[c["tn"], c["fp"]], [c["fn"], c["tp"]]])
     fig, ax = plt.subplots(figsize=(4.5, 4))
-    ax.imshow(matrix, cmap="Blues")
+    cells, text = confusion_colours(matrix)
+    ax.imshow(cells)
     for (i, j), count in np.ndenumerate(matrix):
         share = count / max(1, matrix[i].sum())
         ax.text(
@@ -82,7 +96,7 @@ def plot_confusion(m: BinaryMetrics, path: str | Path, class_names: list[str]) -
             ha="center",
             va="center",
             fontsize=12,
-            color="white" if count > matrix.max() / 2 else "black",
+            color=text[i][j],
         )
     ax.set_xticks([0, 1], [f"predicted {n}" for n in class_names])
     ax.set_yticks([0, 1], [f"true {n}" for n in class_names])
