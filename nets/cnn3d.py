@@ -225,8 +225,6 @@ class CNN3D(nn.Module):
         norm: str = "batch",
     ) -> None:
         super().__init__()
-        if norm not in NORMS:
-            raise ValueError(f"norm must be one of {', '.join(NORMS)}, got {norm!r}")
         channels = [in_channels, *filters]
         self.features = nn.Sequential(
             *(

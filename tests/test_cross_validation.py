@@ -19,6 +19,14 @@ def cv_data(tmp_path_factory):
     return synth_dataset(tmp_path_factory.mktemp("cv") / "d", 6, (64, 64, 16), seed=3)
 
 
+def _train_two_folds(data, out) -> int:
+    """app.train's exit status for a 2-fold CV of one epoch at 48^3 on the CPU."""
+    from app.train import main
+
+    return main(["--data", str(data), "--output", str(out), "--folds", "2", "--epochs", "1",
+                 "--spatial-size", "48", "48", "48", "--device", "cpu", "--no-progress"])  # fmt: skip
+
+
 def test_folds_partition_the_data_stratified_and_seeded(cv_data):
     items = find_items(cv_data)
     folds = [make_split(items, train_fraction=0.7, seed=5, folds=3, fold=k) for k in range(3)]
@@ -135,31 +143,9 @@ def test_cross_validation_folder_is_one_model_the_mean_of_its_folds(cv_data, tmp
 
     from app.evaluate import evaluate
     from app.inference.classifier import Classifier
-    from app.train import main
 
     out = tmp_path / "cv"
-    assert (
-        main(
-            [
-                "--data",
-                str(cv_data),
-                "--output",
-                str(out),
-                "--folds",
-                "2",
-                "--epochs",
-                "1",
-                "--spatial-size",
-                "48",
-                "48",
-                "48",
-                "--device",
-                "cpu",
-                "--no-progress",
-            ]
-        )
-        == 0
-    )
+    assert _train_two_folds(cv_data, out) == 0
     calibration = json.loads((out / "cv_calibration.json").read_text())
     ensemble = Classifier.load(out, device="cpu", precision="fp32")
     assert ensemble.threshold == pytest.approx(calibration["threshold_calibrated"])
@@ -208,31 +194,9 @@ def test_cross_validation_exports_as_one_bundle_that_equals_app_infer(cv_data, t
     from app.bundle.export import monai_bundle
     from app.export import main as export_main
     from app.infer import main as infer_main
-    from app.train import main as train_main
 
     cv, bundle = tmp_path / "cv", tmp_path / "bundle"
-    assert (
-        train_main(
-            [
-                "--data",
-                str(cv_data),
-                "--output",
-                str(cv),
-                "--folds",
-                "2",
-                "--epochs",
-                "1",
-                "--spatial-size",
-                "48",
-                "48",
-                "48",
-                "--device",
-                "cpu",
-                "--no-progress",
-            ]
-        )
-        == 0
-    )
+    assert _train_two_folds(cv_data, cv) == 0
     assert export_main(["--checkpoint", str(cv), "--output", str(bundle), "--no-onnx"]) == 0
     assert (bundle / "models" / "model.ts").is_file()  # MONAI scripted the ensemble itself
     blocker = tmp_path / "blocker"

@@ -119,51 +119,11 @@ def test_set(tmp_path_factory):
 
 
 def test_evaluate_writes_every_file_naming_model_and_data(test_set, checkpoint, tmp_path, capsys):
-    from app.evaluate import main
+    from app.evaluate import FILES, main
 
     (test_set / "CT-0" / "broken.nii.gz").write_bytes(b"\x1f\x8b not really gzip")
     out = tmp_path / "E"
-    try:
-        rc = main(
-            [
-                "--data",
-                str(test_set),
-                "--checkpoint",
-                str(checkpoint),
-                "--output",
-                str(out),
-                "--device",
-                "cpu",
-                "--bootstrap",
-                "200",
-                "--no-progress",
-            ]
-        )
-    finally:
-        (test_set / "CT-0" / "broken.nii.gz").unlink()
-    assert rc == 1  # one scan failed: listed, left out of the metrics
-    printed = capsys.readouterr().out
-    assert "roc_auc" in printed and "1 failed" in printed
-    for name in (
-        "metrics.json",
-        "predictions.csv",
-        "roc.png",
-        "calibration.png",
-        "confusion.png",
-        "report.html",
-    ):
-        assert (out / name).stat().st_size > 0, name
-    summary = json.loads((out / "metrics.json").read_text())
-    assert summary["failed"] == 1 and summary["metrics"]["n"] == 12
-    assert summary["model"]["checkpoint"].endswith("model.pt")
-    with (out / "predictions.csv").open() as f:
-        rows = list(csv.DictReader(f))
-    assert len(rows) == 13 and sum(1 for r in rows if r["error"]) == 1
-    page = (out / "report.html").read_text()
-    assert str(test_set) in page and "model.pt" in page and "ROC-AUC" in page
-    assert page.count("data:image/png;base64,") == 3
-    # an evaluation is not replaced without --overwrite
-    again = [
+    args = [
         "--data",
         str(test_set),
         "--checkpoint",
@@ -176,9 +136,28 @@ def test_evaluate_writes_every_file_naming_model_and_data(test_set, checkpoint, 
         "200",
         "--no-progress",
     ]
-    assert main(again) == 2
+    try:
+        rc = main(args)
+    finally:
+        (test_set / "CT-0" / "broken.nii.gz").unlink()
+    assert rc == 1  # one scan failed: listed, left out of the metrics
+    printed = capsys.readouterr().out
+    assert "roc_auc" in printed and "1 failed" in printed
+    for name in FILES:
+        assert (out / name).stat().st_size > 0, name
+    summary = json.loads((out / "metrics.json").read_text())
+    assert summary["failed"] == 1 and summary["metrics"]["n"] == 12
+    assert summary["model"]["checkpoint"].endswith("model.pt")
+    with (out / "predictions.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 13 and sum(1 for r in rows if r["error"]) == 1
+    page = (out / "report.html").read_text()
+    assert str(test_set) in page and "model.pt" in page and "ROC-AUC" in page
+    assert page.count("data:image/png;base64,") == 3
+    # an evaluation is not replaced without --overwrite
+    assert main(args) == 2
     assert "--overwrite" in capsys.readouterr().err
-    assert main([*again, "--overwrite"]) == 0
+    assert main([*args, "--overwrite"]) == 0
 
 
 def test_evaluate_from_python_matches_the_files_and_escapes_paths(checkpoint, tmp_path):
