@@ -53,6 +53,46 @@ class UsageError(CTClassifyError):
     """A command-line value that cannot work (exit status 2)."""
 
 
+class EvaluationError(CTClassifyError):
+    """The test set gives no figures: no scan classified, or one class only (exit status 2)."""
+
+
+def scans_the_model_used(checkpoint: Path, paths: list[str]) -> dict[str, str]:
+    """Which of ``paths`` the model at ``checkpoint`` trained or validated on (``path ->
+    "training"``, ``"validation"``, ``"fold k training"``...), from the ``split.json`` of its
+    run folder, or of each fold of a cross-validation folder. Files are compared by their real
+    paths (``./x``, links); a bundle records no scans and gives ``{}``."""
+    import os
+
+    from app.readback import read_split
+    from app.run_folder import SPLIT
+
+    folder = checkpoint if checkpoint.is_dir() else checkpoint.parent
+    splits = [("", folder / SPLIT)]
+    folds = sorted(p for p in folder.glob("fold-*") if p.name[5:].isdigit())
+    splits += [(f"fold {p.name[5:]} ", p / SPLIT) for p in folds]
+    used: dict[str, str] = {}
+    for prefix, path in splits:
+        if path.is_file():
+            split = read_split(path)
+            for part in ("training", "validation"):
+                for item in split[part]:
+                    used.setdefault(os.path.realpath(item["image"]), f"{prefix}{part}")
+    found = {}
+    for scan in paths:
+        where = used.get(os.path.realpath(scan))
+        if where is not None:
+            found[scan] = where
+    return found
+
+
+def _overlap_text(overlap: dict[str, str]) -> str:
+    counts: dict[str, int] = {}
+    for where in overlap.values():
+        counts[where] = counts.get(where, 0) + 1
+    return ", ".join(f"{n} in {where}" for where, n in sorted(counts.items()))
+
+
 @dataclass
 class Evaluation:
     """The result of :func:`evaluate`."""
@@ -69,6 +109,14 @@ class Evaluation:
     folds: list[dict[str, Any]] = field(default_factory=list)
     #: an ensemble's ``{"temperature", "before": {nll, brier, ece}, "after": {...}}``
     calibration: dict[str, Any] | None = None
+    #: with ``allow_overlap``: ``{"scans", "used_for"}`` of test scans the model trained or
+    #: validated on (every figure is then not independent); ``None`` when there were none
+    overlap: dict[str, Any] | None = None
+
+    @property
+    def independent(self) -> bool:
+        """Whether no test scan was used in the model's training or validation."""
+        return self.overlap is None
 
     def table(self) -> list[dict[str, Any]]:
         """One row per metric (value, CI, method): ``pandas.DataFrame(evaluation.table())``.
@@ -108,6 +156,8 @@ class Evaluation:
             "data": self.data,
             "date": self.date,
             "failed": self.failed,
+            "independent": self.independent,
+            "overlap": self.overlap,
             "metrics": {**self.metrics.as_dict(), "rows": self.metrics.rows()},
             "folds": [{**f, "roc_auc": asdict(f["roc_auc"])} for f in self.folds],
             "calibration": self.calibration,
@@ -128,6 +178,7 @@ def evaluate(
     seed: int = 0,
     overwrite: bool = False,
     progress: bool = False,
+    allow_overlap: bool = False,
 ) -> Evaluation:
     """Classify every scan of the labelled set ``data`` with the model at ``checkpoint`` (run
     folder, checkpoint file or exported bundle) and measure it; with ``output``, write the
@@ -136,8 +187,10 @@ def evaluate(
     Raises:
         DataError: ``data`` has no labelled scans.
         CheckpointError: the model cannot be loaded.
-        UsageError: ``output`` holds an evaluation already (pass ``overwrite``), or a value is
-            out of range.
+        UsageError: ``output`` holds an evaluation already (pass ``overwrite``), a value is
+            out of range, or test scans were used in the model's training or validation (their
+            run folders' ``split.json``), unless ``allow_overlap``.
+        EvaluationError: no scan could be classified, or those classified are of one class.
     """
     from app.data.datalist import find_items
     from app.inference.classifier import Classifier
@@ -151,11 +204,30 @@ def evaluate(
         raise UsageError(f"{out} holds an evaluation already: pass --overwrite to replace it")
     items = find_items(data)
     clf = Classifier.load(checkpoint, device=device, threshold=threshold, precision=precision)
+    overlap = scans_the_model_used(Path(str(clf.checkpoint)), [str(i["image"]) for i in items])
+    if overlap and not allow_overlap:
+        raise UsageError(
+            f"{len(overlap)} of the {len(items)} test scans were used by the model "
+            f"({_overlap_text(overlap)}, e.g. {next(iter(overlap))}): its figures on them would "
+            "not be independent; evaluate on scans it never saw, or pass --allow-overlap to "
+            "evaluate anyway (every figure is then marked as not independent)"
+        )
     labels = [int(cast(int, item["label"])) for item in items]
     rows = _classify(
         clf, [str(item["image"]) for item in items], labels, batch_size, workers, progress
     )
     ok = [r for r in rows if r["prob_abnormal"] != ""]
+    if not ok:
+        first = next((r["error"] for r in rows if r["error"]), "")
+        raise EvaluationError(
+            f"none of the {len(rows)} scans could be classified (first error: {first[:200]}): "
+            "no figures"
+        )
+    if len({int(r["label"]) for r in ok}) < 2:
+        raise EvaluationError(
+            f"the {len(ok)} classified scans are all of one class ({clf.class_names[int(ok[0]['label'])]}): "
+            "ROC-AUC, sensitivity and specificity need scans of both classes"
+        )
     metrics = binary_metrics(
         np.array([float(r["prob_abnormal"]) for r in ok]),
         np.array([int(r["label"]) for r in ok]),
@@ -182,6 +254,7 @@ def evaluate(
         data=str(data),
         date=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         failed=len(rows) - len(ok),
+        overlap={"scans": len(overlap), "used_for": _overlap_text(overlap)} if overlap else None,
     )
     if out is not None:
         result.files = _write(result, out, clf.class_names)
@@ -275,6 +348,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--seed", type=int, default=0, help="seed of the bootstrap (default 0)")
     p.add_argument("--overwrite", action="store_true", help="replace an evaluation in --output")
+    p.add_argument(
+        "--allow-overlap",
+        action="store_true",
+        help="evaluate even when test scans were used in the model's training or validation "
+        "(refused by default); every figure is then marked as not independent",
+    )
     add_progress_option(p)
     return p
 
@@ -295,12 +374,18 @@ def main(argv: list[str] | None = None) -> int:
             seed=args.seed,
             overwrite=args.overwrite,
             progress=show_progress(args.no_progress),
+            allow_overlap=args.allow_overlap,
         )
     except CTClassifyError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     m = result.metrics
     print(f"model: {result.model['description']}")
+    if result.overlap:
+        print(
+            f"NOT INDEPENDENT: {result.overlap['scans']} test scans were used by the model "
+            f"({result.overlap['used_for']}); every figure below is optimistic"
+        )
     print(
         f"{m.n} scans ({m.n_positive} abnormal, {m.n_negative} normal), {result.failed} failed; "
         f"threshold {m.threshold:g}; {int(100 * m.confidence)}% confidence intervals"

@@ -97,6 +97,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         out = output_folder(args)
         clf = load_model(args)
+        if args.saliency and clf.folds:
+            raise UsageError(
+                f"--saliency needs one network; {args.checkpoint} is a cross-validation ensemble "
+                f"of {clf.folds} fold models: pass one fold's folder (e.g. "
+                f"{Path(str(args.checkpoint)) / 'fold-0'}) for its Grad-CAM"
+            )
         inputs = find_scan_inputs(args.folder)
         log = open_log(out, clf, overwrite=args.overwrite)
     except (UsageError, CTClassifyError) as exc:

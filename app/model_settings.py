@@ -38,6 +38,8 @@ MODEL_DEFAULTS = {"norm": "batch"}
 
 #: prefixes MONAI's config parser acts on: expression, reference, macro
 CONFIG_SYNTAX = ("$", "@", "%")
+#: what makes a key an id path into nested entries for MONAI's parser
+ID_PATH = ("#", "::")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9 _.+-]{0,63}$")
 _AXES = ({"L", "R"}, {"A", "P"}, {"S", "I"})
 _MAX_DEPTH = 8
@@ -52,7 +54,7 @@ def find_config_syntax(
     value: Any, where: str = "settings", depth: int = 0, budget: list[int] | None = None
 ) -> str | None:
     """The path of the first value MONAI's parser would act on (``$``/``@``/``%`` strings,
-    ``_target_`` keys), or of a structure too deep or too large to be settings; ``None`` if clean.
+    ``_target_`` keys, keys that are id paths with ``#`` or ``::``), or of a structure too deep or too large to be settings; ``None`` if clean.
 
     At most ``_MAX_ITEMS`` values are visited in all, so YAML aliases that repeat one list many
     times over ("billion laughs") cost no more than a flat list.
@@ -71,7 +73,12 @@ def find_config_syntax(
         for key, item in value.items():
             if not isinstance(key, str):
                 return f"{where} (key {key!r} is not a string)"
-            if key.startswith("_") and key.endswith("_") or key.startswith(CONFIG_SYNTAX):
+            if (
+                key.startswith("_")
+                and key.endswith("_")
+                or key.startswith(CONFIG_SYNTAX)
+                or any(part in key for part in ID_PATH)
+            ):
                 return f"{where}.{key}"
             found = find_config_syntax(item, f"{where}.{key}", depth + 1, budget)
             if found:
@@ -185,12 +192,34 @@ def _bool(value: Any) -> bool:
     return value
 
 
+def _sha256(value: Any) -> str:
+    if not isinstance(value, str) or not re.fullmatch(r"[0-9a-f]{64}", value):
+        raise ValueError(f"a SHA-256 in 64 hexadecimal digits, got {value!r}"[:200])
+    return value
+
+
+def shareable(settings: Mapping[str, Any]) -> dict[str, Any]:
+    """``settings`` without the absolute paths of the machine that trained the model (they
+    often hold patient or study names): the data named by its folder name alone, beside the
+    content digest ``training_data.digest`` where it was recorded."""
+    out = dict(settings)
+    if "dataset_dir" in out:
+        out["dataset_dir"] = Path(str(out["dataset_dir"])).name
+    if isinstance(out.get("training_data"), Mapping):
+        data = dict(out["training_data"])
+        if "source" in data:
+            data["source"] = Path(str(data["source"])).name
+        out["training_data"] = data
+    return out
+
+
 #: checks of the ``training_data`` record (what the model was trained on)
 TRAINING_DATA_FIELDS: dict[str, Callable[[Any], Any]] = {
     "scans": _int(0, 10_000_000),
     "class_counts": _list(_int(0, 10_000_000), 2, 2),
     "generated": _bool,
     "source": _path_text,
+    "digest": _sha256,
     "spacing_min": _spacing,
     "spacing_max": _spacing,
     "shape_min": _shape,

@@ -17,6 +17,10 @@ from app.errors import ConfigError
 LAST_PREFIX = "last"
 #: the best model of a run (train.yaml's ``key_metric_filename`` writes it)
 BEST_MODEL = "best_model.pt"
+#: the run's split (a MONAI datalist) with the record of how it was made
+SPLIT = "split.json"
+#: written when a run's training ended (early stop or its last epoch), removed when it resumes
+FINISHED = "finished.json"
 #: what ``app.train`` writes into a run folder (``overrides.json`` first of all)
 RUN_ENTRIES = (
     "overrides.json",
@@ -27,7 +31,8 @@ RUN_ENTRIES = (
     "metrics.json",
     "curves.png",
     "montage.png",
-    "split.json",
+    SPLIT,
+    FINISHED,
     BEST_MODEL,
     f"{LAST_PREFIX}_checkpoint_epoch=*.pt",
     "tensorboard",
@@ -35,7 +40,7 @@ RUN_ENTRIES = (
     ".*.tmp",  # an atomic write killed mid-write (app.bundle.portable.files)
 )
 #: what ``app.export`` writes into a bundle folder
-BUNDLE_ENTRIES = ("configs", "models", "scripts", "docs", "LICENSE")
+BUNDLE_ENTRIES = ("configs", "models", "scripts", "docs", "LICENSE", ".ctclassify-bundle.json")
 
 
 def _unknown(folder: Path, patterns: Iterable[str]) -> list[str]:
@@ -83,19 +88,59 @@ def kept_row(rows: Sequence[Mapping[str, Any]]) -> Mapping[str, Any] | None:
 
 
 def read_metrics(path: str | Path) -> list[dict[str, Any]]:
-    """Rows of a ``metrics.csv`` as dicts of floats (``epoch`` as int); [] if there is none."""
+    """Rows of a ``metrics.csv`` as dicts of floats (``epoch`` as int); [] if there is none.
+
+    Read as data: columns are plain metric names (``epoch``, ``val_acc``...), ``epoch`` a
+    whole number from 1, every other value a finite number or empty, at most 100,000 rows and
+    16 MB; anything else is a :class:`app.readback.ReadBackError` naming the file, row and column.
+    """
+    import math
+    import re
+
+    from app.readback import ReadBackError
+
     path = Path(path)
     if not path.exists():
         return []
+    if path.stat().st_size > 16 * 1024**2:
+        raise ReadBackError(f"{path} is larger than 16 MB: not a run's metrics")
     rows = []
-    with path.open(newline="") as f:
-        for row in csv.DictReader(f):
-            rows.append(
-                {
-                    k: (int(v) if k == "epoch" else (float(v) if v != "" else None))
-                    for k, v in row.items()
-                }
-            )
+    try:
+        with path.open(newline="", encoding="utf-8") as f:
+            reader = csv.DictReader(f)
+            names = reader.fieldnames or []
+            bad = next((n for n in names if not re.fullmatch(r"[a-z][a-z0-9_]{0,63}", n)), None)
+            if bad is not None or "epoch" not in names:
+                raise ReadBackError(
+                    f"{path}: column {str(bad)[:60]!r} is not a metric name"
+                    if bad is not None
+                    else f"{path}: no 'epoch' column"
+                )
+            for number, row in enumerate(reader, start=2):
+                if number > 100_001:
+                    raise ReadBackError(f"{path}: more than 100,000 rows")
+                out: dict[str, Any] = {}
+                for key, text in row.items():
+                    if key is None or text is None:
+                        raise ReadBackError(f"{path}, line {number}: not one value per column")
+                    try:
+                        value = int(text) if key == "epoch" else (float(text) if text else None)
+                    except ValueError:
+                        value = math.nan
+                    if key == "epoch" and (not isinstance(value, int) or value < 1):
+                        raise ReadBackError(
+                            f"{path}, line {number}: column 'epoch' must be a whole number from "
+                            f"1, got {text[:40]!r}"
+                        )
+                    if isinstance(value, float) and not math.isfinite(value):
+                        raise ReadBackError(
+                            f"{path}, line {number}: column {key!r} must be a finite number or "
+                            f"empty, got {text[:40]!r}"
+                        )
+                    out[key] = value
+                rows.append(out)
+    except (OSError, UnicodeDecodeError, csv.Error) as exc:
+        raise ReadBackError(f"{path} cannot be read ({str(exc)[:200]})") from None
     return rows
 
 
@@ -114,3 +159,34 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
     """The newest ``last_checkpoint_epoch=N.pt`` in ``run_dir`` (highest N), or ``None``."""
     found = last_checkpoints(run_dir)
     return max(found)[1] if found else None
+
+
+def mark_finished(run_dir: str | Path, epoch: int, reason: str) -> None:
+    """Record that the run in ``run_dir`` ended at ``epoch`` (:data:`FINISHED`)."""
+    import json
+
+    from app.bundle.portable.files import atomic_write_text
+
+    atomic_write_text(
+        Path(run_dir) / FINISHED, json.dumps({"epoch": int(epoch), "reason": str(reason)[:400]})
+    )
+
+
+def is_finished(run_dir: str | Path) -> bool:
+    """Whether the run's record says its training ended; its :data:`FINISHED` file is checked
+    as data (a malformed one is refused, naming the file)."""
+    from app.readback import ReadBackError, count, read_json
+
+    path = Path(run_dir) / FINISHED
+    if not path.is_file():
+        return False
+    record = read_json(path, 1 << 16)
+    if not isinstance(record, dict) or set(record) != {"epoch", "reason"}:
+        raise ReadBackError(f"{path}: expected the keys 'epoch' and 'reason'")
+    try:
+        count(record["epoch"])
+    except ValueError as exc:
+        raise ReadBackError(f"{path}: key 'epoch' must be {exc}") from None
+    if not isinstance(record["reason"], str):
+        raise ReadBackError(f"{path}: key 'reason' must be text")
+    return True

@@ -239,9 +239,9 @@ def _cross_validate(args: argparse.Namespace) -> int:
     if result is None:
         return code
     if result.summary is None:
-        from app.run_folder import BEST_MODEL
+        from app.run_folder import is_finished
 
-        missing = [str(d) for d in result.fold_dirs if not (d / BEST_MODEL).exists()]
+        missing = [str(d) for d in result.fold_dirs if not is_finished(d)]
         print(f"folds still to run: {', '.join(missing)}; the summary follows when all are done")
         return 0
     print(f"cross-validation: {result.output} ({result.folds} folds)")

@@ -160,7 +160,16 @@ def test_cross_validation_folder_is_one_model_the_mean_of_its_folds(cv_data, tmp
     predicted = ensemble.predict(scan)
     assert predicted.prob_abnormal == pytest.approx(sum(members) / 2, abs=2e-6)
     assert predicted.fold_probs == pytest.approx(members, abs=2e-6)  # each fold's, scaled
-    result = evaluate(cv_data, out, tmp_path / "E", device="cpu", n_resamples=200)
+    from app.evaluate import UsageError
+
+    with pytest.raises(UsageError, match="12 of the 12 test scans were used by the model"):
+        evaluate(cv_data, out, tmp_path / "E", device="cpu", n_resamples=200)
+    result = evaluate(
+        cv_data, out, tmp_path / "E", device="cpu", n_resamples=200, allow_overlap=True
+    )
+    assert result.overlap == {"scans": 12, "used_for": "6 in fold 0 training, 6 in fold 0 validation"}
+    assert json.loads((tmp_path / "E" / "metrics.json").read_text())["independent"] is False
+    assert "NOT INDEPENDENT: 12 test scans" in (tmp_path / "E" / "report.html").read_text()
     assert result.metrics.n == 12 and result.metrics.threshold == ensemble.threshold
     _check_ensemble_evaluation(result, cv_data, out, calibration["temperature"], tmp_path / "E")
     # app.infer: each fold's probability in predictions.json, their mean the ensemble's
@@ -174,11 +183,21 @@ def test_cross_validation_folder_is_one_model_the_mean_of_its_folds(cv_data, tmp
         assert len(row["fold_probs"]) == 2
         assert row["prob_abnormal"] == pytest.approx(sum(row["fold_probs"]) / 2, abs=2e-6)
     assert "folds " in (tmp_path / "I" / "report.html").read_text()
-    (out / "cv_calibration.json").write_text('{"temperature": "$__import__(\'os\')"}')
     from app.inference.classifier import CheckpointError
 
-    with pytest.raises(CheckpointError, match="cannot be read"):
-        Classifier.load(out, device="cpu")
+    canary = tmp_path / "canary"
+    for key, value in (
+        ("temperature", f"$open({str(canary)!r}, 'w')"),
+        ("threshold_method", f"$open({str(canary)!r}, 'w')"),
+        ("loss#_target_", "os.system"),
+        ("threshold", float("nan")),
+    ):
+        (out / "cv_calibration.json").write_text(json.dumps({**calibration, key: value}))
+        with pytest.raises(CheckpointError, match=f"cv_calibration.json: key '{key}'"):
+            Classifier.load(out, device="cpu")
+        assert not canary.exists()
+    (out / "cv_calibration.json").write_text(json.dumps(calibration))
+    assert Classifier.load(out, device="cpu").threshold == ensemble.threshold
 
 
 def test_cross_validation_exports_as_one_bundle_that_equals_app_infer(cv_data, tmp_path):

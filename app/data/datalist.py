@@ -61,7 +61,36 @@ def discover(root: str | Path, class_map: Mapping[str, int] | None = None) -> li
         if not scans:
             raise DataError(f"class folder {root / name} holds no .nii/.nii.gz scans")
         items.extend({"image": str(p), "label": int(class_map[name])} for p in scans)
+    refuse_duplicates(items, str(root), [str(i["image"]) for i in items])
     return items
+
+
+def refuse_duplicates(items: Sequence[Item], source: str, names: Sequence[str]) -> None:
+    """Refuse two entries that are one file (the same path written another way, ``./x``,
+    ``sub/../x``, or a symbolic link to it): both copies could land on both sides of a split.
+
+    Args:
+        items: ``{"image", "label"}`` entries.
+        source: the datalist or folder, named in the message.
+        names: how to name each entry in the message (``entry 3``, a path).
+
+    Raises:
+        DataError: naming both entries, and whether they also carry two classes.
+    """
+    import os
+
+    seen: dict[str, int] = {}
+    for i, item in enumerate(items):
+        real = os.path.realpath(str(item["image"]))
+        j = seen.setdefault(real, i)
+        if j == i:
+            continue
+        labels = {int(str(items[j]["label"])), int(str(item["label"]))}
+        what = "the same file in two classes" if len(labels) == 2 else "the same file twice"
+        raise DataError(
+            f"{source}: {names[j]} and {names[i]} are {what} ({real}): a scan may appear once, "
+            "or it could land on both sides of a split; remove one"
+        )
 
 
 def load_datalist(path: str | Path) -> list[Item]:
@@ -125,6 +154,7 @@ def load_datalist(path: str | Path) -> list[Item]:
         )
     if not items:
         raise DataError(f"datalist {path} is empty")
+    refuse_duplicates(items, f"datalist {path}", [f"entry {i + 1}" for i in range(len(items))])
     return sorted(items, key=lambda d: (str(d["image"]), int(str(d["label"]))))
 
 
@@ -200,13 +230,21 @@ def make_split(
     }
 
 
-def write_split(path: str | Path, train: Sequence[Item], val: Sequence[Item]) -> None:
-    """Write a MONAI datalist JSON (``training``, ``validation``), atomically."""
+def write_split(
+    path: str | Path,
+    train: Sequence[Item],
+    val: Sequence[Item],
+    record: Mapping[str, Any] | None = None,
+) -> None:
+    """Write a MONAI datalist JSON (``training``, ``validation``), atomically, with ``record``:
+    how the split was made (seed, folds, fold, train_fraction, dataset_dir), which a resume
+    must reproduce (:func:`app.training.workflow.check_recorded_split`)."""
     from app.bundle.portable.files import atomic_write_text
 
-    atomic_write_text(
-        path, json.dumps({"training": list(train), "validation": list(val)}, indent=1)
-    )
+    content: dict[str, Any] = {"training": list(train), "validation": list(val)}
+    if record is not None:
+        content["record"] = dict(record)
+    atomic_write_text(path, json.dumps(content, indent=1))
 
 
 def describe_training_data(items: Sequence[Item], source: str | Path) -> dict[str, object]:
@@ -236,6 +274,7 @@ def describe_training_data(items: Sequence[Item], source: str | Path) -> dict[st
         "class_counts": counts,
         "generated": generated,
         "source": str(source),
+        "digest": content_digest(items, source),
     }
     if spacings:
         record["spacing_min"] = [round(float(v), 4) for v in np.min(spacings, axis=0)]
@@ -243,3 +282,31 @@ def describe_training_data(items: Sequence[Item], source: str | Path) -> dict[st
         record["shape_min"] = [int(v) for v in np.min(shapes, axis=0)]
         record["shape_max"] = [int(v) for v in np.max(shapes, axis=0)]
     return record
+
+
+def content_digest(items: Sequence[Item], source: str | Path) -> str:
+    """SHA-256 naming a dataset by its content, the same on any machine: over each scan's path
+    relative to ``source`` (its name when outside it), label and the SHA-256 of its bytes, in
+    path order. What a shared bundle records instead of the data's absolute path."""
+    import hashlib
+    import os
+
+    base = Path(source) if Path(source).is_dir() else Path(source).parent
+    lines = []
+    for item in items:
+        path = Path(str(item["image"]))
+        try:
+            name = os.path.relpath(path, base)
+            name = path.name if name.startswith("..") else name
+        except ValueError:  # another drive (Windows)
+            name = path.name
+        file_hash = hashlib.sha256()
+        try:
+            with path.open("rb") as f:
+                for block in iter(lambda: f.read(1 << 20), b""):
+                    file_hash.update(block)
+            digest = file_hash.hexdigest()
+        except OSError:
+            digest = "unreadable"
+        lines.append(f"{Path(name).as_posix()}\t{int(str(item['label']))}\t{digest}")
+    return hashlib.sha256("\n".join(sorted(lines)).encode()).hexdigest()

@@ -94,6 +94,14 @@ def write_report(summary: dict[str, Any], rows: list[dict[str, Any]], out_dir: P
 <table><tr><th></th><th>before</th><th>after</th></tr>{cal_rows}</table>
 """
     c = metrics["confusion"]
+    overlap = summary.get("overlap")
+    banner = (
+        f"<p class=banner>NOT INDEPENDENT: {overlap['scans']} test scans were used by the model "
+        f"({e(str(overlap['used_for']))}); every figure on this page is optimistic.</p>"
+        if overlap
+        else ""
+    )
+    not_independent = " (not independent)" if overlap else ""
     page = f"""<!doctype html>
 <html><head><meta charset="utf-8"><title>ctclassify evaluation</title>
 <style>
@@ -103,8 +111,10 @@ td, th {{ border: 1px solid #ccc; padding: 0.3em 0.6em; }}
 .num {{ text-align: right; }} .path {{ font-family: monospace; font-size: 0.85em; }}
 tr.wrong {{ background: #fde8e8; }} img {{ max-width: 32%; margin-right: 1%; }}
 dt {{ font-weight: bold; }} dd {{ margin: 0 0 0.5em 0; }}
+.banner {{ background: #b00020; color: white; padding: 0.6em; font-weight: bold; }}
 </style></head><body>
 <h1>Evaluation</h1>
+{banner}
 <dl>
 <dt>Model</dt><dd>{e(summary["model"]["description"])}</dd>
 <dt>Test data</dt><dd>{e(summary["data"])}: {metrics["n"]} scans classified
@@ -113,7 +123,7 @@ dt {{ font-weight: bold; }} dd {{ margin: 0 0 0.5em 0; }}
 <dt>Date</dt><dd>{e(summary["date"])}</dd>
 <dt>Confusion</dt><dd>TP {c["tp"]}, FP {c["fp"]}, TN {c["tn"]}, FN {c["fn"]}</dd>
 </dl>
-<h2>Metrics ({int(100 * metrics["confidence"])}% confidence intervals)</h2>
+<h2>Metrics ({int(100 * metrics["confidence"])}% confidence intervals){not_independent}</h2>
 <table><tr><th>metric</th><th>value</th><th>CI</th><th>method</th></tr>
 {"".join(table)}</table>
 <p>{_img(out_dir / "roc.png", "ROC curve")}{_img(out_dir / "calibration.png", "calibration")}

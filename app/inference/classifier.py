@@ -12,6 +12,7 @@ Example:
 from __future__ import annotations
 
 import itertools
+import math
 import os
 import tempfile
 import time
@@ -149,6 +150,14 @@ def load_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str
         raise CheckpointError(f"{path} holds no network weights (expected a 'network' entry)")
     if not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()):
         raise CheckpointError(f"{path}: the network entry holds values that are not tensors")
+    broken = [
+        k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())
+    ]
+    if broken:
+        raise CheckpointError(
+            f"{path}: weights {', '.join(broken[:3])} hold NaN or infinite values (a diverged or "
+            "damaged model): refused"
+        )
     return state, settings
 
 
@@ -425,18 +434,14 @@ class Classifier:
         """A cross-validation folder (``app.train --folds K``) as one model: the mean of the fold
         models' temperature-scaled probabilities, at the threshold chosen out of fold (on the
         same scale), unless ``threshold`` is given."""
-        import json
+        from app.readback import ReadBackError, read_calibration
 
         try:
-            calibration = json.loads((folder / CV_CALIBRATION).read_text())
-            temperature = float(calibration["temperature"])
-            chosen = float(calibration["threshold_calibrated"])
-        except (OSError, ValueError, KeyError, TypeError) as exc:
-            raise CheckpointError(f"{folder / CV_CALIBRATION} cannot be read ({exc})") from exc
-        if not (0 < temperature < 1e3 and 0 <= chosen <= 1):
-            raise CheckpointError(
-                f"{folder / CV_CALIBRATION}: temperature or threshold out of range"
-            )
+            calibration = read_calibration(folder / CV_CALIBRATION)
+        except ReadBackError as exc:
+            raise CheckpointError(str(exc)) from None
+        temperature = float(calibration["temperature"])
+        chosen = float(calibration["threshold_calibrated"])
         folds = sorted(
             (p for p in folder.glob("fold-*") if p.name[5:].isdigit()),
             key=lambda p: int(p.name[5:]),
@@ -542,6 +547,9 @@ class Classifier:
             ready = [r for r in batch if r["image"] is not None]
             results = self._forward([r["image"] for r in ready]) if ready else []
             for r, (p, label, folds) in zip(ready, results, strict=True):
+                if not math.isfinite(p):
+                    r["error"] = "the model gave a non-finite probability (NaN or inf): no label"
+                    continue
                 r["prob"], r["label"], r["folds"] = p, label, folds
             for r in batch:
                 prob = r.get("prob")
@@ -599,13 +607,15 @@ def build_network(settings: dict[str, Any]) -> torch.nn.Module:
 
 def _cv_means(folder: Path) -> dict[str, Any] | None:
     """The folds' mean validation metrics from ``cv_summary.json`` (no epoch: several)."""
-    import json
+    from app.readback import ReadBackError, read_cv_summary
 
-    try:
-        stats = json.loads((folder / "cv_summary.json").read_text())["mean_sd"]
-        return {k: float(v["mean"]) for k, v in stats.items() if k.startswith("val_")}
-    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+    if not (folder / "cv_summary.json").is_file():
         return None
+    try:
+        stats = read_cv_summary(folder / "cv_summary.json")["mean_sd"]
+    except ReadBackError as exc:
+        raise CheckpointError(str(exc)) from None
+    return {k: v["mean"] for k, v in stats.items()}
 
 
 def _as_input(path: str | Path) -> ScanInput:

@@ -9,6 +9,26 @@ from pathlib import Path
 from typing import Any
 
 
+def _file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def ensemble_digest(folder: Path) -> str:
+    """The content digest of a cross-validation ensemble: SHA-256 over each fold's
+    ``best_model.pt`` SHA-256 (in fold order) and its ``cv_calibration.json``, so predictions
+    written by one ensemble are never continued by another in the same folder."""
+    folds = sorted(
+        (p for p in folder.glob("fold-*") if p.name[5:].isdigit()), key=lambda p: int(p.name[5:])
+    )
+    parts = [f"{p.name}:{_file_sha256(p / 'best_model.pt')}" for p in folds]
+    parts.append(f"calibration:{_file_sha256(folder / 'cv_calibration.json')}")
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()
+
+
 @dataclass(frozen=True)
 class ModelCard:
     """A model's settings (validated), checkpoint, threshold and class names.
@@ -29,11 +49,9 @@ class ModelCard:
         """What identifies this model's predictions: checkpoint, its SHA-256, threshold, classes."""
         digest = None
         if self.checkpoint is not None and self.checkpoint.is_file():
-            h = hashlib.sha256()
-            with self.checkpoint.open("rb") as f:
-                for block in iter(lambda: f.read(1 << 20), b""):
-                    h.update(block)
-            digest = h.hexdigest()
+            digest = _file_sha256(self.checkpoint)
+        elif self.checkpoint is not None and self.settings.get("ensemble"):
+            digest = ensemble_digest(self.checkpoint)
         return {
             "checkpoint": str(self.checkpoint.resolve()) if self.checkpoint else None,
             "sha256": digest,

@@ -16,6 +16,29 @@ JSON_NAME = "predictions.json"
 MODEL_NAME = "model.json"
 
 
+def is_complete_row(row: dict[str, str]) -> bool:
+    """Whether a ``predictions.csv`` row read back is a whole result: a path, a finite
+    probability in [0, 1], a short plain label, a number of seconds (or empty) and fold
+    probabilities that parse (or empty)."""
+    import math
+
+    try:
+        prob = float(row["prob_abnormal"])
+        seconds = float(row["seconds"]) if row.get("seconds") else 0.0
+    except (ValueError, TypeError):
+        return False
+    label = row.get("label") or ""
+    return (
+        bool(row.get("path"))
+        and math.isfinite(prob)
+        and 0.0 <= prob <= 1.0
+        and math.isfinite(seconds)
+        and 0 < len(label) <= 64
+        and not label.lstrip().startswith(("$", "@", "%", "="))
+        and (not row.get("fold_probs") or parse_fold_probs(row["fold_probs"]) is not None)
+    )
+
+
 class OutputFolderError(ConfigError):
     """The output folder holds predictions of another model or threshold."""
 
@@ -51,10 +74,13 @@ class PredictionLog:
             self._claim(model)
         failed: list[str] = []
 
-        def keep(row: dict[str, str]) -> bool:  # a rerun retries the inputs that failed
-            if row["error"]:
+        def keep(row: dict[str, str]) -> bool:
+            # a rerun retries the inputs that failed, and any row that is not a whole result
+            # (a hand-edited or damaged file is data: such a row is never counted as done)
+            if row["error"] or not is_complete_row(row):
                 failed.append(row["path"])
-            return not row["error"]
+                return False
+            return True
 
         self._csv = PredictionCSV(self.csv_path, keep=keep)
         self.retried = failed

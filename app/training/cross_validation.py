@@ -14,6 +14,7 @@ import csv
 import io
 import json
 import math
+import shutil
 import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,6 +24,7 @@ import numpy as np
 
 from app.errors import DataError
 from app.evaluation.metrics import logits_of
+from app.run_folder import SPLIT, is_finished
 
 #: the kept epoch's validation figures in the summary
 SUMMARY_METRICS = ("val_acc", "val_auc", "val_sensitivity", "val_specificity", "val_loss")
@@ -70,32 +72,65 @@ def cross_validate(
     if target_sensitivity is not None and not 0 < target_sensitivity <= 1:
         raise DataError(f"--target-sensitivity must be in (0, 1], got {target_sensitivity}")
     out = Path(output)
+    if not overwrite:
+        _check_existing_folds(out, folds)
+    created_out = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
     result = CrossValidation(out, folds, [fold_dir(out, k) for k in range(folds)])
     todo = range(folds) if only_fold is None else [only_fold]
     for k in todo:
         run = fold_dir(out, k)
         started = run.exists() and latest_checkpoint(run) is not None
-        train(
-            data,
-            run,
-            demo=demo,
-            resume=started and not overwrite,
-            overwrite=overwrite or (run.exists() and not started),
-            overrides={**(overrides or {}), "folds": folds, "fold": k},
-            recipe=recipe,
-        )
+        created = not run.exists()
+        try:
+            train(
+                data,
+                run,
+                demo=demo,
+                resume=started and not overwrite,
+                overwrite=overwrite or (run.exists() and not started),
+                overrides={**(overrides or {}), "folds": folds, "fold": k},
+                recipe=recipe,
+            )
+        except BaseException:
+            # a fold this call created and that saved no epoch leaves nothing behind
+            if created and run.is_dir() and latest_checkpoint(run) is None:
+                shutil.rmtree(run)
+                if created_out and not any(out.iterdir()):
+                    out.rmdir()
+            raise
         result.ran.append(k)
-    if all(_finished(d) for d in result.fold_dirs):
+    if all(is_finished(d) for d in result.fold_dirs):
         result.summary = write_summary(out, result.fold_dirs)
         result.calibration = write_out_of_fold(out, result.fold_dirs, target_sensitivity)
     return result
 
 
-def _finished(run: Path) -> bool:
-    from app.run_folder import BEST_MODEL
+def _check_existing_folds(out: Path, folds: int) -> None:
+    """Refuse a cross-validation folder made with another number of folds: its folds' split
+    records say how many; a fold folder beyond K is another K's too."""
+    from app.readback import read_split
 
-    return (run / BEST_MODEL).is_file() and (run / "metrics.csv").is_file()
+    if not out.is_dir():
+        return
+    for run in sorted(out.glob("fold-*")):
+        number = run.name[5:]
+        if not number.isdigit():
+            continue
+        if int(number) >= folds:
+            raise DataError(
+                f"{out} holds {run.name}, so it was made with more than {folds} folds: use the "
+                "same --folds as before, or another --output"
+            )
+        split = run / SPLIT
+        if split.is_file():
+            record = read_split(split)["record"]
+            if record is not None and record["folds"] != folds:
+                raise DataError(
+                    f"{out} was made with --folds {record['folds']} ({split}); --folds {folds} "
+                    "would put scans trained on into validation: use the same --folds, or "
+                    "another --output"
+                )
 
 
 def _kept_epoch(run: Path) -> dict[str, Any]:
@@ -139,11 +174,11 @@ def write_summary(out: Path, runs: list[Path]) -> dict[str, Any]:
 def out_of_fold(runs: list[Path]) -> list[dict[str, Any]]:
     """Each validation scan of each fold, predicted by that fold's best model."""
     from app.inference.classifier import Classifier
+    from app.readback import read_split
 
     rows = []
     for k, run in enumerate(runs):
-        split = json.loads((run / "split.json").read_text())
-        items = split["validation"]
+        items = read_split(run / SPLIT)["validation"]
         clf = Classifier.load(run, device="auto", precision="auto")
         paths = [str(item["image"]) for item in items]
         for item, pred in zip(items, clf.predict_many(paths), strict=True):
@@ -182,15 +217,18 @@ def choose_threshold(
     probs: np.ndarray, labels: np.ndarray, target_sensitivity: float | None = None
 ) -> tuple[float, str]:
     """Youden's J (sensitivity + specificity - 1, at its maximum), or the highest threshold
-    whose sensitivity reaches ``target_sensitivity``."""
+    whose sensitivity (``prob >= threshold`` called abnormal) reaches ``target_sensitivity``.
+
+    Every distinct probability is a candidate (``roc_curve`` with ``drop_intermediate=False``:
+    the default drops points a target can fall on)."""
     from sklearn.metrics import roc_curve
 
-    fpr, tpr, thresholds = roc_curve(labels, probs)
+    fpr, tpr, thresholds = roc_curve(labels, probs, drop_intermediate=False)
     thresholds = np.minimum(thresholds, 1.0)
     if target_sensitivity is None:
         best = int(np.argmax(tpr - fpr))
         return float(thresholds[best]), "Youden's J"
-    reaching = np.flatnonzero(tpr >= target_sensitivity)
+    reaching = np.flatnonzero(tpr >= target_sensitivity - 1e-12)
     return float(thresholds[reaching[0]]), f"sensitivity >= {target_sensitivity:g}"
 
 

@@ -20,7 +20,7 @@ from typing import Any
 
 from app.config import CONFIG_DIR, config_files, load_config
 from app.errors import ConfigError, CTClassifyError, DataError
-from app.run_folder import BEST_MODEL
+from app.run_folder import BEST_MODEL, FINISHED, SPLIT, mark_finished
 
 OVERRIDES_FILE = "overrides.json"
 DEMO_CONFIG = "demo.yaml"
@@ -167,6 +167,7 @@ def train(
         >>> result.metrics[-1]["val_auc"]  # doctest: +SKIP
     """
     import transforms  # noqa: F401  (quiets MONAI's optional-decoder notices)
+    from app.training.distributed import rank
 
     config_dir = Path(config_dir)
     output = _output_folder(output)
@@ -188,13 +189,82 @@ def train(
         recipe=recipe,
     )
     if resume:
+        check_recorded_split(output, names, settings, config_dir)
         done = finished_reason(output, settings, names, config_dir)
         if done:
+            if rank() == 0 and not (output / FINISHED).exists():
+                mark_finished(output, _checkpoint_epoch(output) or 0, done)
             return _result(output, already_finished=done)
     _check_data(settings)
     _record_settings(output, settings, names)
+    if rank() == 0:
+        (output / FINISHED).unlink(missing_ok=True)
     _run_workflow(output, names, settings, resume=resume, config_dir=config_dir)
+    if rank() == 0:
+        mark_finished(output, _checkpoint_epoch(output) or 0, "training ended")
     return _result(output)
+
+
+def _checkpoint_epoch(output: Path) -> int | None:
+    """The epoch of the run's newest resumable checkpoint."""
+    from app.run_folder import last_checkpoints
+
+    found = last_checkpoints(output)
+    return max(found)[0] if found else None
+
+
+def check_recorded_split(
+    output: Path, names: list[str], settings: dict[str, Any], config_dir: Path
+) -> None:
+    """Refuse to resume ``output`` on another split than the one it trained on: its
+    ``split.json`` records the seed, folds, fold, train fraction and data; the split these
+    settings make now must be the recorded one, scan for scan.
+
+    Raises:
+        ConfigError: the recorded split is missing or unreadable, or differs (the message names
+            what differs: seed, folds, fold, train fraction, data folder, scans added/removed).
+    """
+    from app.readback import SPLIT_RECORD, ReadBackError, read_split
+
+    path = output / SPLIT
+    if not path.is_file():
+        raise ReadBackError(
+            f"--resume: {path} is missing: the split the run trained on is unknown, so a resume "
+            "could validate on scans it trained on; start a new run"
+        )
+    recorded = read_split(path)
+    parser = load_config(*names, overrides=settings, config_dir=config_dir)
+    now = {key: parser.get_parsed_content(key) for key in SPLIT_RECORD}
+    now["dataset_dir"] = str(now["dataset_dir"])
+    differs = []
+    if recorded["record"] is not None:
+        for key, value in recorded["record"].items():
+            if key == "dataset_dir":
+                if Path(value).resolve() != Path(now[key]).resolve():
+                    differs.append(f"data {value} (recorded) vs {now[key]} (now)")
+            elif value != now[key]:
+                differs.append(f"{key} {value} (recorded) vs {now[key]} (now)")
+    if not differs:
+        split = parser.get_parsed_content("split")
+
+        def pairs(items: list[Any]) -> set[tuple[str, int]]:
+            return {(str(Path(str(i["image"])).resolve()), int(i["label"])) for i in items}
+
+        before = pairs(recorded["training"]) | pairs(recorded["validation"])
+        after = pairs(split["training"]) | pairs(split["validation"])
+        if before != after:
+            differs.append(
+                f"the data changed: {len(after - before)} scans added, {len(before - after)} "
+                "removed or relabelled"
+            )
+        elif pairs(split["validation"]) != pairs(recorded["validation"]):
+            differs.append("the validation scans differ from the recorded ones")
+    if differs:
+        raise ConfigError(
+            f"--resume: {output} trained on the split recorded in {path}; these settings make "
+            f"another ({'; '.join(differs)}), which would validate on scans it trained on: "
+            "resume with the recorded settings, or start a new run"
+        )
 
 
 def _output_folder(output: str | Path | None) -> Path:
@@ -246,7 +316,7 @@ def _run_settings(
 
     settings: dict[str, Any] = {}
     if resume and (output / OVERRIDES_FILE).exists():
-        settings.update(read_saved_overrides(output / OVERRIDES_FILE, overrides))
+        settings.update(read_saved_overrides(output / OVERRIDES_FILE, overrides, config_dir))
     demo = demo or bool(settings.pop("__demo__", False))
     recipe = recipe or settings.pop("__recipe__", None) or (DEMO_RECIPE if demo else None)
     names = ["train.yaml"]
@@ -424,31 +494,25 @@ def _user_error(exc: BaseException) -> CTClassifyError | None:
 DEVICE_EXPRESSIONS = {f"$torch.device('{d}')" for d in ("cpu", "cuda")}
 
 
-def read_saved_overrides(path: Path, given: dict[str, Any]) -> dict[str, Any]:
+def read_saved_overrides(
+    path: Path, given: dict[str, Any], config_dir: Path = CONFIG_DIR
+) -> dict[str, Any]:
     """A run folder's ``overrides.json`` for ``--resume``, read as data.
 
-    The file comes from a folder, which may come from someone else: a value that MONAI's parser
-    would evaluate (``$``/``@``/``%`` strings, ``_target_`` dicts) is refused unless it is one
-    ``--device`` writes, or the same value is given again on this command line (``given``).
+    The file comes from a folder, which may come from someone else: every key must be a plain
+    config id of ``configs/*.yaml`` (never an id path such as ``loss#_target_``), every value of
+    its default's type and free of config syntax, unless it is an expression ``--device`` writes,
+    or the same key and value are given again on this command line (``given``).
     """
-    from app.model_settings import find_config_syntax
+    from app.readback import check_overrides, config_defaults, read_json
 
-    try:
-        saved = json.loads(path.read_text())
-    except (OSError, ValueError) as exc:
-        raise ConfigError(f"--resume: {path} cannot be read ({exc})") from exc
-    if not isinstance(saved, dict):
-        raise ConfigError(f"--resume: {path} is not a JSON object")
-    for key, value in saved.items():
-        if key == "device" and value in DEVICE_EXPRESSIONS:
-            continue
-        found = find_config_syntax(value, key)
-        if found and given.get(key) != value:
-            raise ConfigError(
-                f"--resume: {path} field {found} holds config syntax, which is never evaluated "
-                f"from a file; give it again on the command line (--set {key}=...) to use it"
-            )
-    return saved
+    return check_overrides(
+        read_json(path, 1 << 20),
+        path,
+        config_defaults(config_dir),
+        given,
+        {"device": DEVICE_EXPRESSIONS},
+    )
 
 
 def finished_reason(

@@ -1,0 +1,344 @@
+"""Files the app wrote, read back as outside data: a user may have edited, copied or been sent
+them. Each reader takes an allow-list of keys with a check per key, refuses anything else with a
+:class:`ReadBackError` naming the file and the key (the command lines exit 2), and returns new
+plain values built from the checked ones. Nothing read here ever reaches MONAI's config parser
+as an id path (``#``, ``::``), a reference (``@``), an expression (``$``), a macro (``%``) or a
+``_target_``/``_requires_``/``_disabled_`` entry.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from collections.abc import Callable, Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+from app.errors import ConfigError
+
+#: larger files are not ones the app writes (a 1,110-scan split.json is about 150 KB)
+MAX_JSON_BYTES = 16 * 1024**2
+#: a config id a run folder may set: a plain top-level name, never an id path or syntax
+_PLAIN_ID = re.compile(r"^[A-Za-z][A-Za-z0-9_]{0,63}$")
+#: what overrides.json records beside the config ids (``app.training.workflow``)
+RUN_MARKERS = ("__demo__", "__recipe__")
+
+
+class ReadBackError(ConfigError):
+    """A file the app reads back is unusable or unsafe; the message names the file and key."""
+
+
+def read_json(path: str | Path, max_bytes: int = MAX_JSON_BYTES) -> Any:
+    """The JSON value in ``path``, at most ``max_bytes``; :class:`ReadBackError` otherwise."""
+    path = Path(path)
+    try:
+        size = path.stat().st_size
+        if size > max_bytes:
+            raise ReadBackError(f"{path} is {size:,} bytes, more than {max_bytes:,}: refused")
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError, UnicodeDecodeError, RecursionError) as exc:
+        raise ReadBackError(f"{path} cannot be read ({str(exc)[:200]})") from None
+
+
+def _syntax(value: Any, where: str) -> str | None:
+    from app.model_settings import find_config_syntax
+
+    return find_config_syntax(value, where)
+
+
+def _kind(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "bool"
+    if isinstance(value, (int, float)):
+        return "number"
+    if isinstance(value, str):
+        return "text"
+    if isinstance(value, list):
+        return "list"
+    return type(value).__name__
+
+
+def _plain(value: Any, depth: int = 0) -> bool:
+    """A scalar or a list of them (lists nested at most 3 deep): what a run's override holds."""
+    if value is None or isinstance(value, (bool, int, str)):
+        return not isinstance(value, str) or len(value) <= 4096
+    if isinstance(value, float):
+        return math.isfinite(value)
+    if isinstance(value, list) and depth < 3 and len(value) <= 10_000:
+        return all(_plain(v, depth + 1) for v in value)
+    return False
+
+
+def check_overrides(
+    saved: Any,
+    path: str | Path,
+    defaults: Mapping[str, Any],
+    given: Mapping[str, Any],
+    allowed_expressions: Mapping[str, Iterable[str]] | None = None,
+) -> dict[str, Any]:
+    """A run folder's ``overrides.json`` as checked data.
+
+    Args:
+        saved: the file's JSON value.
+        path: the file, named in messages.
+        defaults: every config id the configs define, with its default (its type is the type
+            a saved value must have, unless the default is itself an expression).
+        given: this command line's overrides: a key or value that would be refused from the
+            file is accepted when the same key and value are given again here.
+        allowed_expressions: expressions the app writes itself (``--device``), by key.
+
+    Raises:
+        ReadBackError: a key that is not a plain known config id (an id path such as
+            ``loss#_target_``, ``::``, syntax, an unknown name), a value with config syntax
+            anywhere, or a value of another type than the id's default.
+    """
+    if not isinstance(saved, dict):
+        raise ReadBackError(f"{path}: expected a JSON object, got {_kind(saved)}")
+    allowed = {k: set(v) for k, v in (allowed_expressions or {}).items()}
+    out: dict[str, Any] = {}
+    for key, value in saved.items():
+        if key in given and given[key] == value:
+            out[key] = value  # the user's own command line says so again
+            continue
+        if key in RUN_MARKERS:
+            out[key] = _run_marker(key, value, path)
+            continue
+        if not _PLAIN_ID.match(key) or key not in defaults:
+            shown = key if len(key) < 80 else key[:77] + "..."
+            raise ReadBackError(
+                f"{path}: key {shown!r} is not a config id a run records (a plain top-level name "
+                "of configs/*.yaml; never an id path with '#' or '::', a reference, an expression "
+                "or '_target_'): refused, nothing was run"
+            )
+        if isinstance(value, str) and value in allowed.get(key, ()):
+            out[key] = value
+            continue
+        found = _syntax(value, key)
+        if found:
+            raise ReadBackError(
+                f"{path}: key {found} holds config syntax ('$' expression, '@' reference, '%' "
+                "macro or '_target_'), which is never evaluated from a file; give it again on "
+                f"the command line (--set {key}=...) to use it"
+            )
+        if not _plain(value):
+            raise ReadBackError(
+                f"{path}: key {key!r} must be a number, text, true/false or a list of them, got "
+                f"{_kind(value)}"
+            )
+        default = defaults[key]
+        expected = _kind(default)
+        is_expression = isinstance(default, str) and default.lstrip().startswith(("$", "@", "%"))
+        if not (is_expression or default is None or value is None or _kind(value) == expected):
+            raise ReadBackError(
+                f"{path}: key {key!r} must be {expected} like its default "
+                f"({json.dumps(default)[:60]}), got {_kind(value)} {json.dumps(value)[:60]}"
+            )
+        out[key] = value
+    return out
+
+
+def _run_marker(key: str, value: Any, path: str | Path) -> Any:
+    if key == "__demo__" and isinstance(value, bool):
+        return value
+    if key == "__recipe__" and (
+        value is None or (isinstance(value, str) and _PLAIN_ID.match(value.replace("-", "_")))
+    ):
+        return value
+    raise ReadBackError(f"{path}: key {key!r} holds {json.dumps(value)[:60]}: not a valid value")
+
+
+def config_defaults(config_dir: str | Path) -> dict[str, Any]:
+    """Every top-level id of the YAML files in ``config_dir`` (recipes included), with its
+    value in the first file that defines it, read as plain YAML (nothing evaluated)."""
+    import yaml
+
+    config_dir = Path(config_dir)
+    files = [config_dir / "common.yaml", *sorted(config_dir.glob("*.yaml"))]
+    files += sorted((config_dir / "recipes").glob("*.yaml"))
+    defaults: dict[str, Any] = {}
+    for file in files:
+        loaded = yaml.safe_load(file.read_text()) or {}
+        for key, value in loaded.items():
+            if isinstance(key, str) and _PLAIN_ID.match(key):
+                defaults.setdefault(key, value)
+    return defaults
+
+
+def _check_fields(
+    value: Any, path: str | Path, fields: Mapping[str, Callable[[Any], Any]], what: str
+) -> dict[str, Any]:
+    if not isinstance(value, Mapping):
+        raise ReadBackError(f"{path}: expected {what} (a JSON object), got {_kind(value)}")
+    out: dict[str, Any] = {}
+    for key, check in fields.items():
+        if key not in value:
+            raise ReadBackError(f"{path}: key {key!r} is missing")
+        try:
+            out[key] = check(value[key])
+        except (ValueError, TypeError) as exc:
+            raise ReadBackError(f"{path}: key {key!r} must be {exc}") from None
+    unknown = [k for k in value if k not in fields]
+    if unknown:
+        raise ReadBackError(f"{path}: key {str(unknown[0])[:80]!r} is not one this file holds")
+    return out
+
+
+def number(lo: float = -math.inf, hi: float = math.inf) -> Callable[[Any], float]:
+    def check(value: Any) -> float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ValueError(f"a number, got {_kind(value)}")
+        if not (math.isfinite(value) and lo <= value <= hi):
+            raise ValueError(f"a finite number in [{lo}, {hi}], got {value}")
+        return float(value)
+
+    return check
+
+
+def count(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 10**9:
+        raise ValueError(f"a whole number of at least 0, got {json.dumps(value)[:60]}")
+    return int(value)
+
+
+def _text(max_len: int = 200) -> Callable[[Any], str]:
+    def check(value: Any) -> str:
+        if not isinstance(value, str) or len(value) > max_len:
+            raise ValueError(f"text of at most {max_len} characters")
+        if value.lstrip().startswith(("$", "@", "%")):
+            raise ValueError("text without config syntax ('$', '@', '%')")
+        return value
+
+    return check
+
+
+def _optional(check: Callable[[Any], Any]) -> Callable[[Any], Any]:
+    return lambda value: None if value is None else check(value)
+
+
+#: cv_calibration.json (``app.training.cross_validation.write_out_of_fold``)
+CALIBRATION_FIELDS: dict[str, Callable[[Any], Any]] = {
+    "threshold": number(0.0, 1.0),
+    "threshold_method": _text(),
+    "temperature": number(1e-6, 1e3),
+    "threshold_calibrated": number(0.0, 1.0),
+    "scans": count,
+    "failed": count,
+    "nll_before": number(0.0),
+    "nll_after": number(0.0),
+    "ece_before": number(0.0, 1.0),
+    "ece_after": number(0.0, 1.0),
+}
+
+
+def read_calibration(path: str | Path) -> dict[str, Any]:
+    """``cv_calibration.json``: threshold, temperature and their out-of-fold figures, checked
+    (older files may lack the figures added since; the threshold and temperature are required)."""
+    fields = {
+        k: (c if k in ("threshold", "temperature", "threshold_calibrated") else _optional(c))
+        for k, c in CALIBRATION_FIELDS.items()
+    }
+    fields["digest"] = _optional(_digest)
+    fields["threshold_basis"] = _optional(_text(400))
+    value = read_json(path, 1 << 20)
+    if isinstance(value, Mapping):
+        value = {**{k: None for k in fields}, **value}
+    return _check_fields(value, path, fields, "a calibration")
+
+
+def _digest(value: Any) -> str:
+    if not isinstance(value, str) or not re.fullmatch(r"[0-9a-f]{64}", value):
+        raise ValueError("a SHA-256 in 64 hexadecimal digits")
+    return value
+
+
+def _mean_sd(value: Any) -> dict[str, dict[str, float]]:
+    if not isinstance(value, Mapping) or len(value) > 50:
+        raise ValueError("a mapping of metric -> {mean, sd}")
+    out = {}
+    for name, stat in value.items():
+        if not isinstance(name, str) or not re.fullmatch(r"val_[a-z_]{1,40}", name):
+            raise ValueError(f"metric names such as 'val_auc', got {str(name)[:60]!r}")
+        if not isinstance(stat, Mapping) or set(stat) != {"mean", "sd"}:
+            raise ValueError(f"{{mean, sd}} for {name}")
+        out[name] = {"mean": number()(stat["mean"]), "sd": number(0.0)(stat["sd"])}
+    return out
+
+
+def _folds(value: Any) -> list[dict[str, Any]]:
+    if not isinstance(value, list) or not 1 <= len(value) <= 100:
+        raise ValueError("a list of 1 to 100 folds")
+    out = []
+    for row in value:
+        if not isinstance(row, Mapping):
+            raise ValueError("a list of fold records")
+        checked: dict[str, Any] = {"fold": count(row.get("fold")), "epoch": count(row.get("epoch"))}
+        for key, item in row.items():
+            if key in ("fold", "epoch"):
+                continue
+            if not isinstance(key, str) or not re.fullmatch(r"val_[a-z_]{1,40}", key):
+                raise ValueError(f"fold records of 'fold', 'epoch', 'val_*', got {str(key)[:60]!r}")
+            checked[key] = _optional(number())(item)
+        out.append(checked)
+    return out
+
+
+def read_cv_summary(path: str | Path) -> dict[str, Any]:
+    """``cv_summary.json``: per fold the kept epoch's validation metrics; their mean and sd."""
+    return _check_fields(
+        read_json(path, 1 << 20), path, {"folds": _folds, "mean_sd": _mean_sd}, "a summary"
+    )
+
+
+def _items(value: Any) -> list[dict[str, Any]]:
+    if not isinstance(value, list):
+        raise ValueError("a list of {image, label} entries")
+    out = []
+    for i, item in enumerate(value):
+        if not isinstance(item, Mapping) or set(item) != {"image", "label"}:
+            raise ValueError(f"{{image, label}} entries; entry {i + 1} is not")
+        image, label = item["image"], item["label"]
+        if not isinstance(image, str) or not image or len(image) > 4096 or "\0" in image:
+            raise ValueError(f"entries whose image is a path; entry {i + 1}'s is not")
+        if isinstance(label, bool) or label not in (0, 1):
+            raise ValueError(f"entries whose label is 0 or 1; entry {i + 1}'s is not")
+        out.append({"image": image, "label": int(label)})
+    return out
+
+
+def _record(value: Any) -> dict[str, Any]:
+    if not isinstance(value, Mapping) or set(value) != set(SPLIT_RECORD):
+        raise ValueError(f"a mapping of {', '.join(SPLIT_RECORD)}")
+    return {k: check(value[k]) for k, check in SPLIT_RECORD.items()}
+
+
+def _int(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or abs(value) > 2**63:
+        raise ValueError(f"a whole number, got {json.dumps(value)[:60]}")
+    return int(value)
+
+
+#: how a run's split was made (recorded in split.json; a resume must make the same)
+SPLIT_RECORD: dict[str, Callable[[Any], Any]] = {
+    "seed": _int,
+    "folds": count,
+    "fold": count,
+    "train_fraction": number(0.0, 1.0),
+    "dataset_dir": _text(4096),
+}
+
+
+def read_split(path: str | Path) -> dict[str, Any]:
+    """A run's ``split.json``: the ``training`` and ``validation`` entries, and ``record`` (how
+    the split was made; ``None`` in files written before it was recorded)."""
+    value = read_json(path)
+    if isinstance(value, Mapping) and "record" not in value:
+        value = {**value, "record": None}
+    return _check_fields(
+        value,
+        path,
+        {"training": _items, "validation": _items, "record": _optional(_record)},
+        "a split",
+    )
