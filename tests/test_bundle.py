@@ -433,3 +433,69 @@ def test_training_config_leaves_cudnn_fast_and_logs_tensorboard_per_epoch(tmp_pa
     boards = [h for h in handlers if isinstance(h, TensorBoardStatsHandler)]
     assert boards and all(not h.iteration_log for h in boards)
     torch.backends.cudnn.deterministic = False
+
+
+@pytest.fixture
+def traced_checkpoint(tmp_path, checkpoint):
+    """A checkpoint whose record names the training machine's absolute paths."""
+    data = torch.load(checkpoint, weights_only=True)
+    secret = "/home/alice/study-Smith_J-1957/scans"
+    info = {
+        **data["run_info"],
+        "dataset_dir": secret,
+        "training_data": {"scans": 8, "class_counts": [4, 4], "source": secret,
+                          "generated": True, "digest": "ab" * 32},
+    }  # fmt: skip
+    path = tmp_path / "ckpt" / "best_model.pt"
+    path.parent.mkdir()
+    torch.save({**data, "run_info": info}, path)
+    return path
+
+
+def test_export_writes_no_path_of_the_exporting_machine(traced_checkpoint, tmp_path):
+    bundle = tmp_path / "bundle"
+    assert export_main(["--checkpoint", str(traced_checkpoint), "--output", str(bundle),
+                        "--no-onnx", "--zip"]) == 0  # fmt: skip
+    texts = [p.read_text() for p in bundle.rglob("*") if p.suffix in (".json", ".yaml", ".md")]
+    for text in texts:
+        assert "/home/alice" not in text and "Smith_J" not in text and str(tmp_path) not in text
+    readme = (bundle / "docs" / "README.md").read_text()
+    assert "Trained from `scans` (content SHA-256 " + "ab" * 32 in readme
+
+
+def test_export_never_follows_links_nor_deletes_what_it_did_not_write(
+    traced_checkpoint, tmp_path, capsys
+):
+    """A user's folder named OUTPUT.partial is left alone; a link as OUTPUT is refused; a
+    MONAI bundle of someone else's (the same layout, no marker of ours) is never replaced; an
+    existing zip is not replaced silently, nor a zip we did not write."""
+    base = ["--checkpoint", str(traced_checkpoint), "--no-onnx"]
+    mine = tmp_path / "bundle.partial"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (tmp_path / "linked.partial").symlink_to(elsewhere)
+    assert export_main([*base, "--output", str(tmp_path / "bundle")]) == 0
+    assert export_main([*base, "--output", str(tmp_path / "linked")]) == 0
+    assert (mine / "notes.txt").read_text() == "keep" and list(elsewhere.iterdir()) == []
+    assert not (tmp_path / "linked").is_symlink()
+    (tmp_path / "link").symlink_to(elsewhere)
+    assert export_main([*base, "--output", str(tmp_path / "link"), "--overwrite"]) == 2
+    assert "symbolic link" in capsys.readouterr().err and list(elsewhere.iterdir()) == []
+    spleen = tmp_path / "spleen"  # a third-party bundle: configs/metadata.json, models/...
+    for name in ("configs/metadata.json", "configs/inference.json", "models/model.pt", "LICENSE"):
+        (spleen / name).parent.mkdir(parents=True, exist_ok=True)
+        (spleen / name).write_text("theirs")
+    assert export_main([*base, "--output", str(spleen), "--overwrite"]) == 2
+    assert "holds no .ctclassify-bundle.json" in capsys.readouterr().err
+    assert (spleen / "models" / "model.pt").read_text() == "theirs"
+    # our own bundle is replaced with --overwrite; the zip only when it is ours
+    (tmp_path / "bundle.zip").write_text("someone's zip")
+    assert export_main([*base, "--output", str(tmp_path / "bundle"), "--zip"]) == 2
+    assert export_main([*base, "--output", str(tmp_path / "bundle"), "--zip", "--overwrite"]) == 2
+    assert (tmp_path / "bundle.zip").read_text() == "someone's zip"
+    (tmp_path / "bundle.zip").unlink()
+    assert export_main([*base, "--output", str(tmp_path / "bundle"), "--zip", "--overwrite"]) == 0
+    assert export_main([*base, "--output", str(tmp_path / "bundle"), "--zip", "--overwrite"]) == 0
+    assert not list(tmp_path.glob(".bundle.*"))  # no temporary folder left behind

@@ -149,3 +149,40 @@ def test_datalist_that_is_not_a_list_or_too_large_is_refused(tmp_path, monkeypat
     monkeypatch.setattr(datalist, "MAX_DATALIST_BYTES", 10)
     with pytest.raises(DataError, match="not a datalist"):
         load_datalist(tmp_path / "list.json")
+
+
+@pytest.mark.parametrize(
+    "second, label, message",
+    [
+        pytest.param("a.nii.gz", 0, "the same file twice", id="same-path"),
+        pytest.param("./a.nii.gz", 0, "the same file twice", id="dot-slash"),
+        pytest.param("sub/../a.nii.gz", 0, "the same file twice", id="dot-dot"),
+        pytest.param("link.nii.gz", 0, "the same file twice", id="symlink"),
+        pytest.param("a.nii.gz", 1, "the same file in two classes", id="two-classes"),
+    ],
+)
+def test_a_file_named_twice_is_refused_with_both_entries(tmp_path, second, label, message):
+    (tmp_path / "sub").mkdir()
+    for name in ("a.nii.gz", "b.nii.gz", "c.nii.gz"):
+        (tmp_path / name).write_bytes(b"x")
+    (tmp_path / "link.nii.gz").symlink_to(tmp_path / "a.nii.gz")
+    rows = [
+        {"image": "a.nii.gz", "label": 0},
+        {"image": "b.nii.gz", "label": 1},
+        {"image": "c.nii.gz", "label": 1},
+        {"image": second, "label": label},
+    ]
+    (tmp_path / "list.json").write_text(json.dumps(rows))
+    with pytest.raises(DataError, match=f"entry 1 and entry 4 are {message}"):
+        load_datalist(tmp_path / "list.json")
+    rows[3] = {"image": "c.nii.gz", "label": 1}
+    rows[2] = {"image": "b.nii.gz", "label": 1}
+    (tmp_path / "list.json").write_text(json.dumps(rows[:2]))
+    assert len(load_datalist(tmp_path / "list.json")) == 2
+
+
+def test_a_scan_linked_into_two_class_folders_is_refused(tmp_path):
+    make_tree(tmp_path, {"CT-0": 2, "CT-23": 2})
+    (tmp_path / "CT-23" / "copy.nii.gz").symlink_to(tmp_path / "CT-0" / "study_0000.nii.gz")
+    with pytest.raises(DataError, match="the same file in two classes"):
+        discover(tmp_path)

@@ -58,9 +58,39 @@ def test_wilson_interval_is_the_textbook_formula(k, n):
     assert math.isnan(wilson(0, 0).value)
 
 
+@pytest.mark.parametrize("positives, negatives", [(5, 45), (10, 40), (20, 20), (50, 50)])
+def test_delong_interval_covers_the_true_auc_or_says_it_cannot(positives, negatives):
+    """1,000 simulated test sets per size (scores N(0,1) and N(1.19,1): true AUC 0.80): the
+    default 95% interval holds the true AUC in 92-98% of them from 10 scans in the smaller
+    class; below that it is flagged unreliable (and its coverage measured there is lower)."""
+    rng = np.random.default_rng(positives)
+    d = 1.19
+    true_auc = norm.cdf(d / math.sqrt(2))
+    labels = np.r_[np.zeros(negatives, int), np.ones(positives, int)]
+    hits = 0
+    for _ in range(1000):
+        scores = rng.normal(0, 1, len(labels)) + d * labels
+        e = auc_with_ci(scores, labels)
+        assert e.low < e.value < e.high or e.value in (0.0, 1.0)
+        hits += e.low <= true_auc <= e.high
+    coverage = hits / 1000
+    print(f"{positives}/{negatives}: coverage {coverage:.3f}")
+    if positives >= 10:
+        assert 0.92 <= coverage <= 0.98 and "UNRELIABLE" not in e.method
+    else:
+        assert coverage < 0.94 and "UNRELIABLE: 5 scans in the smaller class" in e.method
+
+
+def test_auc_interval_with_one_scan_in_a_class_is_wide_and_flagged():
+    """One abnormal scan: never a zero-width interval (Hanley-McNeil's variance), flagged."""
+    e = auc_with_ci(np.array([0.1, 0.2, 0.3, 0.9]), np.array([0, 0, 0, 1]))
+    assert e.value == 1.0 and e.high - e.low > 0.3 and "UNRELIABLE" in e.method
+
+
 def test_auc_interval_covers_the_true_auc_95_percent_of_the_time():
-    """500 simulated test sets (50 normal, 50 abnormal; scores N(0,1) and N(1.2,1): true AUC
-    Phi(1.2 / sqrt 2) = 0.802): the 95% interval holds the true AUC in 92-98% of them."""
+    """The bootstrap option: 500 simulated test sets (50 normal, 50 abnormal; scores N(0,1)
+    and N(1.2,1): true AUC Phi(1.2 / sqrt 2) = 0.802): the 95% interval holds the true AUC in
+    92-98% of them."""
     rng = np.random.default_rng(123)
     d = 1.2
     true_auc = norm.cdf(d / math.sqrt(2))
@@ -68,7 +98,7 @@ def test_auc_interval_covers_the_true_auc_95_percent_of_the_time():
     hits, widths = 0, []
     for i in range(500):
         scores = rng.normal(0, 1, 100) + d * labels
-        e = auc_with_ci(scores, labels, n_resamples=1000, seed=i)
+        e = auc_with_ci(scores, labels, n_resamples=1000, seed=i, method="bootstrap")
         hits += e.low <= true_auc <= e.high
         widths.append(e.high - e.low)
     coverage = hits / 500
@@ -79,7 +109,8 @@ def test_auc_interval_covers_the_true_auc_95_percent_of_the_time():
 
 def test_auc_interval_is_seeded():
     probs, labels = fixed_predictions()
-    a, b = auc_with_ci(probs, labels, seed=3), auc_with_ci(probs, labels, seed=3)
+    a = auc_with_ci(probs, labels, seed=3, method="bootstrap")
+    b = auc_with_ci(probs, labels, seed=3, method="bootstrap")
     assert (a.low, a.high) == (b.low, b.high) and a.low < a.value < a.high
 
 
@@ -200,3 +231,74 @@ def test_confusion_counts_read_on_their_cells(matrix):
             luminance = float(cells[i, j, :3] @ np.array([0.2126, 0.7152, 0.0722]))
             ink = 1.0 if text[i][j] == "white" else 0.0
             assert abs(luminance - ink) > 0.4, (matrix, i, j, luminance, text[i][j])
+
+
+def _nan_checkpoint(checkpoint, tmp_path, value):
+    import torch
+
+    data = torch.load(checkpoint, weights_only=True)
+    state = dict(data["network"])
+    name = next(k for k, v in state.items() if k.endswith("weight") and v.is_floating_point())
+    state[name] = torch.full_like(state[name], value)
+    path = tmp_path / f"model-{value}.pt"
+    torch.save({**data, "network": state}, path)
+    return path
+
+
+def test_evaluate_gives_one_line_for_sets_without_figures(test_set, checkpoint, tmp_path, capsys):
+    """Every scan unreadable, NaN or inf weights, one class only: exit 2 and one line naming
+    the problem, no traceback, nothing written."""
+    from app.evaluate import main
+
+    base = ["--output", str(tmp_path / "E"), "--device", "cpu", "--no-progress"]
+    broken = tmp_path / "broken"
+    for name in ("CT-0", "CT-23"):
+        (broken / name).mkdir(parents=True)
+        (broken / name / "a.nii.gz").write_bytes(b"\x1f\x8b not gzip")
+    assert main(["--data", str(broken), "--checkpoint", str(checkpoint), *base]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: none of the 2 scans could be classified") and err.count("\n") == 1
+    for value in (float("nan"), float("inf")):
+        bad = _nan_checkpoint(checkpoint, tmp_path, value)
+        assert main(["--data", str(test_set), "--checkpoint", str(bad), *base]) == 2
+        err = capsys.readouterr().err
+        assert "NaN or infinite values" in err and err.count("\n") == 1
+    one = tmp_path / "one"
+    (one / "CT-0").mkdir(parents=True)
+    for p in list((test_set / "CT-0").glob("*.nii.gz"))[:3]:
+        (one / "CT-0" / p.name).write_bytes(p.read_bytes())
+    assert main(["--data", str(one), "--checkpoint", str(checkpoint), *base]) == 2
+    assert "all of one class" in capsys.readouterr().err
+    assert not (tmp_path / "E").exists()
+
+
+def test_a_non_finite_output_is_a_failed_scan_never_normal(test_set, checkpoint, tmp_path):
+    """Finite weights so large that the network overflows: the probability is NaN, which is a
+    failed scan with its reason, never a label."""
+    from app.inference.classifier import Classifier
+
+    big = _nan_checkpoint(checkpoint, tmp_path, 3e38)
+    clf = Classifier.load(big, device="cpu", precision="fp32")
+    pred = clf.predict(next((test_set / "CT-0").glob("*.nii.gz")))
+    assert pred.prob_abnormal is None and pred.label is None
+    assert "non-finite probability" in (pred.error or "")
+
+
+def test_target_sensitivity_is_the_highest_threshold_reaching_it():
+    """Against a brute-force search over every distinct probability, ties and all (roc_curve's
+    default drop_intermediate skipped the right point: target 0.4 chose 0.5 where 0.8 was)."""
+    from app.training.cross_validation import choose_threshold
+
+    probs = np.array([0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.2, 0.1, 0.05])
+    labels = np.array([1, 1, 1, 1, 1, 0, 0, 0, 0, 0])
+    assert choose_threshold(probs, labels, 0.4)[0] == 0.8
+    rng = np.random.default_rng(0)
+    for _ in range(300):
+        n = int(rng.integers(4, 40))
+        labels = rng.integers(0, 2, n)
+        labels[:2] = [0, 1]
+        probs = np.round(rng.uniform(size=n), int(rng.integers(1, 3)))  # ties
+        target = float(rng.choice([0.1, 0.25, 0.4, 0.5, 0.8, 0.9, 1.0]))
+        sens = {t: (probs[labels == 1] >= t).mean() for t in np.unique(probs)}
+        expected = max(t for t, s in sens.items() if s >= target)
+        assert choose_threshold(probs, labels, target)[0] == expected

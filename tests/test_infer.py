@@ -719,3 +719,65 @@ def test_fold_probabilities_read_back_from_a_file_are_checked_data(text, expecte
     from app.bundle.portable.writer import parse_fold_probs
 
     assert parse_fold_probs(text) == expected
+
+
+@pytest.mark.parametrize(
+    "field, value",
+    [
+        pytest.param("prob_abnormal", "abc", id="probability-text"),
+        pytest.param("prob_abnormal", "nan", id="probability-nan"),
+        pytest.param("prob_abnormal", "7", id="probability-range"),
+        pytest.param("label", "", id="no-label"),
+        pytest.param("label", "$__import__('os')", id="label-expression"),
+        pytest.param("seconds", "x", id="seconds-text"),
+        pytest.param("fold_probs", "0.2;zz", id="fold-probs"),
+    ],
+)
+def test_a_corrupted_row_of_predictions_csv_is_retried(tmp_path, checkpoint, field, value, capsys):
+    """A row that is not a whole result is never counted as done (and never crashes the
+    report): the rerun classifies that input again and the file holds valid rows only."""
+    folder = tmp_path / "scans"
+    folder.mkdir()
+    nifti(folder / "a.nii.gz", ct_volume())
+    nifti(folder / "b.nii.gz", ct_volume(seed=3))
+    out = tmp_path / "out"
+    command = [str(folder), "--checkpoint", str(checkpoint), "--output", str(out),
+               "--no-progress", "--report"]  # fmt: skip
+    assert infer_main(command) == 0
+    rows = read_rows(out)
+    rows[0][field] = value
+    with (out / "predictions.csv").open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]), lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(rows)
+    assert infer_main(command) == 0
+    assert "1 that failed before are retried" in capsys.readouterr().out
+    again = read_rows(out)
+    assert len(again) == 2 and all(0 <= float(r["prob_abnormal"]) <= 1 for r in again)
+
+
+def test_an_output_of_another_ensemble_is_refused(tmp_path, checkpoint, capsys):
+    """A cross-validation ensemble has a content digest (fold weights and calibration) in
+    model.json: another ensemble in the same folder path does not continue its predictions."""
+    from app.inference.model_card import ensemble_digest
+
+    cv = tmp_path / "cv"
+    for k in range(2):
+        (cv / f"fold-{k}").mkdir(parents=True)
+        shutil.copy(checkpoint, cv / f"fold-{k}" / "best_model.pt")
+    calibration = {"threshold": 0.5, "temperature": 1.0, "threshold_calibrated": 0.5}
+    (cv / "cv_calibration.json").write_text(json.dumps(calibration))
+    first = ensemble_digest(cv)
+    folder = tmp_path / "scans"
+    folder.mkdir()
+    nifti(folder / "a.nii.gz", ct_volume())
+    out = tmp_path / "out"
+    command = [str(folder), "--checkpoint", str(cv), "--output", str(out), "--no-progress"]
+    assert infer_main(command) == 0
+    assert json.loads((out / "model.json").read_text())["sha256"] == first
+    (cv / "cv_calibration.json").write_text(json.dumps({**calibration, "temperature": 2.0}))
+    assert ensemble_digest(cv) != first
+    assert infer_main(command) == 2
+    assert "another model or setting" in capsys.readouterr().err
+    assert infer_main([*command, "--saliency", "--overwrite"]) == 2  # before any work
+    assert "--saliency needs one network" in capsys.readouterr().err

@@ -1,8 +1,9 @@
 """Metrics of a binary classifier on a labelled test set, each with its 95% confidence interval.
 
 The statistics come from well-kept libraries: scikit-learn's metrics (ROC-AUC, confusion matrix,
-Brier score, ROC curve), ``scipy.stats.bootstrap`` (a seeded, stratified BCa bootstrap of the
-ROC-AUC, the Mann-Whitney U statistic computed for all resamples at once) and
+Brier score, ROC curve), DeLong's variance of the ROC-AUC from ``scipy.stats.rankdata`` midranks
+with a logit-scale interval (or ``scipy.stats.bootstrap``: a seeded, stratified BCa bootstrap,
+the Mann-Whitney U statistic computed for all resamples at once) and
 ``scipy.stats.binomtest(...).proportion_ci`` (Wilson intervals for accuracy, sensitivity,
 specificity, PPV and NPV). Only the expected calibration error, a weighted mean over bins, is
 computed here.
@@ -101,32 +102,98 @@ def _auc_statistic(positive: np.ndarray, negative: np.ndarray, axis: int = -1) -
     return u / (positive.shape[axis] * negative.shape[axis])
 
 
+#: below this many scans in the smaller class the ROC-AUC interval is flagged: simulated
+#: coverage of the 95% DeLong-logit interval (true AUC 0.80, 2,000 sets each) was 0.915 at
+#: 5 of 50, 0.949 at 10/40, 0.959 at 20/20 and 50/50 (tests/test_evaluate.py measures it)
+MIN_CLASS_FOR_AUC_CI = 10
+
+
+def delong_auc(positive: np.ndarray, negative: np.ndarray) -> tuple[float, float]:
+    """ROC-AUC and its DeLong variance (midranks, Sun and Xu 2014's fast algorithm); the
+    variance is Hanley and McNeil's where DeLong's is zero or undefined (perfect separation,
+    one scan in a class)."""
+    from scipy.stats import rankdata
+
+    m, n = len(positive), len(negative)
+    together = rankdata(np.r_[positive, negative])
+    auc = float((together[:m].sum() - m * (m + 1) / 2) / (m * n))
+    v10 = (together[:m] - rankdata(positive)) / n
+    v01 = 1 - (together[m:] - rankdata(negative)) / m
+    var = float(v10.var(ddof=1) / m + v01.var(ddof=1) / n) if m > 1 and n > 1 else math.nan
+    if not math.isfinite(var) or var <= 0:
+        a = min(max(auc, 0.5 / (m * n)), 1 - 0.5 / (m * n))
+        q1, q2 = a / (2 - a), 2 * a * a / (1 + a)
+        var = (a * (1 - a) + (m - 1) * (q1 - a * a) + (n - 1) * (q2 - a * a)) / (m * n)
+    return auc, var
+
+
 def auc_with_ci(
     probs: np.ndarray,
     labels: np.ndarray,
     confidence: float = 0.95,
     n_resamples: int = 2000,
     seed: int = 0,
+    method: str = "delong",
 ) -> Estimate:
-    """ROC-AUC (scikit-learn) and a seeded BCa bootstrap interval, resampling positives and
-    negatives separately (the class counts of the test set are kept)."""
-    from scipy.stats import bootstrap
+    """ROC-AUC (scikit-learn) and its interval.
+
+    ``delong`` (default): DeLong's variance on the logit scale (the interval stays inside
+    (0, 1) and keeps its coverage on small and imbalanced sets); ``bootstrap``: a seeded
+    stratified BCa bootstrap (positives and negatives resampled separately). With fewer than
+    :data:`MIN_CLASS_FOR_AUC_CI` scans in the smaller class the method says the interval is
+    unreliable (its coverage falls below 95%).
+    """
+    from scipy.stats import norm
     from sklearn.metrics import roc_auc_score
 
     probs, labels = np.asarray(probs, float), np.asarray(labels, int)
     positive, negative = probs[labels == 1], probs[labels == 0]
     if len(positive) == 0 or len(negative) == 0:
-        return Estimate(math.nan, math.nan, math.nan, "bootstrap")
+        return Estimate(math.nan, math.nan, math.nan, method)
     value = float(roc_auc_score(labels, probs))
+    fewest = min(len(positive), len(negative))
+    caveat = (
+        f"; UNRELIABLE: {fewest} scans in the smaller class (fewer than "
+        f"{MIN_CLASS_FOR_AUC_CI}), coverage below {confidence:.0%}"
+        if fewest < MIN_CLASS_FOR_AUC_CI
+        else ""
+    )
+    if method == "delong":
+        _, var = delong_auc(positive, negative)
+        m, n = len(positive), len(negative)
+        a = min(max(value, 0.5 / (m * n)), 1 - 0.5 / (m * n))
+        half = float(norm.ppf(0.5 + confidence / 2)) * math.sqrt(var) / (a * (1 - a))
+        centre = math.log(a / (1 - a))
+        low, high = (1 / (1 + math.exp(-(centre + s * half))) for s in (-1, 1))
+        return Estimate(value, min(low, value), max(high, value), "DeLong, logit" + caveat)
+    if method != "bootstrap":
+        raise ValueError(f"method must be 'delong' or 'bootstrap', got {method!r}")
+    return Estimate(
+        value,
+        *_bootstrap_interval(positive, negative, value, confidence, n_resamples, seed),
+        f"stratified bootstrap ({n_resamples}, seed {seed})" + caveat,
+    )
+
+
+def _bootstrap_interval(
+    positive: np.ndarray,
+    negative: np.ndarray,
+    value: float,
+    confidence: float,
+    n_resamples: int,
+    seed: int,
+) -> tuple[float, float]:
+    from scipy.stats import bootstrap
+
     low = high = value
-    if len(positive) > 1 and len(negative) > 1 and np.ptp(probs) > 0:
-        for method in ("BCa", "percentile"):  # BCa is undefined when every resample is equal
+    if len(positive) > 1 and len(negative) > 1 and np.ptp(np.r_[positive, negative]) > 0:
+        for kind in ("BCa", "percentile"):  # BCa is undefined when every resample is equal
             result = bootstrap(
                 (positive, negative),
                 _auc_statistic,
                 n_resamples=n_resamples,
                 confidence_level=confidence,
-                method=method,
+                method=kind,
                 vectorized=True,
                 random_state=np.random.default_rng(seed),
             )
@@ -136,7 +203,7 @@ def auc_with_ci(
             )
             if not (math.isnan(low) or math.isnan(high)):
                 break
-    return Estimate(value, low, high, f"stratified bootstrap ({n_resamples}, seed {seed})")
+    return low, high
 
 
 def expected_calibration_error(probs: np.ndarray, labels: np.ndarray, bins: int = 10) -> float:
@@ -161,6 +228,7 @@ def binary_metrics(
     confidence: float = 0.95,
     n_resamples: int = 2000,
     seed: int = 0,
+    auc_method: str = "delong",
 ) -> BinaryMetrics:
     """Every figure of a test set: P(abnormal) ``probs`` against 0/1 ``labels``; a scan is
     called abnormal at ``probs >= threshold`` (as ``app.infer`` calls it)."""
@@ -182,7 +250,7 @@ def binary_metrics(
         n_negative=tn + fp,
         threshold=float(threshold),
         confidence=confidence,
-        roc_auc=auc_with_ci(probs, labels, confidence, n_resamples, seed),
+        roc_auc=auc_with_ci(probs, labels, confidence, n_resamples, seed, auc_method),
         accuracy=wilson(tp + tn, n, confidence),
         sensitivity=wilson(tp, tp + fn, confidence),
         specificity=wilson(tn, tn + fp, confidence),
@@ -227,6 +295,7 @@ def ensemble_figures(
     confidence: float = 0.95,
     n_resamples: int = 2000,
     seed: int = 0,
+    auc_method: str = "delong",
 ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """What a cross-validation ensemble's members and calibration did on a test set.
 
@@ -249,7 +318,7 @@ def ensemble_figures(
         folds.append(
             {
                 "fold": k,
-                "roc_auc": auc_with_ci(p, labels, confidence, n_resamples, seed),
+                "roc_auc": auc_with_ci(p, labels, confidence, n_resamples, seed, auc_method),
                 **{
                     name: value
                     for name, value in calibration_figures(p, labels).items()
