@@ -253,7 +253,12 @@ def evaluate(
         folds=folds,
         calibration=calibration,
         predictions=rows,
-        model={**clf.identity(), "description": clf.describe(), "precision": clf.precision},
+        model={
+            **clf.identity(),
+            "description": clf.describe(),
+            "precision": clf.precision,
+            "threshold_method": (clf.settings.get("ensemble") or {}).get("threshold_method"),
+        },
         data=str(data),
         date=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         failed=len(rows) - len(ok),
@@ -402,6 +407,13 @@ def main(argv: list[str] | None = None) -> int:
     for row in result.table():
         ci = "" if math.isnan(row["ci_low"]) else f" ({row['ci_low']:.3f}-{row['ci_high']:.3f})"
         print(f"  {row['metric']:<24} {row['value']:.3f}{ci}")
+    method = result.model.get("threshold_method") or ""
+    if method.startswith("sensitivity"):
+        print(
+            f"operating point: the threshold was chosen for {method} on single fold models' "
+            f"out-of-fold predictions; this ensemble measured sensitivity {m.sensitivity.text()}, "
+            f"specificity {m.specificity.text()} here"
+        )
     print(f"report: {result.files['report.html']}")
     return 1 if result.failed else 0
 

@@ -254,12 +254,20 @@ def _validation(value: Any) -> dict[str, Any]:
 
 def _ensemble(value: Any) -> dict[str, Any]:
     """A cross-validation ensemble: how many fold models, and the temperature."""
-    if not isinstance(value, Mapping) or set(value) != {"members", "temperature"}:
-        raise ValueError("a mapping of 'members' and 'temperature'")
-    return {
+    if not isinstance(value, Mapping) or not (
+        {"members", "temperature"} <= set(value) <= {"members", "temperature", "threshold_method"}
+    ):
+        raise ValueError("a mapping of 'members', 'temperature' (and 'threshold_method')")
+    out = {
         "members": _int(1, 100)(value["members"]),
         "temperature": _float(0.0, 1000.0, open_low=True)(value["temperature"]),
     }
+    method = value.get("threshold_method")
+    if method is not None:
+        if not isinstance(method, str) or not re.fullmatch(r"[A-Za-z0-9 '.>=_-]{1,80}", method):
+            raise ValueError(f'a threshold method such as "Youden\'s J", got {method!r}'[:200])
+        out["threshold_method"] = method
+    return out
 
 
 #: every field a checkpoint's settings may carry, with its check

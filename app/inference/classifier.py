@@ -467,6 +467,8 @@ class Classifier:
             settings["validation"] = summary
         settings["threshold"] = chosen
         settings["ensemble"] = {"members": len(members), "temperature": temperature}
+        if calibration.get("threshold_method"):
+            settings["ensemble"]["threshold_method"] = calibration["threshold_method"]
         ensemble = MeanProbabilityEnsemble(members, temperature)
         return cls(ensemble, settings, pick_device(device), threshold, limits, folder, precision)
 

@@ -125,4 +125,13 @@ class ModelCard:
             )
         if not val:
             notes.append("this model's validation metrics are unknown (no metrics.csv beside it)")
+        method = (self.settings.get("ensemble") or {}).get("threshold_method", "")
+        if method.startswith("sensitivity"):
+            notes.append(
+                f"the threshold was chosen for {method} on single fold models' out-of-fold "
+                "predictions; the ensemble's mean of "
+                f"{self.settings['ensemble']['members']} models is less spread, so its "
+                "sensitivity on new scans is usually higher and its specificity lower than that "
+                "target implies: measure them with app.evaluate"
+            )
         return notes

@@ -256,6 +256,9 @@ def write_out_of_fold(
     calibration = {
         "threshold": threshold,
         "threshold_method": method,
+        # what the threshold was fitted on; the ensemble's own operating point is measured by
+        # app.evaluate on new scans (docs/evaluation.md: the shift a sensitivity target sees)
+        "threshold_basis": "out-of-fold probabilities of single fold models",
         "temperature": temperature,
         # the same cut on the temperature-scaled probabilities (the scaling is monotone)
         "threshold_calibrated": round(
