@@ -126,13 +126,30 @@ def test_cross_validation_writes_folds_summary_and_calibration_and_resumes(cv_da
     before = (out / "cv_summary.json").read_text()
     assert main(args) == 0
     assert (out / "cv_summary.json").read_text() == before
-    # the same seed in another folder: the same folds
+    # checked independently of the code that made the folds: every scan of the data folder is
+    # validated by exactly one fold, never by a fold that trained on it, 2 per class per fold
+    # (labels from the class folders), and its out-of-fold row is that fold model's prediction
+    import csv
+
+    from app.inference.classifier import Classifier
+
+    scans = {str(p): int(p.parent.name != "CT-0") for p in cv_data.rglob("*.nii.gz")}
+    with (out / "oof_predictions.csv").open() as f:
+        oof_rows = list(csv.DictReader(f))
+    assert sorted(r["path"] for r in oof_rows) == sorted(scans)
     for k in range(3):
         split = json.loads((out / f"fold-{k}" / "split.json").read_text())
-        expected = make_split(find_items(cv_data), train_fraction=0.7, seed=2, folds=3, fold=k)
-        assert [i["image"] for i in split["validation"]] == [
-            str(i["image"]) for i in expected["validation"]
-        ]
+        validated = {i["image"] for i in split["validation"]}
+        assert not validated & {i["image"] for i in split["training"]}
+        assert validated | {i["image"] for i in split["training"]} == set(scans)
+        assert sorted(scans[p] for p in validated) == [0, 0, 1, 1]
+        assert {r["path"] for r in oof_rows if r["fold"] == str(k)} == validated
+        model = Classifier.load(out / f"fold-{k}", device="cpu")
+        row = next(r for r in oof_rows if r["fold"] == str(k))
+        assert float(row["prob_abnormal"]) == pytest.approx(
+            model.predict(row["path"]).prob_abnormal, abs=1e-6
+        )
+        assert int(row["label"]) == scans[row["path"]]
 
 
 def test_cross_validation_folder_is_one_model_the_mean_of_its_folds(cv_data, tmp_path):

@@ -196,10 +196,23 @@ def test_evaluate_from_python_matches_the_files_and_escapes_paths(checkpoint, tm
     from app.evaluate import evaluate
 
     root = synth_dataset(tmp_path / "<b>set</b>", 4, (48, 48, 20), seed=2)
+    from sklearn.metrics import roc_auc_score
+
+    from app.inference.classifier import Classifier
+
     result = evaluate(root, checkpoint, tmp_path / "E", device="cpu", n_resamples=200)
     table = {r["metric"]: r for r in result.table()}
+    # independently: each scan classified on its own, labels from its class folder
+    clf = Classifier.load(checkpoint, device="cpu")
+    scans = sorted(root.rglob("*.nii.gz"))
+    labels = [int(p.parent.name != "CT-0") for p in scans]
+    probs = [clf.predict(p).prob_abnormal for p in scans]
+    assert table["roc_auc"]["value"] == pytest.approx(roc_auc_score(labels, probs))
+    called = [int(p >= clf.threshold) for p in probs]
+    hits = sum(c == y for c, y in zip(called, labels, strict=True))
+    assert table["accuracy"]["value"] == pytest.approx(hits / len(labels))
     summary = json.loads((tmp_path / "E" / "metrics.json").read_text())
-    assert table["roc_auc"]["value"] == summary["metrics"]["roc_auc"]["value"]
+    assert summary["metrics"]["roc_auc"]["value"] == pytest.approx(roc_auc_score(labels, probs))
     assert result.metrics.n == 8 and result.failed == 0
     page = (tmp_path / "E" / "report.html").read_text()
     assert "<b>set</b>" not in page and "&lt;b&gt;set&lt;/b&gt;" in page
