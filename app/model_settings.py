@@ -30,11 +30,13 @@ MODEL_SETTINGS = (
     "bn_eps",
     "bn_momentum",
     "norm",
+    "pooling",
+    "lung_crop",
 )
 
 #: model settings that checkpoints written before the setting existed lack: their value then
 #: (the network those checkpoints hold)
-MODEL_DEFAULTS = {"norm": "batch"}
+MODEL_DEFAULTS: dict[str, Any] = {"norm": "batch", "pooling": "avg", "lung_crop": False}
 
 #: prefixes MONAI's config parser acts on: expression, reference, macro
 CONFIG_SYNTAX = ("$", "@", "%")
@@ -156,6 +158,14 @@ def _norm(value: Any) -> str:
 
     if value not in NORMS:
         raise ValueError(f"one of {', '.join(NORMS)}, got {value!r}"[:200])
+    return str(value)
+
+
+def _pooling(value: Any) -> str:
+    from nets.cnn3d import POOLINGS
+
+    if value not in POOLINGS:
+        raise ValueError(f"one of {', '.join(POOLINGS)}, got {value!r}"[:200])
     return str(value)
 
 
@@ -282,6 +292,8 @@ FIELDS: dict[str, Callable[[Any], Any]] = {
     "bn_eps": _float(0.0, 1.0, open_low=True),
     "bn_momentum": _float(0.0, 1.0),
     "norm": _norm,
+    "pooling": _pooling,
+    "lung_crop": _bool,
     "threshold": _float(0.0, 1.0),
     "class_names": _class_names,
     "seed": _int(-(2**63), 2**63 - 1),

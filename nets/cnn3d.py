@@ -36,6 +36,42 @@ def max_pool_2x(x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tenso
     return x
 
 
+#: how the last block's feature map becomes one vector per scan: ``avg`` (the reference's
+#: global average pooling), ``max`` (global max: one strong voxel is enough, for small findings)
+#: or ``attention`` (attention-weighted mean, multiple-instance pooling: the network learns
+#: which voxels count)
+POOLINGS = ("avg", "max", "attention")
+
+
+class AttentionPool3d(nn.Module):
+    """Attention-weighted mean over the voxels of a (n, c, d, h, w) map (Ilse et al., 2018:
+    multiple-instance pooling): a 1x1x1 convolution scores each voxel, a softmax over the voxels
+    turns the scores into weights, the output is the weighted mean, shape (n, c).
+
+    Args:
+        channels: channels of the feature map.
+    """
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.score = nn.Conv3d(channels, 1, kernel_size=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weights = torch.softmax(self.score(x).flatten(2), dim=-1)  # (n, 1, voxels)
+        return (x.flatten(2) * weights).sum(dim=-1)
+
+
+def make_pooling(pooling: str, channels: int) -> nn.Module:
+    """The global pooling ``pooling`` (one of :data:`POOLINGS`) of a ``channels`` map."""
+    if pooling == "avg":
+        return nn.AdaptiveAvgPool3d(1)
+    if pooling == "max":
+        return nn.AdaptiveMaxPool3d(1)
+    if pooling == "attention":
+        return AttentionPool3d(channels)
+    raise ValueError(f"pooling must be one of {', '.join(POOLINGS)}, got {pooling!r}")
+
+
 #: normalisations a block can end with: the reference's BatchNorm, or GroupNorm, which does not
 #: depend on the batch. (InstanceNorm is not offered: at the smallest inputs the last block's
 #: output is one voxel per channel, which it cannot normalise.)
@@ -93,6 +129,7 @@ class ConvBlock3D(nn.Sequential):
         bn_momentum: float = 0.01,
         slab_bytes: int = 16 * 2**20,
         norm: str = "batch",
+        pooling: str = "avg",
     ) -> None:
         super().__init__()
         self.conv = nn.Conv3d(in_channels, out_channels, kernel_size=3)
@@ -207,6 +244,7 @@ class CNN3D(nn.Module):
         bn_momentum: BatchNorm momentum in PyTorch terms (Keras' 0.99 moving average is 0.01).
         norm: the blocks' normalisation, one of :data:`NORMS`; ``batch`` is the reference's,
             ``group`` does not depend on the batch (small batches, one scan).
+        pooling: the global pooling, one of :data:`POOLINGS`; ``avg`` is the reference's.
 
     Example:
         >>> net = CNN3D()
@@ -223,6 +261,7 @@ class CNN3D(nn.Module):
         bn_eps: float = 1e-3,
         bn_momentum: float = 0.01,
         norm: str = "batch",
+        pooling: str = "avg",
     ) -> None:
         super().__init__()
         channels = [in_channels, *filters]
@@ -233,7 +272,7 @@ class CNN3D(nn.Module):
             )
         )
         self.head = nn.Sequential(
-            nn.AdaptiveAvgPool3d(1),
+            make_pooling(pooling, channels[-1]),
             nn.Flatten(),
             nn.Linear(channels[-1], dense_units),
             nn.ReLU(inplace=True),

@@ -499,3 +499,26 @@ def test_export_never_follows_links_nor_deletes_what_it_did_not_write(
     assert export_main([*base, "--output", str(tmp_path / "bundle"), "--zip", "--overwrite"]) == 0
     assert export_main([*base, "--output", str(tmp_path / "bundle"), "--zip", "--overwrite"]) == 0
     assert not list(tmp_path.glob(".bundle.*"))  # no temporary folder left behind
+
+
+def test_bundle_writer_records_a_non_finite_probability_as_a_failed_scan(tmp_path):
+    """The exported bundle's writer: NaN from the network is an error row, never 'normal'."""
+    from types import SimpleNamespace
+
+    from app.bundle.portable.writer import PredictionWriter
+
+    writer = PredictionWriter(tmp_path, ["normal", "abnormal"])
+    engine = SimpleNamespace(state=SimpleNamespace(
+        batch=[{"path": "a.nii.gz"}, {"path": "b.nii.gz"}],
+        output=[{"prob": torch.tensor(float("nan")), "pred": torch.tensor(0.0)},
+                {"prob": torch.tensor(0.75), "pred": torch.tensor(1.0)}],
+    ))  # fmt: skip
+    writer.started(engine)
+    writer.write(engine)
+    writer.completed(engine)
+    with (tmp_path / "predictions.csv").open() as f:
+        rows = {r["path"]: r for r in csv.DictReader(f)}
+    assert rows["a.nii.gz"]["label"] == "" and "non-finite" in rows["a.nii.gz"]["error"]
+    assert (
+        rows["b.nii.gz"]["label"] == "abnormal" and rows["b.nii.gz"]["prob_abnormal"] == "0.750000"
+    )

@@ -230,3 +230,45 @@ def test_group_norm_groups_divide_the_channels_and_unknown_norms_are_refused():
     for norm in ("layer", "instance"):
         with pytest.raises(ValueError, match="norm must be one of"):
             CNN3D(norm=norm)
+
+
+@pytest.mark.parametrize("pooling", ["avg", "max", "attention"])
+def test_pooling_heads_give_one_logit_and_script(pooling):
+    """Each pooling gives one logit per scan, TorchScript equals eager; max pooling answers a
+    single strong voxel that average pooling dilutes; attention weights sum to one."""
+    from nets.cnn3d import CNN3D, AttentionPool3d
+
+    torch.manual_seed(0)
+    net = CNN3D(filters=(4, 4, 8, 8), dense_units=8, pooling=pooling).eval()
+    x = torch.rand(2, 1, 48, 48, 48)
+    with torch.no_grad():
+        out = net(x)
+        assert out.shape == (2, 1)
+        torch.testing.assert_close(torch.jit.script(net)(x), out)
+    assert [k for k in net.state_dict() if k.startswith("head.2.")] == [
+        "head.2.weight",
+        "head.2.bias",
+    ]
+    feature = torch.zeros(1, 8, 4, 4, 4)
+    feature[0, :, 1, 2, 3] = 8.0
+    pooled = net.head[0](feature).flatten(1)
+    if pooling == "max":
+        assert torch.equal(pooled, torch.full((1, 8), 8.0))
+    elif pooling == "avg":
+        assert torch.allclose(pooled, torch.full((1, 8), 8.0 / 64))
+    constant = torch.full((1, 8, 2, 3, 2), 0.25)
+    assert torch.allclose(AttentionPool3d(8)(constant), torch.full((1, 8), 0.25))
+
+
+def test_pooling_is_a_checked_setting_and_older_checkpoints_mean_avg():
+    from conftest import TINY_SETTINGS
+
+    from app.model_settings import SettingsError, validate_settings
+
+    assert validate_settings(TINY_SETTINGS, "ckpt")["pooling"] == "avg"
+    assert validate_settings({**TINY_SETTINGS, "pooling": "max"}, "ckpt")["pooling"] == "max"
+    with pytest.raises(SettingsError, match="settings.pooling holds config syntax"):
+        validate_settings({**TINY_SETTINGS, "pooling": "$os"}, "ckpt")
+    with pytest.raises(SettingsError, match="'pooling'"):
+        validate_settings({**TINY_SETTINGS, "pooling": "median"}, "ckpt")
+    assert validate_settings(TINY_SETTINGS, "ckpt")["lung_crop"] is False

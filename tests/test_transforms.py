@@ -371,3 +371,61 @@ def test_batch_augmentation_draws_and_builds_where_the_batch_is():
         out = augment.apply(images, params)
     assert out.shape == images.shape and out.device.type == "meta"
     assert mode.seen and not [s for s in mode.seen if s.endswith(":cpu")], mode.seen
+
+
+def test_lung_mask_finds_the_generators_lungs_and_the_box_keeps_them():
+    """Against the generator's own lung masks (16 scans, two sizes, both classes, lungs with
+    dense findings among them): the box always holds >= 99% of the lung voxels and at most
+    half of the scan; the mask overlaps the lungs (Dice >= 0.7)."""
+    from app.data.synth import generate_scan
+    from transforms.lung import lung_box, lung_mask
+
+    for shape in ((128, 128, 40), (96, 96, 32)):
+        for seed in range(4):
+            for label in (0, 1):
+                scan = generate_scan(label, seed, shape=shape, difficulty=0.3)
+                truth, mask = scan.lung_mask, lung_mask(scan.volume)
+                assert 2 * (mask & truth).sum() / (mask.sum() + truth.sum()) >= 0.7
+                start, end = lung_box(scan.volume)
+                box = tuple(slice(a, b) for a, b in zip(start, end, strict=True))
+                assert truth[box].sum() >= 0.99 * truth.sum()
+                assert np.prod(np.subtract(end, start)) <= 0.5 * np.prod(shape)
+
+
+def test_crop_to_lungs_keeps_world_coordinates_and_leaves_a_scan_without_lungs_whole():
+    from monai.data import MetaTensor
+
+    from app.data.synth import generate_scan
+    from transforms.lung import CropToLungsd, lung_box
+
+    scan = generate_scan(1, 3, shape=(96, 96, 32))
+    image = MetaTensor(torch.as_tensor(scan.volume)[None], affine=torch.as_tensor(scan.affine))
+    out = CropToLungsd("image")({"image": image})["image"]
+    start, end = lung_box(scan.volume)
+    assert tuple(out.shape[1:]) == tuple(np.subtract(end, start))
+    np.testing.assert_allclose(  # the cropped first voxel is where it was in the world
+        np.asarray(out.affine) @ [0, 0, 0, 1], scan.affine @ [*start, 1], atol=1e-4
+    )
+    assert torch.equal(out[0], image[0, start[0] : end[0], start[1] : end[1], start[2] : end[2]])
+    head = np.full((64, 64, 20), -1000.0, np.float32)
+    head[16:48, 16:48] = 40.0  # soft tissue in air: no lung
+    whole = MetaTensor(torch.as_tensor(head)[None])
+    assert torch.equal(CropToLungsd("image")({"image": whole})["image"], whole)
+
+
+def test_lung_crop_preprocessing_gives_the_network_size(tmp_path):
+    """preprocessing with lung_crop: the same output size, more of it lung."""
+    from conftest import nifti
+
+    from app.data.synth import generate_scan
+
+    scan = generate_scan(1, 1, shape=(96, 96, 32))
+    path = nifti(tmp_path / "s.nii.gz", scan.volume.astype(np.int16), scan.affine)
+    plain, cropped = (
+        eval_chain(spatial_size=[48, 48, 24]),
+        eval_chain(spatial_size=[48, 48, 24], lung_crop=True),
+    )
+    a, b = plain({"image": str(path)})["image"], cropped({"image": str(path)})["image"]
+    assert a.shape == b.shape == (1, 48, 48, 24)
+    lung_level = 0.15  # -850 HU in the [-1000, 400] window, about 0.11
+    assert (b < lung_level).float().mean() < (a < lung_level).float().mean()  # less outside air

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import io
+import math
 import os
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
@@ -168,8 +169,13 @@ class PredictionWriter:
             [b[self.path_key] for b in batch] if isinstance(batch, list) else batch[self.path_key]
         )
         for path, item in zip(paths, engine.state.output, strict=True):
+            prob = float(item[self.prob_key])
+            if not math.isfinite(prob):  # a failed scan with its reason, never a label
+                error = "the model gave a non-finite probability (NaN or inf): no label"
+                self.csv.append(prediction_row(path, None, None, error=error))
+                continue
             label = self.class_names[int(float(item[self.pred_key]))]
-            self.csv.append(prediction_row(path, float(item[self.prob_key]), label))
+            self.csv.append(prediction_row(path, prob, label))
 
     def completed(self, engine: Any) -> None:
         if self.csv is not None:
