@@ -86,6 +86,71 @@ def scans_the_model_used(checkpoint: Path, paths: list[str]) -> dict[str, str]:
     return found
 
 
+def training_scans(checkpoint: Path) -> list[dict[str, Any]] | None:
+    """The scans the model at ``checkpoint`` trained on (its run's ``split.json`` training
+    part; for a cross-validation folder every scan of its folds), as ``{image, label}``; None
+    when no split is recorded (a bundle, a bare checkpoint file)."""
+    from app.readback import read_split
+    from app.run_folder import SPLIT
+
+    folder = checkpoint if checkpoint.is_dir() else checkpoint.parent
+    if (folder / SPLIT).is_file():
+        return read_split(folder / SPLIT)["training"]
+    if (folder / "fold-0" / SPLIT).is_file():
+        split = read_split(folder / "fold-0" / SPLIT)
+        return split["training"] + split["validation"]
+    return None
+
+
+def baseline_figures(
+    checkpoint: Path,
+    rows: list[dict[str, Any]],
+    confidence: float,
+    progress: bool,
+) -> dict[str, Any] | None:
+    """The density baseline (``app.evaluation.baseline``) fitted on the model's own training
+    scans, on the classified test scans: its ROC-AUC with its interval and the model's paired
+    difference (DeLong); None when the training scans are not recorded or not readable."""
+    from app.evaluation.baseline import DensityBaseline
+    from app.evaluation.metrics import auc_with_ci, paired_auc_difference
+
+    train = training_scans(checkpoint)
+    if not train:
+        return None
+    present = [t for t in train if Path(t["image"]).exists()]
+    try:
+        baseline = DensityBaseline.fit(
+            [t["image"] for t in present], [t["label"] for t in present], progress=progress
+        )
+    except ValueError:
+        return None
+    for r in rows:
+        r["prob_baseline"] = ""
+    ok = [r for r in rows if r["prob_abnormal"] != ""]
+    probs = baseline.predict([r["path"] for r in ok], progress=progress)
+    both = np.isfinite(probs)
+    labels = np.array([int(r["label"]) for r in ok])[both]
+    model = np.array([float(r["prob_abnormal"]) for r in ok])[both]
+    for r, p in zip(ok, probs, strict=True):
+        r["prob_baseline"] = "" if not np.isfinite(p) else round(float(p), 6)
+    if len(set(labels.tolist())) < 2:
+        return None
+    difference = paired_auc_difference(model, probs[both], labels, confidence)
+    return {
+        "what": "lung-density features + logistic regression (app.evaluation.baseline)",
+        "trained_on": baseline.scans,
+        "scans": int(both.sum()),
+        "roc_auc": auc_with_ci(probs[both], labels, confidence),
+        "difference": difference,
+        "verdict": (
+            "the model beats its density baseline"
+            if difference.low > 0
+            else "the model does NOT beat its density baseline (the difference's interval "
+            "reaches 0 or below)"
+        ),
+    }
+
+
 def _overlap_text(overlap: dict[str, str]) -> str:
     counts: dict[str, int] = {}
     for where in overlap.values():
@@ -112,6 +177,9 @@ class Evaluation:
     #: with ``allow_overlap``: ``{"scans", "used_for"}`` of test scans the model trained or
     #: validated on (every figure is then not independent); ``None`` when there were none
     overlap: dict[str, Any] | None = None
+    #: the density baseline on the same scans: ``{"what", "trained_on", "scans", "roc_auc":
+    #: Estimate, "difference": Estimate (model minus baseline, DeLong paired), "verdict"}``
+    baseline: dict[str, Any] | None = None
 
     @property
     def independent(self) -> bool:
@@ -135,6 +203,18 @@ class Evaluation:
                     "method": e.method,
                 }
             )
+        if self.baseline:
+            for name in ("roc_auc", "difference"):
+                e = self.baseline[name]
+                rows.append(
+                    {
+                        "metric": f"baseline {name}" if name == "roc_auc" else "roc_auc - baseline",
+                        "value": e.value,
+                        "ci_low": e.low,
+                        "ci_high": e.high,
+                        "method": e.method,
+                    }
+                )
         if self.calibration:
             for when in ("before", "after"):
                 for name, value in self.calibration[when].items():
@@ -160,6 +240,13 @@ class Evaluation:
             "overlap": self.overlap,
             "metrics": {**self.metrics.as_dict(), "rows": self.metrics.rows()},
             "folds": [{**f, "roc_auc": asdict(f["roc_auc"])} for f in self.folds],
+            "baseline": None
+            if self.baseline is None
+            else {
+                **self.baseline,
+                "roc_auc": asdict(self.baseline["roc_auc"]),
+                "difference": asdict(self.baseline["difference"]),
+            },
             "calibration": self.calibration,
         }
 
@@ -180,6 +267,7 @@ def evaluate(
     progress: bool = False,
     allow_overlap: bool = False,
     auc_ci: str = "delong",
+    with_baseline: bool = True,
 ) -> Evaluation:
     """Classify every scan of the labelled set ``data`` with the model at ``checkpoint`` (run
     folder, checkpoint file or exported bundle) and measure it; with ``output``, write the
@@ -237,6 +325,9 @@ def evaluate(
         seed=seed,
         auc_method=auc_ci,
     )
+    baseline = (
+        baseline_figures(Path(str(clf.checkpoint)), rows, 0.95, progress) if with_baseline else None
+    )
     folds: list[dict[str, Any]] = []
     calibration = None
     if clf.folds:  # a cross-validation ensemble: its members and its calibration too
@@ -263,6 +354,7 @@ def evaluate(
         date=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         failed=len(rows) - len(ok),
         overlap={"scans": len(overlap), "used_for": _overlap_text(overlap)} if overlap else None,
+        baseline=baseline,
     )
     if out is not None:
         result.files = _write(result, out, clf.class_names)
@@ -362,6 +454,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seed of the bootstrap (default 0)")
     p.add_argument("--overwrite", action="store_true", help="replace an evaluation in --output")
     p.add_argument(
+        "--no-baseline",
+        action="store_true",
+        help="skip the lung-density baseline (fitted on the model's recorded training scans)",
+    )
+    p.add_argument(
         "--allow-overlap",
         action="store_true",
         help="evaluate even when test scans were used in the model's training or validation "
@@ -389,6 +486,7 @@ def main(argv: list[str] | None = None) -> int:
             progress=show_progress(args.no_progress),
             allow_overlap=args.allow_overlap,
             auc_ci=args.auc_ci,
+            with_baseline=not args.no_baseline,
         )
     except CTClassifyError as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -407,6 +505,8 @@ def main(argv: list[str] | None = None) -> int:
     for row in result.table():
         ci = "" if math.isnan(row["ci_low"]) else f" ({row['ci_low']:.3f}-{row['ci_high']:.3f})"
         print(f"  {row['metric']:<24} {row['value']:.3f}{ci}")
+    if result.baseline:
+        print(f"baseline: {result.baseline['verdict']}")
     method = result.model.get("threshold_method") or ""
     if method.startswith("sensitivity"):
         print(

@@ -42,6 +42,12 @@ CHOICES: dict[str, tuple[str, list[str]]] = {
     ),
     "input-96": ("input 96x96x48", ["spatial_size=[96,96,48]"]),
     "epochs-20": ("20 epochs (patience 10)", ["epochs=20", "patience=10"]),
+    # issue 20: inputs and heads for small findings
+    "lung-crop": ("input cropped to the lungs' box", ["lung_crop=true"]),
+    "max-pool": ("global max pooling", ["pooling=max"]),
+    "attention": ("attention (multiple-instance) pooling", ["pooling=attention"]),
+    "crop-max": ("lung crop + max pooling", ["lung_crop=true", "pooling=max"]),
+    "crop-attention": ("lung crop + attention pooling", ["lung_crop=true", "pooling=attention"]),
 }
 
 
@@ -83,6 +89,16 @@ def run_choice(name: str, sets: list[str], args: argparse.Namespace) -> dict:
         print("$", " ".join(command), flush=True)
         subprocess.run(command, cwd=REPO, check=True, stdout=subprocess.DEVNULL)
     stats = json.loads(summary.read_text())
+    tested: dict = {}
+    if args.test is not None:  # the CV ensemble on new scans, through app.evaluate
+        evaluation = out / "evaluate"
+        if not (evaluation / "metrics.json").exists():
+            command = [sys.executable, "-m", "app.evaluate", "--data", str(args.test),
+                       "--checkpoint", str(out), "--output", str(evaluation), "--no-progress",
+                       "--overwrite"]  # fmt: skip
+            subprocess.run(command, cwd=REPO, check=False, stdout=subprocess.DEVNULL)
+        auc = json.loads((evaluation / "metrics.json").read_text())["metrics"]["roc_auc"]
+        tested = {"test_auc": auc["value"], "test_low": auc["low"], "test_high": auc["high"]}
     return {
         "choice": name,
         "sets": [*args.base, *sets],
@@ -93,6 +109,7 @@ def run_choice(name: str, sets: list[str], args: argparse.Namespace) -> dict:
         "acc_sd": stats["mean_sd"]["val_acc"]["sd"],
         "oof_auc": roc_auc_oof(out / "oof_predictions.csv"),
         "minutes": round((time.perf_counter() - started) / 60, 1),
+        **tested,
     }
 
 
@@ -104,12 +121,16 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--only", nargs="+", choices=sorted(CHOICES), help="these choices only")
     p.add_argument("--base", nargs="*", default=[], help="ID=VALUE settings for every choice")
+    p.add_argument(
+        "--test", type=Path, help="new labelled scans: each choice's CV ensemble evaluated on them"
+    )
     args = p.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     rows = []
     for name in args.only or CHOICES:
         rows.append(run_choice(name, CHOICES[name][1], args))
         row = rows[-1]
+        (args.out / "study.json").write_text(json.dumps(rows, indent=1))  # as it goes
         print(
             f"{name}: ROC-AUC {row['auc_mean']:.3f} +- {row['auc_sd']:.3f} "
             f"(folds {', '.join(f'{a:.3f}' for a in row['folds_auc'])}), out-of-fold "
@@ -118,15 +139,21 @@ def main() -> None:
         )
     (args.out / "study.json").write_text(json.dumps(rows, indent=1))
     lines = [
-        "| choice | settings | ROC-AUC mean +- sd | folds | out-of-fold ROC-AUC | accuracy |",
-        "|---|---|---|---|---|---|",
+        "| choice | settings | ROC-AUC mean +- sd | folds | out-of-fold ROC-AUC | accuracy "
+        "| ensemble on new scans (95% CI) |",
+        "|---|---|---|---|---|---|---|",
     ]
     for row in rows:
+        test = (
+            f"{row['test_auc']:.3f} ({row['test_low']:.3f}-{row['test_high']:.3f})"
+            if "test_auc" in row
+            else "-"
+        )
         lines.append(
             f"| {CHOICES[row['choice']][0]} | `{' '.join(row['sets']) or '-'}` | "
             f"{row['auc_mean']:.3f} +- {row['auc_sd']:.3f} | "
             f"{' / '.join(f'{a:.3f}' for a in row['folds_auc'])} | {row['oof_auc']:.3f} | "
-            f"{row['acc_mean']:.3f} +- {row['acc_sd']:.3f} |"
+            f"{row['acc_mean']:.3f} +- {row['acc_sd']:.3f} | {test} |"
         )
     (args.out / "study.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))

@@ -189,6 +189,13 @@ def test_cross_validation_folder_is_one_model_the_mean_of_its_folds(cv_data, tmp
     }
     assert json.loads((tmp_path / "E" / "metrics.json").read_text())["independent"] is False
     assert "NOT INDEPENDENT: 12 test scans" in (tmp_path / "E" / "report.html").read_text()
+    # the density baseline, fitted on the ensemble's training scans (all 12), beside it
+    assert result.baseline is not None and result.baseline["trained_on"] == 12
+    rows = {r["metric"]: r for r in result.table()}
+    assert rows["roc_auc - baseline"]["value"] == pytest.approx(
+        result.metrics.roc_auc.value - rows["baseline roc_auc"]["value"]
+    )
+    assert "Against its baseline" in (tmp_path / "E" / "report.html").read_text()
     assert result.metrics.n == 12 and result.metrics.threshold == ensemble.threshold
     _check_ensemble_evaluation(result, cv_data, out, calibration["temperature"], tmp_path / "E")
     # app.infer: each fold's probability in predictions.json, their mean the ensemble's

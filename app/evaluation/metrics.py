@@ -112,6 +112,18 @@ def delong_auc(positive: np.ndarray, negative: np.ndarray) -> tuple[float, float
     """ROC-AUC and its DeLong variance (midranks, Sun and Xu 2014's fast algorithm); the
     variance is Hanley and McNeil's where DeLong's is zero or undefined (perfect separation,
     one scan in a class)."""
+    m, n = len(positive), len(negative)
+    auc, v10, v01 = _placements(positive, negative)
+    var = float(v10.var(ddof=1) / m + v01.var(ddof=1) / n) if m > 1 and n > 1 else math.nan
+    if not math.isfinite(var) or var <= 0:
+        a = min(max(auc, 0.5 / (m * n)), 1 - 0.5 / (m * n))
+        q1, q2 = a / (2 - a), 2 * a * a / (1 + a)
+        var = (a * (1 - a) + (m - 1) * (q1 - a * a) + (n - 1) * (q2 - a * a)) / (m * n)
+    return auc, var
+
+
+def _placements(positive: np.ndarray, negative: np.ndarray) -> tuple[float, np.ndarray, np.ndarray]:
+    """ROC-AUC and DeLong's placement values (V10 per positive, V01 per negative)."""
     from scipy.stats import rankdata
 
     m, n = len(positive), len(negative)
@@ -119,12 +131,32 @@ def delong_auc(positive: np.ndarray, negative: np.ndarray) -> tuple[float, float
     auc = float((together[:m].sum() - m * (m + 1) / 2) / (m * n))
     v10 = (together[:m] - rankdata(positive)) / n
     v01 = 1 - (together[m:] - rankdata(negative)) / m
-    var = float(v10.var(ddof=1) / m + v01.var(ddof=1) / n) if m > 1 and n > 1 else math.nan
-    if not math.isfinite(var) or var <= 0:
-        a = min(max(auc, 0.5 / (m * n)), 1 - 0.5 / (m * n))
-        q1, q2 = a / (2 - a), 2 * a * a / (1 + a)
-        var = (a * (1 - a) + (m - 1) * (q1 - a * a) + (n - 1) * (q2 - a * a)) / (m * n)
-    return auc, var
+    return auc, v10, v01
+
+
+def paired_auc_difference(
+    probs_a: np.ndarray, probs_b: np.ndarray, labels: np.ndarray, confidence: float = 0.95
+) -> Estimate:
+    """ROC-AUC of ``probs_a`` minus that of ``probs_b`` on the same scans, with DeLong's
+    interval for correlated ROC curves (DeLong, DeLong and Clarke-Pearson 1988: the covariance
+    of the two AUCs from their placement values)."""
+    from scipy.stats import norm
+
+    a, b, y = (np.asarray(v) for v in (probs_a, probs_b, labels))
+    pos, neg = y == 1, y == 0
+    m, n = int(pos.sum()), int(neg.sum())
+    if m < 2 or n < 2:
+        return Estimate(math.nan, math.nan, math.nan, "DeLong paired")
+    auc_a, v10_a, v01_a = _placements(a[pos], a[neg])
+    auc_b, v10_b, v01_b = _placements(b[pos], b[neg])
+    s10 = np.cov(np.vstack([v10_a, v10_b]))
+    s01 = np.cov(np.vstack([v01_a, v01_b]))
+    var = float(
+        (s10[0, 0] + s10[1, 1] - 2 * s10[0, 1]) / m + (s01[0, 0] + s01[1, 1] - 2 * s01[0, 1]) / n
+    )
+    diff = auc_a - auc_b
+    half = float(norm.ppf(0.5 + confidence / 2)) * math.sqrt(max(var, 0.0))
+    return Estimate(diff, diff - half, diff + half, "DeLong paired")
 
 
 def auc_with_ci(

@@ -94,6 +94,19 @@ def write_report(summary: dict[str, Any], rows: list[dict[str, Any]], out_dir: P
 <table><tr><th></th><th>before</th><th>after</th></tr>{cal_rows}</table>
 """
     c = metrics["confusion"]
+    base = summary.get("baseline")
+    baseline = (
+        f"""<h2>Against its baseline</h2>
+<p>{e(base["what"])}, fitted on the model's {base["trained_on"]} training scans, on the same
+{base["scans"]} test scans: ROC-AUC {_num(base["roc_auc"]["value"])}
+({_num(base["roc_auc"]["low"])}-{_num(base["roc_auc"]["high"])}); the model's ROC-AUC minus the
+baseline's: {_num(base["difference"]["value"])} ({_num(base["difference"]["low"])} to
+{_num(base["difference"]["high"])}, {e(base["difference"]["method"])}).
+<strong>{e(base["verdict"][0].upper() + base["verdict"][1:])}.</strong></p>
+"""
+        if base
+        else ""
+    )
     overlap = summary.get("overlap")
     banner = (
         f"<p class=banner>NOT INDEPENDENT: {overlap['scans']} test scans were used by the model "
@@ -128,7 +141,7 @@ dt {{ font-weight: bold; }} dd {{ margin: 0 0 0.5em 0; }}
 {"".join(table)}</table>
 <p>{_img(out_dir / "roc.png", "ROC curve")}{_img(out_dir / "calibration.png", "calibration")}
 {_img(out_dir / "confusion.png", "confusion matrix")}</p>
-{ensemble}<h2>Scans</h2>
+{baseline}{ensemble}<h2>Scans</h2>
 <table><tr><th>path</th><th>true</th><th>P(abnormal)</th>{fold_head}<th>predicted</th><th>error</th></tr>
 {"".join(scans)}</table>
 </body></html>

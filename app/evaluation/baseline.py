@@ -1,0 +1,115 @@
+"""The baseline every model is measured against: lung-density features with logistic regression.
+
+Features of a scan, from its lungs (``transforms.lung.lung_mask``, no learned weights): the share
+of lung voxels in 50-HU bins from -1000 to +200 HU, the 5th to 95th HU percentiles, the shares
+in the ground-glass (-700 to -300 HU) and consolidation (-100 to +100 HU) ranges, mean and
+standard deviation. A standardised logistic regression (scikit-learn) on them is what a
+histogram sees; a CNN that does not beat it has learned nothing a histogram could not.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+#: 50-HU bins of the lung histogram
+BIN_EDGES = np.arange(-1000.0, 201.0, 50.0)
+PERCENTILES = (5, 25, 50, 75, 95)
+GROUND_GLASS = (-700.0, -300.0)
+CONSOLIDATION = (-100.0, 100.0)
+#: the regression's inverse regularisation (scikit-learn's default)
+C = 1.0
+
+
+def density_features(volume: np.ndarray) -> np.ndarray:
+    """The feature vector of one (x, y, z) HU volume (axial third axis); NaN when the mask finds
+    no lung."""
+    from transforms.lung import lung_mask
+
+    values = np.asarray(volume, dtype=np.float32)[lung_mask(volume)]
+    n_features = len(BIN_EDGES) - 1 + len(PERCENTILES) + 4
+    if values.size == 0:
+        return np.full(n_features, np.nan)
+    histogram = np.histogram(np.clip(values, BIN_EDGES[0], BIN_EDGES[-1]), BIN_EDGES)[0]
+    return np.concatenate(
+        [
+            histogram / values.size,
+            np.percentile(values, PERCENTILES),
+            [
+                np.mean((values >= GROUND_GLASS[0]) & (values < GROUND_GLASS[1])),
+                np.mean((values >= CONSOLIDATION[0]) & (values < CONSOLIDATION[1])),
+                values.mean(),
+                values.std(),
+            ],
+        ]
+    )
+
+
+def scan_features(paths: Sequence[str], axcodes: str = "LAS", progress: bool = False) -> np.ndarray:
+    """:func:`density_features` of each scan (NIfTI file or DICOM series folder), read and
+    reoriented as the model's preprocessing does; a row of NaN for a scan that cannot be read."""
+    from monai.transforms import Compose, EnsureChannelFirstd, LoadImaged, Orientationd
+    from tqdm import tqdm
+
+    load = Compose(
+        [
+            LoadImaged("image", image_only=True),
+            EnsureChannelFirstd("image"),
+            Orientationd("image", axcodes=axcodes, labels=None),
+        ]
+    )
+    rows = []
+    for path in tqdm(paths, unit="scan", disable=not progress, file=sys.stderr, desc="baseline"):
+        try:
+            volume = np.asarray(load({"image": str(path)})["image"][0])
+            rows.append(density_features(volume))
+        except Exception:  # the model's own run reports the file; the baseline skips it
+            rows.append(density_features(np.zeros((0, 0, 0))))
+    return np.array(rows, dtype=np.float64)
+
+
+@dataclass
+class DensityBaseline:
+    """Logistic regression on :func:`density_features`, fitted on the model's training scans.
+
+    Example:
+        >>> baseline = DensityBaseline.fit(train_paths, train_labels)  # doctest: +SKIP
+        >>> baseline.predict(test_paths)  # P(abnormal) per scan, NaN where unreadable # doctest: +SKIP
+    """
+
+    model: Any
+    scans: int
+
+    @classmethod
+    def fit(
+        cls, paths: Sequence[str], labels: Sequence[int], progress: bool = False
+    ) -> DensityBaseline:
+        return cls.fit_features(scan_features(paths, progress=progress), labels)
+
+    @classmethod
+    def fit_features(cls, features: np.ndarray, labels: Sequence[int]) -> DensityBaseline:
+        from sklearn.linear_model import LogisticRegression
+        from sklearn.pipeline import make_pipeline
+        from sklearn.preprocessing import StandardScaler
+
+        y = np.asarray(labels, dtype=int)
+        ok = np.isfinite(features).all(axis=1)
+        if len(set(y[ok].tolist())) < 2:
+            raise ValueError("the baseline needs readable training scans of both classes")
+        model = make_pipeline(StandardScaler(), LogisticRegression(C=C, max_iter=5000))
+        model.fit(features[ok], y[ok])
+        return cls(model, int(ok.sum()))
+
+    def predict(self, paths: Sequence[str], progress: bool = False) -> np.ndarray:
+        return self.predict_features(scan_features(paths, progress=progress))
+
+    def predict_features(self, features: np.ndarray) -> np.ndarray:
+        out = np.full(len(features), np.nan)
+        ok = np.isfinite(features).all(axis=1)
+        if ok.any():
+            out[ok] = self.model.predict_proba(features[ok])[:, 1]
+        return out
