@@ -285,10 +285,31 @@ def _folds(value: Any) -> list[dict[str, Any]]:
     return out
 
 
+def _estimate(value: Any) -> dict[str, Any]:
+    fields = {"value": number(), "low": number(), "high": number(), "method": _text()}
+    if not isinstance(value, Mapping) or set(value) != set(fields):
+        raise ValueError(f"an estimate of {', '.join(fields)}")
+    return {k: check(value[k]) for k, check in fields.items()}
+
+
+def _baseline(value: Any) -> dict[str, Any]:
+    keys = ("baseline_auc", "model_auc", "difference")
+    if not isinstance(value, Mapping) or set(value) != {"scans", *keys}:
+        raise ValueError("a mapping of scans, baseline_auc, model_auc, difference")
+    return {"scans": count(value["scans"]), **{k: _estimate(value[k]) for k in keys}}
+
+
 def read_cv_summary(path: str | Path) -> dict[str, Any]:
-    """``cv_summary.json``: per fold the kept epoch's validation metrics; their mean and sd."""
+    """``cv_summary.json``: per fold the kept epoch's validation metrics; their mean and sd;
+    the density baseline's out-of-fold comparison (``None`` in older files)."""
+    value = read_json(path, 1 << 20)
+    if isinstance(value, Mapping) and "baseline" not in value:
+        value = {**value, "baseline": None}
     return _check_fields(
-        read_json(path, 1 << 20), path, {"folds": _folds, "mean_sd": _mean_sd}, "a summary"
+        value,
+        path,
+        {"folds": _folds, "mean_sd": _mean_sd, "baseline": _optional(_baseline)},
+        "a summary",
     )
 
 

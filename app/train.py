@@ -247,6 +247,17 @@ def _cross_validate(args: argparse.Namespace) -> int:
     print(f"cross-validation: {result.output} ({result.folds} folds)")
     for name, stat in result.summary["mean_sd"].items():
         print(f"  {name:<16} {stat['mean']:.3f} +- {stat['sd']:.3f}")
+    from app.readback import read_cv_summary
+
+    base = read_cv_summary(result.output / "cv_summary.json")["baseline"]
+    if base:
+        diff = base["difference"]
+        print(
+            f"  out of fold: ROC-AUC {base['model_auc']['value']:.3f}, density baseline "
+            f"{base['baseline_auc']['value']:.3f}; difference {diff['value']:+.3f} "
+            f"({diff['low']:+.3f} to {diff['high']:+.3f}, {diff['method']})"
+            + ("" if diff["low"] > 0 else ": the model does NOT beat its baseline")
+        )
     cal = result.calibration or {}
     print(
         f"threshold {cal.get('threshold', float('nan')):.3f} ({cal.get('threshold_method')}), "

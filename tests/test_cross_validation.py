@@ -121,6 +121,13 @@ def test_cross_validation_writes_folds_summary_and_calibration_and_resumes(cv_da
     assert len(oof) == 1 + 12  # every scan once, by the model that did not train on it
     calibration = json.loads((out / "cv_calibration.json").read_text())
     assert 0 <= calibration["threshold"] <= 1 and calibration["temperature"] > 0
+    from app.readback import read_cv_summary
+
+    base = read_cv_summary(out / "cv_summary.json")["baseline"]  # beside the CNN, out of fold
+    assert base["scans"] == 12
+    assert base["difference"]["value"] == pytest.approx(
+        base["model_auc"]["value"] - base["baseline_auc"]["value"]
+    )
     assert calibration["nll_after"] <= calibration["nll_before"] + 1e-12
     # the same command again: nothing retrained, the same figures
     before = (out / "cv_summary.json").read_text()

@@ -272,4 +272,44 @@ def write_out_of_fold(
         "ece_after": expected_calibration_error(calibrated, labels),
     }
     atomic_write_text(out / "cv_calibration.json", json.dumps(calibration, indent=1))
+    summary_path = out / "cv_summary.json"
+    if summary_path.is_file():  # the density baseline out of fold, beside the CNN's
+        summary = json.loads(summary_path.read_text())
+        summary["baseline"] = baseline_out_of_fold(rows)
+        atomic_write_text(summary_path, json.dumps(summary, indent=1))
     return calibration
+
+
+def baseline_out_of_fold(rows: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """The density baseline (``app.evaluation.baseline``) cross-validated on the same folds:
+    for each fold, fitted on the other folds' scans and applied to its own; its out-of-fold
+    ROC-AUC and the CNN's, and their paired difference (DeLong), on the scans both scored."""
+    from dataclasses import asdict
+
+    from app.evaluation.baseline import DensityBaseline, scan_features
+    from app.evaluation.metrics import auc_with_ci, paired_auc_difference
+
+    features = scan_features([str(r["path"]) for r in rows])
+    labels = np.array([int(r["label"]) for r in rows])
+    folds = np.array([int(r["fold"]) for r in rows])
+    baseline = np.full(len(rows), np.nan)
+    for k in sorted(set(folds.tolist())):
+        try:
+            fitted = DensityBaseline.fit_features(features[folds != k], labels[folds != k])
+        except ValueError:
+            return None
+        baseline[folds == k] = fitted.predict_features(features[folds == k])
+    model = np.array(
+        [np.nan if r["prob_abnormal"] == "" else float(r["prob_abnormal"]) for r in rows]
+    )
+    both = np.isfinite(model) & np.isfinite(baseline)
+    if len(set(labels[both].tolist())) < 2:
+        return None
+    estimates = {
+        "baseline_auc": auc_with_ci(baseline[both], labels[both]),
+        "model_auc": auc_with_ci(model[both], labels[both]),
+        "difference": paired_auc_difference(model[both], baseline[both], labels[both]),
+    }
+    if not all(math.isfinite(v) for e in estimates.values() for v in (e.value, e.low, e.high)):
+        return None
+    return {"scans": int(both.sum()), **{k: asdict(e) for k, e in estimates.items()}}
