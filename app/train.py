@@ -211,7 +211,11 @@ def main(argv: list[str] | None = None) -> int:
             )
             if kept.get(key) is not None
         )
-        print(f"kept model: {result.best_checkpoint} (epoch {kept['epoch']}: validation {figures})")
+        print(
+            f"kept model: {result.best_checkpoint} (epoch {kept['epoch']}: validation {figures}; "
+            "the epoch was chosen on this validation split, so these figures are optimistic: "
+            "measure the model on new scans with python -m app.evaluate)"
+        )
     print(f"run folder: {result.run_dir} ({len(result.metrics)} epochs; metrics.csv, curves.png)")
     return 0
 
