@@ -268,6 +268,7 @@ def evaluate(
     allow_overlap: bool = False,
     auc_ci: str = "delong",
     with_baseline: bool = True,
+    tta: bool = False,
 ) -> Evaluation:
     """Classify every scan of the labelled set ``data`` with the model at ``checkpoint`` (run
     folder, checkpoint file or exported bundle) and measure it; with ``output``, write the
@@ -293,6 +294,7 @@ def evaluate(
         raise UsageError(f"{out} holds an evaluation already: pass --overwrite to replace it")
     items = find_items(data)
     clf = Classifier.load(checkpoint, device=device, threshold=threshold, precision=precision)
+    clf.tta = tta
     overlap = scans_the_model_used(Path(str(clf.checkpoint)), [str(i["image"]) for i in items])
     if overlap and not allow_overlap:
         raise UsageError(
@@ -349,6 +351,7 @@ def evaluate(
             "description": clf.describe(),
             "precision": clf.precision,
             "threshold_method": (clf.settings.get("ensemble") or {}).get("threshold_method"),
+            "tta": "left-right flip" if tta else None,
         },
         data=str(data),
         date=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
@@ -391,6 +394,8 @@ def _classify(
                 "predicted_name": names[predicted] if ok else "",
                 "error": pred.error or "",
             }
+            if clf.tta:  # the spread across the scan and its mirror: an uncertainty
+                row["tta_spread"] = pred.tta_spread if ok and pred.tta_spread is not None else ""
             for k in range(clf.folds):  # an ensemble: each fold model's (scaled) probability
                 row[f"prob_fold_{k}"] = pred.fold_probs[k] if ok and pred.fold_probs else ""
             rows.append(row)
@@ -454,6 +459,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seed of the bootstrap (default 0)")
     p.add_argument("--overwrite", action="store_true", help="replace an evaluation in --output")
     p.add_argument(
+        "--tta",
+        action="store_true",
+        help="test-time augmentation: each scan averaged with its left-right mirror (the "
+        "spread goes to predictions.csv's tta_spread)",
+    )
+    p.add_argument(
         "--no-baseline",
         action="store_true",
         help="skip the lung-density baseline (fitted on the model's recorded training scans)",
@@ -487,6 +498,7 @@ def main(argv: list[str] | None = None) -> int:
             allow_overlap=args.allow_overlap,
             auc_ci=args.auc_ci,
             with_baseline=not args.no_baseline,
+            tta=args.tta,
         )
     except CTClassifyError as exc:
         print(f"error: {exc}", file=sys.stderr)

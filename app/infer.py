@@ -64,6 +64,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_precision_option(p, default="auto")
     p.add_argument("--saliency", action="store_true", help="save a Grad-CAM montage per scan")
+    p.add_argument(
+        "--tta",
+        action="store_true",
+        help="test-time augmentation: average each scan with its left-right mirror; the spread "
+        "between them goes to the tta_spread column as an uncertainty",
+    )
     p.add_argument("--report", action="store_true", help="write OUT/report.html")
     p.add_argument(
         "--overwrite",
@@ -151,6 +157,7 @@ def load_model(args: argparse.Namespace) -> Any:
         limits=limits,
         precision=args.precision,
     )
+    clf.tta = bool(getattr(args, "tta", False))
     # a process of its own: keep freed blocks for the next scan (configs' reuse_freed_memory)
     reuse_freed_memory(clf.reuse_freed_memory and clf.device.type == "cpu")
     return clf
@@ -168,7 +175,10 @@ def find_scan_inputs(folder: Path) -> list[Any]:
 def open_log(out: Path, clf: Any, overwrite: bool) -> Any:
     from app.inference.predictions import PredictionLog
 
-    return PredictionLog(out, overwrite=overwrite, model=clf.identity())
+    identity = clf.identity()
+    if clf.tta:  # predictions with and without test-time augmentation differ: never mixed
+        identity["tta"] = "left-right flip"
+    return PredictionLog(out, overwrite=overwrite, model=identity)
 
 
 def announce(clf: Any, chosen: bool, inputs: list[Any], log: Any) -> None:

@@ -48,6 +48,18 @@ CHOICES: dict[str, tuple[str, list[str]]] = {
     "attention": ("attention (multiple-instance) pooling", ["pooling=attention"]),
     "crop-max": ("lung crop + max pooling", ["lung_crop=true", "pooling=max"]),
     "crop-attention": ("lung crop + attention pooling", ["lung_crop=true", "pooling=attention"]),
+    "lung-window": (
+        "HU window [-1000, -200]: more contrast for ground glass",
+        ["hu_window=[-1000,-200]"],
+    ),
+    "crop-window": (
+        "lung crop + window [-1000, -200]",
+        ["lung_crop=true", "hu_window=[-1000,-200]"],
+    ),
+    "crop-window-max": (
+        "lung crop + window [-1000, -200] + max pooling",
+        ["lung_crop=true", "hu_window=[-1000,-200]", "pooling=max"],
+    ),
 }
 
 

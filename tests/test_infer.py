@@ -781,3 +781,30 @@ def test_an_output_of_another_ensemble_is_refused(tmp_path, checkpoint, capsys):
     assert "another model or setting" in capsys.readouterr().err
     assert infer_main([*command, "--saliency", "--overwrite"]) == 2  # before any work
     assert "--saliency needs one network" in capsys.readouterr().err
+
+
+def test_test_time_augmentation_averages_the_scan_and_its_mirror(tmp_path, checkpoint, capsys):
+    """--tta: P(abnormal) is the mean of the scan's and its left-right mirror's (each classified
+    as a file of its own), the spread their standard deviation, in its own output folder."""
+
+    volume = ct_volume(seed=5)
+    scan = nifti(tmp_path / "scan.nii.gz", volume)
+    mirror = nifti(tmp_path / "mirror.nii.gz", volume[::-1].copy())
+    clf = Classifier.load(checkpoint, device="cpu", precision="fp32")
+    p, q = clf.predict(scan).prob_abnormal, clf.predict(mirror).prob_abnormal
+    assert clf.predict(scan).tta_spread is None
+    clf.tta = True
+    both = clf.predict(scan)
+    assert both.prob_abnormal == pytest.approx((p + q) / 2, abs=2e-6)
+    assert p != q and both.tta_spread == pytest.approx(abs(p - q) / 2, abs=2e-6)
+    folder = tmp_path / "in"
+    folder.mkdir()
+    shutil.copy(scan, folder / "scan.nii.gz")
+    out = tmp_path / "out"
+    command = [str(folder), "--checkpoint", str(checkpoint), "--output", str(out), "--no-progress"]
+    assert infer_main([*command, "--tta", "--precision", "fp32"]) == 0
+    row = read_rows(out)[0]
+    assert float(row["tta_spread"]) == pytest.approx(abs(p - q) / 2, abs=2e-6)
+    assert json.loads((out / "predictions.json").read_text())[0]["tta_spread"] is not None
+    assert infer_main([*command, "--precision", "fp32"]) == 2  # without --tta: another model
+    assert "another model or setting" in capsys.readouterr().err

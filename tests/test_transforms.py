@@ -321,9 +321,9 @@ def test_batch_zoom_equals_scipy_affine_transform(factor, shape):
 def test_batch_augmentation_steps_do_what_they_say():
     x = torch.rand(6, 1, 12, 10, 8, dtype=torch.float64) * 0.5 + 0.25
     assert BatchAugmentation()(x) is x  # all off: untouched
-    torch.testing.assert_close(BatchAugmentation(flip_prob=1.0)(x), x.flip(2), rtol=0, atol=0)
+    torch.testing.assert_close(BatchAugmentation(flip_prob=1.0)(x), x.flip(3), rtol=0, atol=0)
     half = BatchAugmentation(flip_prob=0.5, seed=0)(x)
-    flipped = [bool(torch.equal(h, v.flip(1))) for h, v in zip(half, x, strict=True)]
+    flipped = [bool(torch.equal(h, v.flip(2))) for h, v in zip(half, x, strict=True)]
     assert all(f or torch.equal(h, v) for f, h, v in zip(flipped, half, x, strict=True))
     shifted = BatchAugmentation(intensity_shift=0.05, clip_range=None, seed=1)(x) - x
     per_scan = shifted.flatten(1)
@@ -429,3 +429,22 @@ def test_lung_crop_preprocessing_gives_the_network_size(tmp_path):
     assert a.shape == b.shape == (1, 48, 48, 24)
     lung_level = 0.15  # -850 HU in the [-1000, 400] window, about 0.11
     assert (b < lung_level).float().mean() < (a < lung_level).float().mean()  # less outside air
+
+
+def test_the_left_right_flip_mirrors_the_patient(tmp_path):
+    """Against the preprocessing of the mirrored scan: flipping a preprocessed batch along
+    LEFT_RIGHT_DIM equals preprocessing the scan with its stored x (R->L) axis reversed; the
+    axis it flipped before (2) is the anterior-posterior one."""
+    from conftest import nifti
+
+    from transforms.augment import LEFT_RIGHT_DIM
+
+    rng = np.random.default_rng(0)
+    volume = rng.integers(-1000, 300, size=(40, 40, 12)).astype(np.int16)
+    volume[2:8, 15:20, :] = 400  # a block on the patient's right (LAS: x toward left)
+    chain = eval_chain(spatial_size=[40, 40, 12])
+    plain = chain({"image": str(nifti(tmp_path / "a.nii.gz", volume))})["image"][None]
+    mirror = chain({"image": str(nifti(tmp_path / "b.nii.gz", volume[::-1].copy()))})["image"][None]
+    torch.testing.assert_close(BatchAugmentation(flip_prob=1.0)(plain), mirror)
+    torch.testing.assert_close(plain.flip(LEFT_RIGHT_DIM), mirror)
+    assert not torch.allclose(plain.flip(2), mirror)

@@ -11,6 +11,10 @@ import torch
 from monai.config import KeysCollection
 from monai.transforms import MapTransform, RandomizableTransform, Rotate
 
+#: the patient's left-right axis of a preprocessed (n, c, x, y, z) batch: the reference's
+#: 90-degree axial turn puts the stored x (R->L) on the second spatial axis
+LEFT_RIGHT_DIM = 3
+
 
 class RandDiscreteAxialRotated(RandomizableTransform, MapTransform):
     """Rotate volumes in the axial plane by an angle drawn from ``angles_deg``, keep the shape,
@@ -290,7 +294,7 @@ class BatchAugmentation(DeviceGenerators):
         out = images if images.is_floating_point() else images.float()
         shape = (images.shape[0], 1, 1, 1, 1)
         if "flip" in params:
-            out = torch.where(params["flip"].view(shape), out.flip(2), out)
+            out = torch.where(params["flip"].view(shape), out.flip(LEFT_RIGHT_DIM), out)
         if "zoom" in params:
             out = self.zoom(out, params["zoom"])
         if "contrast" in params:

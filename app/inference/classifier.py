@@ -41,6 +41,7 @@ from app.inference.scanqc import (
 from app.model_settings import MODEL_SETTINGS, SettingsError, validate_settings
 from app.run_folder import BEST_MODEL
 from nets.ensemble import MeanProbabilityEnsemble
+from transforms.augment import LEFT_RIGHT_DIM
 
 #: a cross-validation folder's threshold and temperature (app.train --folds K)
 CV_CALIBRATION = "cv_calibration.json"
@@ -63,6 +64,9 @@ class Prediction:
     #: a cross-validation ensemble's fold models, each one's temperature-scaled P(abnormal)
     #: (``prob_abnormal`` is their mean); ``None`` for one model
     fold_probs: list[float] | None = None
+    #: with test-time augmentation: the standard deviation of P(abnormal) across the views
+    #: (the scan and its left-right mirror), an uncertainty; ``None`` without
+    tta_spread: float | None = None
 
     @property
     def ok(self) -> bool:
@@ -378,6 +382,8 @@ class Classifier:
         self.autocast_fp16 = bool(parser.get_parsed_content("amp"))
         #: whether a process of its own should keep freed memory (``reuse_freed_memory()``)
         self.reuse_freed_memory = bool(parser.get_parsed_content("reuse_freed_memory"))
+        #: test-time augmentation: average each scan with its left-right mirror
+        self.tta = False
         self.network = network.to(device).eval()
         if parser.get_parsed_content("channels_last"):
             self.network = self.network.to(memory_format=torch.channels_last_3d)  # type: ignore[call-overload]
@@ -492,28 +498,49 @@ class Classifier:
         return len(self.network.members) if isinstance(self.network, MeanProbabilityEnsemble) else 0
 
     @torch.inference_mode()
-    def _forward(self, images: list[torch.Tensor]) -> list[tuple[float, str, list[float] | None]]:
-        """(P(abnormal), label, each fold's P(abnormal) or ``None``) per image: the configs'
-        inferer and postprocessing (sigmoid, threshold), with float16 autocast where the
-        bundle's evaluator uses it (``amp``). An ensemble's logit is its own ``forward``'s,
-        computed from the fold probabilities it also returns."""
+    def _forward(
+        self, images: list[torch.Tensor]
+    ) -> list[tuple[float, str, list[float] | None, float | None]]:
+        """(P(abnormal), label, each fold's P(abnormal) or ``None``, the spread across the
+        test-time views or ``None``) per image: the configs' inferer and postprocessing
+        (sigmoid, threshold), with float16 autocast where the bundle's evaluator uses it
+        (``amp``). An ensemble's logit is its own ``forward``'s, computed from the fold
+        probabilities it also returns. With ``tta``, the mean probability over the scan and its
+        left-right mirror."""
         batch = torch.stack([torch.as_tensor(i) for i in images]).to(self.device, non_blocking=True)
-        members = None
-        with torch.autocast(self.device.type, dtype=torch.float16, enabled=self.autocast_fp16):
-            if isinstance(self.network, MeanProbabilityEnsemble):
-                members = self.inferer(batch, self.network.member_probabilities).float()
-                logits = self.network.combine(members)
-            else:
-                logits = self.inferer(batch, self.network)
+        views = [batch, batch.flip(LEFT_RIGHT_DIM)] if self.tta else [batch]
+        view_logits, view_members = [], []
+        for view in views:
+            members = None
+            with torch.autocast(self.device.type, dtype=torch.float16, enabled=self.autocast_fp16):
+                if isinstance(self.network, MeanProbabilityEnsemble):
+                    members = self.inferer(view, self.network.member_probabilities).float()
+                    logits = self.network.combine(members)
+                else:
+                    logits = self.inferer(view, self.network)
+            view_logits.append(logits.float())
+            view_members.append(members)
+        spread = None
+        if len(views) > 1:  # the mean probability over the views, as a logit
+            probs = torch.stack([torch.sigmoid(v) for v in view_logits])
+            spread = probs.std(dim=0, unbiased=False)[:, 0].tolist()
+            mean = probs.mean(dim=0).clamp(1e-7, 1 - 1e-7)
+            logits = torch.log(mean) - torch.log1p(-mean)
+            if view_members[0] is not None:
+                view_members = [torch.stack([m for m in view_members if m is not None]).mean(0)]
+        else:
+            logits = view_logits[0]
+        members = view_members[0]
         fold_probs = None if members is None else members[:, :, 0].T.tolist()
         results = []
-        for i, logit in enumerate(logits.float()):
+        for i, logit in enumerate(logits):
             out = self.postprocessing({"pred": logit})
             results.append(
                 (
                     float(out["prob"]),
                     self.class_names[int(out["pred"])],
                     None if fold_probs is None else fold_probs[i],
+                    None if spread is None else float(spread[i]),
                 )
             )
         return results
@@ -548,11 +575,11 @@ class Classifier:
         for batch in batches:
             ready = [r for r in batch if r["image"] is not None]
             results = self._forward([r["image"] for r in ready]) if ready else []
-            for r, (p, label, folds) in zip(ready, results, strict=True):
+            for r, (p, label, folds, spread) in zip(ready, results, strict=True):
                 if not math.isfinite(p):
                     r["error"] = "the model gave a non-finite probability (NaN or inf): no label"
                     continue
-                r["prob"], r["label"], r["folds"] = p, label, folds
+                r["prob"], r["label"], r["folds"], r["spread"] = p, label, folds, spread
             for r in batch:
                 prob = r.get("prob")
                 folds = r.get("folds")
@@ -564,6 +591,7 @@ class Classifier:
                     error=r["error"],
                     seconds=round(r["seconds"], 3),
                     fold_probs=None if folds is None else [round(float(f), 6) for f in folds],
+                    tta_spread=None if r.get("spread") is None else round(float(r["spread"]), 6),
                 )
                 if keep_images:
                     pred.image = r["image"]  # type: ignore[attr-defined]

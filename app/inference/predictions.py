@@ -16,6 +16,17 @@ JSON_NAME = "predictions.json"
 MODEL_NAME = "model.json"
 
 
+def _spread(text: str) -> float | None:
+    """``tta_spread`` read back: a number in [0, 0.5], else ``None`` (a file is data)."""
+    import math
+
+    try:
+        value = float(text)
+    except (TypeError, ValueError):
+        return None
+    return value if math.isfinite(value) and 0 <= value <= 0.5 else None
+
+
 def is_complete_row(row: dict[str, str]) -> bool:
     """Whether a ``predictions.csv`` row read back is a whole result: a path, a finite
     probability in [0, 1], a short plain label, a number of seconds (or empty) and fold
@@ -131,6 +142,7 @@ class PredictionLog:
                 pred.error,
                 pred.seconds,
                 pred.fold_probs,
+                pred.tta_spread,
             )
         )
 
@@ -148,6 +160,7 @@ class PredictionLog:
                     # a cross-validation ensemble: each fold model's temperature-scaled
                     # probability (prob_abnormal is their mean); null for one model
                     "fold_probs": parse_fold_probs(r.get("fold_probs", "")),
+                    "tta_spread": _spread(r.get("tta_spread", "")),
                 }
             )
         atomic_write_text(self.out_dir / JSON_NAME, json.dumps(rows, indent=1))

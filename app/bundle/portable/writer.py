@@ -13,8 +13,19 @@ from typing import Any
 from .files import atomic_write_text
 
 #: ``fold_probs``: a cross-validation ensemble's fold probabilities, ``;``-separated (empty for
-#: one model); files written before the column existed are rewritten with it on opening
-COLUMNS = ("path", "prob_abnormal", "label", "warnings", "error", "seconds", "fold_probs")
+#: one model); ``tta_spread``: with test-time augmentation, the standard deviation of the
+#: probability across the augmented views (empty without); files written before a column
+#: existed are rewritten with it on opening
+COLUMNS = (
+    "path",
+    "prob_abnormal",
+    "label",
+    "warnings",
+    "error",
+    "seconds",
+    "fold_probs",
+    "tta_spread",
+)
 
 
 def prediction_row(
@@ -25,6 +36,7 @@ def prediction_row(
     error: str | None = None,
     seconds: float | None = None,
     fold_probs: Sequence[float] | None = None,
+    tta_spread: float | None = None,
 ) -> dict[str, str]:
     """One row of ``predictions.csv`` (probabilities to 6 decimals; empty fields for what is not
     known)."""
@@ -36,6 +48,7 @@ def prediction_row(
         "error": error or "",
         "seconds": "" if seconds is None else f"{float(seconds):.3f}",
         "fold_probs": "" if fold_probs is None else ";".join(f"{float(p):.6f}" for p in fold_probs),
+        "tta_spread": "" if tta_spread is None else f"{float(tta_spread):.6f}",
     }
 
 
