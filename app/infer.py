@@ -242,12 +242,26 @@ def draw_pictures(
         plot_montage(image.numpy(), pics["montage"], rows=2, columns=5)
     if args.saliency:
         pics["saliency"] = out / "saliency" / f"{name}.png"
+        # one colour scale for every scan: the map (its maximum 1) times P(abnormal), so a
+        # scan the model finds normal does not glow
+        overlay = clf.saliency(image) * float(pred.prob_abnormal)
         plot_montage(
             image.numpy(),
             pics["saliency"],
-            overlay=clf.saliency(image),
-            title=f"Grad-CAM, P(abnormal) = {pred.prob_abnormal:.3f}",
+            overlay=overlay,
+            title=f"Grad-CAM x P(abnormal) = {pred.prob_abnormal:.3f}: the model's attention, "
+            "not a finding",
         )
+        if str(pred.path).endswith((".nii", ".nii.gz")):  # on the scan's own grid, for a viewer
+            from app.inference.saliency import write_saliency_nifti
+
+            write_saliency_nifti(
+                overlay,
+                pred.path,
+                out / "saliency" / f"{name}.nii.gz",
+                axcodes=str(clf.settings["axcodes"]),
+                lung_crop=bool(clf.settings.get("lung_crop")),
+            )
 
 
 def report(

@@ -113,7 +113,7 @@ def plot_montage(
     plt.subplots_adjust(wspace=0.02, hspace=0.02)
     if heat is not None:  # what the colours mean
         bar = fig.colorbar(heat, ax=np.ravel(axes).tolist(), fraction=0.015, pad=0.01)
-        bar.set_label("Grad-CAM (0: no contribution, 1: the most)", fontsize=8)
+        bar.set_label("Grad-CAM x P(abnormal): attention, not a finding", fontsize=8)
     if title:
         fig.suptitle(title)
     _save(fig, path)

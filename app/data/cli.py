@@ -45,6 +45,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sy.add_argument("--seed", type=int, default=0)
     sy.add_argument(
+        "--masks",
+        action="store_true",
+        help="also write each scan's lesion mask (uint8 NIfTI, same grid) to OUT/masks/",
+    )
+    sy.add_argument(
         "--difficulty",
         type=float,
         default=0.5,
@@ -87,6 +92,7 @@ def main(argv: list[str] | None = None) -> int:
                 seed=args.seed,
                 difficulty=args.difficulty,
                 progress=show_progress(args.no_progress),
+                masks=args.masks,
             )
             print(f"wrote {len(items)} scans to {args.out}")
     except CTClassifyError as exc:

@@ -24,12 +24,14 @@ SLICE_MM = 8.0
 
 @dataclass(frozen=True)
 class SynthScan:
-    """One generated scan: HU volume (x=R->L, y=P->A, z=I->S), its affine, and its lung mask."""
+    """One generated scan: HU volume (x=R->L, y=P->A, z=I->S), its affine, its lung mask and
+    its lesion mask (where findings were drawn at half strength or more; empty when normal)."""
 
     volume: np.ndarray
     affine: np.ndarray
     lung_mask: np.ndarray
     label: int
+    lesion_mask: np.ndarray | None = None
 
 
 def _smooth_noise(
@@ -77,11 +79,12 @@ def generate_scan(
     lesions = _draw_lesions(rng, difficulty, body) if label == 1 else []
     volume = np.empty(shape, dtype=np.float32)
     lung_mask = np.zeros(shape, dtype=bool)
+    lesion_mask = np.zeros(shape, dtype=bool)
     for iz, z in enumerate(z_mm):
         sl = _chest_wall_slice(u, v, float(z), body)
         in_lungs = np.zeros((nx, ny), dtype=bool)
         if body["lung_bottom"] < z < body["lung_top"]:
-            sl, in_lungs = _add_lungs(rng, sl, u, v, float(z), body, lesions)
+            sl, in_lungs = _add_lungs(rng, sl, u, v, float(z), body, lesions, lesion_mask[:, :, iz])
         lung_mask[:, :, iz] = in_lungs
         sl += rng.normal(0, body["noise_hu"], size=sl.shape).astype(np.float32)
         volume[:, :, iz] = sl
@@ -89,7 +92,9 @@ def generate_scan(
     slice_mm = SLICE_MM if nz >= 30 else SLICE_MM * 30 / nz
     affine = np.diag([-pixel_mm, pixel_mm, slice_mm, 1.0])  # LAS: x toward Left
     affine[:3, 3] = [pixel_mm * (nx - 1) / 2, -pixel_mm * (ny - 1) / 2, float(z_mm[0])]
-    return SynthScan(volume=volume, affine=affine, lung_mask=lung_mask, label=label)
+    return SynthScan(
+        volume=volume, affine=affine, lung_mask=lung_mask, label=label, lesion_mask=lesion_mask
+    )
 
 
 def _draw_anatomy(rng: np.random.Generator) -> dict[str, Any]:
@@ -173,9 +178,10 @@ def _add_lungs(
     z: float,
     body: dict[str, Any],
     lesions: list[dict[str, Any]],
+    lesion_mask: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """The lungs of one slice (with vessels, without the heart), and the lesions crossing it;
-    returns the slice and the lung mask."""
+    returns the slice and the lung mask; marks the lesions in ``lesion_mask`` (in place)."""
     nx, ny = u.shape
     lungs = body["lungs"]
     theta = np.arctan2(v, u)
@@ -221,6 +227,8 @@ def _add_lungs(
             0.85 + 0.25 * _smooth_noise(rng, (nx, ny), 12, 1), 0.4, 1
         )
         blob *= in_lungs
+        if lesion_mask is not None:  # draws nothing from rng: the scans stay as they were
+            lesion_mask |= blob >= 0.5
         sl = sl * (1 - blob) + les["hu"] * blob
         if les["solid"]:
             core = (rr < 0.45) & in_lungs
@@ -285,8 +293,10 @@ def write_dataset(
     seed: int = 0,
     difficulty: float = 0.5,
     progress: bool = True,
+    masks: bool = False,
 ) -> list[dict[str, object]]:
-    """Write ``per_class`` scans of each class to ``out/CT-0`` and ``out/CT-23``.
+    """Write ``per_class`` scans of each class to ``out/CT-0`` and ``out/CT-23`` (with
+    ``masks``, each scan's lesion mask as uint8 NIfTI on its grid to ``out/masks/NAME``).
 
     Returns the datalist (``image``, ``label``). Existing files of the same name are kept, so an
     interrupted run completes when run again; a ``.complete`` marker records the settings.
@@ -306,8 +316,15 @@ def write_dataset(
         folder = out / CLASS_FOLDERS[label]
         folder.mkdir(parents=True, exist_ok=True)
         path = folder / f"synth_{label}_{i:04d}.nii.gz"
-        if not path.exists():
+        mask_path = out / "masks" / path.name
+        if not path.exists() or (masks and not mask_path.exists()):
             scan = generate_scan(label, scan_seed(seed, i), shape=shape, difficulty=difficulty)
-            save_scan(scan, path)
+            if not path.exists():
+                save_scan(scan, path)
+            if masks:
+                mask_path.parent.mkdir(parents=True, exist_ok=True)
+                assert scan.lesion_mask is not None
+                lesion = nib.Nifti1Image(scan.lesion_mask.astype(np.uint8), scan.affine)
+                nib.save(lesion, str(mask_path))
         items.append({"image": str(path), "label": label})
     return items
