@@ -31,7 +31,7 @@ def test_a_map_of_the_network_input_lands_on_the_scans_own_voxels(tmp_path, axco
     path = _stored(scan, tmp_path / "s.nii.gz", axcodes)
     chain = eval_chain(spatial_size=[64, 64, 24], lung_crop=lung_crop)
     network_input = chain({"image": str(path)})["image"][0].numpy()
-    back, affine = to_input_grid(network_input, path, lung_crop=lung_crop)
+    back, affine = to_input_grid(network_input, path, "LAS", lung_crop=lung_crop)
     stored = nib.load(str(path))
     np.testing.assert_allclose(affine, stored.affine)
     assert back.shape == stored.shape
@@ -99,7 +99,7 @@ def test_app_infer_writes_saliency_nifti_on_the_input_grid_and_pointing_game(tmp
         assert saliency.shape == scan.shape
         pred = next(clf.predict_many([str(scan_path)], keep_images=True))
         overlay = clf.saliency(pred.image) * pred.prob_abnormal
-        expected, _ = to_input_grid(overlay, scan_path)
+        expected, _ = to_input_grid(overlay, scan_path, "LAS")
         np.testing.assert_allclose(np.asarray(saliency.dataobj), expected, atol=1e-5)
         lesions = np.asarray(nib.load(str(data / "masks" / scan_path.name)).dataobj) > 0
         lungs = generate_scan(1, 0, shape=(64, 64, 24)).lung_mask  # shape only

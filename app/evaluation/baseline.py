@@ -49,12 +49,18 @@ def density_features(volume: np.ndarray) -> np.ndarray:
     )
 
 
-def scan_features(paths: Sequence[str], axcodes: str = "LAS", progress: bool = False) -> np.ndarray:
+def scan_features(
+    paths: Sequence[str], axcodes: str | None = None, progress: bool = False
+) -> np.ndarray:
     """:func:`density_features` of each scan (NIfTI file or DICOM series folder), read and
-    reoriented as the model's preprocessing does; a row of NaN for a scan that cannot be read."""
+    reoriented as the model's preprocessing does (``axcodes``: the configs' by default, whose
+    third axis is axial); a row of NaN for a scan that cannot be read."""
     from monai.transforms import Compose, EnsureChannelFirstd, LoadImaged, Orientationd
     from tqdm import tqdm
 
+    from app.cli import config_values
+
+    axcodes = axcodes or str(config_values("common.yaml")["axcodes"])
     load = Compose(
         [
             LoadImaged("image", image_only=True),

@@ -14,10 +14,11 @@ import numpy as np
 def to_input_grid(
     saliency: np.ndarray,
     scan_path: str | Path,
-    axcodes: str = "LAS",
+    axcodes: str,
     lung_crop: bool = False,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """``(map, affine)`` of a (x, y, z) map of the preprocessed volume on the NIfTI scan's own
+    """``(map, affine)`` of a (x, y, z) map of the preprocessed volume (made with ``axcodes``,
+    the model's orientation setting) on the NIfTI scan's own
     voxel grid: the preprocessing's geometry undone step by step (the 90-degree axial turn, the
     corner-aligned trilinear resize, the lung crop, the reorientation to ``axcodes``); zero
     outside the crop."""
@@ -60,7 +61,7 @@ def write_saliency_nifti(
     saliency: np.ndarray,
     scan_path: str | Path,
     out_path: str | Path,
-    axcodes: str = "LAS",
+    axcodes: str,
     lung_crop: bool = False,
 ) -> Path:
     """:func:`to_input_grid`, written as float32 NIfTI with the scan's affine (atomically)."""
