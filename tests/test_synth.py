@@ -125,3 +125,36 @@ def test_a_kill_mid_write_leaves_no_file_a_finder_takes_for_a_scan(tmp_path, mon
     assert len(items) == 6 and not list(tmp_path.rglob("*.partial"))
     assert not list(tmp_path.rglob("*.tmp.nii.gz"))
     assert all(synth.is_generated(nib.load(str(d["image"])).header) for d in items)
+
+
+def test_confounders_defeat_the_density_histogram_and_leave_default_scans_as_they_were():
+    """--confounders (dependent density, expiration, vessels, blur in both classes) makes the
+    density baseline fall well below its score on the same seeds without them; at 0 every scan
+    is bit for bit the earlier generator's."""
+    from sklearn.metrics import roc_auc_score
+
+    from app.data.synth import generate_scan, scan_seed
+    from app.evaluation.baseline import DensityBaseline, density_features
+
+    assert np.array_equal(
+        generate_scan(1, 5, shape=(48, 48, 16)).volume,
+        generate_scan(1, 5, shape=(48, 48, 16), confounders=0.0).volume,
+    )
+
+    def features(seed, confounders):
+        rows, labels = [], []
+        for i in range(20):
+            for label in (0, 1):
+                scan = generate_scan(label, scan_seed(seed, i), shape=(64, 64, 24),
+                                     difficulty=0.7, confounders=confounders)  # fmt: skip
+                rows.append(density_features(scan.volume.astype(np.float32)))
+                labels.append(label)
+        return np.array(rows), np.array(labels)
+
+    scores = {}
+    for confounders in (0.0, 1.0):
+        baseline = DensityBaseline.fit_features(*features(0, confounders))
+        x, y = features(1, confounders)
+        scores[confounders] = roc_auc_score(y, baseline.predict_features(x))
+    print(scores)
+    assert scores[0.0] > 0.85 and scores[1.0] < scores[0.0] - 0.1

@@ -45,6 +45,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sy.add_argument("--seed", type=int, default=0)
     sy.add_argument(
+        "--confounders",
+        type=float,
+        default=0.0,
+        help="0 (default) to 1: dependent density, expiration, vessels and blur in both classes "
+        "alike, which make lung density mislead as in real CT",
+    )
+    sy.add_argument(
         "--masks",
         action="store_true",
         help="also write each scan's lesion mask (uint8 NIfTI, same grid) to OUT/masks/",
@@ -85,6 +92,9 @@ def main(argv: list[str] | None = None) -> int:
             if not 0 <= args.difficulty <= 1:
                 print("error: --difficulty must be in [0, 1]", file=sys.stderr)
                 return 2
+            if not 0 <= args.confounders <= 1:
+                print("error: --confounders must be in [0, 1]", file=sys.stderr)
+                return 2
             items = write_dataset(
                 args.out,
                 args.per_class,
@@ -93,6 +103,7 @@ def main(argv: list[str] | None = None) -> int:
                 difficulty=args.difficulty,
                 progress=show_progress(args.no_progress),
                 masks=args.masks,
+                confounders=args.confounders,
             )
             print(f"wrote {len(items)} scans to {args.out}")
     except CTClassifyError as exc:

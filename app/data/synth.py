@@ -58,14 +58,20 @@ def generate_scan(
     seed: int,
     shape: tuple[int, int, int] | None = None,
     difficulty: float = 0.5,
+    confounders: float = 0.0,
 ) -> SynthScan:
-    """Generate one scan, deterministic in (``label``, ``seed``, ``shape``, ``difficulty``).
+    """Generate one scan, deterministic in (``label``, ``seed``, ``shape``, ``difficulty``,
+    ``confounders``).
 
     Args:
         label: 0 normal, 1 abnormal (viral-pneumonia-like findings).
         seed: seed of this scan.
         shape: (x, y, z) voxels; ``None`` draws MosMed's 512x512 with 30-70 slices.
         difficulty: 0 gives large, dense findings; 1 gives few, small, faint ones.
+        confounders: 0 (none) to 1: what makes lung density mislead in real CT, in both
+            classes alike: denser dependent (posterior) lung, expiration (a denser lung
+            overall), more and larger vessels, and scanner blur (partial volume). Drawn from a
+            random stream of its own: at 0 the scans are those of earlier versions.
     """
     rng = np.random.default_rng([seed, label])
     if shape is None:
@@ -77,6 +83,13 @@ def generate_scan(
     z_mm = (np.arange(nz) - (nz - 1) / 2) * SLICE_MM * (30 / nz if nz < 30 else 1.0)
     body = _draw_anatomy(rng)
     lesions = _draw_lesions(rng, difficulty, body) if label == 1 else []
+    blur = 0.0
+    if confounders > 0:
+        confound = np.random.default_rng([seed, label, 0xC0F])
+        body["gravity_hu"] += confound.uniform(0, 250) * confounders
+        body["inspiration_hu"] += confound.uniform(0, 200) * confounders
+        body["vessel_boost"] = confound.uniform(0.2, 0.6) * confounders
+        blur = confound.uniform(0.3, 1.2) * confounders
     volume = np.empty(shape, dtype=np.float32)
     lung_mask = np.zeros(shape, dtype=bool)
     lesion_mask = np.zeros(shape, dtype=bool)
@@ -88,6 +101,10 @@ def generate_scan(
         lung_mask[:, :, iz] = in_lungs
         sl += rng.normal(0, body["noise_hu"], size=sl.shape).astype(np.float32)
         volume[:, :, iz] = sl
+    if blur > 0:  # partial volume: the scanner's point spread, in plane and across slices
+        from scipy import ndimage
+
+        volume = ndimage.gaussian_filter(volume, sigma=(blur, blur, blur / 2))
     volume = np.clip(np.rint(volume), -1024, 3071).astype(np.int16)
     slice_mm = SLICE_MM if nz >= 30 else SLICE_MM * 30 / nz
     affine = np.diag([-pixel_mm, pixel_mm, slice_mm, 1.0])  # LAS: x toward Left
@@ -211,7 +228,7 @@ def _add_lungs(
         _ellipse(u, v, lungs[0]["cu"] + 0.1, body["cv"], 0.5, 0.5),
         _ellipse(u, v, lungs[1]["cu"] - 0.1, body["cv"], 0.5, 0.5),
     )
-    vessels = field > 1.4 + 0.8 * np.clip(hilum, 0, 1.5)
+    vessels = field > 1.4 - body.get("vessel_boost", 0.0) + 0.8 * np.clip(hilum, 0, 1.5)
     lung_sl = np.where(vessels, 30.0, lung_sl)
     sl = np.where(in_lungs, lung_sl, sl)
     for les in lesions:
@@ -294,6 +311,7 @@ def write_dataset(
     difficulty: float = 0.5,
     progress: bool = True,
     masks: bool = False,
+    confounders: float = 0.0,
 ) -> list[dict[str, object]]:
     """Write ``per_class`` scans of each class to ``out/CT-0`` and ``out/CT-23`` (with
     ``masks``, each scan's lesion mask as uint8 NIfTI on its grid to ``out/masks/NAME``).
@@ -318,7 +336,13 @@ def write_dataset(
         path = folder / f"synth_{label}_{i:04d}.nii.gz"
         mask_path = out / "masks" / path.name
         if not path.exists() or (masks and not mask_path.exists()):
-            scan = generate_scan(label, scan_seed(seed, i), shape=shape, difficulty=difficulty)
+            scan = generate_scan(
+                label,
+                scan_seed(seed, i),
+                shape=shape,
+                difficulty=difficulty,
+                confounders=confounders,
+            )
             if not path.exists():
                 save_scan(scan, path)
             if masks:
