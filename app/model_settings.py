@@ -32,11 +32,17 @@ MODEL_SETTINGS = (
     "norm",
     "pooling",
     "lung_crop",
+    "density_bins",
 )
 
 #: model settings that checkpoints written before the setting existed lack: their value then
 #: (the network those checkpoints hold)
-MODEL_DEFAULTS: dict[str, Any] = {"norm": "batch", "pooling": "avg", "lung_crop": False}
+MODEL_DEFAULTS: dict[str, Any] = {
+    "norm": "batch",
+    "pooling": "avg",
+    "lung_crop": False,
+    "density_bins": 0,
+}
 
 #: prefixes MONAI's config parser acts on: expression, reference, macro
 CONFIG_SYNTAX = ("$", "@", "%")
@@ -294,6 +300,7 @@ FIELDS: dict[str, Callable[[Any], Any]] = {
     "norm": _norm,
     "pooling": _pooling,
     "lung_crop": _bool,
+    "density_bins": _int(0, 256),
     "threshold": _float(0.0, 1.0),
     "class_names": _class_names,
     "seed": _int(-(2**63), 2**63 - 1),

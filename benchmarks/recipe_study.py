@@ -56,6 +56,12 @@ CHOICES: dict[str, tuple[str, list[str]]] = {
         "lung crop + window [-1000, -200]",
         ["lung_crop=true", "hu_window=[-1000,-200]"],
     ),
+    "density": ("a density branch (32-bin soft histogram)", ["density_bins=32"]),
+    "crop-density": ("lung crop + density branch", ["lung_crop=true", "density_bins=32"]),
+    "crop-density-max": (
+        "lung crop + density branch + max pooling",
+        ["lung_crop=true", "density_bins=32", "pooling=max"],
+    ),
     "crop-window-max": (
         "lung crop + window [-1000, -200] + max pooling",
         ["lung_crop=true", "hu_window=[-1000,-200]", "pooling=max"],

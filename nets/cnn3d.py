@@ -72,6 +72,33 @@ def make_pooling(pooling: str, channels: int) -> nn.Module:
     raise ValueError(f"pooling must be one of {', '.join(POOLINGS)}, got {pooling!r}")
 
 
+class DensityBranch(nn.Module):
+    """A learned read-out of the input's intensity histogram: a soft (Gaussian-kernel)
+    histogram of every voxel of the first channel over ``bins`` centres in [0, 1] (the window's
+    scale), its logarithm, then one linear unit: the network sees lung density directly, as a
+    histogram baseline does, and its convolutions are left to find what a histogram cannot.
+
+    Args:
+        bins: histogram bins over [0, 1].
+    """
+
+    def __init__(self, bins: int) -> None:
+        super().__init__()
+        self.centres: torch.Tensor
+        self.register_buffer("centres", torch.linspace(0.0, 1.0, bins))
+        self.width = 1.0 / max(bins - 1, 1)
+        self.linear = nn.Linear(bins, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        values = x[:, :1].flatten(1).float()  # (n, voxels)
+        kernel = torch.exp(
+            -0.5 * ((values[:, :, None] - self.centres[None, None, :]) / self.width) ** 2
+        )
+        histogram = kernel.mean(dim=1)  # (n, bins)
+        histogram = histogram / histogram.sum(dim=1, keepdim=True).clamp_min(1e-8)
+        return self.linear(torch.log(histogram + 1e-4))
+
+
 #: normalisations a block can end with: the reference's BatchNorm, or GroupNorm, which does not
 #: depend on the batch. (InstanceNorm is not offered: at the smallest inputs the last block's
 #: output is one voxel per channel, which it cannot normalise.)
@@ -130,6 +157,7 @@ class ConvBlock3D(nn.Sequential):
         slab_bytes: int = 16 * 2**20,
         norm: str = "batch",
         pooling: str = "avg",
+        density_bins: int = 0,
     ) -> None:
         super().__init__()
         self.conv = nn.Conv3d(in_channels, out_channels, kernel_size=3)
@@ -245,6 +273,8 @@ class CNN3D(nn.Module):
         norm: the blocks' normalisation, one of :data:`NORMS`; ``batch`` is the reference's,
             ``group`` does not depend on the batch (small batches, one scan).
         pooling: the global pooling, one of :data:`POOLINGS`; ``avg`` is the reference's.
+        density_bins: with more than 0, a :class:`DensityBranch` of that many bins adds its
+            logit to the head's (0: none, the reference's network).
 
     Example:
         >>> net = CNN3D()
@@ -262,6 +292,7 @@ class CNN3D(nn.Module):
         bn_momentum: float = 0.01,
         norm: str = "batch",
         pooling: str = "avg",
+        density_bins: int = 0,
     ) -> None:
         super().__init__()
         channels = [in_channels, *filters]
@@ -280,6 +311,7 @@ class CNN3D(nn.Module):
             nn.Linear(dense_units, 1),
         )
         self.min_size = min_spatial_size(len(filters))
+        self.density = DensityBranch(density_bins) if density_bins > 0 else None
 
     def check_input(self, x: torch.Tensor) -> None:
         """Raise a ``ValueError`` that names the problem when ``x`` cannot pass the network.
@@ -306,4 +338,7 @@ class CNN3D(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self.check_input(x)
-        return self.head(self.features(x))
+        logit = self.head(self.features(x))
+        if self.density is not None:
+            logit = logit + self.density(x)
+        return logit

@@ -272,3 +272,31 @@ def test_pooling_is_a_checked_setting_and_older_checkpoints_mean_avg():
     with pytest.raises(SettingsError, match="'pooling'"):
         validate_settings({**TINY_SETTINGS, "pooling": "median"}, "ckpt")
     assert validate_settings(TINY_SETTINGS, "ckpt")["lung_crop"] is False
+
+
+def test_density_branch_reads_the_intensity_histogram():
+    """The density branch: a soft histogram summing to one, peaked at the bin of the voxels'
+    value; its logit rises with the share of voxels at an intensity its weights favour; the
+    network with it scripts and gives one logit."""
+    from nets.cnn3d import CNN3D, DensityBranch
+
+    branch = DensityBranch(11)
+    x = torch.full((1, 1, 4, 4, 4), 0.3)
+    values = x[:, :1].flatten(1)
+    kernel = torch.exp(-0.5 * ((values[:, :, None] - branch.centres) / branch.width) ** 2).mean(1)
+    assert int(kernel.argmax()) == 3  # the centre 0.3
+    with torch.no_grad():
+        branch.linear.weight.zero_()
+        branch.linear.weight[0, 5] = 1.0  # favour 0.5 (ground glass in the default window)
+        branch.linear.bias.zero_()
+        logits = []
+        for share in (0.0, 0.25, 0.5):
+            v = torch.full((1, 1, 8, 8, 8), 0.1)
+            v.view(-1)[: int(share * 512)] = 0.5
+            logits.append(float(branch(v)))
+    assert logits[0] < logits[1] < logits[2]
+    net = CNN3D(filters=(4, 4, 8, 8), dense_units=8, density_bins=16).eval()
+    with torch.no_grad():
+        x = torch.rand(2, 1, 48, 48, 48)
+        torch.testing.assert_close(torch.jit.script(net)(x), net(x))
+    assert CNN3D().density is None  # the reference network has none
