@@ -75,19 +75,27 @@ def make_pooling(pooling: str, channels: int) -> nn.Module:
 class DensityBranch(nn.Module):
     """A learned read-out of the input's intensity histogram: a soft (Gaussian-kernel)
     histogram of every voxel of the first channel over ``bins`` centres in [0, 1] (the window's
-    scale), its logarithm, then one linear unit: the network sees lung density directly, as a
-    histogram baseline does, and its convolutions are left to find what a histogram cannot.
+    scale), its logarithm standardised (BatchNorm, no affine), then one linear unit: the network
+    sees lung density directly, as a histogram baseline does, and its convolutions are left to
+    find what a histogram cannot. The unit starts at zero (the head alone decides at first) and
+    its output is scaled by ``gain``, so it learns at the pace of a logistic regression rather
+    than of the network's small learning rate.
 
     Args:
         bins: histogram bins over [0, 1].
+        gain: factor on the unit's output (a learning-rate multiplier for it).
     """
 
-    def __init__(self, bins: int) -> None:
+    def __init__(self, bins: int, gain: float = 10.0) -> None:
         super().__init__()
         self.centres: torch.Tensor
         self.register_buffer("centres", torch.linspace(0.0, 1.0, bins))
         self.width = 1.0 / max(bins - 1, 1)
+        self.norm = nn.BatchNorm1d(bins, affine=False)
         self.linear = nn.Linear(bins, 1)
+        nn.init.zeros_(self.linear.weight)
+        nn.init.zeros_(self.linear.bias)
+        self.gain = gain
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         values = x[:, :1].flatten(1).float()  # (n, voxels)
@@ -96,7 +104,7 @@ class DensityBranch(nn.Module):
         )
         histogram = kernel.mean(dim=1)  # (n, bins)
         histogram = histogram / histogram.sum(dim=1, keepdim=True).clamp_min(1e-8)
-        return self.linear(torch.log(histogram + 1e-4))
+        return self.gain * self.linear(self.norm(torch.log(histogram + 1e-4)))
 
 
 #: normalisations a block can end with: the reference's BatchNorm, or GroupNorm, which does not

@@ -280,7 +280,7 @@ def test_density_branch_reads_the_intensity_histogram():
     network with it scripts and gives one logit."""
     from nets.cnn3d import CNN3D, DensityBranch
 
-    branch = DensityBranch(11)
+    branch = DensityBranch(11).eval()  # running statistics: mean 0, variance 1
     x = torch.full((1, 1, 4, 4, 4), 0.3)
     values = x[:, :1].flatten(1)
     kernel = torch.exp(-0.5 * ((values[:, :, None] - branch.centres) / branch.width) ** 2).mean(1)
