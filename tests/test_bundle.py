@@ -292,7 +292,9 @@ def test_exported_bundle_runs_with_monai_alone(tmp_path, real_ct):
     np.testing.assert_allclose(scripted, expected, atol=1e-4)
     ort = require_module("onnxruntime")
     session = ort.InferenceSession(str(bundle / "models/model.onnx"))
-    np.testing.assert_allclose(session.run(None, {"image": x.numpy()})[0], expected, atol=1e-4)
+    np.testing.assert_allclose(
+        session.run(None, {"image": x.numpy()})[0], expected, atol=1e-4, rtol=1e-5
+    )
 
 
 @pytest.mark.parametrize(
@@ -521,4 +523,58 @@ def test_bundle_writer_records_a_non_finite_probability_as_a_failed_scan(tmp_pat
     assert rows["a.nii.gz"]["label"] == "" and "non-finite" in rows["a.nii.gz"]["error"]
     assert (
         rows["b.nii.gz"]["label"] == "abnormal" and rows["b.nii.gz"]["prob_abnormal"] == "0.750000"
+    )
+
+
+def test_recipe_choices_travel_with_the_export(tmp_path):
+    """A model with the lung crop, attention pooling and a density branch: the exported bundle
+    (TorchScript and ONNX made from it) and app.infer give the same probabilities."""
+    from conftest import TINY_SETTINGS
+
+    from app.data.synth import generate_scan, save_scan
+    from nets.cnn3d import CNN3D
+
+    torch.manual_seed(3)
+    settings = {**TINY_SETTINGS, "pooling": "attention", "lung_crop": True, "density_bins": 16}
+    net = CNN3D(filters=settings["filters"], dense_units=settings["dense_units"],
+                pooling="attention", density_bins=16)  # fmt: skip
+    with torch.no_grad():
+        net.density.linear.weight.normal_(0, 0.05)  # not the zero start: the branch counts
+    ckpt = tmp_path / "run" / "best_model.pt"
+    ckpt.parent.mkdir()
+    torch.save({"network": net.eval().state_dict(), "run_info": settings}, ckpt)
+    scans = tmp_path / "scans"
+    scans.mkdir()
+    for i in range(3):
+        save_scan(generate_scan(i % 2, i, shape=(64, 64, 20)), scans / f"s{i}.nii.gz")
+    bundle = tmp_path / "bundle"
+    assert export_main(["--checkpoint", str(ckpt), "--output", str(bundle)]) == 0
+    proc = monai_bundle(
+        ["run", "--config_file", "configs/inference.yaml", "--meta_file", "configs/metadata.json",
+         "--bundle_root", ".", "--dataset_dir", str(scans), "--output_dir", str(tmp_path / "b"),
+         "--precision", "fp32"],
+        cwd=bundle,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    args = [str(scans), "--checkpoint", str(ckpt), "--output", str(tmp_path / "a")]
+    assert infer_main([*args, "--precision", "fp32", "--device", "cpu", "--no-progress"]) == 0
+
+    def probabilities(folder):
+        with (folder / "predictions.csv").open() as f:
+            return {Path(r["path"]).name: float(r["prob_abnormal"]) for r in csv.DictReader(f)}
+
+    via_bundle, via_app = probabilities(tmp_path / "b"), probabilities(tmp_path / "a")
+    assert via_bundle.keys() == via_app.keys() and len(via_app) == 3
+    for name, prob in via_app.items():
+        assert abs(via_bundle[name] - prob) <= 1e-5, name
+    assert max(via_app.values()) - min(via_app.values()) > 1e-3  # probabilities that differ
+    x = torch.rand(1, 1, 48, 48, 48)
+    with torch.no_grad():
+        expected = net(x).numpy()
+        np.testing.assert_allclose(torch.jit.load(str(bundle / "models/model.ts"))(x).numpy(),
+                                   expected, atol=1e-4, rtol=1e-5)  # fmt: skip
+    ort = require_module("onnxruntime")
+    session = ort.InferenceSession(str(bundle / "models/model.onnx"))
+    np.testing.assert_allclose(
+        session.run(None, {"image": x.numpy()})[0], expected, atol=1e-4, rtol=1e-5
     )
