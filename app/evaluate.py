@@ -515,7 +515,7 @@ def main(argv: list[str] | None = None) -> int:
         f"threshold {m.threshold:g}; {int(100 * m.confidence)}% confidence intervals"
     )
     for row in result.table():
-        ci = "" if math.isnan(row["ci_low"]) else f" ({row['ci_low']:.3f}-{row['ci_high']:.3f})"
+        ci = "" if math.isnan(row["ci_low"]) else f" ({row['ci_low']:.3f} to {row['ci_high']:.3f})"
         print(f"  {row['metric']:<24} {row['value']:.3f}{ci}")
     if result.baseline:
         print(f"baseline: {result.baseline['verdict']}")
