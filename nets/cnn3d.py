@@ -91,7 +91,9 @@ class DensityBranch(nn.Module):
         self.centres: torch.Tensor
         self.register_buffer("centres", torch.linspace(0.0, 1.0, bins))
         self.width = 1.0 / max(bins - 1, 1)
-        self.norm = nn.BatchNorm1d(bins, affine=False)
+        # eps 0.1 and the clamp: a bin empty in every training scan has variance 0, and one
+        # voxel of a new scan in it must not become a standardised value in the hundreds
+        self.norm = nn.BatchNorm1d(bins, affine=False, eps=0.1)
         self.linear = nn.Linear(bins, 1)
         nn.init.zeros_(self.linear.weight)
         nn.init.zeros_(self.linear.bias)
@@ -104,7 +106,8 @@ class DensityBranch(nn.Module):
         )
         histogram = kernel.mean(dim=1)  # (n, bins)
         histogram = histogram / histogram.sum(dim=1, keepdim=True).clamp_min(1e-8)
-        return self.gain * self.linear(self.norm(torch.log(histogram + 1e-4)))
+        standard = self.norm(torch.log(histogram + 1e-4)).clamp(-5.0, 5.0)
+        return self.gain * self.linear(standard)
 
 
 #: normalisations a block can end with: the reference's BatchNorm, or GroupNorm, which does not

@@ -300,3 +300,33 @@ def test_density_branch_reads_the_intensity_histogram():
         x = torch.rand(2, 1, 48, 48, 48)
         torch.testing.assert_close(torch.jit.script(net)(x), net(x))
     assert CNN3D().density is None  # the reference network has none
+
+
+def test_density_branch_stays_bounded_on_a_bin_empty_in_training():
+    """A bin no training scan filled has variance 0: a new scan with a few voxels there must
+    not turn into a logit in the thousands (the first standardised version did, and its
+    validation accuracy stayed at 0.5 in every epoch)."""
+    from nets.cnn3d import DensityBranch
+
+    branch = DensityBranch(8)
+    training = torch.full((4, 1, 4, 4, 4), 0.1)
+    for _ in range(50):
+        branch(training)  # running statistics of scans that fill one bin only
+    branch.eval()
+    new = training.clone()
+    new.view(-1)[:3] = 0.9
+    with torch.no_grad():
+        branch.linear.weight.fill_(1.0)
+        standard = branch.norm(
+            torch.log(
+                torch.exp(
+                    -0.5
+                    * ((new[:, :1].flatten(1)[:, :, None] - branch.centres) / branch.width) ** 2
+                )
+                .mean(1)
+                .div_(1)  # shares before normalising are enough to show the spread
+                + 1e-4
+            )
+        )
+        assert float(branch(new).abs().max()) <= branch.gain * 8 * 5 + 1e-3
+    assert float(standard.abs().max()) > 5  # what the clamp is there for
