@@ -65,12 +65,11 @@ def scans_the_model_used(checkpoint: Path, paths: list[str]) -> dict[str, str]:
     import os
 
     from app.readback import read_split
-    from app.run_folder import SPLIT
+    from app.run_folder import SPLIT, fold_dirs
 
     folder = checkpoint if checkpoint.is_dir() else checkpoint.parent
     splits = [("", folder / SPLIT)]
-    folds = sorted(p for p in folder.glob("fold-*") if p.name[5:].isdigit())
-    splits += [(f"fold {p.name[5:]} ", p / SPLIT) for p in folds]
+    splits += [(f"fold {p.name[5:]} ", p / SPLIT) for p in fold_dirs(folder)]
     used: dict[str, str] = {}
     for prefix, path in splits:
         if path.is_file():

@@ -168,12 +168,22 @@ def config_defaults(config_dir: str | Path) -> dict[str, Any]:
 
 
 def _check_fields(
-    value: Any, path: str | Path, fields: Mapping[str, Callable[[Any], Any]], what: str
+    value: Any,
+    path: str | Path,
+    fields: Mapping[str, Callable[[Any], Any]],
+    what: str,
+    optional: Iterable[str] = (),
 ) -> dict[str, Any]:
+    """``value`` as exactly ``fields`` (key -> check); keys in ``optional`` may be absent or
+    null (files written before they existed) and read as ``None``."""
     if not isinstance(value, Mapping):
         raise ReadBackError(f"{path}: expected {what} (a JSON object), got {_kind(value)}")
+    optional = set(optional)
     out: dict[str, Any] = {}
     for key, check in fields.items():
+        if key in optional and value.get(key) is None:
+            out[key] = None
+            continue
         if key not in value:
             raise ReadBackError(f"{path}: key {key!r} is missing")
         try:
@@ -236,22 +246,10 @@ CALIBRATION_FIELDS: dict[str, Callable[[Any], Any]] = {
 def read_calibration(path: str | Path) -> dict[str, Any]:
     """``cv_calibration.json``: threshold, temperature and their out-of-fold figures, checked
     (older files may lack the figures added since; the threshold and temperature are required)."""
-    fields = {
-        k: (c if k in ("threshold", "temperature", "threshold_calibrated") else _optional(c))
-        for k, c in CALIBRATION_FIELDS.items()
-    }
-    fields["digest"] = _optional(_digest)
-    fields["threshold_basis"] = _optional(_text(400))
-    value = read_json(path, 1 << 20)
-    if isinstance(value, Mapping):
-        value = {**{k: None for k in fields}, **value}
-    return _check_fields(value, path, fields, "a calibration")
-
-
-def _digest(value: Any) -> str:
-    if not isinstance(value, str) or not re.fullmatch(r"[0-9a-f]{64}", value):
-        raise ValueError("a SHA-256 in 64 hexadecimal digits")
-    return value
+    fields = {**CALIBRATION_FIELDS, "threshold_basis": _text(400)}
+    required = ("threshold", "temperature", "threshold_calibrated")
+    optional = [k for k in fields if k not in required]
+    return _check_fields(read_json(path, 1 << 20), path, fields, "a calibration", optional)
 
 
 def _mean_sd(value: Any) -> dict[str, dict[str, float]]:
@@ -302,14 +300,12 @@ def _baseline(value: Any) -> dict[str, Any]:
 def read_cv_summary(path: str | Path) -> dict[str, Any]:
     """``cv_summary.json``: per fold the kept epoch's validation metrics; their mean and sd;
     the density baseline's out-of-fold comparison (``None`` in older files)."""
-    value = read_json(path, 1 << 20)
-    if isinstance(value, Mapping) and "baseline" not in value:
-        value = {**value, "baseline": None}
     return _check_fields(
-        value,
+        read_json(path, 1 << 20),
         path,
-        {"folds": _folds, "mean_sd": _mean_sd, "baseline": _optional(_baseline)},
+        {"folds": _folds, "mean_sd": _mean_sd, "baseline": _baseline},
         "a summary",
+        optional=["baseline"],
     )
 
 
@@ -354,12 +350,17 @@ SPLIT_RECORD: dict[str, Callable[[Any], Any]] = {
 def read_split(path: str | Path) -> dict[str, Any]:
     """A run's ``split.json``: the ``training`` and ``validation`` entries, and ``record`` (how
     the split was made; ``None`` in files written before it was recorded)."""
-    value = read_json(path)
-    if isinstance(value, Mapping) and "record" not in value:
-        value = {**value, "record": None}
     return _check_fields(
-        value,
+        read_json(path),
         path,
-        {"training": _items, "validation": _items, "record": _optional(_record)},
+        {"training": _items, "validation": _items, "record": _record},
         "a split",
+        optional=["record"],
+    )
+
+
+def read_finished(path: str | Path) -> dict[str, Any]:
+    """A run's ``finished.json``: the epoch its training ended at, and why."""
+    return _check_fields(
+        read_json(path, 1 << 16), path, {"epoch": count, "reason": _text(400)}, "a record"
     )

@@ -175,18 +175,16 @@ def mark_finished(run_dir: str | Path, epoch: int, reason: str) -> None:
 def is_finished(run_dir: str | Path) -> bool:
     """Whether the run's record says its training ended; its :data:`FINISHED` file is checked
     as data (a malformed one is refused, naming the file)."""
-    from app.readback import ReadBackError, count, read_json
+    from app.readback import read_finished
 
     path = Path(run_dir) / FINISHED
     if not path.is_file():
         return False
-    record = read_json(path, 1 << 16)
-    if not isinstance(record, dict) or set(record) != {"epoch", "reason"}:
-        raise ReadBackError(f"{path}: expected the keys 'epoch' and 'reason'")
-    try:
-        count(record["epoch"])
-    except ValueError as exc:
-        raise ReadBackError(f"{path}: key 'epoch' must be {exc}") from None
-    if not isinstance(record["reason"], str):
-        raise ReadBackError(f"{path}: key 'reason' must be text")
+    read_finished(path)
     return True
+
+
+def fold_dirs(folder: str | Path) -> list[Path]:
+    """The ``fold-K`` folders of a cross-validation folder, in fold order."""
+    found = [p for p in Path(folder).glob("fold-*") if p.name[5:].isdigit()]
+    return sorted(found, key=lambda p: int(p.name[5:]))

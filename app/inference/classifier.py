@@ -448,10 +448,9 @@ class Classifier:
             raise CheckpointError(str(exc)) from None
         temperature = float(calibration["temperature"])
         chosen = float(calibration["threshold_calibrated"])
-        folds = sorted(
-            (p for p in folder.glob("fold-*") if p.name[5:].isdigit()),
-            key=lambda p: int(p.name[5:]),
-        )
+        from app.run_folder import fold_dirs
+
+        folds = fold_dirs(folder)
         if not folds or [int(p.name[5:]) for p in folds] != list(range(len(folds))):
             raise CheckpointError(f"{folder} holds no fold-0 ... fold-K folders")
         members, settings = [], None

@@ -21,9 +21,9 @@ def ensemble_digest(folder: Path) -> str:
     """The content digest of a cross-validation ensemble: SHA-256 over each fold's
     ``best_model.pt`` SHA-256 (in fold order) and its ``cv_calibration.json``, so predictions
     written by one ensemble are never continued by another in the same folder."""
-    folds = sorted(
-        (p for p in folder.glob("fold-*") if p.name[5:].isdigit()), key=lambda p: int(p.name[5:])
-    )
+    from app.run_folder import fold_dirs
+
+    folds = fold_dirs(folder)
     parts = [f"{p.name}:{_file_sha256(p / 'best_model.pt')}" for p in folds]
     parts.append(f"calibration:{_file_sha256(folder / 'cv_calibration.json')}")
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()

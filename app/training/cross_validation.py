@@ -24,7 +24,7 @@ import numpy as np
 
 from app.errors import DataError
 from app.evaluation.metrics import logits_of
-from app.run_folder import SPLIT, is_finished
+from app.run_folder import SPLIT, fold_dirs, is_finished
 
 #: the kept epoch's validation figures in the summary
 SUMMARY_METRICS = ("val_acc", "val_auc", "val_sensitivity", "val_specificity", "val_loss")
@@ -113,11 +113,8 @@ def _check_existing_folds(out: Path, folds: int) -> None:
 
     if not out.is_dir():
         return
-    for run in sorted(out.glob("fold-*")):
-        number = run.name[5:]
-        if not number.isdigit():
-            continue
-        if int(number) >= folds:
+    for run in fold_dirs(out):
+        if int(run.name[5:]) >= folds:
             raise DataError(
                 f"{out} holds {run.name}, so it was made with more than {folds} folds: use the "
                 "same --folds as before, or another --output"
