@@ -32,6 +32,7 @@ MODEL_SETTINGS = (
     "norm",
     "pooling",
     "lung_crop",
+    "lung_only",
     "density_bins",
 )
 
@@ -41,6 +42,7 @@ MODEL_DEFAULTS: dict[str, Any] = {
     "norm": "batch",
     "pooling": "avg",
     "lung_crop": False,
+    "lung_only": False,
     "density_bins": 0,
 }
 
@@ -243,6 +245,16 @@ TRAINING_DATA_FIELDS: dict[str, Callable[[Any], Any]] = {
 }
 
 
+def _init_weights(value: Any) -> dict[str, str]:
+    """What a run started from (``app.train --init``): a file name and its SHA-256."""
+    if not isinstance(value, Mapping) or set(value) != {"name", "sha256"}:
+        raise ValueError(f"a mapping of name and sha256, got {value!r}"[:200])
+    name = _path_text(value["name"])
+    if "/" in name or "\\" in name or len(name) > 255:
+        raise ValueError(f"a file name without folders, got {name!r}"[:200])
+    return {"name": name, "sha256": _sha256(value["sha256"])}
+
+
 def _training_data(value: Any) -> dict[str, Any]:
     if not isinstance(value, Mapping):
         raise ValueError(f"a mapping, got {type(value).__name__}")
@@ -300,6 +312,7 @@ FIELDS: dict[str, Callable[[Any], Any]] = {
     "norm": _norm,
     "pooling": _pooling,
     "lung_crop": _bool,
+    "lung_only": _bool,
     "density_bins": _int(0, 256),
     "threshold": _float(0.0, 1.0),
     "class_names": _class_names,
@@ -308,6 +321,7 @@ FIELDS: dict[str, Callable[[Any], Any]] = {
     "learning_rate": _float(0.0, 10.0, open_low=True),
     "dataset_dir": _path_text,
     "training_data": _training_data,
+    "init_weights": _init_weights,
     "validation": _validation,
     "ensemble": _ensemble,
 }

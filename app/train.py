@@ -93,6 +93,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--workers", type=int, help=f"data-loading worker processes {default('num_workers')}"
     )
+    p.add_argument(
+        "--init",
+        metavar="WEIGHTS",
+        help="start from these weights: 'generated' (the network pretrained on generated scans "
+        "that ships with the package; fits --recipe small-data) or a checkpoint file or run "
+        "folder of app.train (default: the network's own random initialisation)",
+    )
     p.add_argument("--resume", action="store_true", help="continue the run in --output")
     p.add_argument(
         "--folds",
@@ -133,6 +140,7 @@ def overrides_from_args(args: argparse.Namespace) -> dict[str, Any]:
         "seed": args.seed,
         "precision": args.precision,
         "num_workers": args.workers,
+        "init_weights": args.init,
     }
     out = {k: v for k, v in mapping.items() if v is not None}
     from app.training.distributed import launched_distributed

@@ -62,6 +62,11 @@ CHOICES: dict[str, tuple[str, list[str]]] = {
         "lung crop + density branch + max pooling",
         ["lung_crop=true", "density_bins=32", "pooling=max"],
     ),
+    "lung-only": ("the lungs only (outside blanked to air)", ["lung_crop=true", "lung_only=true"]),
+    "only-density": (
+        "the lungs only + density branch",
+        ["lung_crop=true", "lung_only=true", "density_bins=32"],
+    ),
     "crop-window-max": (
         "lung crop + window [-1000, -200] + max pooling",
         ["lung_crop=true", "hu_window=[-1000,-200]", "pooling=max"],
@@ -115,8 +120,18 @@ def run_choice(name: str, sets: list[str], args: argparse.Namespace) -> dict:
                        "--checkpoint", str(out), "--output", str(evaluation), "--no-progress",
                        "--overwrite"]  # fmt: skip
             subprocess.run(command, cwd=REPO, check=False, stdout=subprocess.DEVNULL)
-        auc = json.loads((evaluation / "metrics.json").read_text())["metrics"]["roc_auc"]
+        metrics = json.loads((evaluation / "metrics.json").read_text())
+        auc = metrics["metrics"]["roc_auc"]
         tested = {"test_auc": auc["value"], "test_low": auc["low"], "test_high": auc["high"]}
+        baseline = metrics.get("baseline") or {}
+        if "difference" in baseline:
+            diff = baseline["difference"]
+            tested |= {
+                "baseline_auc": baseline["roc_auc"]["value"],
+                "diff": diff["value"],
+                "diff_low": diff["low"],
+                "diff_high": diff["high"],
+            }
     return {
         "choice": name,
         "sets": [*args.base, *sets],

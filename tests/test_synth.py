@@ -158,3 +158,32 @@ def test_confounders_defeat_the_density_histogram_and_leave_default_scans_as_the
         scores[confounders] = roc_auc_score(y, baseline.predict_features(x))
     print(scores)
     assert scores[0.0] > 0.85 and scores[1.0] < scores[0.0] - 0.1
+
+
+def test_shift_changes_the_findings_and_noise_not_the_anatomy(capsys):
+    """--shift (the held-out domain): at 0 the scans are the default ones; at 1 the same anatomy
+    (the lung masks are identical), more noise in normal lung, fainter lesions (their mean HU
+    closer to the lung's), of another shape (the lesion masks differ); out of [0, 1] refused."""
+    from app.data.cli import main as data_main
+    from app.data.synth import generate_scan
+
+    shape = (64, 64, 20)
+    assert np.array_equal(
+        generate_scan(1, 4, shape=shape).volume, generate_scan(1, 4, shape=shape, shift=0.0).volume
+    )
+    for seed in (4, 7):
+        plain, shifted = (generate_scan(1, seed, shape=shape, shift=s) for s in (0.0, 1.0))
+        assert np.array_equal(plain.lung_mask, shifted.lung_mask)
+        assert not np.array_equal(plain.lesion_mask, shifted.lesion_mask)
+        lung = plain.lung_mask & ~plain.lesion_mask & ~shifted.lesion_mask
+        contrast = [
+            float(s.volume[s.lesion_mask].mean() - s.volume[lung].mean()) for s in (plain, shifted)
+        ]
+        assert 0 < contrast[1] < contrast[0]
+    normal = [generate_scan(0, 3, shape=shape, shift=s) for s in (0.0, 1.0)]
+    air = normal[0].volume < -980  # outside the body: noise about -1000 HU
+    noise = [float(s.volume[air & (s.volume > -1024)].std()) for s in normal]
+    assert noise[1] > 1.5 * noise[0]
+    for bad in ("-0.1", "1.5"):
+        assert data_main(["synth", "/nonexistent/x", "--shift", bad]) == 2
+        assert "--shift must be in [0, 1]" in capsys.readouterr().err

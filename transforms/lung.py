@@ -7,6 +7,7 @@ from collections.abc import Hashable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
+import torch
 from monai.transforms import MapTransform, SpatialCrop
 
 #: voxels below this HU are air (outside the body, lungs, airways)
@@ -15,6 +16,8 @@ AIR_HU = -400.0
 MIN_SHARE_OF_LARGEST = 0.1
 #: a mask smaller than this share of the volume is no lung (a head, an abdomen): no crop
 MIN_LUNG_FRACTION = 0.005
+#: ``lung_only`` keeps this many voxels (in plane) around the lung mask
+LUNG_ONLY_DILATE = 2
 
 
 def lung_mask(volume: np.ndarray, air_hu: float = AIR_HU, step: int = 2) -> np.ndarray:
@@ -60,12 +63,17 @@ def lung_mask(volume: np.ndarray, air_hu: float = AIR_HU, step: int = 2) -> np.n
 
 
 def lung_box(
-    volume: np.ndarray, margin: float = 0.05, air_hu: float = AIR_HU
+    volume: np.ndarray,
+    margin: float = 0.05,
+    air_hu: float = AIR_HU,
+    mask: np.ndarray | None = None,
 ) -> tuple[list[int], list[int]] | None:
     """``(start, end)`` of the lungs' bounding box in a (x, y, z) HU volume, widened by
     ``margin`` of each side's length; ``None`` when the mask holds less than
-    :data:`MIN_LUNG_FRACTION` of the volume (no chest: the scan is left whole)."""
-    mask = lung_mask(volume, air_hu)
+    :data:`MIN_LUNG_FRACTION` of the volume (no chest: the scan is left whole). ``mask``: the
+    volume's :func:`lung_mask`, when already made."""
+    if mask is None:
+        mask = lung_mask(volume, air_hu)
     if mask.sum() < MIN_LUNG_FRACTION * mask.size:
         return None
     start, end = [], []
@@ -84,30 +92,82 @@ def lung_box(
     return start, end
 
 
+def outside_lungs(
+    mask: np.ndarray,
+    volume: np.ndarray,
+    dilate: int = LUNG_ONLY_DILATE,
+    air_hu: float = AIR_HU,
+) -> np.ndarray:
+    """Voxels that ``lung_only`` blanks: those farther than ``dilate`` voxels in plane from the
+    lung mask united with its left-right mirror about the body's centre (as :func:`lung_box`'s
+    box): a lung whose air the threshold lost (dense consolidation, or air that meets the
+    outside in a slice) keeps the place its mirror image marks, and the margin keeps findings
+    at the lung's edge."""
+    from scipy import ndimage
+
+    other = (1, 2)
+    body = np.flatnonzero((np.asarray(volume) > air_hu).any(axis=other))
+    keep = mask.copy()
+    if len(body):
+        # x -> body[0] + body[-1] - x: the mirror about the body's centre, inside the volume
+        shift = int(body[0] + body[-1]) - (mask.shape[0] - 1)
+        mirrored = mask[::-1]
+        if shift >= 0:
+            keep[shift:] |= mirrored[: mask.shape[0] - shift]
+        else:
+            keep[: mask.shape[0] + shift] |= mirrored[-shift:]
+    if dilate > 0:
+        keep = ndimage.binary_dilation(keep, structure=np.ones((3, 3, 1), bool), iterations=dilate)
+    return ~keep
+
+
 class CropToLungsd(MapTransform):
     """Crop channel-first HU images to the lungs' bounding box (:func:`lung_box` of the first
-    channel), through MONAI's ``SpatialCrop`` so the affine follows. Scans without lungs are
-    left whole. Place it after ``Orientationd`` (the third axis must be axial) and before the
-    intensity window (the mask needs HU).
+    channel), through MONAI's ``SpatialCrop`` so the affine follows, and/or set every voxel
+    outside the lungs (:func:`outside_lungs`) to ``outside``. Scans without lungs are left
+    whole and unblanked. Place it after ``Orientationd`` (the third axis must be axial) and
+    before the intensity window (the mask needs HU).
 
     Args:
         keys: image keys.
         margin: share of each side's length added around the lungs.
         air_hu: HU below which a voxel is air.
+        crop: crop to the lungs' box.
+        outside: value for the voxels outside the lungs (HU); ``None`` leaves them.
     """
 
     def __init__(
-        self, keys: Sequence[Hashable] | Hashable, margin: float = 0.05, air_hu: float = AIR_HU
+        self,
+        keys: Sequence[Hashable] | Hashable,
+        margin: float = 0.05,
+        air_hu: float = AIR_HU,
+        crop: bool = True,
+        outside: float | None = None,
     ) -> None:
         super().__init__(keys)
         self.margin = margin
         self.air_hu = air_hu
+        self.crop = crop
+        self.outside = outside
 
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
         d = dict(data)
         for key in self.key_iterator(d):
             image = d[key]
-            box = lung_box(np.asarray(image[0]), self.margin, self.air_hu)
-            if box is not None:
-                d[key] = SpatialCrop(roi_start=box[0], roi_end=box[1])(image)
+            volume = np.asarray(image[0])
+            mask = lung_mask(volume, self.air_hu)
+            box = lung_box(volume, self.margin, self.air_hu, mask=mask)
+            if box is None:
+                continue
+            if self.outside is not None:
+                blank = outside_lungs(mask, volume, air_hu=self.air_hu)
+                if isinstance(image, torch.Tensor):
+                    image = image.clone()
+                    image[:, torch.as_tensor(blank)] = self.outside
+                else:
+                    image = np.array(image, copy=True)
+                    image[:, blank] = self.outside
+            if self.crop:
+                image = SpatialCrop(roi_start=box[0], roi_end=box[1])(image)
+            d[key] = image
         return d

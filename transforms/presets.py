@@ -33,6 +33,7 @@ def eval_transforms(
     axcodes: str,
     load: bool = True,
     lung_crop: bool = False,
+    lung_only: bool = False,
 ) -> Compose:
     """The reference ``process_scan()`` as MONAI dictionary transforms.
 
@@ -51,6 +52,9 @@ def eval_transforms(
             loaded channel-first with metadata).
         lung_crop: crop each scan to its lungs' bounding box (``transforms.lung``) before the
             window and the resize: more input voxels per lesion (off: the reference's).
+        lung_only: set every voxel outside the lungs (the mask dilated by 2 voxels) to the
+            window's low end (air) before the window: the network sees the lungs only, so its
+            intensity statistics are the lungs' (off: the reference's).
     """
     # scans are read in their stored dtype (int16 HU for MosMed): the window clips them before
     # any float copy exists
@@ -75,7 +79,11 @@ def eval_transforms(
         [
             *head,
             Orientationd(keys, axcodes=axcodes, labels=None),
-            *([CropToLungsd(keys)] if lung_crop else []),
+            *(
+                [CropToLungsd(keys, crop=lung_crop, outside=hu_window[0] if lung_only else None)]
+                if lung_crop or lung_only
+                else []
+            ),
             ClipScaleIntensityd(keys, a_min=hu_window[0], a_max=hu_window[1], b_min=0.0, b_max=1.0),
             # resizing before the 90-degree turn gives the same voxels (the turn only permutes
             # and flips axes, which corner-aligned linear resizing commutes with) on 1/16 of them
@@ -94,6 +102,7 @@ def train_transforms(
     axcodes: str,
     angles_deg: Sequence[float],
     lung_crop: bool = False,
+    lung_only: bool = False,
 ) -> Compose:
     """:func:`eval_transforms` followed by the reference's random axial rotation.
 
@@ -107,6 +116,7 @@ def train_transforms(
         axcodes: orientation every scan is brought to.
         angles_deg: rotation angles to draw from, in degrees.
         lung_crop: as :func:`eval_transforms`.
+        lung_only: as :func:`eval_transforms`.
     """
     prefix = eval_transforms(
         keys=keys,
@@ -114,5 +124,6 @@ def train_transforms(
         hu_window=hu_window,
         axcodes=axcodes,
         lung_crop=lung_crop,
+        lung_only=lung_only,
     )
     return Compose([*prefix.transforms, RandDiscreteAxialRotated(keys, angles_deg=angles_deg)])

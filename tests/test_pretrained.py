@@ -1,0 +1,132 @@
+"""Starting weights (app.train --init): the packaged network pretrained on generated scans, and
+any checkpoint of app.train; refused when damaged, unsafe or of another network."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import TINY_SETTINGS, synth_dataset
+
+from app.training import pretrained
+from app.training.pretrained import InitWeightsError, initialize_network
+from nets.cnn3d import CNN3D
+
+ARCH = {k: TINY_SETTINGS.get(k) for k in ("in_channels", "filters", "dense_units")}
+
+
+def tiny_net(seed: int) -> CNN3D:
+    torch.manual_seed(seed)
+    return CNN3D(filters=TINY_SETTINGS["filters"], dense_units=TINY_SETTINGS["dense_units"])
+
+
+def save(path: Path, net: torch.nn.Module, **settings) -> Path:
+    torch.save({"network": net.state_dict(), "run_info": {**TINY_SETTINGS, **settings}}, path)
+    return path
+
+
+def test_weights_of_a_checkpoint_replace_the_initialisation(tmp_path):
+    source, target = tiny_net(1), tiny_net(2)
+    path = save(tmp_path / "best_model.pt", source)
+    assert not torch.equal(target.features[0].conv.weight, source.features[0].conv.weight)
+    initialize_network(target, str(tmp_path), ARCH)  # a run folder names its best_model.pt
+    for (name, mine), theirs in zip(
+        target.state_dict().items(), source.state_dict().values(), strict=True
+    ):
+        assert torch.equal(mine, theirs), name
+    assert pretrained.describe(str(path)) == {
+        "name": "best_model.pt",
+        "sha256": pretrained.sha256_of(path),
+    }
+    assert initialize_network(target, "", ARCH) is target and pretrained.describe("") is None
+
+
+def test_another_network_is_refused_naming_what_differs(tmp_path):
+    path = save(tmp_path / "w.pt", tiny_net(1))
+    with pytest.raises(InitWeightsError, match=r"filters \[4, 4, 8, 8\] there, \[8, 8, 16, 16\]"):
+        initialize_network(CNN3D(filters=[8, 8, 16, 16], dense_units=8), str(path), {
+            **ARCH, "filters": [8, 8, 16, 16]})  # fmt: skip
+    # settings that agree but weights that do not (a hand-edited file): refused by shape
+    with pytest.raises(InitWeightsError, match="do not fit"):
+        initialize_network(CNN3D(filters=[8, 8, 16, 16], dense_units=8), str(path), {})
+
+
+@pytest.mark.parametrize("damage", ["nan", "pickle", "missing", "truncated", "no-settings"])
+def test_damaged_or_unsafe_weights_are_refused(tmp_path, damage):
+    path = tmp_path / "w.pt"
+    net = tiny_net(1)
+    if damage == "nan":
+        state = net.state_dict()
+        state["features.0.conv.weight"][0, 0, 0, 0, 0] = float("nan")
+        torch.save({"network": state, "run_info": TINY_SETTINGS}, path)
+    elif damage == "pickle":
+        # an object beside the weights: loading it would run its class's code
+        state = {"network": net.state_dict(), "run_info": TINY_SETTINGS}
+        torch.save({**state, "x": argparse.Namespace(a=1)}, path)
+    elif damage == "truncated":
+        save(path, net)
+        path.write_bytes(path.read_bytes()[:500])
+    elif damage == "no-settings":
+        torch.save({"network": net.state_dict()}, path)
+    with pytest.raises(InitWeightsError, match=r"--init"):
+        initialize_network(tiny_net(2), str(path), ARCH)
+
+
+def test_packaged_weights_must_match_their_recorded_digest(tmp_path, monkeypatch):
+    weights, record = tmp_path / "generated.pt", tmp_path / "generated.json"
+    monkeypatch.setattr(pretrained, "packaged_weights", lambda: (weights, record))
+    with pytest.raises(InitWeightsError, match="missing"):
+        pretrained.resolve("generated")
+    save(weights, tiny_net(1))
+    record.write_text(json.dumps({"sha256": pretrained.sha256_of(weights)}))
+    net = initialize_network(tiny_net(2), "generated", ARCH)
+    assert torch.equal(net.features[0].conv.weight, tiny_net(1).features[0].conv.weight)
+    assert pretrained.describe("generated")["name"] == "generated"
+    save(weights, tiny_net(3))  # replaced after the record was made
+    with pytest.raises(InitWeightsError, match="does not match the SHA-256"):
+        initialize_network(tiny_net(2), "generated", ARCH)
+    record.write_text("{not json")
+    with pytest.raises(InitWeightsError, match="unreadable"):
+        pretrained.resolve("generated")
+
+
+def test_the_shipped_weights_fit_the_small_data_recipe():
+    """nets/weights/generated.pt: its digest is the recorded one, it loads without unpickling
+    objects, holds finite weights, and starts the small-data recipe's network."""
+    from app.config import load_config
+    from app.training.workflow import recipe_file
+
+    weights, record = pretrained.packaged_weights()
+    assert json.loads(record.read_text())["sha256"] == pretrained.sha256_of(weights)
+    assert weights.stat().st_size < 8e6  # a few MB: shipped in the package
+    parser = load_config("train.yaml", recipe_file("small-data"))
+    net = parser.get_parsed_content("network_def")
+    settings = {k: parser.get_parsed_content(k) for k in pretrained.ARCHITECTURE}
+    initialize_network(net, "generated", settings)
+    state = torch.load(weights, weights_only=True)["network"]
+    assert all(torch.isfinite(v).all() for v in state.values() if v.is_floating_point())
+
+
+def test_train_init_records_its_start_and_refuses_a_misfit(tmp_path, capsys):
+    from test_train import TINY
+
+    from app.train import main as train_main
+
+    data = synth_dataset(tmp_path / "d", 4, (48, 48, 12), seed=5)
+    first, second = tmp_path / "A", tmp_path / "B"
+    assert train_main(["--data", str(data), "--output", str(first), *TINY, "--epochs", "1"]) == 0
+    args = ["--data", str(data), "--output", str(second), *TINY, "--epochs", "1"]
+    assert train_main([*args, "--init", str(first)]) == 0
+    info = torch.load(second / "best_model.pt", weights_only=True)["run_info"]["init_weights"]
+    assert info == {
+        "name": "best_model.pt",
+        "sha256": pretrained.sha256_of(first / "best_model.pt"),
+    }
+    capsys.readouterr()
+    misfit = ["--set", "dense_units=16", "--overwrite"]
+    assert train_main([*args, "--init", str(first), *misfit]) == 2
+    err = capsys.readouterr().err
+    assert "dense_units" in err and "Traceback" not in err
