@@ -121,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
     command = [
         "--recipe", str(settings["recipe"]), "--data", str(data), "--output", str(run),
         "--epochs", str(settings["epochs"]), "--patience", str(settings["patience"]),
-        "--seed", str(settings["seed"]),
+        "--seed", str(settings["seed"]), "--init", "",  # from scratch, whatever the recipe says
         *(["--resume"] if (run / "split.json").exists() else []),
         *(f"--set={k}={json.dumps(v)}" for k, v in (settings.get("settings") or {}).items()),
         *([] if progress else ["--no-progress"]),

@@ -67,6 +67,22 @@ CHOICES: dict[str, tuple[str, list[str]]] = {
         "the lungs only + density branch",
         ["lung_crop=true", "lung_only=true", "density_bins=32"],
     ),
+    "today": (
+        "the recipe before pretraining (lung crop; no density branch, random initialisation)",
+        ["density_bins=0", 'init_weights=""'],
+    ),
+    "scratch-density": (
+        "+ density branch, random initialisation",
+        ["density_bins=32", 'init_weights=""'],
+    ),
+    "init": (
+        "+ density branch, started from the weights pretrained on generated scans",
+        ["density_bins=32", "init_weights=generated"],
+    ),
+    "init-lr-1e-4": (
+        "+ density branch, from the pretrained weights, learning rate 1e-4 (fine-tuning)",
+        ["density_bins=32", "init_weights=generated", "learning_rate=0.0001"],
+    ),
     "crop-window-max": (
         "lung crop + window [-1000, -200] + max pooling",
         ["lung_crop=true", "hu_window=[-1000,-200]", "pooling=max"],

@@ -130,3 +130,30 @@ def test_train_init_records_its_start_and_refuses_a_misfit(tmp_path, capsys):
     assert train_main([*args, "--init", str(first), *misfit]) == 2
     err = capsys.readouterr().err
     assert "dense_units" in err and "Traceback" not in err
+
+
+def test_pretrain_writes_weights_that_start_a_recipe_run(tmp_path, monkeypatch):
+    """python -m app.pretrain on a tiny configuration: data, run, weights and their record (the
+    SHA-256 of the file, no folder of this machine); the weights load as --init generated; a
+    second run reuses the data and the finished run and writes the same record."""
+    from app import pretrain
+
+    tiny = {**pretrain.pretrain_settings(), "per_class": 3, "in_plane": [48],
+            "slices": [12, 12], "epochs": 1}  # fmt: skip
+    monkeypatch.setattr(pretrain, "pretrain_settings", lambda: dict(tiny))
+    work, out = tmp_path / "work", tmp_path / "weights"
+    assert pretrain.main(["--work", str(work), "--out", str(out), "--no-progress"]) == 0
+    weights, record = out / "generated.pt", out / "generated.json"
+    text = record.read_text()
+    assert json.loads(text)["sha256"] == pretrained.sha256_of(weights)
+    assert str(tmp_path) not in text and json.loads(text)["pretraining"]["scans"] == 6
+    assert len(list((work / "data").rglob("*.nii.gz"))) == 6
+    monkeypatch.setattr(pretrained, "packaged_weights", lambda: (weights, record))
+    from app.config import load_config
+    from app.training.workflow import recipe_file
+
+    parser = load_config("train.yaml", recipe_file("small-data"), overrides=tiny["settings"])
+    settings = {k: parser.get_parsed_content(k) for k in pretrained.ARCHITECTURE}
+    initialize_network(parser.get_parsed_content("network_def"), "generated", settings)
+    assert pretrain.main(["--work", str(work), "--out", str(out), "--no-progress"]) == 0
+    assert record.read_text() == text

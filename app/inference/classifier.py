@@ -600,14 +600,17 @@ class Classifier:
         """Classify one NIfTI file or DICOM series folder."""
         return next(self.predict_many([path]))
 
-    def saliency(self, image: torch.Tensor) -> np.ndarray:
-        """Grad-CAM of the last conv block for one preprocessed (C, x, y, z) volume, in [0, 1]."""
+    def saliency(self, image: torch.Tensor, block: int = -1) -> np.ndarray:
+        """Grad-CAM of conv block ``block`` (default the last; -2 the one before, finer) for one
+        preprocessed (C, x, y, z) volume, in [0, 1]."""
         from monai.visualize import GradCAM
 
         if not hasattr(self.network, "features"):
             raise ConfigError("saliency needs one network: run it with one fold's model")
-
-        layer = f"features.{len(self.network.features) - 1}.conv"  # type: ignore[arg-type]
+        blocks = len(self.network.features)  # type: ignore[arg-type]
+        if not -blocks <= block < blocks:
+            raise ConfigError(f"saliency block {block}: the network has {blocks} blocks")
+        layer = f"features.{block % blocks}.conv"
         cam = GradCAM(nn_module=self.network, target_layers=layer)
         with torch.enable_grad():
             x = torch.as_tensor(image)[None].to(self.device).requires_grad_(True)
