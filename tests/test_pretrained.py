@@ -157,3 +157,27 @@ def test_pretrain_writes_weights_that_start_a_recipe_run(tmp_path, monkeypatch):
     initialize_network(parser.get_parsed_content("network_def"), "generated", settings)
     assert pretrain.main(["--work", str(work), "--out", str(out), "--no-progress"]) == 0
     assert record.read_text() == text
+
+
+def test_the_small_data_recipe_starts_from_the_packaged_weights(tmp_path, capsys):
+    """--recipe small-data as shipped starts from nets/weights/generated.pt and records it; a
+    changed network is refused with the way out; --init '' trains from random weights."""
+    from test_train import TINY
+
+    from app.train import main as train_main
+
+    data = synth_dataset(tmp_path / "d", 3, (48, 48, 12), seed=6)
+    tiny = [a for a in TINY if a not in ("--spatial-size", "48")]  # the recipe's own size
+    run = tmp_path / "R"
+    args = ["--data", str(data), "--recipe", "small-data", *tiny, "--epochs", "1"]
+    assert train_main([*args, "--output", str(run)]) == 0
+    info = torch.load(run / "best_model.pt", weights_only=True)["run_info"]["init_weights"]
+    weights, _ = pretrained.packaged_weights()
+    assert info == {"name": "generated", "sha256": pretrained.sha256_of(weights)}
+    capsys.readouterr()
+    narrow = ["--set", "filters=[4, 4, 4, 4]", "--output", str(tmp_path / "N")]
+    assert train_main([*args, *narrow]) == 2
+    assert "--init '' starts from random weights" in capsys.readouterr().err
+    assert train_main([*args, *narrow, "--overwrite", "--init", ""]) == 0
+    info = torch.load(tmp_path / "N" / "best_model.pt", weights_only=True)["run_info"]
+    assert info.get("init_weights") is None

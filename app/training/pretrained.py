@@ -122,6 +122,7 @@ def initialize_network(
                 if source == GENERATED
                 else "train with the same network settings"
             )
+            + "; --init '' starts from random weights instead"
         )
     own = network.state_dict()
     missing = sorted(set(own) - set(state))
