@@ -63,7 +63,12 @@ def build_parser() -> argparse.ArgumentParser:
         f"{defaults['threshold']} unless it was trained with another)",
     )
     add_precision_option(p, default="auto")
-    p.add_argument("--saliency", action="store_true", help="save a Grad-CAM montage per scan")
+    p.add_argument(
+        "--saliency",
+        action="store_true",
+        help="save a saliency montage and NIfTI per scan "
+        "(where the model looks: the smoothed gradient of its logit; one network, not a CV folder)",
+    )
     p.add_argument(
         "--tta",
         action="store_true",
@@ -107,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
             raise UsageError(
                 f"--saliency needs one network; {args.checkpoint} is a cross-validation ensemble "
                 f"of {clf.folds} fold models: pass one fold's folder (e.g. "
-                f"{Path(str(args.checkpoint)) / 'fold-0'}) for its Grad-CAM"
+                f"{Path(str(args.checkpoint)) / 'fold-0'}) for its saliency"
             )
         inputs = find_scan_inputs(args.folder)
         log = open_log(out, clf, overwrite=args.overwrite)
@@ -249,7 +254,7 @@ def draw_pictures(
             image.numpy(),
             pics["saliency"],
             overlay=overlay,
-            title=f"Grad-CAM x P(abnormal) = {pred.prob_abnormal:.3f}: the model's attention, "
+            title=f"saliency x P(abnormal) = {pred.prob_abnormal:.3f}: the model's attention, "
             "not a finding",
         )
         if str(pred.path).endswith((".nii", ".nii.gz")):  # on the scan's own grid, for a viewer

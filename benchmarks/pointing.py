@@ -1,10 +1,11 @@
 """Does the model look where the findings are? The pointing game on generated abnormal scans.
 
     python -m app.data synth T --per-class 60 --shape 96 96 32 --seed 100 --difficulty 0.7 --masks
-    python benchmarks/pointing.py --checkpoint RUN/fold-0 --data T [--block -1]
+    python benchmarks/pointing.py --checkpoint RUN/fold-0 --data T [--method gradient|gradcam]
 
-For each abnormal scan of ``T/CT-23`` with its lesion mask in ``T/masks``: Grad-CAM of one
-network (``app.inference.classifier.Classifier.saliency``) carried back to the scan's own grid
+For each abnormal scan of ``T/CT-23`` with its lesion mask in ``T/masks``: the saliency map of one
+network (``app.inference.classifier.Classifier.saliency``: the smoothed input gradient, or with
+``--method gradcam`` Grad-CAM of a conv block) carried back to the scan's own grid
 (``app.inference.saliency.to_input_grid``), then ``pointing_game``: is the map's maximum inside a
 lesion dilated by 2 voxels (hit), the share of the map inside the lungs (our lung mask united with
 the lesions), and chance (a random lung voxel inside the dilated lesions). Prints and writes JSON.
@@ -29,7 +30,8 @@ def main() -> None:
     p.add_argument("--checkpoint", required=True, help="one model (a run or fold folder)")
     p.add_argument("--data", type=Path, required=True, help="generated data written with --masks")
     p.add_argument("--out", type=Path, help="JSON of the per-scan results and the summary")
-    p.add_argument("--block", type=int, default=-1, help="Grad-CAM of this conv block (-1: last)")
+    p.add_argument("--method", default="gradient", help="gradient (the app's) | gradcam")
+    p.add_argument("--block", type=int, default=-1, help="gradcam: this conv block (-1: last)")
     p.add_argument("--limit", type=int, default=0, help="at most this many scans (0: all)")
     args = p.parse_args()
 
@@ -52,7 +54,7 @@ def main() -> None:
     for path in scans:
         lesions = np.asarray(nib.load(str(args.data / "masks" / path.name)).dataobj) > 0
         image = chain({"image": str(path)})["image"]
-        heat = clf.saliency(image, block=args.block)
+        heat = clf.saliency(image, method=args.method, block=args.block)
         back, _ = to_input_grid(heat, path, str(s["axcodes"]), bool(s.get("lung_crop")))
         volume = np.asarray(nib.load(str(path)).dataobj, dtype=np.float32)
         row = pointing_game(back, lesions, lung_mask(volume) | lesions)

@@ -27,7 +27,7 @@ def write_report(
 ) -> Path:
     """Write ``out_dir/report.html``: the model (its description: checkpoint, training data,
     validation figures, threshold) and the date, then a row per scan with probability, label,
-    warnings or error, a montage thumbnail and the Grad-CAM overlay when one was computed (a
+    warnings or error, a montage thumbnail and the saliency overlay when one was computed (a
     click shows either at full size)."""
     body = []
     for r in rows:
@@ -45,7 +45,7 @@ def write_report(
             f'<tr class="{status}"><td class="path">{html.escape(r["path"])}</td>'
             f'<td class="num">{pct}</td><td class="{html.escape(label)}">{html.escape(label)}</td>'
             f"<td>{note}</td><td>{_img(pics.get('montage'), 'montage')}</td>"
-            f"<td>{_img(pics.get('saliency'), 'Grad-CAM')}</td></tr>"
+            f"<td>{_img(pics.get('saliency'), 'saliency')}</td></tr>"
         )
     classified = sum(1 for r in rows if r.get("prob_abnormal"))
     abnormal = sum(1 for r in rows if r.get("label") == "abnormal")
@@ -72,7 +72,7 @@ img:focus {{ max-width: 95vw; width: 1400px; cursor: zoom-out; position: relativ
 <p>{len(rows)} inputs: {classified} classified ({abnormal} abnormal, {classified - abnormal} normal),
 {failed} could not be classified. Research use only, not for diagnosis.</p>
 <table><thead><tr><th>scan</th><th>P(abnormal)</th><th>label</th><th>warnings / error</th>
-<th>montage</th><th>Grad-CAM</th></tr></thead><tbody>
+<th>montage</th><th>saliency</th></tr></thead><tbody>
 {"".join(body)}
 </tbody></table></body></html>
 """
