@@ -234,7 +234,7 @@ def classify(
 def draw_pictures(
     clf: Any, pred: Any, out: Path, args: argparse.Namespace, images: dict[str, dict[str, Path]]
 ) -> None:
-    """The report's montage and the Grad-CAM montage of one prediction, as asked."""
+    """The report's montage and the saliency montage of one prediction, as asked."""
     from app.plots import plot_montage
 
     image = getattr(pred, "image", None)

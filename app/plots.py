@@ -93,7 +93,7 @@ def plot_montage(
 ) -> None:
     """``rows`` x ``columns`` axial slices of a preprocessed (x, y, z) volume, evenly spaced
     (the reference shows 40 slices, 4 x 10); ``overlay`` (same shape, 0..1) is drawn as a
-    heat map on top, e.g. a Grad-CAM."""
+    heat map on top, e.g. a saliency map."""
     plt = _pyplot()
     volume = np.asarray(volume)
     if volume.ndim == 4:
@@ -113,7 +113,7 @@ def plot_montage(
     plt.subplots_adjust(wspace=0.02, hspace=0.02)
     if heat is not None:  # what the colours mean
         bar = fig.colorbar(heat, ax=np.ravel(axes).tolist(), fraction=0.015, pad=0.01)
-        bar.set_label("Grad-CAM x P(abnormal): attention, not a finding", fontsize=8)
+        bar.set_label("saliency x P(abnormal): attention, not a finding", fontsize=8)
     if title:
         fig.suptitle(title)
     _save(fig, path)

@@ -181,3 +181,20 @@ def test_the_small_data_recipe_starts_from_the_packaged_weights(tmp_path, capsys
     assert train_main([*args, *narrow, "--overwrite", "--init", ""]) == 0
     info = torch.load(tmp_path / "N" / "best_model.pt", weights_only=True)["run_info"]
     assert info.get("init_weights") is None
+
+
+def test_a_resume_keeps_its_start_record_without_the_init_file(tmp_path):
+    from test_train import TINY
+
+    from app.train import main as train_main
+
+    data = synth_dataset(tmp_path / "d", 4, (48, 48, 12), seed=5)
+    first, second = tmp_path / "A", tmp_path / "B"
+    assert train_main(["--data", str(data), "--output", str(first), *TINY, "--epochs", "1"]) == 0
+    args = ["--data", str(data), "--output", str(second), *TINY]
+    assert train_main([*args, "--epochs", "1", "--init", str(first / "best_model.pt")]) == 0
+    record = torch.load(second / "best_model.pt", weights_only=True)["run_info"]["init_weights"]
+    (first / "best_model.pt").unlink()  # the starting weights are gone: the resume needs none
+    assert train_main(["--output", str(second), "--resume", *TINY[2:], "--epochs", "3"]) == 0
+    again = torch.load(second / "best_model.pt", weights_only=True)["run_info"]["init_weights"]
+    assert again == record and record["name"] == "best_model.pt"

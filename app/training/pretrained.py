@@ -81,9 +81,17 @@ def resolve(source: str) -> tuple[Path, str]:
     return path, sha256_of(path)
 
 
-def describe(source: str | None) -> dict[str, str] | None:
+def describe(source: str | None, resumed: str | Path | None = None) -> dict[str, str] | None:
     """What a run started from, for its checkpoints: file name and SHA-256 (no folder path: a
-    checkpoint is shared)."""
+    checkpoint is shared). ``resumed``: the run folder of a resumed run, whose record is kept
+    from its best model (a resume loads its own weights, and needs no ``--init`` file)."""
+    if resumed is not None and (Path(resumed) / "best_model.pt").is_file():
+        from app.inference.classifier import CheckpointError, load_checkpoint
+
+        try:
+            return load_checkpoint(Path(resumed) / "best_model.pt")[1].get("init_weights")
+        except CheckpointError:
+            pass  # resuming reports the damaged checkpoint itself
     if not source:
         return None
     path, digest = resolve(source)
