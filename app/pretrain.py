@@ -40,11 +40,14 @@ def scan_settings(settings: dict[str, Any], index: int) -> dict[str, Any]:
     rng = np.random.default_rng([int(settings["seed"]), index, 0x5E7])
     side = int(rng.choice(settings["in_plane"]))
     low, high = settings["slices"]
-    return {
+    out = {
         "shape": (side, side, int(rng.integers(low, high + 1))),
         "difficulty": float(rng.uniform(*settings["difficulty"])),
         "confounders": float(rng.uniform(*settings["confounders"])),
     }
+    if "hila" in settings:  # drawn last: the draws above stay those of earlier versions
+        out["hila"] = float(rng.uniform(*settings["hila"]))
+    return out
 
 
 def write_pretraining_data(out: Path, settings: dict[str, Any], progress: bool = True) -> int:

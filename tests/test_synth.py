@@ -187,3 +187,28 @@ def test_shift_changes_the_findings_and_noise_not_the_anatomy(capsys):
     for bad in ("-0.1", "1.5"):
         assert data_main(["synth", "/nonexistent/x", "--shift", bad]) == 2
         assert "--shift must be in [0, 1]" in capsys.readouterr().err
+
+
+def test_hila_add_dense_vessels_inside_both_lungs_of_both_classes(capsys):
+    """--hila: at 0 the default scans; at 1 the same lungs and lesions, plus blood-dense
+    branches inside the lungs, on their medial side, in normal and abnormal scans alike."""
+    from app.data.cli import main as data_main
+    from app.data.synth import generate_scan
+
+    shape = (96, 96, 32)
+    assert np.array_equal(
+        generate_scan(0, 2, shape=shape).volume, generate_scan(0, 2, shape=shape, hila=0.0).volume
+    )
+    for label in (0, 1):
+        plain, hila = (generate_scan(label, 2, shape=shape, hila=h) for h in (0.0, 1.0))
+        assert np.array_equal(plain.lung_mask, hila.lung_mask)
+        assert np.array_equal(plain.lesion_mask, hila.lesion_mask)
+        added = (hila.volume > -200) & (plain.volume < -200) & plain.lung_mask
+        assert added.sum() > 50
+        assert not (added & ~plain.lung_mask).any()
+        x = np.nonzero(added)[0]
+        centre = (shape[0] - 1) / 2  # body centre: the vessels lie towards it from each lung
+        lung_x = np.nonzero(plain.lung_mask)[0]
+        assert np.abs(x - centre).mean() < np.abs(lung_x - centre).mean()
+    assert data_main(["synth", "/nonexistent/x", "--hila", "2"]) == 2
+    assert "--hila must be in [0, 1]" in capsys.readouterr().err

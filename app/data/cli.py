@@ -59,6 +59,12 @@ def build_parser() -> argparse.ArgumentParser:
         "for tests on settings that neither pretraining nor the recipe's choice saw",
     )
     sy.add_argument(
+        "--hila",
+        type=float,
+        default=0.0,
+        help="0 (default) to 1: large hilar vessels in both classes, as real CT has them",
+    )
+    sy.add_argument(
         "--masks",
         action="store_true",
         help="also write each scan's lesion mask (uint8 NIfTI, same grid) to OUT/masks/",
@@ -99,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
             if not 0 <= args.difficulty <= 1:
                 print("error: --difficulty must be in [0, 1]", file=sys.stderr)
                 return 2
-            for name in ("confounders", "shift"):
+            for name in ("confounders", "shift", "hila"):
                 if not 0 <= getattr(args, name) <= 1:
                     print(f"error: --{name} must be in [0, 1]", file=sys.stderr)
                     return 2
@@ -113,6 +119,7 @@ def main(argv: list[str] | None = None) -> int:
                 masks=args.masks,
                 confounders=args.confounders,
                 shift=args.shift,
+                hila=args.hila,
             )
             print(f"wrote {len(items)} scans to {args.out}")
     except CTClassifyError as exc:

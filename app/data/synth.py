@@ -60,6 +60,7 @@ def generate_scan(
     difficulty: float = 0.5,
     confounders: float = 0.0,
     shift: float = 0.0,
+    hila: float = 0.0,
 ) -> SynthScan:
     """Generate one scan, deterministic in (``label``, ``seed``, ``shape``, ``difficulty``,
     ``confounders``, ``shift``).
@@ -77,6 +78,10 @@ def generate_scan(
             the recipe's choice saw: elongated lesions (up to 2x longer, 1.5x narrower), 30%
             less lesion contrast against the lung, up to 2x the scanner noise. Draws nothing
             from the random streams: the same seed gives the same anatomy and lesion places.
+        hila: 0 (none) to 1: hilar vessels in both classes, as real CT has them (dense,
+            tapering branches fanning out from each lung's medial side into its inner half),
+            which a model trained without them takes for findings.
+            Drawn from a random stream of its own: at 0 the scans are those of earlier versions.
     """
     rng = np.random.default_rng([seed, label])
     if shape is None:
@@ -89,6 +94,9 @@ def generate_scan(
     body = _draw_anatomy(rng)
     body["noise_hu"] *= 1.0 + shift
     body["shift"] = shift
+    body["hila"] = (
+        _draw_hila(np.random.default_rng([seed, label, 0x41A]), body, hila) if hila else []
+    )
     lesions = _draw_lesions(rng, difficulty, body) if label == 1 else []
     blur = 0.0
     if confounders > 0:
@@ -144,6 +152,28 @@ def _draw_anatomy(rng: np.random.Generator) -> dict[str, Any]:
         )
     body["lungs"] = lungs
     return body
+
+
+def _draw_hila(rng: np.random.Generator, body: dict[str, Any], size: float) -> list[dict[str, Any]]:
+    """Hilar vessels of both lungs: dense branches fanning out from each lung's medial side."""
+    vessels: list[dict[str, Any]] = []
+    middle = (body["lung_top"] + body["lung_bottom"]) / 2
+    height = body["lung_top"] - body["lung_bottom"]
+    for side in (0, 1):
+        medial = 0.0 if side == 0 else np.pi  # the right lung (u < 0) faces +u, the left -u
+        for _ in range(int(rng.integers(4, 9))):
+            vessels.append(
+                {
+                    "lung": side,
+                    "start": medial + rng.uniform(-0.5, 0.5),  # where it leaves the hilum
+                    "heading": medial + np.pi + rng.uniform(-1.1, 1.1),  # into the lung
+                    "length": rng.uniform(0.25, 0.6),  # fraction of the lung radius
+                    "z": middle + rng.uniform(-0.2, 0.2) * height,
+                    "rz": rng.uniform(25, 70),
+                    "width": rng.uniform(0.012, 0.03) * size,
+                }
+            )
+    return vessels
 
 
 def _draw_lesions(
@@ -237,6 +267,20 @@ def _add_lungs(
     )
     vessels = field > 1.4 - body.get("vessel_boost", 0.0) + 0.8 * np.clip(hilum, 0, 1.5)
     lung_sl = np.where(vessels, 30.0, lung_sl)
+    for ves in body.get("hila", []):
+        dz = (z - ves["z"]) / ves["rz"]
+        if abs(dz) >= 1:
+            continue
+        lung = lungs[ves["lung"]]
+        ru, rv = lung["ru"] * scale, lung["rv"] * scale
+        su = lung["cu"] + 0.85 * ru * np.cos(ves["start"])
+        sv = lung["cv"] + 0.85 * rv * np.sin(ves["start"])
+        du = ves["length"] * ru * np.cos(ves["heading"])
+        dv = ves["length"] * rv * np.sin(ves["heading"])
+        along = np.clip(((u - su) * du + (v - sv) * dv) / (du**2 + dv**2 + 1e-12), 0, 1)
+        gap = np.hypot(u - su - along * du, v - sv - along * dv)
+        width = ves["width"] * (1.4 - 0.8 * along) * np.sqrt(1 - dz**2)  # tapering
+        lung_sl = np.where(gap < width, 40.0, lung_sl)
     sl = np.where(in_lungs, lung_sl, sl)
     for les in lesions:
         dz = (z - les["z"]) / les["rz"]
@@ -328,6 +372,7 @@ def write_dataset(
     masks: bool = False,
     confounders: float = 0.0,
     shift: float = 0.0,
+    hila: float = 0.0,
 ) -> list[dict[str, object]]:
     """Write ``per_class`` scans of each class to ``out/CT-0`` and ``out/CT-23`` (with
     ``masks``, each scan's lesion mask as uint8 NIfTI on its grid to ``out/masks/NAME``).
@@ -359,6 +404,7 @@ def write_dataset(
                 difficulty=difficulty,
                 confounders=confounders,
                 shift=shift,
+                hila=hila,
             )
             if not path.exists():
                 save_scan(scan, path)
