@@ -77,9 +77,10 @@ def export_weights(run: Path, out: Path, record: dict[str, Any]) -> Path:
 
     from app.inference.classifier import load_checkpoint
     from app.model_settings import MODEL_SETTINGS
+    from app.run_folder import BEST_MODEL
     from app.training.pretrained import GENERATED, sha256_of
 
-    state, settings = load_checkpoint(run / "best_model.pt")
+    state, settings = load_checkpoint(run / BEST_MODEL)
     kept = {k: settings[k] for k in (*MODEL_SETTINGS, "class_names", "threshold", "seed")}
     out.mkdir(parents=True, exist_ok=True)
     weights = out / f"{GENERATED}.pt"

@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from app.errors import ConfigError
+from app.run_folder import BEST_MODEL
 
 logger = logging.getLogger(__name__)
 
@@ -75,7 +76,7 @@ def resolve(source: str) -> tuple[Path, str]:
         return path, digest
     path = Path(source)
     if path.is_dir():
-        path = path / "best_model.pt"
+        path = path / BEST_MODEL
     if not path.is_file():
         raise InitWeightsError(f"--init {source}: no such checkpoint file")
     return path, sha256_of(path)
@@ -85,11 +86,11 @@ def describe(source: str | None, resumed: str | Path | None = None) -> dict[str,
     """What a run started from, for its checkpoints: file name and SHA-256 (no folder path: a
     checkpoint is shared). ``resumed``: the run folder of a resumed run, whose record is kept
     from its best model (a resume loads its own weights, and needs no ``--init`` file)."""
-    if resumed is not None and (Path(resumed) / "best_model.pt").is_file():
+    if resumed is not None and (Path(resumed) / BEST_MODEL).is_file():
         from app.inference.classifier import CheckpointError, load_checkpoint
 
         try:
-            return load_checkpoint(Path(resumed) / "best_model.pt")[1].get("init_weights")
+            return load_checkpoint(Path(resumed) / BEST_MODEL)[1].get("init_weights")
         except CheckpointError:
             pass  # resuming reports the damaged checkpoint itself
     if not source:
