@@ -119,7 +119,13 @@ def test_train_init_records_its_start_and_refuses_a_misfit(tmp_path, capsys):
     first, second = tmp_path / "A", tmp_path / "B"
     assert train_main(["--data", str(data), "--output", str(first), *TINY, "--epochs", "1"]) == 0
     args = ["--data", str(data), "--output", str(second), *TINY, "--epochs", "1"]
-    assert train_main([*args, "--init", str(first)]) == 0
+    assert train_main([*args, "--init", str(first), "--lr", "1e-12"]) == 0
+    # the network trained is the one loaded: with a negligible step its weights stay A's
+    mine = torch.load(second / "best_model.pt", weights_only=True)["network"]
+    theirs = torch.load(first / "best_model.pt", weights_only=True)["network"]
+    for name, value in theirs.items():
+        if name.endswith("weight"):
+            torch.testing.assert_close(mine[name], value, atol=1e-6, rtol=0)
     info = torch.load(second / "best_model.pt", weights_only=True)["run_info"]["init_weights"]
     assert info == {
         "name": "best_model.pt",
