@@ -75,10 +75,11 @@ def export_weights(run: Path, out: Path, record: dict[str, Any]) -> Path:
     record ``out/generated.json`` with the file's SHA-256."""
     import torch
 
+    from app.data.download import sha256_of
     from app.inference.classifier import load_checkpoint
     from app.model_settings import MODEL_SETTINGS
     from app.run_folder import BEST_MODEL
-    from app.training.pretrained import GENERATED, sha256_of
+    from app.training.pretrained import GENERATED
 
     state, settings = load_checkpoint(run / BEST_MODEL)
     kept = {k: settings[k] for k in (*MODEL_SETTINGS, "class_names", "threshold", "seed")}

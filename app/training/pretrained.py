@@ -9,7 +9,6 @@ started from (file name and digest) in its checkpoints' settings (``init_weights
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 from pathlib import Path
@@ -17,6 +16,7 @@ from typing import Any
 
 import torch
 
+from app.data.download import sha256_of
 from app.errors import ConfigError
 from app.run_folder import BEST_MODEL
 
@@ -40,14 +40,6 @@ def packaged_weights() -> tuple[Path, Path]:
 
     folder = Path(nets.__file__).resolve().parent / "weights"
     return folder / f"{GENERATED}.pt", folder / f"{GENERATED}.json"
-
-
-def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def resolve(source: str) -> tuple[Path, str]:
