@@ -221,8 +221,7 @@ def classify(
         ):
             draw_pictures(clf, pred, out, args, images)
             log.append(pred)
-            note = f"  [warning: {'; '.join(pred.warnings)}]" if pred.warnings and pred.ok else ""
-            bar.write(pred.sentence() + note)
+            bar.write(pred.sentence())
             bar.update(1)
     finally:
         bar.close()

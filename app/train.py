@@ -272,7 +272,8 @@ def _cross_validate(args: argparse.Namespace) -> int:
         )
     cal = result.calibration or {}
     print(
-        f"threshold {cal.get('threshold', float('nan')):.3f} ({cal.get('threshold_method')}), "
+        f"threshold {cal.get('threshold_calibrated', float('nan')):g} on P(abnormal) as app.infer, "
+        f"app.evaluate and the bundle report it ({cal.get('threshold_method')}, out of fold), "
         f"temperature {cal.get('temperature', float('nan')):.3f} (out-of-fold NLL "
         f"{cal.get('nll_before', float('nan')):.3f} -> {cal.get('nll_after', float('nan')):.3f})"
     )

@@ -159,7 +159,7 @@ def test_cross_validation_writes_folds_summary_and_calibration_and_resumes(cv_da
         assert int(row["label"]) == scans[row["path"]]
 
 
-def test_cross_validation_folder_is_one_model_the_mean_of_its_folds(cv_data, tmp_path):
+def test_cross_validation_folder_is_one_model_the_mean_of_its_folds(cv_data, tmp_path, capsys):
     """Classifier.load(CV folder): the mean of the folds' temperature-scaled probabilities, at
     the out-of-fold threshold on that scale; app.infer and app.evaluate take the folder too."""
     import math
@@ -169,9 +169,15 @@ def test_cross_validation_folder_is_one_model_the_mean_of_its_folds(cv_data, tmp
 
     out = tmp_path / "cv"
     assert _train_two_folds(cv_data, out) == 0
+    printed = capsys.readouterr().out
     calibration = json.loads((out / "cv_calibration.json").read_text())
     ensemble = Classifier.load(out, device="cpu", precision="fp32")
-    assert ensemble.threshold == pytest.approx(calibration["threshold_calibrated"])
+    assert ensemble.threshold == calibration["threshold_calibrated"]
+    # one threshold, printed the same way by app.train, app.infer and app.evaluate (issue 21:
+    # training printed 0.489, before the temperature; inference used 0.496311)
+    shown = f"threshold {ensemble.threshold:g}"
+    assert ensemble.threshold == round(ensemble.threshold, 4)
+    assert f"{shown} on P(abnormal) as app.infer" in printed, printed
     assert "cross-validation, mean over the folds" in ensemble.describe()
     assert ": 2 fold models, each trained on 6 generated scans" in ensemble.describe()
     scan = str(next((cv_data / "CT-23").glob("*.nii.gz")))
@@ -208,8 +214,11 @@ def test_cross_validation_folder_is_one_model_the_mean_of_its_folds(cv_data, tmp
     # app.infer: each fold's probability in predictions.json, their mean the ensemble's
     from app.infer import main as infer_main
 
+    assert shown in capsys.readouterr().out.splitlines()[0]  # the model line app.evaluate prints
     assert infer_main([str(cv_data), "--checkpoint", str(out), "--output", str(tmp_path / "I"),
                        "--no-progress", "--device", "cpu", "--report"]) == 0  # fmt: skip
+    assert shown in capsys.readouterr().out.splitlines()[0]  # the model line app.infer prints
+    assert f"<dd>{ensemble.threshold:g} " in (tmp_path / "E" / "report.html").read_text()
     rows = json.loads((tmp_path / "I" / "predictions.json").read_text())
     assert len(rows) == 12
     for row in rows:

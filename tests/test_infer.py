@@ -4,13 +4,14 @@ import csv
 import gzip
 import json
 import shutil
+import sys
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from conftest import TINY_SETTINGS, ct_volume, nifti
+from conftest import REPO, TINY_SETTINGS, ct_volume, nifti
 
 from app.bundle.portable.scans import find_inputs
 from app.infer import main as infer_main
@@ -89,20 +90,18 @@ def test_absurd_header_is_refused_before_reading(tmp_path):
 def test_qc_warnings_still_classify(tmp_path, checkpoint):
     folder = tmp_path / "in"
     folder.mkdir()
-    nifti(folder / "normalised.nii.gz", (ct_volume().astype(np.float32) + 1000) / 1400)
     oblique = np.diag([-1.0, 1.0, 3.0, 1.0])
     c, s = np.cos(np.radians(20)), np.sin(np.radians(20))
     oblique[:2, :2] = [[-c, -s], [-s, c]]
     nifti(folder / "oblique.nii.gz", ct_volume(), oblique)
     nifti(folder / "thin.nii.gz", ct_volume((40, 40, 5)))
-    nifti(folder / "spacing.nii.gz", ct_volume(), np.diag([-5.0, 5.0, 20.0, 1.0]))
+    nifti(folder / "spacing.nii.gz", ct_volume(), np.diag([-5.0, 5.0, 25.0, 1.0]))
     clf = Classifier.load(checkpoint, device="cpu")
     results = {Path(p.path).name: p for p in clf.predict_many(find_inputs(folder))}
     expected = {
-        "normalised.nii.gz": "do not look like HU",
         "oblique.nii.gz": "oblique",
         "thin.nii.gz": "very few slices",
-        "spacing.nii.gz": "unusual spacing",
+        "spacing.nii.gz": "implausible voxel spacing",
     }
     for name, fragment in expected.items():
         pred = results[name]
@@ -110,9 +109,34 @@ def test_qc_warnings_still_classify(tmp_path, checkpoint):
         assert any(fragment in w for w in pred.warnings), (name, pred.warnings)
 
 
-def test_check_values_accepts_ct_and_flags_8bit():
+def test_check_values_accepts_ct():
     assert check_values(ct_volume().astype(np.float32)) == []
-    assert "do not look like HU" in check_values(np.arange(0, 255, dtype=np.float32))[0]
+
+
+@pytest.mark.parametrize(
+    ("make", "reason"),
+    [
+        pytest.param(lambda ct: (ct.clip(-1000, 400) + 1000) / 1400, "not CT in Hounsfield",
+                     id="normalised-0-1"),
+        pytest.param(lambda ct: (ct - ct.mean()) / ct.std(), "not CT in Hounsfield", id="z-scored"),
+        pytest.param(lambda ct: np.round((ct.clip(-1000, 400) + 1000) / 1400 * 255),
+                     "not CT in Hounsfield", id="8-bit"),
+        pytest.param(lambda ct: ct + 1024, "not CT in Hounsfield", id="no-rescale-intercept"),
+        pytest.param(lambda ct: (ct < -500).astype(np.float32), "label map or mask", id="mask"),
+        pytest.param(lambda ct: np.digitize(ct, [-500, 0, 200]).astype(np.float32) * 10,
+                     "label map or mask", id="label-map"),
+    ],
+)  # fmt: skip
+def test_input_that_is_not_ct_in_hu_is_refused(tmp_path, checkpoint, make, reason):
+    """Issue 21: a mask, a normalised, z-scored or 8-bit volume is a failed row with the reason,
+    never a probability (each of these was once "100.00 percent confident ... abnormal")."""
+    volume = make(ct_volume().astype(np.float32))
+    with pytest.raises(ScanError, match=reason):
+        check_values(volume)
+    path = nifti(tmp_path / "x.nii.gz", volume.astype(np.float32))
+    pred = Classifier.load(checkpoint, device="cpu").predict(path)
+    assert not pred.ok and pred.prob_abnormal is None and reason in str(pred.error)
+    assert "percent confident" not in pred.sentence() and reason in pred.sentence()
 
 
 # --- DICOM ----------------------------------------------------------------------------------------
@@ -238,7 +262,8 @@ def test_cli_mixed_folder_report_and_saliency(real_ct, tmp_path, checkpoint, cap
         for n in ("cip_ct-64_chest.nii.gz", "cip_ct-64_chest_LAS.nii.gz", "dicom")
     }
     assert max(probs) - min(probs) < 1e-5
-    assert "do not look like HU" in by_name["niivue-images_CT_AVM.nii.gz"]["warnings"]
+    avm = by_name["niivue-images_CT_AVM.nii.gz"]  # uint8 x 2.2: values 0..563, not HU
+    assert "not CT in Hounsfield units" in avm["error"] and not avm["prob_abnormal"]
     assert json.loads((out / "predictions.json").read_text())[0].keys() >= {
         "path",
         "prob_abnormal",
@@ -247,13 +272,14 @@ def test_cli_mixed_folder_report_and_saliency(real_ct, tmp_path, checkpoint, cap
         "error",
     }
     html = (out / "report.html").read_text()
-    assert html.count("<tr class=") == 6 and html.count("data:image/png;base64,") == 10
+    # 4 classified scans, each with a montage and a saliency map; the 2 failed rows have none
+    assert html.count("<tr class=") == 6 and html.count("data:image/png;base64,") == 8
     # the report names the model (checkpoint, threshold) and the date; pictures open full size
     assert (
         f"<b>Model:</b> {checkpoint}" in html and "threshold" in html and "<b>Date:</b> 20" in html
     )
-    assert html.count('tabindex="0"') == 10 and "img:focus" in html
-    assert len(list((out / "saliency").glob("*.png"))) == 5
+    assert html.count('tabindex="0"') == 8 and "img:focus" in html
+    assert len(list((out / "saliency").glob("*.png"))) == 4
     assert "percent confident that CT scan is normal" in capsys.readouterr().out
 
 
@@ -606,16 +632,68 @@ def test_dicom_claims_are_bounded_before_reading(tmp_path, checkpoint, fields, m
     assert not pred.ok and message in pred.error
 
 
-@pytest.mark.parametrize(("lung_slices", "warned"), [(4, True), (5, False), (20, False)])
-def test_lung_warning_below_a_quarter_of_the_slices(lung_slices, warned):
-    """README: a warning when lung-density air inside the body is in under 25% of the slices."""
+@pytest.mark.parametrize(
+    ("slices", "lung_slices", "thickness", "warned"),
+    [
+        (20, 4, 5.0, True),  # lung in 20% of the slices, over 20 mm
+        (20, 5, 5.0, False),  # in 25%
+        (20, 20, 5.0, False),
+        (100, 20, 5.0, False),  # in 20%, but over 100 mm: a chest-abdomen-pelvis CT
+        (100, 15, 5.0, True),  # in 15%, over 75 mm
+    ],
+)
+def test_lung_warning_below_a_quarter_of_the_slices_and_80_mm(
+    slices, lung_slices, thickness, warned
+):
+    """README: "not a chest CT?" when lung is in under 25% of the axial slices and spans under
+    80 mm (a chest CT that also covers the abdomen holds lung in few slices, over many mm)."""
     from app.inference.scanqc import check_values
 
-    vol = np.full((64, 64, 20), -1000.0)
+    vol = np.full((64, 64, slices), -1000.0)
     vol[8:56, 8:56, :] = 40.0  # a body in every slice
     vol[16:30, 16:48, :lung_slices] = -850.0  # lungs in the first slices only
-    warnings = check_values(vol, np.diag([0.8, 0.8, 5.0, 1.0]))
-    assert any("little or no lung" in w for w in warnings) == warned, warnings
+    warnings = check_values(vol, np.diag([0.8, 0.8, thickness, 1.0]))
+    assert any("not a chest CT?" in w for w in warnings) == warned, warnings
+
+
+def test_sentence_carries_the_warnings():
+    """Issue 21: the README's Python example prints ``sentence()``; it must not drop warnings."""
+    from app.inference.classifier import Prediction
+
+    pred = Prediction("a.nii.gz", 0.25, "normal", warnings=["very few slices (3)", "x"])
+    assert pred.sentence().endswith("-> normal  [warning: very few slices (3); x]")
+    assert "[warning" not in Prediction("b.nii.gz", 0.25, "normal").sentence()
+
+
+def _qc_corpus():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("qc_corpus", REPO / "benchmarks" / "qc_corpus.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["qc_corpus"] = module  # its dataclass looks its module up
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_qc_corpus_no_chest_ct_called_not_chest_every_other_input_caught(real_ct, tmp_path):
+    """docs/reliability.md's table: on the labelled corpus (the shared real files, generated
+    scans, inputs made from the real chest CT), no chest CT is warned "not a chest CT?" or
+    refused, every non-chest CT is warned or refused, every non-HU input is refused as such."""
+    qc = _qc_corpus()
+    rows = qc.run_checks(qc.build(real_ct.parent.parent, tmp_path))
+    assert len(rows) >= 30
+    for row in rows:
+        item, flags, refused = row["item"], row["flags"], row["refused"]
+        if item.truth == "chest":
+            assert not refused and not flags["not chest"] and not flags["not HU"], (item, row)
+        elif item.truth == "not-chest":
+            assert refused or flags["not chest"], (item, row)
+            assert not flags["not HU"], (item, row)
+        else:
+            assert refused and flags["not HU"], (item, row)
+        if item.origin == "generated":  # in the training scans' spacing range: no warning
+            assert not flags["spacing"] or "512x512" in item.name, (item, row)
+    assert "| not chest | 4 | 4 | 0" in qc.table(rows)
 
 
 @pytest.mark.parametrize(
@@ -808,3 +886,17 @@ def test_test_time_augmentation_averages_the_scan_and_its_mirror(tmp_path, check
     assert json.loads((out / "predictions.json").read_text())[0]["tta_spread"] is not None
     assert infer_main([*command, "--precision", "fp32"]) == 2  # without --tta: another model
     assert "another model or setting" in capsys.readouterr().err
+
+
+def test_unreadable_dicom_series_names_the_file_and_the_problem(real_ct, tmp_path, checkpoint):
+    """Issue 21: it said "RuntimeError: applying transform <monai...LoadImaged object at 0x...>"."""
+    folder = tmp_path / "series"
+    shutil.copytree(real_ct / "cip_ct-64_dicom", folder)
+    bad = sorted(folder.iterdir())[39]
+    bad.chmod(0o644)
+    data = bad.read_bytes()
+    bad.write_bytes(data[:-3000])  # pixel data cut short; the header still reads
+    pred = Classifier.load(checkpoint, device="cpu").predict(folder)
+    assert not pred.ok and pred.prob_abnormal is None
+    assert f"DICOM file {bad.name}" in pred.error and "pixel data" in pred.error, pred.error
+    assert "object at 0x" not in pred.error and "applying transform" not in pred.error

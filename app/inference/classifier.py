@@ -79,13 +79,14 @@ class Prediction:
         return self.error is None
 
     def sentence(self) -> str:
-        """The reference's console line, for both classes."""
+        """The reference's console line, for both classes, with the scan's QC warnings."""
         if self.prob_abnormal is None:
             return f"{self.path}: error: {self.error}"
         p = self.prob_abnormal
+        note = f"  [warning: {'; '.join(self.warnings)}]" if self.warnings else ""
         return (
             f"{self.path}: This model is {100 * (1 - p):.2f} percent confident that CT scan is normal "
-            f"and {100 * p:.2f} percent that it is abnormal -> {self.label}"
+            f"and {100 * p:.2f} percent that it is abnormal -> {self.label}{note}"
         )
 
 
@@ -249,7 +250,10 @@ class ScanPreparer:
                 with tempfile.TemporaryDirectory(prefix="ctclassify-series-") as folder:
                     for i, name in enumerate(scan.files):
                         os.symlink(os.path.abspath(name), os.path.join(folder, f"{i:05d}.dcm"))
-                    loaded = self.load({self.key: folder})
+                    try:
+                        loaded = self.load({self.key: folder})
+                    except Exception as exc:
+                        raise ScanError(dicom_problem(scan.files, exc)) from exc
             volume = loaded[self.key]
             affine = getattr(volume, "affine", None)
             result["warnings"] += check_values(
@@ -266,6 +270,32 @@ class ScanPreparer:
         return result
 
 
+def _root_cause(exc: BaseException) -> BaseException:
+    """The innermost exception of a chain (MONAI wraps a reader's error in "applying transform
+    <...LoadImaged object at 0x...>", which names no file and no problem)."""
+    seen = {id(exc)}
+    while (inner := exc.__cause__ or exc.__context__) is not None and id(inner) not in seen:
+        seen.add(id(inner))
+        exc = inner
+    return exc
+
+
+def dicom_problem(files: Sequence[str], exc: BaseException) -> str:
+    """One line naming the DICOM file that cannot be read and why (each file's pixels are
+    decoded with pydicom until one fails), else the series and the reader's own reason."""
+    import pydicom
+
+    for name in files:
+        try:
+            pydicom.dcmread(name).pixel_array  # noqa: B018  (decoding is the check)
+        except Exception as bad:  # pydicom raises many types for damaged files
+            reason = " ".join(str(bad).split())[:200] or type(bad).__name__
+            return f"cannot read DICOM file {Path(name).name} of the series: {reason}"
+    inner = _root_cause(exc)
+    reason = " ".join(str(inner).split())[:200] or type(inner).__name__
+    return f"cannot read the DICOM series ({len(files)} files): {type(inner).__name__}: {reason}"
+
+
 def _describe(exc: BaseException) -> str:
     """One line for an unexpected reader error, naming the usual causes."""
     import gzip
@@ -275,8 +305,9 @@ def _describe(exc: BaseException) -> str:
     for e in chain:
         if isinstance(e, (EOFError, zlib.error, gzip.BadGzipFile)):
             return f"truncated or corrupt gzip ({e or type(e).__name__})"
-    text = " ".join(str(exc).split())
-    return f"cannot read the scan: {type(exc).__name__}: {text[:200]}"
+    inner = _root_cause(exc)
+    text = " ".join(str(inner).split())
+    return f"cannot read the scan: {type(inner).__name__}: {text[:200]}"
 
 
 class _InputDataset(torch.utils.data.Dataset):

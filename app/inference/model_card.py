@@ -95,7 +95,7 @@ class ModelCard:
             scored = f"{where}: {', '.join(parts)}"
         else:
             scored = "validation metrics not recorded"
-        return f"{self.checkpoint}: {trained}; {scored}; threshold {self.threshold}"
+        return f"{self.checkpoint}: {trained}; {scored}; threshold {self.threshold:g}"
 
     def caveats(self) -> list[str]:
         """Warnings about the model itself, for the console (not per scan)."""

@@ -32,7 +32,7 @@ def write_report(
     body = []
     for r in rows:
         prob = r.get("prob_abnormal") or ""
-        pct = f"{100 * float(prob):.1f}%" if prob else ""
+        pct = f"{100 * float(prob):.2f}%" if prob else ""  # as the console prints it
         folds = parse_fold_probs(r.get("fold_probs") or "")
         if folds and prob:  # an ensemble: what each fold model said
             spread = " / ".join(f"{100 * f:.1f}" for f in folds)

@@ -101,10 +101,23 @@ def training_warnings(
     return warnings
 
 
+#: voxel spacings (mm) outside which a header is taken for wrong (units, a placeholder of 1 mm
+#: on a resampled array is not caught: it is plausible): a CT's voxels lie well inside
+PLAUSIBLE_SPACING = (0.1, 20.0)
+
+
 def geometry_warnings(
-    shape: Sequence[int], zooms: Sequence[float], affine: np.ndarray
+    shape: Sequence[int],
+    zooms: Sequence[float],
+    affine: np.ndarray,
+    training: TrainingContext | None = None,
 ) -> list[str]:
-    """QC warnings from a scan's geometry: very few slices, oblique axes, unusual spacing."""
+    """QC warnings from a scan's geometry: very few slices, oblique axes, implausible spacing.
+
+    The spacing is compared with the model's training scans where ``training`` records them
+    (:func:`training_warnings`); without that record, only a spacing no CT has (below 0.1 or
+    above 20 mm: wrong units?) is warned about, so one scan never carries two spacing warnings.
+    """
     warnings = []
     slices = int(min(shape[:3]))
     if slices < 16:
@@ -112,11 +125,11 @@ def geometry_warnings(
     angle = _oblique_degrees(affine)
     if angle > 1.0:
         warnings.append(f"oblique affine ({angle:.1f} degrees off the scanner axes)")
-    in_plane = sorted(float(z) for z in zooms[:3])[:2]
-    thickest = max(float(z) for z in zooms[:3])
-    if not (min(in_plane) >= 0.3 and max(in_plane) <= 2.0) or not (0.3 <= thickest <= 10.0):
+    known = training is not None and bool(training.spacing_min and training.spacing_max)
+    low, high = PLAUSIBLE_SPACING
+    if not known and not all(low <= float(z) <= high for z in zooms[:3]):
         spacing = " x ".join(f"{float(z):.3g}" for z in zooms[:3])
-        warnings.append(f"unusual spacing ({spacing} mm)")
+        warnings.append(f"implausible voxel spacing ({spacing} mm): wrong units in the header?")
     return warnings
 
 
@@ -178,7 +191,7 @@ def check_nifti_header(
     zooms = [float(z) for z in header.get_zooms()[:3]]
     if not all(np.isfinite(z) and z > 0 for z in zooms):
         raise ScanError(f"invalid voxel spacing {zooms} in the header")
-    return geometry_warnings(shape, zooms, img.affine) + training_warnings(
+    return geometry_warnings(shape, zooms, img.affine, training) + training_warnings(
         zooms, is_generated(header), training
     )
 
@@ -269,24 +282,44 @@ def check_dicom_series(
     affine[:3, 1] = orientations[0][3:] * pixel[0]
     affine[:3, 2] = normal * median
     zooms = (pixel[1], pixel[0], median)
-    return geometry_warnings((cols, rows, len(headers)), zooms, affine) + training_warnings(
-        zooms, False, training
-    )
+    warnings = geometry_warnings((cols, rows, len(headers)), zooms, affine, training)
+    return warnings + training_warnings(zooms, False, training)
+
+
+#: a volume without air and with at most this many distinct values (in a sample of the voxels)
+#: is named a label map or mask
+MASK_VALUES = 16
+#: every CT in Hounsfield units holds air (about -1000) or lung (-950 to -700) somewhere
+AIR_OR_LUNG_HU = -500.0
 
 
 def check_values(volume: np.ndarray, affine: np.ndarray | None = None) -> list[str]:
-    """Refuse non-finite voxels; warn when values do not look like Hounsfield units, and (given
-    the volume's ``affine``, to find its axial slices) when the scan holds little or no lung."""
+    """Refuse what is not CT in Hounsfield units; warn about a scan with little lung.
+
+    Refused (a :class:`ScanError`, so the scan becomes a failed row and never a probability):
+    non-finite voxels; a volume with nothing at or below :data:`AIR_OR_LUNG_HU` (no air, no
+    lung: normalised, 8-bit, z-scored, stored without its rescale intercept, or a label map or
+    mask, named as such when it holds at most :data:`MASK_VALUES` distinct values). Given the volume's ``affine`` (to find
+    its axial slices), a scan with little or no lung is warned about (:func:`lung_warnings`).
+    """
     finite = np.isfinite(volume)
     if not finite.all():
         raise ScanError(f"{int((~finite).sum()):,} voxels are NaN or infinite")
-    low = float(volume.min())
-    high = float(volume.max())
-    if low > -900 or float((volume < -900).mean()) < 0.01:
-        return [
-            f"values do not look like HU (range {low:.4g}..{high:.4g}, no air near -1000): "
-            "already normalised or 8-bit data? the model expects HU"
-        ]
+    low, high = float(volume.min()), float(volume.max())
+    if low > AIR_OR_LUNG_HU:
+        flat = np.asarray(volume).ravel()
+        distinct = np.unique(flat[:: max(1, flat.size // 1_000_000)])
+        if len(distinct) <= MASK_VALUES:
+            shown = ", ".join(f"{v:.4g}" for v in distinct[:6])
+            raise ScanError(
+                f"a label map or mask ({len(distinct)} distinct values: {shown}"
+                f"{', ...' if len(distinct) > 6 else ''}), not CT in Hounsfield units"
+            )
+        raise ScanError(
+            f"not CT in Hounsfield units: values {low:.4g}..{high:.4g}, nothing at or below "
+            f"{AIR_OR_LUNG_HU:.0f} (no air, no lung): normalised, 8-bit, or stored without its "
+            "rescale intercept? give the scan in HU"
+        )
     return lung_warnings(volume, affine) if affine is not None else []
 
 
@@ -294,25 +327,31 @@ def check_values(volume: np.ndarray, affine: np.ndarray | None = None) -> list[s
 LUNG_HU = -500.0
 #: a slice "holds lung" when air inside the body covers this share of the body's cross-section
 LUNG_AREA_FRACTION = 0.10
-#: warn when fewer of the scan's slices than this share hold lung
+#: a scan is taken for a chest CT when this share of its axial slices hold lung ...
 LUNG_SLICE_FRACTION = 0.25
+#: ... or when the slices holding lung span this many millimetres (a chest CT that also covers
+#: the abdomen and pelvis holds lung in few of its slices, but over 10 cm or more; lungs are
+#: 20-30 cm tall)
+LUNG_EXTENT_MM = 80.0
 
 
-def lung_slice_fraction(volume: np.ndarray, affine: np.ndarray) -> float:
-    """Share of axial slices with lung-density air inside the body.
+def lung_slices(volume: np.ndarray, affine: np.ndarray) -> tuple[int, int, float]:
+    """(axial slices holding lung, axial slices, slice spacing in mm).
 
     The body of each axial slice (the voxel axis closest to the world's S/I axis) is the region
-    above -500 HU with its holes filled; air inside it is lung, airway or bowel gas. Slices are
-    subsampled in-plane to about 64 x 64 voxels: a coarse measure, robust to noise.
+    above -500 HU with its holes filled; a slice holds lung when air inside the body covers at
+    least :data:`LUNG_AREA_FRACTION` of it (lung, airway or bowel gas). Slices are subsampled
+    in-plane to about 64 x 64 voxels: a coarse measure, robust to noise.
     """
     from scipy import ndimage
 
     vol = np.asarray(volume)
     vol = vol.reshape(vol.shape[-3:]) if vol.ndim == 4 and vol.shape[0] == 1 else vol
     if vol.ndim != 3:
-        return 1.0
+        return 1, 1, 0.0
     rot = np.asarray(affine, dtype=float)[:3, :3]
     axis = int(np.argmax(np.abs(rot[2])))
+    spacing = float(np.linalg.norm(rot[:, axis]))
     slices = np.moveaxis(vol, axis, 0)
     step = max(1, max(slices.shape[1:]) // 64)
     slices = slices[:, ::step, ::step]
@@ -325,14 +364,19 @@ def lung_slice_fraction(volume: np.ndarray, affine: np.ndarray) -> float:
             continue
         if (body & ~tissue).sum() >= LUNG_AREA_FRACTION * area:
             with_lung += 1
-    return with_lung / max(len(slices), 1)
+    return with_lung, len(slices), spacing
 
 
 def lung_warnings(volume: np.ndarray, affine: np.ndarray) -> list[str]:
-    fraction = lung_slice_fraction(volume, affine)
-    if fraction < LUNG_SLICE_FRACTION:
+    """ "Not a chest CT?" when lung is in fewer than :data:`LUNG_SLICE_FRACTION` of the axial
+    slices and spans less than :data:`LUNG_EXTENT_MM` (measured on ``benchmarks/qc_corpus.py``:
+    ``docs/reliability.md``)."""
+    found, total, spacing = lung_slices(volume, affine)
+    fraction = found / max(total, 1)
+    extent = found * spacing
+    if fraction < LUNG_SLICE_FRACTION and extent < LUNG_EXTENT_MM:
         return [
-            f"little or no lung: lung-density air inside the body in {100 * fraction:.0f}% of the "
-            "axial slices; not a chest CT? the model was made for chest CT"
+            f"little or no lung (in {found} of {total} axial slices, {extent:.0f} mm): not a "
+            "chest CT? the model was made for chest CT"
         ]
     return []

@@ -257,9 +257,11 @@ def write_out_of_fold(
         # app.evaluate on new scans (docs/evaluation.md: the shift a sensitivity target sees)
         "threshold_basis": "out-of-fold probabilities of single fold models",
         "temperature": temperature,
-        # the same cut on the temperature-scaled probabilities (the scaling is monotone)
+        # the same cut on the temperature-scaled probabilities (the scaling is monotone), the
+        # one threshold app.infer, app.evaluate and the bundle use and print: to 4 decimals, so
+        # that it reads the same as a percentage to 2 (the console's P(abnormal))
         "threshold_calibrated": round(
-            1 / (1 + math.exp(-float(logits_of(np.array([threshold]))[0]) / temperature)), 6
+            1 / (1 + math.exp(-float(logits_of(np.array([threshold]))[0]) / temperature)), 4
         ),
         "scans": len(ok),
         "failed": len(rows) - len(ok),

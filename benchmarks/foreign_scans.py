@@ -1,0 +1,161 @@
+"""Scans from a generator that shares no code with ``app.data.synth``: a check on overfitting to it.
+
+    python benchmarks/foreign_scans.py OUT --per-class 60 --seed 0 [--confounded]
+
+The pretrained network and the recipe were chosen on the project's own generator; a recipe tuned
+to one generator can fail on another. This one is written apart from it, on purpose different in
+every choice it makes: RAS storage (not LAS), uint16 with a -1024 intercept (not int16), 2.5-mm
+pixels and 6-mm slices on a 128x128x48 grid, lungs as z-tapered superellipses, a heart, ribs as
+dots, findings as thresholded smoothed noise inside an ellipsoid (small, faint ground-glass
+patches, about -600 HU at their centre, soft edges), no consolidation. ``--confounded [S]`` (strength S, 0..1; alone 1) adds what
+defeats a lung histogram: gravity-dependent density (up to +250 HU posteriorly, per scan, either
+class), many blurred vessels (partial volume at their edges falls in the ground-glass range),
+expiration (the whole lung +0..+150 HU) and blur.
+
+Writes ``OUT/CT-0`` (normal), ``OUT/CT-23`` (abnormal) and ``OUT/masks`` (each abnormal scan's
+lesion mask, for ``benchmarks/pointing.py``).
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+from scipy import ndimage
+
+SHAPE = (128, 128, 48)
+SPACING = (2.5, 2.5, 6.0)
+
+
+def _body(rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Returns (HU volume without findings, lung mask, posterior coordinate in [0, 1])."""
+    nx, ny, nz = SHAPE
+    x = (np.arange(nx) - nx / 2 + 0.5)[:, None, None] * SPACING[0]
+    y = (np.arange(ny) - ny / 2 + 0.5)[None, :, None] * SPACING[1]
+    z = np.linspace(0.0, 1.0, nz)[None, None, :]
+    vol = np.full(SHAPE, -1000.0, np.float32)
+    # RAS: x grows to the left of the patient, y anterior; the body is wider than deep
+    ax, ay = rng.uniform(135, 155), rng.uniform(95, 115)
+    body = (x / ax) ** 2 + (y / ay) ** 2 <= 1.0
+    fat = (x / (ax - 12)) ** 2 + (y / (ay - 10)) ** 2 > 1.0
+    vol[np.broadcast_to(body, SHAPE)] = 45.0
+    vol[np.broadcast_to(body & fat, SHAPE)] = -95.0
+    taper = np.clip(np.sin(np.pi * (0.12 + 0.85 * z)), 0.15, 1.0)  # apex and base smaller
+    lungs = np.zeros(SHAPE, bool)
+    for side in (-1, 1):
+        cx, cy = side * rng.uniform(52, 62), rng.uniform(-12, -2)
+        rx, ry = rng.uniform(36, 44) * taper, rng.uniform(62, 74) * taper
+        p = rng.uniform(2.2, 3.0)  # superellipse exponent
+        lungs |= (np.abs((x - cx) / rx) ** p + np.abs((y - cy) / ry) ** p) <= 1.0
+    heart = ((x - 12) / 48) ** 2 + ((y - 18) / 40) ** 2 + ((z - 0.25) / 0.3) ** 2 <= 1.0
+    lungs &= ~np.broadcast_to(heart, SHAPE)
+    vol[lungs] = rng.uniform(-880, -830)
+    vol[np.broadcast_to(heart, SHAPE) & np.broadcast_to(body, SHAPE)] = 38.0
+    spine = (x / 16) ** 2 + ((y + ay - 30) / 16) ** 2 <= 1.0
+    vol[np.broadcast_to(spine, SHAPE)] = 420.0
+    for angle in np.linspace(0.2, np.pi - 0.2, 9):  # ribs: dense dots just inside the fat
+        for s in (-1, 1):
+            rx_, ry_ = (
+                (ax - 16) * np.cos(angle) * s,
+                (ay - 14) * np.sin(angle) * rng.choice([-1, 1]),
+            )
+            vol[np.broadcast_to(((x - rx_) ** 2 + (y - ry_) ** 2) <= 36, SHAPE)] = 650.0
+    post = np.broadcast_to(np.clip((-y + 80) / 160, 0, 1), SHAPE).astype(np.float32)
+    return vol, lungs, post
+
+
+def _lesion(rng: np.random.Generator, lungs: np.ndarray) -> np.ndarray:
+    """A soft lesion weight (0..1) at a random lung voxel."""
+    idx = np.argwhere(ndimage.binary_erosion(lungs, iterations=2))
+    c = idx[rng.integers(len(idx))]
+    r_mm = rng.uniform(8, 16)
+    r = np.array([r_mm / SPACING[0], r_mm / SPACING[1], max(r_mm / SPACING[2], 1.0)])
+    lo = np.maximum(c - np.ceil(2 * r).astype(int), 0)
+    hi = np.minimum(c + np.ceil(2 * r).astype(int) + 1, SHAPE)
+    sl = tuple(slice(a, b) for a, b in zip(lo, hi, strict=True))
+    grid = np.meshgrid(*[np.arange(a, b) for a, b in zip(lo, hi, strict=True)], indexing="ij")
+    ell = sum(((g - cc) / rr) ** 2 for g, cc, rr in zip(grid, c, r, strict=True))
+    noise = ndimage.gaussian_filter(rng.standard_normal(ell.shape), 1.2)
+    shape = (noise > -0.15) & (ell <= 1.0)
+    w = np.zeros(SHAPE, np.float32)
+    w[sl] = ndimage.gaussian_filter(shape.astype(np.float32), 0.8)
+    return w * lungs
+
+
+def _vessels(rng: np.random.Generator, lungs: np.ndarray, n: int) -> np.ndarray:
+    w = np.zeros(SHAPE, np.float32)
+    idx = np.argwhere(lungs)
+    for _ in range(n):
+        p = idx[rng.integers(len(idx))].astype(float)
+        d = rng.standard_normal(3)
+        for _ in range(int(rng.integers(8, 30))):
+            d = d + 0.4 * rng.standard_normal(3)
+            d /= np.linalg.norm(d) + 1e-6
+            p = p + d * np.array([1.5, 1.5, 0.6])
+            i = np.round(p).astype(int)
+            if np.any(i < 0) or np.any(i >= SHAPE):
+                break
+            w[tuple(i)] = 1.0
+    w = ndimage.grey_dilation(w, size=(2, 2, 1))
+    return ndimage.gaussian_filter(w, (0.9, 0.9, 0.4)) * lungs
+
+
+def scan(
+    rng: np.random.Generator, abnormal: bool, confounded: float
+) -> tuple[np.ndarray, np.ndarray]:
+    vol, lungs, post = _body(rng)
+    if confounded:
+        c = confounded
+        vol += lungs * (rng.uniform(0.2, 1.0) * 250.0 * c * post**1.5)  # dependent density
+        vol += lungs * rng.uniform(0, 150 * c)  # expiration
+        v = _vessels(rng, lungs, int(rng.integers(40, 120) * c))
+        vol = vol + v * (40.0 - vol) * 0.9
+    mask = np.zeros(SHAPE, bool)
+    if abnormal:
+        for _ in range(int(rng.integers(2, 5))):
+            w = _lesion(rng, lungs)
+            hu = rng.uniform(-640, -560)
+            vol = vol + w * (hu - vol).clip(min=0)
+            mask |= w > 0.5
+    vol = ndimage.gaussian_filter(vol, 0.6 + 0.4 * confounded)
+    vol += rng.normal(0, rng.uniform(12, 25), SHAPE)
+    return vol, mask
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("out", type=Path)
+    p.add_argument("--per-class", type=int, default=60)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--confounded",
+        type=float,
+        default=0.0,
+        nargs="?",
+        const=1.0,
+        help="strength of the confounders, 0..1 (alone: 1)",
+    )
+    args = p.parse_args()
+    affine = np.diag([*SPACING, 1.0])
+    for label, folder in ((0, "CT-0"), (1, "CT-23")):
+        (args.out / folder).mkdir(parents=True, exist_ok=True)
+        for i in range(args.per_class):
+            rng = np.random.default_rng([args.seed, label, i, 7331])
+            vol, mask = scan(rng, bool(label), args.confounded)
+            stored = np.clip(np.round(vol + 1024), 0, 4095).astype(np.uint16)
+            img = nib.Nifti1Image(stored, affine)
+            img.header.set_slope_inter(1.0, -1024.0)
+            name = f"f{args.seed}_{label}_{i:03d}.nii.gz"
+            nib.save(img, str(args.out / folder / name))
+            if label:
+                (args.out / "masks").mkdir(exist_ok=True)
+                nib.save(
+                    nib.Nifti1Image(mask.astype(np.uint8), affine), str(args.out / "masks" / name)
+                )
+    print(f"wrote {2 * args.per_class} scans to {args.out}")
+
+
+if __name__ == "__main__":
+    main()
