@@ -47,6 +47,8 @@ def scan_settings(settings: dict[str, Any], index: int) -> dict[str, Any]:
     }
     if "hila" in settings:  # drawn last: the draws above stay those of earlier versions
         out["hila"] = float(rng.uniform(*settings["hila"]))
+    if "trees" in settings:  # after hila, for the same reason
+        out["trees"] = float(rng.uniform(*settings["trees"]))
     return out
 
 

@@ -65,6 +65,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="0 (default) to 1: large hilar vessels in both classes, as real CT has them",
     )
     sy.add_argument(
+        "--trees",
+        type=float,
+        default=0.0,
+        help="0 (default) to 1: 3D vessel trees with partial volume in both classes (up to 6 "
+        "per lung at 1)",
+    )
+    sy.add_argument(
         "--masks",
         action="store_true",
         help="also write each scan's lesion mask (uint8 NIfTI, same grid) to OUT/masks/",
@@ -105,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
             if not 0 <= args.difficulty <= 1:
                 print("error: --difficulty must be in [0, 1]", file=sys.stderr)
                 return 2
-            for name in ("confounders", "shift", "hila"):
+            for name in ("confounders", "shift", "hila", "trees"):
                 if not 0 <= getattr(args, name) <= 1:
                     print(f"error: --{name} must be in [0, 1]", file=sys.stderr)
                     return 2
@@ -120,6 +127,7 @@ def main(argv: list[str] | None = None) -> int:
                 confounders=args.confounders,
                 shift=args.shift,
                 hila=args.hila,
+                trees=args.trees,
             )
             print(f"wrote {len(items)} scans to {args.out}")
     except CTClassifyError as exc:
