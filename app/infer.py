@@ -19,6 +19,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from app.bundle.portable.scanqc import Limits
 from app.cli import (
     add_device_option,
     add_precision_option,
@@ -27,7 +28,6 @@ from app.cli import (
     count,
     show_progress,
 )
-from app.inference.scanqc import Limits
 
 
 def build_parser() -> argparse.ArgumentParser:

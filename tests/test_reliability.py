@@ -22,9 +22,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from app.bundle.portable.files import atomic_write_text
+from app.bundle.portable.scanqc import Limits
 from app.bundle.portable.scans import find_inputs
 from app.inference.classifier import Classifier, ScanPreparer
-from app.inference.scanqc import Limits
 from app.run_folder import latest_checkpoint
 
 SMALL = [

@@ -18,6 +18,8 @@ import nibabel as nib
 import numpy as np
 from scipy import ndimage
 
+from app.bundle.portable.scanqc import GENERATED_DESCRIP, is_generated  # noqa: F401  (one place: the bundle checks it too)
+
 CLASS_FOLDERS = {0: "CT-0", 1: "CT-23"}
 SLICE_MM = 8.0
 
@@ -215,16 +217,16 @@ def _add_vessel_trees(
         if not points:
             continue
         line = np.zeros(volume.shape, dtype=bool)
-        radius = np.zeros(volume.shape, dtype=np.float32)
-        for p, r in points:
-            i = np.round(p).astype(int)
-            if np.all(i >= 0) and np.all(i < volume.shape) and r > radius[tuple(i)]:
-                line[tuple(i)] = True
-                radius[tuple(i)] = r
+        radii = np.zeros(volume.shape, dtype=np.float32)
+        for centre, rad in points:
+            i = tuple(np.round(centre).astype(int))
+            if all(0 <= a < n for a, n in zip(i, volume.shape, strict=True)) and rad > radii[i]:
+                line[i] = True
+                radii[i] = rad
         if not line.any():
             continue
         dist, nearest = ndimage.distance_transform_edt(~line, sampling=step, return_indices=True)
-        r_near = radius[tuple(nearest)]
+        r_near = radii[tuple(nearest)]
         share = np.maximum(share, np.clip((r_near - dist) / min(step) + 0.5, 0, 1))
     share *= lungs
     texture = rng.normal(0, noise_hu, volume.shape).astype(np.float32)
@@ -389,8 +391,6 @@ def _add_lungs(
     return sl, in_lungs
 
 
-#: ``descrip`` of every generated file: how training and inference tell generated scans apart
-GENERATED_DESCRIP = "ctclassify synth"
 #: suffix of a scan being written: matches no scan pattern (and starts with a dot)
 PARTIAL_SUFFIX = ".partial"
 
@@ -423,15 +423,6 @@ def save_scan(scan: SynthScan, path: str | Path) -> None:
         f.flush()
         os.fsync(f.fileno())
     tmp.replace(path)
-
-
-def is_generated(header: Any) -> bool:
-    """Whether a NIfTI header is one that :func:`save_scan` wrote."""
-    try:
-        descrip = bytes(header["descrip"]).split(b"\0", 1)[0].decode("ascii", "replace")
-    except (KeyError, TypeError, ValueError):
-        return False
-    return descrip.startswith(GENERATED_DESCRIP)
 
 
 def scan_seed(seed: int, index: int) -> int:

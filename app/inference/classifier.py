@@ -13,9 +13,6 @@ from __future__ import annotations
 
 import itertools
 import math
-import os
-import tempfile
-import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -27,17 +24,11 @@ import numpy as np
 import torch
 
 from app.bundle.portable.inferers import PRECISIONS, resolve_precision
+from app.bundle.portable.scanqc import Limits, TrainingContext
 from app.bundle.portable.scans import ScanInput, find_inputs
+from app.bundle.portable.screen import screen_scan, split_loading
 from app.errors import ConfigError, CTClassifyError
 from app.inference.model_card import ModelCard
-from app.inference.scanqc import (
-    Limits,
-    ScanError,
-    TrainingContext,
-    check_dicom_series,
-    check_nifti_header,
-    check_values,
-)
 from app.model_settings import MODEL_SETTINGS, SettingsError, validate_settings
 from app.run_folder import BEST_MODEL
 from nets.ensemble import MeanProbabilityEnsemble
@@ -204,7 +195,8 @@ def pick_device(device: str | torch.device = "auto") -> torch.device:
 
 
 class ScanPreparer:
-    """Checks and preprocesses one input; never raises (errors become part of the result).
+    """Checks and preprocesses one input; never raises (errors become part of the result:
+    :func:`app.bundle.portable.screen.screen_scan`, which an exported bundle runs too).
 
     Picklable and free of the network, so DataLoader workers can run it.
 
@@ -222,92 +214,16 @@ class ScanPreparer:
         image_key: str = "image",
         training: TrainingContext | None = None,
     ) -> None:
-        from monai.transforms import Compose, EnsureChannelFirstd, LoadImaged
-
-        transforms = list(preprocessing.transforms)
-        n_load = 0
-        while n_load < len(transforms) and isinstance(
-            transforms[n_load], (LoadImaged, EnsureChannelFirstd)
-        ):
-            n_load += 1
-        self.load = Compose(transforms[:n_load])
-        self.rest = Compose(transforms[n_load:])
+        self.load, self.rest = split_loading(preprocessing)
         self.limits = limits
         self.key = image_key
         self.training = training
 
     def __call__(self, scan: ScanInput) -> dict[str, Any]:
-        start = time.perf_counter()
-        result: dict[str, Any] = {"path": scan.key, "image": None, "warnings": [], "error": None}
-        try:
-            if scan.kind == "unreadable":
-                raise ScanError(scan.problem)
-            if scan.kind == "nifti":
-                result["warnings"] = check_nifti_header(scan.key, self.limits, self.training)
-                loaded = self.load({self.key: scan.key})
-            else:
-                result["warnings"] = check_dicom_series(scan.files, self.limits, self.training)
-                with tempfile.TemporaryDirectory(prefix="ctclassify-series-") as folder:
-                    for i, name in enumerate(scan.files):
-                        os.symlink(os.path.abspath(name), os.path.join(folder, f"{i:05d}.dcm"))
-                    try:
-                        loaded = self.load({self.key: folder})
-                    except Exception as exc:
-                        raise ScanError(dicom_problem(scan.files, exc)) from exc
-            volume = loaded[self.key]
-            affine = getattr(volume, "affine", None)
-            result["warnings"] += check_values(
-                np.asarray(volume), None if affine is None else np.asarray(affine)
-            )
-            result["image"] = torch.as_tensor(self.rest(loaded)[self.key])
-        except ScanError as exc:
-            result["error"] = str(exc)
-        except MemoryError:
-            result["error"] = "not enough memory to read this scan"
-        except Exception as exc:  # one bad file must never stop a folder
-            result["error"] = _describe(exc)
-        result["seconds"] = time.perf_counter() - start
+        result = screen_scan(scan, self.load, self.rest, self.limits, self.training, self.key)
+        if result["image"] is not None:
+            result["image"] = torch.as_tensor(result["image"])
         return result
-
-
-def _root_cause(exc: BaseException) -> BaseException:
-    """The innermost exception of a chain (MONAI wraps a reader's error in "applying transform
-    <...LoadImaged object at 0x...>", which names no file and no problem)."""
-    seen = {id(exc)}
-    while (inner := exc.__cause__ or exc.__context__) is not None and id(inner) not in seen:
-        seen.add(id(inner))
-        exc = inner
-    return exc
-
-
-def dicom_problem(files: Sequence[str], exc: BaseException) -> str:
-    """One line naming the DICOM file that cannot be read and why (each file's pixels are
-    decoded with pydicom until one fails), else the series and the reader's own reason."""
-    import pydicom
-
-    for name in files:
-        try:
-            pydicom.dcmread(name).pixel_array  # noqa: B018  (decoding is the check)
-        except Exception as bad:  # pydicom raises many types for damaged files
-            reason = " ".join(str(bad).split())[:200] or type(bad).__name__
-            return f"cannot read DICOM file {Path(name).name} of the series: {reason}"
-    inner = _root_cause(exc)
-    reason = " ".join(str(inner).split())[:200] or type(inner).__name__
-    return f"cannot read the DICOM series ({len(files)} files): {type(inner).__name__}: {reason}"
-
-
-def _describe(exc: BaseException) -> str:
-    """One line for an unexpected reader error, naming the usual causes."""
-    import gzip
-    import zlib
-
-    chain = [exc, *(e for e in (exc.__cause__, exc.__context__) if e is not None)]
-    for e in chain:
-        if isinstance(e, (EOFError, zlib.error, gzip.BadGzipFile)):
-            return f"truncated or corrupt gzip ({e or type(e).__name__})"
-    inner = _root_cause(exc)
-    text = " ".join(str(inner).split())
-    return f"cannot read the scan: {type(inner).__name__}: {text[:200]}"
 
 
 class _InputDataset(torch.utils.data.Dataset):

@@ -121,23 +121,16 @@ def find_inputs(root: str | Path) -> list[ScanInput]:
 
 
 def find_scans(root: str | Path) -> list[dict[str, str]]:
-    """:func:`find_inputs` as a MONAI datalist ``[{"image": path, "path": key}]`` for a bundle's
-    ``monai.bundle run``: NIfTI files, and DICOM series that fill a folder of their own (MONAI's
-    ``PydicomReader`` reads such a folder as one volume). What it cannot read this way (a folder
-    of several series, unreadable files) is logged as a warning, never dropped silently;
-    ``app.infer`` reads those too."""
-    import logging
-
+    """:func:`find_inputs` as a MONAI datalist ``[{"image": ..., "path": key, "problem": ...}]``
+    for a bundle's ``monai.bundle run``: every NIfTI file and DICOM series, each of several series
+    in one folder too (``path`` ``folder#SeriesUID``), and what cannot be read with its
+    ``problem``, so that each input gets a row (``screen.Screened`` turns a problem into a
+    failed row). Raises ``FileNotFoundError`` when ``root`` holds no input at all."""
     found = find_inputs(root)
+    if not found:
+        raise FileNotFoundError(f"no .nii/.nii.gz scan or DICOM series under {root}")
     items = []
     for scan in found:
-        if scan.kind == "nifti" or (scan.kind == "dicom" and "#" not in scan.key):
-            items.append({"image": scan.key, "path": scan.key})
-        else:
-            reason = scan.problem or "one of several DICOM series in one folder"
-            logging.getLogger("ctclassify.bundle").warning(
-                "skipped %s: %s (python -m app.infer reads it)", scan.key, reason
-            )
-    if not items:
-        raise FileNotFoundError(f"no .nii/.nii.gz scan or DICOM series under {root}")
+        image = scan.key.split("#", 1)[0] if scan.kind == "dicom" else scan.key
+        items.append({"image": image, "path": scan.key, "problem": scan.problem})
     return items

@@ -164,6 +164,8 @@ class PredictionWriter:
         self.pred_key = pred_key
         self.path_key = path_key
         self.csv: PredictionCSV | None = None
+        self.classified = 0
+        self.failed = 0
 
     def attach(self, engine: Any) -> None:
         from ignite.engine import Events
@@ -174,6 +176,7 @@ class PredictionWriter:
 
     def started(self, engine: Any) -> None:
         self.csv = PredictionCSV(self.path, fresh=True)
+        self.classified = self.failed = 0
 
     def write(self, engine: Any) -> None:
         assert self.csv is not None, "attach() first"
@@ -181,15 +184,28 @@ class PredictionWriter:
         paths = (
             [b[self.path_key] for b in batch] if isinstance(batch, list) else batch[self.path_key]
         )
-        for path, item in zip(paths, engine.state.output, strict=True):
+        items = batch if isinstance(batch, list) else [{} for _ in paths]
+        for path, item, inputs in zip(paths, engine.state.output, items, strict=True):
             prob = float(item[self.prob_key])
-            if not math.isfinite(prob):  # a failed scan with its reason, never a label
+            error = str(inputs.get("error") or "")  # screen.Screened: the scan's checks
+            if not error and not math.isfinite(prob):
                 error = "the model gave a non-finite probability (NaN or inf): no label"
-                self.csv.append(prediction_row(path, None, None, error=error))
+            warnings = [w for w in str(inputs.get("warnings") or "").split("; ") if w]
+            if error:  # a failed scan with its reason, never a probability
+                self.csv.append(prediction_row(path, None, None, warnings, error=error))
+                self.failed += 1
                 continue
             label = self.class_names[int(float(item[self.pred_key]))]
-            self.csv.append(prediction_row(path, prob, label))
+            self.csv.append(prediction_row(path, prob, label, warnings=warnings))
+            self.classified += 1
 
     def completed(self, engine: Any) -> None:
         if self.csv is not None:
             self.csv.close()
+
+    def exit_status(self) -> None:
+        """After the run: print the summary; exit with status 1 when some inputs failed (as
+        ``app.infer`` does; their rows say why), else return (``monai.bundle run`` exits 0)."""
+        print(f"summary: {self.classified} classified, {self.failed} failed; {self.path}")
+        if self.failed:
+            raise SystemExit(1)

@@ -1,5 +1,9 @@
 """Checks that run before and after a scan is read: refuse what cannot be classified (with a
-one-line reason), and warn about what can be classified but looks unusual."""
+one-line reason), and warn about what can be classified but looks unusual.
+
+Portable (numpy, nibabel; scipy and pydicom where a check needs them): ``app.infer`` and an
+exported bundle's ``monai.bundle run`` run the same checks (:mod:`.screen`).
+"""
 
 from __future__ import annotations
 
@@ -12,11 +16,23 @@ from typing import Any
 
 import numpy as np
 
-from app.errors import CTClassifyError
 
-
-class ScanError(CTClassifyError):
+class ScanError(ValueError):
     """This scan cannot be classified; the message says why in one line."""
+
+
+#: ``descrip`` of every scan ``app.data synth`` writes: how training and inference tell
+#: generated scans from real ones
+GENERATED_DESCRIP = "ctclassify synth"
+
+
+def is_generated(header: Any) -> bool:
+    """Whether a NIfTI header is that of a scan written by ``app.data synth``."""
+    try:
+        descrip = bytes(header["descrip"]).split(b"\x00")[0].decode("ascii", "replace")
+    except (KeyError, TypeError, ValueError):
+        return False
+    return descrip.startswith(GENERATED_DESCRIP)
 
 
 @dataclass(frozen=True)
@@ -142,8 +158,6 @@ def check_nifti_header(
     raises :class:`ScanError` with a one-line reason otherwise.
     """
     import nibabel as nib
-
-    from app.data.synth import is_generated
 
     path = Path(path)
     size = path.stat().st_size
