@@ -2,14 +2,21 @@
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
+# PyTorch comes first, pinned. From the default package index, `torch==2.13.0` on Linux x86_64 is
+# the CUDA build (several GB of NVIDIA libraries); `make setup TORCH_INDEX=cpu` takes the CPU-only
+# build from PyTorch's own index instead (about 200 MB). Any other value is used as the index URL.
+TORCH ?= torch==2.13.0
+TORCH_INDEX ?=
+TORCH_INDEX_URL := $(if $(filter cpu,$(TORCH_INDEX)),https://download.pytorch.org/whl/cpu,$(TORCH_INDEX))
 
 .PHONY: setup demo test lint bench-reference
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	# the pinned CPU build of PyTorch first: an unpinned torch pulls a multi-GB CUDA build
-	$(BIN)/pip install --quiet torch==2.13.0
+	# the pinned PyTorch first (TORCH_INDEX=cpu: the CPU-only build): an unpinned torch pulls
+	# the newest CUDA build
+	$(BIN)/pip install --quiet $(if $(TORCH_INDEX_URL),--index-url $(TORCH_INDEX_URL)) $(TORCH)
 
 $(VENV)/.installed: $(BIN)/python pyproject.toml
 	$(BIN)/pip install --quiet -e ".[dev]"

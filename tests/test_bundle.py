@@ -198,7 +198,12 @@ def test_exported_bundle_runs_with_monai_alone(tmp_path, real_ct):
         )
         == 0
     )
-    assert export_main(["--checkpoint", str(run), "--output", str(bundle), "--zip"]) == 0
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert export_main(["--checkpoint", str(run), "--output", str(bundle), "--zip"]) == 0
+    assert not [w for w in caught if issubclass(w.category, torch.jit.TracerWarning)]
     assert (
         export_main(["--checkpoint", str(run), "--output", str(bundle)]) == 2
     )  # never overwritten silently

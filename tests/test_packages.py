@@ -2,6 +2,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
 import app
 import nets
 import transforms
@@ -55,3 +57,33 @@ def test_the_app_is_laid_out_by_role():
     # the command lines keep their names: python -m app.train | app.infer | app.export | app.data
     assert {"train.py", "infer.py", "export.py", "evaluate.py"} <= set(top)
     assert (REPO / "app" / "data" / "__main__.py").is_file()
+
+
+@pytest.mark.parametrize(
+    ("extra", "expected"),
+    [
+        pytest.param([], "pip install --quiet  torch==2.13.0", id="default-index"),
+        pytest.param(
+            ["TORCH_INDEX=cpu"],
+            "pip install --quiet --index-url https://download.pytorch.org/whl/cpu torch==2.13.0",
+            id="cpu-only",
+        ),
+    ],
+)
+def test_make_setup_installs_the_pinned_torch_from_the_chosen_index(tmp_path, extra, expected):
+    """README, set-up: `make setup` takes torch==2.13.0 from the default index (CI: the build it
+    has; on Linux x86_64 PyPI's is the CUDA one); `TORCH_INDEX=cpu` the CPU-only build."""
+    import shutil
+    import subprocess
+
+    if shutil.which("make") is None:
+        pytest.skip("make is not installed")
+    venv = tmp_path / "venv"  # absent: make plans the whole set-up
+    proc = subprocess.run(
+        ["make", "-n", "setup", f"VENV={venv}", *extra],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert expected in proc.stdout, proc.stdout

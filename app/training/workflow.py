@@ -385,6 +385,17 @@ def _record_settings(output: Path, settings: dict[str, Any], names: list[str]) -
         atomic_write_text(output / OVERRIDES_FILE, json.dumps(saved, indent=1))
 
 
+class _DropMessages(logging.Filter):
+    """Drops log records whose message starts with ``prefix`` (a warning that is understood)."""
+
+    def __init__(self, prefix: str) -> None:
+        super().__init__()
+        self.prefix = prefix
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith(self.prefix)
+
+
 def _run_workflow(
     output: Path, names: list[str], settings: dict[str, Any], *, resume: bool, config_dir: Path
 ) -> None:
@@ -395,6 +406,8 @@ def _run_workflow(
 
     lead = rank() == 0
     log_handler = _log_to_file(output / "train.log") if lead else logging.NullHandler()
+    quiet = _DropMessages("Not all config files are in")  # a recipe lives in configs/recipes/,
+    logging.getLogger("monai.bundle.workflows").addFilter(quiet)  # and the files are all named
     try:
         workflow = ConfigWorkflow(
             config_file=config_files(*names, config_dir=config_dir),
@@ -428,6 +441,7 @@ def _run_workflow(
         raise cause from exc
     finally:
         logging.getLogger().removeHandler(log_handler)
+        logging.getLogger("monai.bundle.workflows").removeFilter(quiet)
         log_handler.close()
 
 
