@@ -2,7 +2,8 @@
 
     python -m app.infer scans/ --checkpoint runs/demo --output results/ --report --saliency
 
-Writes OUT/predictions.csv (path, prob_abnormal, label, warnings, error, seconds) row by row,
+Writes OUT/predictions.csv (path, prob_abnormal, label, warnings, error, seconds, fold_probs,
+tta_spread) row by row,
 OUT/predictions.json and OUT/model.json (the model and threshold that wrote the folder).
 Running the same command again completes an interrupted folder and retries failed inputs.
 Exit status: 0 all classified, 1 some inputs failed (the rest are written), 2 usage error, no
@@ -66,8 +67,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--saliency",
         action="store_true",
-        help="save a saliency montage and NIfTI per scan "
-        "(where the model looks: the smoothed gradient of its logit; one network, not a CV folder)",
+        help="save OUT/saliency/NAME.png (one colour scale for all scans) and NAME.nii.gz on the "
+        "scan's own grid: where the model looks (the smoothed gradient of its logit), not a "
+        "finding; one network: for a CV folder pass one fold's folder",
     )
     p.add_argument(
         "--tta",
@@ -75,7 +77,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="test-time augmentation: average each scan with its left-right mirror; the spread "
         "between them goes to the tta_spread column as an uncertainty",
     )
-    p.add_argument("--report", action="store_true", help="write OUT/report.html")
+    p.add_argument(
+        "--report",
+        action="store_true",
+        help="write OUT/report.html (a row per scan) with each scan's montage in OUT/montages/",
+    )
     p.add_argument(
         "--overwrite",
         action="store_true",
