@@ -281,6 +281,7 @@ def evaluate(
             run folders' ``split.json``), unless ``allow_overlap``.
         EvaluationError: no scan could be classified, or those classified are of one class.
     """
+    from app.bundle.portable.scanqc import TrainingContext
     from app.data.datalist import find_items
     from app.inference.classifier import Classifier
 
@@ -351,6 +352,7 @@ def evaluate(
             "precision": clf.precision,
             "threshold_method": (clf.settings.get("ensemble") or {}).get("threshold_method"),
             "tta": "left-right flip" if tta else None,
+            "generated": TrainingContext.from_settings(clf.settings).generated,
         },
         data=str(data),
         date=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
@@ -419,7 +421,10 @@ def _write(result: Evaluation, out: Path, class_names: list[str]) -> dict[str, P
     summary = result.summary()
     atomic_write_text(out / "metrics.json", json.dumps(summary, indent=1, default=_plain))
     plot_roc(probs, labels, result.metrics, out / "roc.png")
-    plot_calibration(probs, labels, result.metrics, out / "calibration.png")
+    temperature = (result.calibration or {}).get("temperature")
+    plot_calibration(
+        probs, labels, result.metrics, out / "calibration.png", temperature=temperature
+    )
     plot_confusion(result.metrics, out / "confusion.png", class_names)
     write_report(summary, result.predictions, out)
     return {name: out / name for name in FILES}

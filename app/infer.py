@@ -20,7 +20,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from app.bundle.portable.scanqc import Limits
+from app.bundle.portable.scanqc import Limits, TrainingContext
 from app.cli import (
     add_device_option,
     add_precision_option,
@@ -137,7 +137,8 @@ def main(argv: list[str] | None = None) -> int:
         )
         return 1
     if args.report:
-        print(f"report: {report(log.rows, out, images, clf.describe())}")
+        generated = TrainingContext.from_settings(clf.settings).generated
+        print(f"report: {report(log.rows, out, images, clf.describe(), generated)}")
     return summarise(log, clf)
 
 
@@ -275,7 +276,11 @@ def draw_pictures(
 
 
 def report(
-    rows: list[dict[str, str]], out: Path, images: dict[str, dict[str, Path]], model: str = ""
+    rows: list[dict[str, str]],
+    out: Path,
+    images: dict[str, dict[str, Path]],
+    model: str = "",
+    generated: bool = False,
 ) -> Path:
     """OUT/report.html, with the pictures of scans classified by an earlier, interrupted run."""
     from app.inference.report import write_report
@@ -290,7 +295,7 @@ def report(
     import datetime as dt
 
     date = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
-    return write_report(rows, out, images, model=model, date=date)
+    return write_report(rows, out, images, model=model, date=date, generated=generated)
 
 
 def summarise(log: Any, clf: Any) -> int:

@@ -185,6 +185,8 @@ def test_evaluate_writes_every_file_naming_model_and_data(test_set, checkpoint, 
     page = (out / "report.html").read_text()
     assert str(test_set) in page and "model.pt" in page and "ROC-AUC" in page
     assert page.count("data:image/png;base64,") == 3
+    assert "Research use only, not for diagnosis." in page
+    assert summary["model"]["generated"] is False and "trained on generated scans" not in page
     # an evaluation is not replaced without --overwrite
     assert main(args) == 2
     assert "--overwrite" in capsys.readouterr().err

@@ -459,8 +459,14 @@ def test_generated_data_model_on_real_scans_says_so(real_ct, tmp_path, generated
     shutil.copy(real_ct / "totalsegmentator_example_ct_sm.nii.gz", folder / "abdomen.nii.gz")
     shutil.copy(real_ct / "cip_ct-64_chest_LAS.nii.gz", folder / "chest.nii.gz")
     out = tmp_path / "out"
-    code = infer_main([str(folder), "--checkpoint", str(generated_model), "--output", str(out)])
+    code = infer_main(
+        [str(folder), "--checkpoint", str(generated_model), "--output", str(out), "--report"]
+    )
     assert code == 0
+    page = (out / "report.html").read_text()  # led by the banner (issue 21)
+    assert page.index('class="banner">The model was trained on generated scans') < page.index(
+        "<table>"
+    )
     printed = capsys.readouterr().out
     banner = printed.splitlines()[0]
     assert (

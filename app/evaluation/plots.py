@@ -38,10 +38,17 @@ def plot_roc(probs: np.ndarray, labels: np.ndarray, m: BinaryMetrics, path: str 
 
 
 def plot_calibration(
-    probs: np.ndarray, labels: np.ndarray, m: BinaryMetrics, path: str | Path, bins: int = 10
+    probs: np.ndarray,
+    labels: np.ndarray,
+    m: BinaryMetrics,
+    path: str | Path,
+    bins: int = 10,
+    temperature: float | None = None,
 ) -> None:
     """Reliability diagram: observed frequency of abnormal per bin of predicted probability
-    (the bins ``expected_calibration_error`` uses), with the scans per bin below."""
+    (the bins ``expected_calibration_error`` uses), with the scans per bin below; the title says
+    whether the probabilities are after temperature scaling (``temperature``) or as the model
+    gives them."""
     plt = _pyplot()
     fig, (ax, hist) = plt.subplots(
         2, 1, figsize=(5, 6), gridspec_kw={"height_ratios": [3, 1]}, sharex=True
@@ -57,7 +64,12 @@ def plot_calibration(
     ax.plot([0, 1], [0, 1], ls="--", color="0.6", lw=1, label="perfect calibration")
     ax.plot(centres, observed, "o-", color="C0", label=f"model (ECE {m.ece:.3f})")
     ax.set(ylabel="observed fraction abnormal", xlim=(0, 1), ylim=(0, 1))
-    ax.set_title(f"Calibration (Brier score {m.brier:.3f})")
+    scaling = (
+        f"after temperature scaling (T = {temperature:.3g})"
+        if temperature is not None
+        else "no temperature scaling"
+    )
+    ax.set_title(f"Calibration, {scaling}\n(Brier score {m.brier:.3f})", fontsize=10)
     ax.legend(loc="upper left", fontsize=8)
     ax.grid(alpha=0.3)
     hist.bar((np.arange(bins) + 0.5) / bins, counts, width=0.9 / bins, color="0.5")

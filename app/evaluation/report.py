@@ -114,6 +114,11 @@ baseline's: {_num(base["difference"]["value"])} ({_num(base["difference"]["low"]
         if overlap
         else ""
     )
+    if summary["model"].get("generated"):
+        banner += (
+            "<p class=banner>The model was trained on generated scans (app.data synth), not on "
+            "real CT: its figures on real scans would mean little.</p>"
+        )
     not_independent = " (not independent)" if overlap else ""
     page = f"""<!doctype html>
 <html><head><meta charset="utf-8"><title>ctclassify evaluation</title>
@@ -128,6 +133,7 @@ dt {{ font-weight: bold; }} dd {{ margin: 0 0 0.5em 0; }}
 </style></head><body>
 <h1>Evaluation</h1>
 {banner}
+<p>Research use only, not for diagnosis.</p>
 <dl>
 <dt>Model</dt><dd>{e(summary["model"]["description"])}</dd>
 <dt>Test data</dt><dd>{e(summary["data"])}: {metrics["n"]} scans classified

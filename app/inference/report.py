@@ -24,9 +24,11 @@ def write_report(
     images: dict[str, dict[str, Path]],
     model: str = "",
     date: str = "",
+    generated: bool = False,
 ) -> Path:
     """Write ``out_dir/report.html``: the model (its description: checkpoint, training data,
-    validation figures, threshold) and the date, then a row per scan with probability, label,
+    validation figures, threshold) and the date, led by a banner when the model was trained on
+    generated scans (``generated``), then a row per scan with probability, label,
     warnings or error, a montage thumbnail and the saliency overlay when one was computed (a
     click shows either at full size)."""
     body = []
@@ -50,6 +52,12 @@ def write_report(
     classified = sum(1 for r in rows if r.get("prob_abnormal"))
     abnormal = sum(1 for r in rows if r.get("label") == "abnormal")
     failed = sum(1 for r in rows if r.get("error"))
+    banner = (
+        '<p class="banner">The model was trained on generated scans (app.data synth), not on real '
+        "CT: its output on real scans means little.</p>"
+        if generated
+        else ""
+    )
     page = f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>ctclassify report</title>
 <style>
@@ -62,12 +70,14 @@ td.abnormal {{ color: #b00020; font-weight: 600; }}
 td.normal {{ color: #1b5e20; font-weight: 600; }}
 tr.error td {{ background: #fdecea; }}
 tr.warn td {{ background: #fff8e1; }}
+.banner {{ background: #b00020; color: white; padding: 0.6em; font-weight: 600; }}
 td.path {{ font-family: monospace; word-break: break-all; max-width: 28em; }}
 img {{ max-width: 360px; cursor: zoom-in; }}
 img:focus {{ max-width: 95vw; width: 1400px; cursor: zoom-out; position: relative; z-index: 1;
   box-shadow: 0 0 1em #0006; background: white; }}
 </style></head><body>
 <h1>ctclassify: chest CT classification</h1>
+{banner}
 <p><b>Model:</b> {html.escape(model) or "not recorded"}<br><b>Date:</b> {html.escape(date)}</p>
 <p>{len(rows)} inputs: {classified} classified ({abnormal} abnormal, {classified - abnormal} normal),
 {failed} could not be classified. Research use only, not for diagnosis.</p>
