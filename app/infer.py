@@ -250,7 +250,10 @@ def draw_pictures(
     pics = images.setdefault(pred.path, {})
     if args.report:
         pics["montage"] = out / "montages" / f"{name}.png"
-        plot_montage(image.numpy(), pics["montage"], rows=2, columns=5)
+        title = (
+            f"{Path(pred.path).name}: P(abnormal) {100 * pred.prob_abnormal:.2f}% -> {pred.label}"
+        )
+        plot_montage(image.numpy(), pics["montage"], rows=2, columns=5, title=title)
     if args.saliency:
         pics["saliency"] = out / "saliency" / f"{name}.png"
         # one colour scale for every scan: the map (its maximum 1) times P(abnormal), so a
@@ -260,8 +263,8 @@ def draw_pictures(
             image.numpy(),
             pics["saliency"],
             overlay=overlay,
-            title=f"saliency x P(abnormal) = {pred.prob_abnormal:.3f}: the model's attention, "
-            "not a finding",
+            title=f"{Path(pred.path).name}: saliency x P(abnormal) = {pred.prob_abnormal:.3f}: "
+            "the model's attention, not a finding",
         )
         if str(pred.path).endswith((".nii", ".nii.gz")):  # on the scan's own grid, for a viewer
             from app.inference.saliency import write_saliency_nifti

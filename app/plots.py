@@ -100,22 +100,31 @@ def plot_montage(
         volume = volume[0]
     count = rows * columns
     index = np.linspace(0, volume.shape[2] - 1, count).round().astype(int)
-    fig, axes = plt.subplots(rows, columns, figsize=(columns * 1.2, rows * 1.2))
+    fig, axes = plt.subplots(rows, columns, figsize=(columns * 2.0, rows * 2.0 + 0.6))
     heat = None
-    for ax, z in zip(np.ravel(axes), index, strict=True):
+    for i, (ax, z) in enumerate(zip(np.ravel(axes), index, strict=True)):
         # the reference's 90-degree rotation makes axis 0 the rows: anterior up, patient right
         # on the left, as radiologists read axial slices
         ax.imshow(volume[:, :, z], cmap="gray", vmin=0, vmax=1)
         if overlay is not None:
             heat = ax.imshow(np.asarray(overlay)[..., z], cmap="jet", alpha=0.35, vmin=0, vmax=1)
-        ax.text(0.03, 0.97, f"z {z}", color="yellow", fontsize=6, va="top", transform=ax.transAxes)
+        ax.text(0.03, 0.97, f"z {z}", color="yellow", fontsize=7, va="top", transform=ax.transAxes)
+        if i == 0:  # orientation letters on the first slice
+            for x, y, letter in (
+                (0.5, 0.97, "A"),
+                (0.5, 0.03, "P"),
+                (0.03, 0.5, "R"),
+                (0.97, 0.5, "L"),
+            ):
+                ax.text(x, y, letter, color="cyan", fontsize=8, ha="center", va="center",
+                        transform=ax.transAxes, fontweight="bold")  # fmt: skip
         ax.axis("off")
     plt.subplots_adjust(wspace=0.02, hspace=0.02)
     if heat is not None:  # what the colours mean
         bar = fig.colorbar(heat, ax=np.ravel(axes).tolist(), fraction=0.015, pad=0.01)
         bar.set_label("saliency x P(abnormal): attention, not a finding", fontsize=8)
     if title:
-        fig.suptitle(title)
+        fig.suptitle(title, fontsize=10)
     _save(fig, path)
     plt.close(fig)
 

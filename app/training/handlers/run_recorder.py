@@ -35,6 +35,7 @@ class RunRecorder:
         optimizer: its first parameter group's learning rate is recorded.
         metric_names: the trainer's and the evaluator's metrics, as the config names them.
         montage_source: returns a preprocessed (C, x, y, z) volume for ``montage.png``.
+        montage_caption: what that volume is (the scan's file name and class), for its title.
         val_interval: validation runs every ``val_interval`` epochs.
         budget: decides which epochs are written (shared with the checkpoint saver); default:
             every epoch.
@@ -49,6 +50,7 @@ class RunRecorder:
         montage_source: Callable[[], Any] | None = None,
         val_interval: int = 1,
         budget: WriteBudget | None = None,
+        montage_caption: str = "",
     ) -> None:
         self.output_dir = Path(output_dir)
         self.budget = budget or WriteBudget(1.0)
@@ -57,6 +59,7 @@ class RunRecorder:
         self.evaluator = evaluator
         self.optimizer = optimizer
         self.montage_source = montage_source
+        self.montage_caption = montage_caption
         self.val_interval = val_interval
         self.rows: list[dict[str, Any]] = []
         self._epoch_start = 0.0
@@ -78,7 +81,8 @@ class RunRecorder:
             plot_montage(
                 volume.detach().cpu().numpy() if hasattr(volume, "detach") else volume,
                 montage,
-                title="one preprocessed training scan",
+                title="one preprocessed training scan"
+                + (f": {self.montage_caption}" if self.montage_caption else ""),
             )
 
     def epoch_started(self, engine: Engine) -> None:
