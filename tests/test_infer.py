@@ -364,8 +364,9 @@ def test_python_api_predict(real_ct, checkpoint):
 
 
 @pytest.mark.slow
-def test_report_renders_in_headless_chromium(tmp_path, checkpoint, real_ct):
-    """The report opens offline in a real browser and is not blank."""
+def test_report_renders_in_headless_chromium(tmp_path, generated_model, real_ct):
+    """The report opens offline in a real browser and is not blank; for a model trained on
+    generated scans it is led by the red banner that says so (issue 21)."""
     import os
     import subprocess
 
@@ -384,7 +385,7 @@ def test_report_renders_in_headless_chromium(tmp_path, checkpoint, real_ct):
             [
                 str(folder),
                 "--checkpoint",
-                str(checkpoint),
+                str(generated_model),
                 "--output",
                 str(out),
                 "--report",
@@ -417,9 +418,13 @@ def test_report_renders_in_headless_chromium(tmp_path, checkpoint, real_ct):
     )
     from PIL import Image
 
-    pixels = np.asarray(Image.open(shot).convert("L"), dtype=np.float32)
+    rgb = np.asarray(Image.open(shot).convert("RGB"), dtype=np.float32)
+    pixels = rgb.mean(axis=2)
     assert pixels.std() > 10  # text, table and images: far from a blank page
     assert (pixels < 100).mean() > 0.01  # dark pixels: the CT montages and text
+    red = (rgb[..., 0] > 140) & (rgb[..., 1] < 40) & (rgb[..., 2] < 60)  # the banner's #b00020
+    rows = np.nonzero(red.mean(axis=1) > 0.5)[0]  # rows that are mostly banner
+    assert len(rows) >= 10 and rows.min() < 300, (len(rows), rows[:5])
 
 
 def test_bf16_precision_stays_close_to_fp32(real_ct, checkpoint):
