@@ -212,3 +212,20 @@ def test_hila_add_dense_vessels_inside_both_lungs_of_both_classes(capsys):
         assert np.abs(x - centre).mean() < np.abs(lung_x - centre).mean()
     assert data_main(["synth", "/nonexistent/x", "--hila", "2"]) == 2
     assert "--hila must be in [0, 1]" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("progress", [False, True])
+def test_demo_data_generation_respects_no_progress(tmp_path, monkeypatch, capfd, progress):
+    """`app.train --demo --no-progress` printed the data generation's progress bar anyway."""
+    from app.training.workflow import DEMO_CONFIG, demo_dataset
+
+    configs = tmp_path / "configs"
+    (configs / DEMO_CONFIG).parent.mkdir(parents=True)
+    (configs / DEMO_CONFIG).write_text(
+        "demo_data: {per_class: 1, shape: [32, 32, 8], seed: 3, difficulty: 0.3}\n"
+    )
+    monkeypatch.setenv("CTCLASSIFY_CACHE", str(tmp_path / "cache"))
+    root = demo_dataset(configs, progress=progress)
+    assert len(list(root.rglob("*.nii.gz"))) == 2
+    err = capfd.readouterr().err
+    assert ("synth " in err) == progress, err

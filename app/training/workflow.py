@@ -46,8 +46,9 @@ class TrainResult:
         return max(values) if values else None
 
 
-def demo_dataset(config_dir: Path = CONFIG_DIR) -> Path:
-    """The generated demo dataset, made on first use in the user's cache folder."""
+def demo_dataset(config_dir: Path = CONFIG_DIR, progress: bool = True) -> Path:
+    """The generated demo dataset, made on first use in the user's cache folder (a progress bar
+    with ``progress``)."""
     from monai.bundle import ConfigParser
 
     from app.data.synth import write_dataset
@@ -68,6 +69,7 @@ def demo_dataset(config_dir: Path = CONFIG_DIR) -> Path:
             tuple(shape) if shape else None,
             seed=int(spec["seed"]),
             difficulty=float(spec.get("difficulty", 0.5)),
+            progress=progress,
         )
         marker.write_text(json.dumps(spec))
     return root
@@ -295,7 +297,7 @@ def _prepare(
     if rank() == 0:
         prepare_run_dir(output, resume, overwrite)
         if demo:
-            demo_dataset(config_dir)
+            demo_dataset(config_dir, progress=bool(overrides.get("progress", True)))
     if launched_distributed():
         torch.distributed.barrier()
 
