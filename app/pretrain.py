@@ -112,6 +112,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from app import train
+    from app.run_folder import METRICS_JSON, SPLIT
 
     settings = pretrain_settings()
     if args.per_class is not None:
@@ -129,14 +130,14 @@ def main(argv: list[str] | None = None) -> int:
         "--recipe", str(settings["recipe"]), "--data", str(data), "--output", str(run),
         "--epochs", str(settings["epochs"]), "--patience", str(settings["patience"]),
         "--seed", str(settings["seed"]), "--init", "",  # from scratch, whatever the recipe says
-        *(["--resume"] if (run / "split.json").exists() else []),
+        *(["--resume"] if (run / SPLIT).exists() else []),
         *(f"--set={k}={json.dumps(v)}" for k, v in (settings.get("settings") or {}).items()),
         *([] if progress else ["--no-progress"]),
     ]  # fmt: skip
     status = train.main(command)
     if status != 0:
         return status
-    metrics = json.loads((run / "metrics.json").read_text())
+    metrics = json.loads((run / METRICS_JSON).read_text())
     weights = export_weights(
         run,
         args.out,

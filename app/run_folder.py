@@ -19,6 +19,9 @@ LAST_PREFIX = "last"
 BEST_MODEL = "best_model.pt"
 #: the run's split (a MONAI datalist) with the record of how it was made
 SPLIT = "split.json"
+#: a row of metrics per epoch (``read_metrics`` reads it back), and the same as JSON
+METRICS_CSV = "metrics.csv"
+METRICS_JSON = "metrics.json"
 #: written when a run's training ended (early stop or its last epoch), removed when it resumes
 FINISHED = "finished.json"
 #: what ``app.train`` writes into a run folder (``overrides.json`` first of all)
@@ -27,8 +30,8 @@ RUN_ENTRIES = (
     "config.json",
     "environment.json",
     "train.log",
-    "metrics.csv",
-    "metrics.json",
+    METRICS_CSV,
+    METRICS_JSON,
     "curves.png",
     "montage.png",
     SPLIT,

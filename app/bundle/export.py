@@ -233,7 +233,7 @@ def export_bundle(
     error leaves the previous bundle (or nothing), never a partial bundle under the final name.
     """
     from app.inference.classifier import CV_CALIBRATION, Classifier, resolve_checkpoint
-    from app.run_folder import read_metrics
+    from app.run_folder import METRICS_CSV, read_metrics
 
     final = Path(output)
     archive = final.with_name(final.name + ".zip")
@@ -247,7 +247,7 @@ def export_bundle(
     else:
         source = resolve_checkpoint(checkpoint)
         clf = Classifier.load(source, device="cpu")
-        metrics = read_metrics(source.parent / "metrics.csv")
+        metrics = read_metrics(source.parent / METRICS_CSV)
     settings = {**clf.settings, "threshold": clf.threshold, "class_names": clf.class_names}
     final.parent.mkdir(parents=True, exist_ok=True)
     # a new folder of our own beside the target (never an existing name, never a link's target)

@@ -30,7 +30,7 @@ from app.bundle.portable.screen import screen_scan, split_loading
 from app.errors import ConfigError, CTClassifyError
 from app.inference.model_card import ModelCard
 from app.model_settings import MODEL_SETTINGS, SettingsError, validate_settings
-from app.run_folder import BEST_MODEL
+from app.run_folder import BEST_MODEL, METRICS_CSV
 from nets.ensemble import MeanProbabilityEnsemble
 from transforms.augment import LEFT_RIGHT_DIM
 
@@ -170,7 +170,7 @@ def validation_of(checkpoint: Path) -> dict[str, Any] | None:
     from app.run_folder import kept_row, read_metrics
 
     try:
-        rows = [r for r in read_metrics(checkpoint.parent / "metrics.csv") if r.get("val_acc")]
+        rows = [r for r in read_metrics(checkpoint.parent / METRICS_CSV) if r.get("val_acc")]
     except (OSError, ValueError, KeyError):
         return None
     row: Mapping[str, Any] | None

@@ -24,7 +24,7 @@ import numpy as np
 
 from app.errors import DataError
 from app.evaluation.metrics import logits_of
-from app.run_folder import SPLIT, fold_dirs, is_finished
+from app.run_folder import METRICS_CSV, SPLIT, fold_dirs, is_finished
 
 #: the kept epoch's validation figures in the summary
 SUMMARY_METRICS = ("val_acc", "val_auc", "val_sensitivity", "val_specificity", "val_loss")
@@ -134,7 +134,7 @@ def _kept_epoch(run: Path) -> dict[str, Any]:
     """The epoch ``best_model.pt`` holds: the first with the best validation accuracy."""
     from app.run_folder import kept_row, read_metrics
 
-    best = kept_row(read_metrics(run / "metrics.csv"))
+    best = kept_row(read_metrics(run / METRICS_CSV))
     if best is None:
         raise DataError(f"{run} has no validated epoch")
     return {"epoch": best["epoch"], **{k: best.get(k) for k in SUMMARY_METRICS}}
@@ -164,7 +164,7 @@ def write_summary(out: Path, runs: list[Path]) -> dict[str, Any]:
     for what in ("mean", "sd"):
         writer.writerow([what, "", *(stats.get(k, {}).get(what, "") for k in SUMMARY_METRICS)])
     atomic_write_text(out / "cv_summary.csv", buf.getvalue())
-    plot_cv_curves([read_metrics(r / "metrics.csv") for r in runs], out / "cv_curves.png")
+    plot_cv_curves([read_metrics(r / METRICS_CSV) for r in runs], out / "cv_curves.png")
     return summary
 
 

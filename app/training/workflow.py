@@ -20,7 +20,7 @@ from typing import Any
 
 from app.config import CONFIG_DIR, config_files, load_config
 from app.errors import ConfigError, CTClassifyError, DataError
-from app.run_folder import BEST_MODEL, FINISHED, SPLIT, mark_finished
+from app.run_folder import BEST_MODEL, FINISHED, METRICS_CSV, SPLIT, mark_finished
 
 OVERRIDES_FILE = "overrides.json"
 DEMO_CONFIG = "demo.yaml"
@@ -488,7 +488,7 @@ def _result(output: Path, already_finished: str | None = None) -> TrainResult:
     best = output / BEST_MODEL
     return TrainResult(
         output,
-        read_metrics(output / "metrics.csv"),
+        read_metrics(output / METRICS_CSV),
         best if best.exists() else None,
         already_finished=already_finished,
     )

@@ -14,7 +14,7 @@ from typing import Any
 from ignite.engine import Engine, Events
 
 from app.bundle.portable.files import atomic_write_text
-from app.run_folder import read_metrics
+from app.run_folder import METRICS_CSV, METRICS_JSON, read_metrics
 from app.training.handlers.write_budget import WriteBudget, is_final_epoch
 
 
@@ -72,7 +72,7 @@ class RunRecorder:
     def started(self, engine: Engine) -> None:
         self.output_dir.mkdir(parents=True, exist_ok=True)
         done = engine.state.epoch
-        self.rows = [r for r in read_metrics(self.output_dir / "metrics.csv") if r["epoch"] <= done]
+        self.rows = [r for r in read_metrics(self.output_dir / METRICS_CSV) if r["epoch"] <= done]
         montage = self.output_dir / "montage.png"
         if self.montage_source is not None and not montage.exists():
             from app.plots import plot_montage
@@ -109,8 +109,8 @@ class RunRecorder:
         writer.writeheader()
         for r in self.rows:
             writer.writerow({k: "" if r.get(k) is None else r[k] for k in self.columns})
-        atomic_write_text(self.output_dir / "metrics.csv", buf.getvalue())
-        atomic_write_text(self.output_dir / "metrics.json", json.dumps(self.rows, indent=1))
+        atomic_write_text(self.output_dir / METRICS_CSV, buf.getvalue())
+        atomic_write_text(self.output_dir / METRICS_JSON, json.dumps(self.rows, indent=1))
         from app.plots import plot_curves
 
         plot_curves(self.rows, self.output_dir / "curves.png")
