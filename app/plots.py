@@ -8,6 +8,8 @@ from typing import Any
 
 import numpy as np
 
+from app.run_folder import VALIDATION_LABELS
+
 
 def _pyplot() -> Any:
     import matplotlib
@@ -41,11 +43,7 @@ def plot_curves(rows: Sequence[Mapping[str, Any]], path: str | Path) -> None:
         ("Model loss", (("train_loss", "train"), ("val_loss", "val"))),
         (
             "Validation ROC-AUC, sensitivity, specificity",
-            (
-                ("val_auc", "ROC-AUC"),
-                ("val_sensitivity", "sensitivity"),
-                ("val_specificity", "specificity"),
-            ),
+            tuple((k, v) for k, v in VALIDATION_LABELS.items() if k != "val_acc"),
         ),
     )
     for ax, (title, series) in zip(axes, panels, strict=True):

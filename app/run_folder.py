@@ -19,6 +19,24 @@ LAST_PREFIX = "last"
 BEST_MODEL = "best_model.pt"
 #: the run's split (a MONAI datalist) with the record of how it was made
 SPLIT = "split.json"
+#: the validation metrics a run records, and the words every printed line and plot uses for them
+VALIDATION_LABELS = {
+    "val_acc": "accuracy",
+    "val_auc": "ROC-AUC",
+    "val_sensitivity": "sensitivity",
+    "val_specificity": "specificity",
+}
+
+
+def validation_figures(row: Mapping[str, Any]) -> str:
+    """``row``'s validation metrics in words, e.g. "accuracy 0.944, ROC-AUC 1.000"."""
+    return ", ".join(
+        f"{name} {row[key]:.3f}"
+        for key, name in VALIDATION_LABELS.items()
+        if row.get(key) is not None
+    )
+
+
 #: a row of metrics per epoch (``read_metrics`` reads it back), and the same as JSON
 METRICS_CSV = "metrics.csv"
 METRICS_JSON = "metrics.json"

@@ -205,20 +205,11 @@ def main(argv: list[str] | None = None) -> int:
     if result.already_finished:
         print(f"{result.run_dir} is already finished: {result.already_finished}. Nothing changed.")
         return 0
-    from app.run_folder import kept_row
+    from app.run_folder import kept_row, validation_figures
 
     kept = kept_row(result.metrics)
     if kept is not None:
-        figures = ", ".join(
-            f"{name} {kept[key]:.3f}"
-            for key, name in (
-                ("val_acc", "accuracy"),
-                ("val_auc", "ROC-AUC"),
-                ("val_sensitivity", "sensitivity"),
-                ("val_specificity", "specificity"),
-            )
-            if kept.get(key) is not None
-        )
+        figures = validation_figures(kept)
         print(
             f"kept model: {result.best_checkpoint} (epoch {kept['epoch']}: validation {figures}; "
             "the epoch was chosen on this validation split, so these figures are optimistic: "

@@ -8,6 +8,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from app.run_folder import VALIDATION_LABELS, validation_figures
+
+#: below these a validation figure is called "little better than chance" (accuracy, ROC-AUC) or
+#: a class is never found (sensitivity, specificity)
+CHANCE_FLOORS = {"val_acc": 0.6, "val_auc": 0.6, "val_sensitivity": 0.01, "val_specificity": 0.01}
+
 
 def _file_sha256(path: Path) -> str:
     h = hashlib.sha256()
@@ -77,22 +83,12 @@ class ModelCard:
             trained = f"{ensemble['members']} fold models, each {trained}"
         val = self.settings.get("validation") or {}
         if val:
-            parts = [
-                f"{name} {val[key]:.3f}"
-                for key, name in (
-                    ("val_acc", "accuracy"),
-                    ("val_auc", "ROC-AUC"),
-                    ("val_sensitivity", "sensitivity"),
-                    ("val_specificity", "specificity"),
-                )
-                if val.get(key) is not None
-            ]
             where = (
                 f"validation at epoch {val['epoch']}"
                 if "epoch" in val
                 else "cross-validation, mean over the folds"
             )
-            scored = f"{where}: {', '.join(parts)}"
+            scored = f"{where}: {validation_figures(val)}"
         else:
             scored = "validation metrics not recorded"
         return f"{self.checkpoint}: {trained}; {scored}; threshold {self.threshold:g}"
@@ -109,13 +105,8 @@ class ModelCard:
         val = self.settings.get("validation") or {}
         weak = [
             f"{name} {val[key]:.2f}"
-            for key, name, floor in (
-                ("val_acc", "accuracy", 0.6),
-                ("val_auc", "ROC-AUC", 0.6),
-                ("val_sensitivity", "sensitivity", 0.01),
-                ("val_specificity", "specificity", 0.01),
-            )
-            if val.get(key) is not None and val[key] < floor
+            for key, name in VALIDATION_LABELS.items()
+            if val.get(key) is not None and val[key] < CHANCE_FLOORS[key]
         ]
         if weak:
             notes.append(
