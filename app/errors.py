@@ -17,3 +17,7 @@ class DownloadError(CTClassifyError):
 
 class ConfigError(CTClassifyError):
     """A configuration or command-line setting is invalid."""
+
+
+class UsageError(CTClassifyError):
+    """A command-line value that cannot work (a CLI prints it as one line, exit status 2)."""

@@ -34,7 +34,7 @@ from typing import Any, cast
 import numpy as np
 
 from app.cli import add_device_option, add_precision_option, add_progress_option, show_progress
-from app.errors import CTClassifyError
+from app.errors import CTClassifyError, UsageError
 from app.evaluation.metrics import BinaryMetrics, Estimate, binary_metrics, ensemble_figures
 
 __all__ = ["Evaluation", "build_parser", "evaluate", "main"]
@@ -47,10 +47,6 @@ FILES = (
     "confusion.png",
     "report.html",
 )
-
-
-class UsageError(CTClassifyError):
-    """A command-line value that cannot work (exit status 2)."""
 
 
 class EvaluationError(CTClassifyError):

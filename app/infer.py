@@ -29,6 +29,7 @@ from app.cli import (
     count,
     show_progress,
 )
+from app.errors import CTClassifyError, UsageError
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -103,14 +104,8 @@ def safe_name(key: str) -> str:
     return f"{stem}-{hashlib.sha1(key.encode()).hexdigest()[:8]}"
 
 
-class UsageError(Exception):
-    """A command-line problem: printed as one line, exit status 2."""
-
-
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from app.errors import CTClassifyError
-
     try:
         out = output_folder(args)
         clf = load_model(args)
@@ -122,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
             )
         inputs = find_scan_inputs(args.folder)
         log = open_log(out, clf, overwrite=args.overwrite)
-    except (UsageError, CTClassifyError) as exc:
+    except CTClassifyError as exc:  # UsageError among them
         print(f"error: {exc}", file=sys.stderr)
         return 2
     announce(clf, chosen=bool(args.checkpoint), inputs=inputs, log=log)

@@ -11,6 +11,19 @@ import numpy as np
 from app.run_folder import VALIDATION_LABELS
 
 
+def embedded_png(path: Path | None, alt: str, zoom: bool = False) -> str:
+    """``<img>`` holding the PNG at ``path`` (base64: a report is one self-contained file); with
+    ``zoom`` a click shows it at full size (CSS focus, no script). "" when there is no file."""
+    import base64
+    import html
+
+    if path is None or not path.is_file():
+        return ""
+    data = base64.b64encode(path.read_bytes()).decode("ascii")
+    focus = ' tabindex="0"' if zoom else ""
+    return f'<img{focus} alt="{html.escape(alt)}" src="data:image/png;base64,{data}">'
+
+
 def _pyplot() -> Any:
     import matplotlib
 

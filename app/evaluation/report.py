@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import base64
 import html
 import math
 from pathlib import Path
 from typing import Any
 
 from app.bundle.portable.files import atomic_write_text
+from app.plots import embedded_png
 
 NAMES = {
     "roc_auc": "ROC-AUC",
@@ -20,13 +20,6 @@ NAMES = {
     "brier": "Brier score",
     "ece": "expected calibration error (10 bins)",
 }
-
-
-def _img(path: Path, alt: str) -> str:
-    if not path.is_file():
-        return ""
-    data = base64.b64encode(path.read_bytes()).decode("ascii")
-    return f'<img alt="{html.escape(alt)}" src="data:image/png;base64,{data}">'
 
 
 def _num(value: Any) -> str:
@@ -145,8 +138,8 @@ dt {{ font-weight: bold; }} dd {{ margin: 0 0 0.5em 0; }}
 <h2>Metrics ({int(100 * metrics["confidence"])}% confidence intervals){not_independent}</h2>
 <table><tr><th>metric</th><th>value</th><th>CI</th><th>method</th></tr>
 {"".join(table)}</table>
-<p>{_img(out_dir / "roc.png", "ROC curve")}{_img(out_dir / "calibration.png", "calibration")}
-{_img(out_dir / "confusion.png", "confusion matrix")}</p>
+<p>{embedded_png(out_dir / "roc.png", "ROC curve")}{embedded_png(out_dir / "calibration.png", "calibration")}
+{embedded_png(out_dir / "confusion.png", "confusion matrix")}</p>
 {baseline}{ensemble}<h2>Scans</h2>
 <table><tr><th>path</th><th>true</th><th>P(abnormal)</th>{fold_head}<th>predicted</th><th>error</th></tr>
 {"".join(scans)}</table>

@@ -2,20 +2,12 @@
 
 from __future__ import annotations
 
-import base64
 import html
 from pathlib import Path
 
 from app.bundle.portable.files import atomic_write_text
 from app.bundle.portable.writer import parse_fold_probs
-
-
-def _img(path: Path | None, alt: str) -> str:
-    """The picture, embedded; a click shows it at full size (CSS focus, no script)."""
-    if path is None or not path.is_file():
-        return ""
-    data = base64.b64encode(path.read_bytes()).decode("ascii")
-    return f'<img tabindex="0" alt="{html.escape(alt)}" src="data:image/png;base64,{data}">'
+from app.plots import embedded_png
 
 
 def write_report(
@@ -46,8 +38,8 @@ def write_report(
         body.append(
             f'<tr class="{status}"><td class="path">{html.escape(r["path"])}</td>'
             f'<td class="num">{pct}</td><td class="{html.escape(label)}">{html.escape(label)}</td>'
-            f"<td>{note}</td><td>{_img(pics.get('montage'), 'montage')}</td>"
-            f"<td>{_img(pics.get('saliency'), 'saliency')}</td></tr>"
+            f"<td>{note}</td><td>{embedded_png(pics.get('montage'), 'montage', zoom=True)}</td>"
+            f"<td>{embedded_png(pics.get('saliency'), 'saliency', zoom=True)}</td></tr>"
         )
     classified = sum(1 for r in rows if r.get("prob_abnormal"))
     abnormal = sum(1 for r in rows if r.get("label") == "abnormal")
