@@ -1,4 +1,11 @@
-"""The reference Keras example's 3D CNN ("3dcnn"), layer for layer, in PyTorch."""
+"""The 3D CNN of the Keras example "3D image classification from CT scans" (H. Zunair,
+keras.io/examples/vision/3D_image_classification; its model "3dcnn"), layer for layer, in
+PyTorch.
+
+No ``from __future__ import annotations`` here, unlike the rest of the code: TorchScript (the
+bundle's ``models/model.ts``) reads the annotations of the scripted methods and cannot resolve
+them as strings ("Unknown type annotation: 'torch.Tensor'").
+"""
 
 from collections.abc import Sequence
 
@@ -269,7 +276,7 @@ class ConvBlock3D(nn.Sequential):
 
 
 class CNN3D(nn.Module):
-    """The spec's 3D CNN: four conv blocks, global average pooling, Dense 512, Dropout, Dense 1.
+    """The Keras example's 3D CNN: four conv blocks, global average pooling, Dense 512, Dropout, Dense 1.
 
     It returns one logit per scan (``sigmoid`` gives P(abnormal)); train it with
     ``BCEWithLogitsLoss``.

@@ -8,7 +8,7 @@ element-wise ops that ran at 1 GB/s). PyTorch's CUDA allocator caches its blocks
 same effect needs two ``mallopt`` settings: no ``mmap`` for large blocks (``M_MMAP_MAX`` = 0) and
 no trimming of the heap's top (``M_TRIM_THRESHOLD``), so freed blocks are reused. The process
 keeps its peak memory until it exits, which is what a training or inference process wants:
-a float32 training step of the spec network at batch 2 went from over 100,000 page faults to
+a float32 training step of the reference network at batch 2 went from over 100,000 page faults to
 none and from 1.47 s to 1.21-1.27 s, for a peak RSS of about 930 MB instead of 755 MB (the
 heap holds blocks that PyTorch's 64-byte-aligned requests cannot always reuse at once):
 ``python benchmarks/page_faults.py --precision fp32``, figures in the README.
