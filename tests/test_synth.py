@@ -229,3 +229,26 @@ def test_demo_data_generation_respects_no_progress(tmp_path, monkeypatch, capfd,
     assert len(list(root.rglob("*.nii.gz"))) == 2
     err = capfd.readouterr().err
     assert ("synth " in err) == progress, err
+
+
+def test_trees_add_vessel_trees_with_partial_volume_in_both_classes(capsys):
+    """--trees: at 0 the default scans; at 1 the same lungs and lesions, plus tubes of soft-tissue
+    density inside the lungs only, with partial-volume rims (values between lung and vessel)."""
+    from app.data.cli import main as data_main
+    from app.data.synth import generate_scan
+
+    shape = (96, 96, 32)
+    assert np.array_equal(
+        generate_scan(1, 4, shape=shape).volume, generate_scan(1, 4, shape=shape, trees=0.0).volume
+    )
+    for label in (0, 1):
+        plain, trees = (generate_scan(label, 4, shape=shape, trees=t) for t in (0.0, 1.0))
+        assert np.array_equal(plain.lung_mask, trees.lung_mask)
+        assert np.array_equal(plain.lesion_mask, trees.lesion_mask)
+        changed = trees.volume != plain.volume
+        assert changed.sum() > 200 and not (changed & ~plain.lung_mask).any()
+        core = changed & (trees.volume > -100)
+        rim = changed & (trees.volume > -750) & (trees.volume < -400)  # partial volume
+        assert core.sum() > 20 and rim.sum() > 5, (core.sum(), rim.sum())
+    assert data_main(["synth", "/nonexistent/x", "--trees", "1.5"]) == 2
+    assert "--trees must be in [0, 1]" in capsys.readouterr().err
