@@ -377,3 +377,25 @@ def test_density_baseline_sees_the_generators_density_signal(tmp_path):
     assert ggo[y == 1].mean() > ggo[y == 0].mean()
     assert np.isnan(density_features(np.full((8, 8, 4), 50.0))).all()  # no lung: no features
     assert np.isnan(baseline.predict([str(tmp_path / "missing.nii.gz")])).all()
+
+
+@pytest.mark.parametrize(
+    ("temperature", "says"),
+    [(None, "no temperature scaling"), (2.31, "after temperature scaling (T = 2.31)")],
+)
+def test_calibration_plot_says_whether_it_is_after_temperature_scaling(
+    tmp_path, monkeypatch, temperature, says
+):
+    """Issue 21: the calibration plot did not say which probabilities it shows."""
+    import numpy as np
+
+    import app.evaluation.plots as plots
+    from app.evaluation.metrics import binary_metrics
+
+    titles: list[str] = []
+    monkeypatch.setattr(plots, "_save", lambda fig, path: titles.append(fig.axes[0].get_title()))
+    labels = np.array([0, 0, 1, 1, 0, 1])
+    probs = np.array([0.1, 0.4, 0.35, 0.8, 0.2, 0.9])
+    m = binary_metrics(probs, labels, n_resamples=200)
+    plots.plot_calibration(probs, labels, m, tmp_path / "c.png", temperature=temperature)
+    assert len(titles) == 1 and titles[0].startswith(f"Calibration, {says}"), titles
