@@ -363,12 +363,47 @@ def test_python_api_predict(real_ct, checkpoint):
     )
 
 
+def _screenshot(chromium: str, page: Path, tmp_path: Path) -> np.ndarray:
+    """``page`` rendered by headless Chromium at 1200x900, as an RGB array."""
+    import subprocess
+
+    from PIL import Image
+
+    shot = tmp_path / f"{page.parent.name}-shot.png"
+    subprocess.run(
+        [
+            chromium,
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-quic",
+            "--no-first-run",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--disable-sync",
+            f"--user-data-dir={tmp_path / 'profile'}",
+            f"--screenshot={shot}",
+            "--window-size=1200,900",
+            page.as_uri(),
+        ],
+        check=True,
+        capture_output=True,
+        timeout=120,
+    )
+    return np.asarray(Image.open(shot).convert("RGB"), dtype=np.float32)
+
+
+def _banner_rows(rgb: np.ndarray) -> np.ndarray:
+    """Rows of a screenshot that are mostly the reports' red banner (#b00020)."""
+    red = (rgb[..., 0] > 140) & (rgb[..., 1] < 40) & (rgb[..., 2] < 60)
+    return np.nonzero(red.mean(axis=1) > 0.5)[0]
+
+
 @pytest.mark.slow
 def test_report_renders_in_headless_chromium(tmp_path, generated_model, real_ct):
     """The report opens offline in a real browser and is not blank; for a model trained on
     generated scans it is led by the red banner that says so (issue 21)."""
     import os
-    import subprocess
 
     chromium = shutil.which("chromium") or shutil.which("chromium-browser")
     if chromium is None:
@@ -395,36 +430,23 @@ def test_report_renders_in_headless_chromium(tmp_path, generated_model, real_ct)
         )
         == 1
     )
-    shot = tmp_path / "shot.png"
-    subprocess.run(
-        [
-            chromium,
-            "--headless",
-            "--no-sandbox",
-            "--disable-gpu",
-            "--disable-quic",
-            "--no-first-run",
-            "--disable-background-networking",
-            "--disable-component-update",
-            "--disable-sync",
-            f"--user-data-dir={tmp_path / 'profile'}",
-            f"--screenshot={shot}",
-            "--window-size=1200,900",
-            (out / "report.html").as_uri(),
-        ],
-        check=True,
-        capture_output=True,
-        timeout=120,
-    )
-    from PIL import Image
-
-    rgb = np.asarray(Image.open(shot).convert("RGB"), dtype=np.float32)
+    rgb = _screenshot(chromium, out / "report.html", tmp_path)
     pixels = rgb.mean(axis=2)
     assert pixels.std() > 10  # text, table and images: far from a blank page
     assert (pixels < 100).mean() > 0.01  # dark pixels: the CT montages and text
-    red = (rgb[..., 0] > 140) & (rgb[..., 1] < 40) & (rgb[..., 2] < 60)  # the banner's #b00020
-    rows = np.nonzero(red.mean(axis=1) > 0.5)[0]  # rows that are mostly banner
+    rows = _banner_rows(rgb)
     assert len(rows) >= 10 and rows.min() < 300, (len(rows), rows[:5])
+    # the evaluation report of the same model: the banner too, and its plots
+    from conftest import synth_dataset
+
+    from app.evaluate import evaluate
+
+    test = synth_dataset(tmp_path / "test", 3, (64, 64, 16), seed=77)
+    evaluate(test, generated_model, tmp_path / "E", device="cpu", n_resamples=200)
+    rgb = _screenshot(chromium, tmp_path / "E" / "report.html", tmp_path)
+    rows = _banner_rows(rgb)
+    assert len(rows) >= 10 and rows.min() < 300, (len(rows), rows[:5])
+    assert rgb.mean(axis=2).std() > 10
 
 
 def test_bf16_precision_stays_close_to_fp32(real_ct, checkpoint):
