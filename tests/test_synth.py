@@ -44,24 +44,8 @@ def test_abnormal_scans_have_opacities_in_the_lungs_and_normal_ones_do_not():
 
 def test_synth_cli_writes_class_folders(tmp_path):
     out = tmp_path / "d"
-    assert (
-        data_main(
-            [
-                "synth",
-                str(out),
-                "--per-class",
-                "2",
-                "--shape",
-                "48",
-                "48",
-                "8",
-                "--seed",
-                "3",
-                "--no-progress",
-            ]
-        )
-        == 0
-    )
+    command = ["synth", str(out), "--per-class", "2", "--shape", "48", "48", "8", "--seed", "3"]
+    assert data_main([*command, "--no-progress"]) == 0
     files = sorted(p.relative_to(out).as_posix() for p in out.rglob("*.nii.gz"))
     assert files == [
         "CT-0/synth_0_0000.nii.gz",
@@ -73,24 +57,7 @@ def test_synth_cli_writes_class_folders(tmp_path):
     assert img.get_data_dtype() == np.int16 and img.shape == (48, 48, 8)
     assert int(img.header["qform_code"]) == 1 and nib.aff2axcodes(img.affine) == ("L", "A", "S")
     before = (out / "CT-0" / "synth_0_0000.nii.gz").read_bytes()
-    assert (
-        data_main(
-            [
-                "synth",
-                str(out),
-                "--per-class",
-                "2",
-                "--shape",
-                "48",
-                "48",
-                "8",
-                "--seed",
-                "3",
-                "--no-progress",
-            ]
-        )
-        == 0
-    )
+    assert data_main([*command, "--no-progress"]) == 0  # the same command again: kept
     assert (out / "CT-0" / "synth_0_0000.nii.gz").read_bytes() == before
     assert data_main(["synth", str(out), "--per-class", "0"]) == 2
 
