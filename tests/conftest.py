@@ -181,3 +181,19 @@ def train_chain(**overrides):
     settings = {key: config_value(key) for key in ("spatial_size", "hu_window", "axcodes")}
     settings["angles_deg"] = config_value("rotation_angles_deg")
     return train_transforms(keys=["image"], **{**settings, **overrides})
+
+
+@pytest.fixture
+def montage_titles(monkeypatch) -> list[str]:
+    """The title of every montage ``app.plots.plot_montage`` draws during the test (drawn too)."""
+    import app.plots
+
+    titles: list[str] = []
+    original = app.plots.plot_montage
+
+    def recording(volume, path, *args, **kwargs):
+        titles.append(kwargs.get("title") or "")
+        return original(volume, path, *args, **kwargs)
+
+    monkeypatch.setattr(app.plots, "plot_montage", recording)
+    return titles

@@ -936,19 +936,9 @@ def test_unreadable_dicom_series_names_the_file_and_the_problem(real_ct, tmp_pat
 
 
 def test_report_montages_name_the_scan_its_probability_and_orientation(
-    tmp_path, checkpoint, monkeypatch
+    tmp_path, checkpoint, montage_titles
 ):
     """Issue 21: a montage said neither which scan nor what the model gave it."""
-    import app.plots
-
-    titles: list[str] = []
-    original = app.plots.plot_montage
-
-    def recording(volume, path, *args, **kwargs):
-        titles.append(kwargs.get("title") or "")
-        return original(volume, path, *args, **kwargs)
-
-    monkeypatch.setattr(app.plots, "plot_montage", recording)
     folder = tmp_path / "in"
     folder.mkdir()
     nifti(folder / "patient_7.nii.gz", ct_volume())
@@ -957,5 +947,5 @@ def test_report_montages_name_the_scan_its_probability_and_orientation(
     assert infer_main([*args, "--no-progress"]) == 0
     row = read_rows(out)[0]
     shown = f"patient_7.nii.gz: P(abnormal) {100 * float(row['prob_abnormal']):.2f}% -> "
-    assert titles == [shown + row["label"]], titles
+    assert montage_titles == [shown + row["label"]], montage_titles
     assert (out / "montages").is_dir() and len(list((out / "montages").glob("*.png"))) == 1

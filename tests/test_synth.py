@@ -156,20 +156,29 @@ def test_shift_changes_the_findings_and_noise_not_the_anatomy(capsys):
         assert "--shift must be in [0, 1]" in capsys.readouterr().err
 
 
+def _without_and_with(option: str, seed: int, shape: tuple[int, int, int]):
+    """(scan at ``option`` 0, the same scan at 1) of each class, after checking that 0 gives the
+    default scan and that the option leaves the lungs and lesions where they were."""
+    from app.data.synth import generate_scan
+
+    default = generate_scan(1, seed, shape=shape).volume
+    assert np.array_equal(default, generate_scan(1, seed, shape=shape, **{option: 0.0}).volume)
+    for label in (0, 1):
+        plain, changed = (
+            generate_scan(label, seed, shape=shape, **{option: v}) for v in (0.0, 1.0)
+        )
+        assert np.array_equal(plain.lung_mask, changed.lung_mask)
+        assert np.array_equal(plain.lesion_mask, changed.lesion_mask)
+        yield plain, changed
+
+
 def test_hila_add_dense_vessels_inside_both_lungs_of_both_classes(capsys):
     """--hila: at 0 the default scans; at 1 the same lungs and lesions, plus blood-dense
     branches inside the lungs, on their medial side, in normal and abnormal scans alike."""
     from app.data.cli import main as data_main
-    from app.data.synth import generate_scan
 
     shape = (96, 96, 32)
-    assert np.array_equal(
-        generate_scan(0, 2, shape=shape).volume, generate_scan(0, 2, shape=shape, hila=0.0).volume
-    )
-    for label in (0, 1):
-        plain, hila = (generate_scan(label, 2, shape=shape, hila=h) for h in (0.0, 1.0))
-        assert np.array_equal(plain.lung_mask, hila.lung_mask)
-        assert np.array_equal(plain.lesion_mask, hila.lesion_mask)
+    for plain, hila in _without_and_with("hila", seed=2, shape=shape):
         added = (hila.volume > -200) & (plain.volume < -200) & plain.lung_mask
         assert added.sum() > 50
         assert not (added & ~plain.lung_mask).any()
@@ -202,16 +211,8 @@ def test_trees_add_vessel_trees_with_partial_volume_in_both_classes(capsys):
     """--trees: at 0 the default scans; at 1 the same lungs and lesions, plus tubes of soft-tissue
     density inside the lungs only, with partial-volume rims (values between lung and vessel)."""
     from app.data.cli import main as data_main
-    from app.data.synth import generate_scan
 
-    shape = (96, 96, 32)
-    assert np.array_equal(
-        generate_scan(1, 4, shape=shape).volume, generate_scan(1, 4, shape=shape, trees=0.0).volume
-    )
-    for label in (0, 1):
-        plain, trees = (generate_scan(label, 4, shape=shape, trees=t) for t in (0.0, 1.0))
-        assert np.array_equal(plain.lung_mask, trees.lung_mask)
-        assert np.array_equal(plain.lesion_mask, trees.lesion_mask)
+    for plain, trees in _without_and_with("trees", seed=4, shape=(96, 96, 32)):
         changed = trees.volume != plain.volume
         assert changed.sum() > 200 and not (changed & ~plain.lung_mask).any()
         core = changed & (trees.volume > -100)

@@ -631,7 +631,7 @@ def test_end_of_run_summary_leads_with_the_kept_model(tiny_data, tmp_path, capsy
 
 
 def test_recipe_is_read_after_train_yaml_and_kept_on_resume(
-    tiny_data, tmp_path, capfd, caplog, monkeypatch
+    tiny_data, tmp_path, capfd, caplog, montage_titles
 ):
     """--recipe small-data trains with configs/recipes/small-data.yaml on top (the demo's
     recipe); a resume keeps it; a recipe name from the run folder is data: an unknown one is
@@ -643,20 +643,10 @@ def test_recipe_is_read_after_train_yaml_and_kept_on_resume(
     small = ["--epochs", "1", "--device", "cpu", "--no-progress", "--set", "filters=[4, 4, 4, 4]"]
     small += ["--init", ""]  # the recipe's pretrained weights fit its own widths only
     args = ["--data", str(tiny_data), "--output", str(run), "--recipe", "small-data", *small]
-    import app.plots
-
-    titles: list[str] = []
-    original = app.plots.plot_montage
-
-    def recording(volume, path, *a, **kw):
-        titles.append(kw.get("title") or "")
-        return original(volume, path, *a, **kw)
-
-    monkeypatch.setattr(app.plots, "plot_montage", recording)
     assert train_main(args) == 0
     first = json.loads((run / "split.json").read_text())["training"][0]
     name, label = Path(first["image"]).name, ["normal", "abnormal"][int(first["label"])]
-    assert titles == [f"one preprocessed training scan: {name}, {label}"], titles
+    assert montage_titles == [f"one preprocessed training scan: {name}, {label}"], montage_titles
     printed = "".join(capfd.readouterr()) + (run / "train.log").read_text() + caplog.text
     assert "Not all config files" not in printed  # MONAI's warning for recipes/: understood
     saved = json.loads((run / "overrides.json").read_text())
