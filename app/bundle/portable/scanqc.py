@@ -313,8 +313,9 @@ def check_values(volume: np.ndarray, affine: np.ndarray | None = None) -> list[s
     Refused (a :class:`ScanError`, so the scan becomes a failed row and never a probability):
     non-finite voxels; a volume with nothing at or below :data:`AIR_OR_LUNG_HU` (no air, no
     lung: normalised, 8-bit, z-scored, stored without its rescale intercept, or a label map or
-    mask, named as such when it holds at most :data:`MASK_VALUES` distinct values). Given the volume's ``affine`` (to find
-    its axial slices), a scan with little or no lung is warned about (:func:`lung_warnings`).
+    mask, named as such when it holds at most :data:`MASK_VALUES` distinct values). Given the
+    volume's ``affine`` (to find its axial slices), a scan with little or no lung is warned
+    about (:func:`lung_warnings`).
     """
     finite = np.isfinite(volume)
     if not finite.all():
@@ -382,9 +383,9 @@ def lung_slices(volume: np.ndarray, affine: np.ndarray) -> tuple[int, int, float
 
 
 def lung_warnings(volume: np.ndarray, affine: np.ndarray) -> list[str]:
-    """ "Not a chest CT?" when lung is in fewer than :data:`LUNG_SLICE_FRACTION` of the axial
-    slices and spans less than :data:`LUNG_EXTENT_MM` (measured on ``benchmarks/qc_corpus.py``:
-    ``docs/reliability.md``)."""
+    """The warning "not a chest CT?" when lung is in fewer than :data:`LUNG_SLICE_FRACTION` of
+    the axial slices and spans less than :data:`LUNG_EXTENT_MM` (measured on
+    ``benchmarks/qc_corpus.py``: ``docs/reliability.md``)."""
     found, total, spacing = lung_slices(volume, affine)
     fraction = found / max(total, 1)
     extent = found * spacing
