@@ -11,6 +11,16 @@ from pathlib import Path
 from typing import Any
 
 from app.config import CONFIG_DIR
+from app.errors import EXIT_INTERRUPTED, CTClassifyError
+
+
+def fail(exc: CTClassifyError) -> int:
+    """Print ``exc`` as one line ("stopped: ..." for an interruption, else "error: ...") and
+    return its exit status: every command line ends its errors here (``app.errors``)."""
+    word = "stopped" if exc.exit_status == EXIT_INTERRUPTED else "error"
+    print(f"{word}: {exc}", file=sys.stderr)
+    return exc.exit_status
+
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kKmMgGtT]?)\s*$")
 _FACTORS = {"": 1, "k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12}

@@ -33,8 +33,14 @@ from typing import Any, cast
 
 import numpy as np
 
-from app.cli import add_device_option, add_precision_option, add_progress_option, show_progress
-from app.errors import CTClassifyError, UsageError
+from app.cli import (
+    add_device_option,
+    add_precision_option,
+    add_progress_option,
+    fail,
+    show_progress,
+)
+from app.errors import EXIT_REFUSED, CTClassifyError, UsageError
 from app.evaluation.metrics import BinaryMetrics, Estimate, binary_metrics, ensemble_figures
 
 __all__ = ["Evaluation", "build_parser", "evaluate", "main"]
@@ -51,6 +57,8 @@ FILES = (
 
 class EvaluationError(CTClassifyError):
     """The test set gives no figures: no scan classified, or one class only (exit status 2)."""
+
+    exit_status = EXIT_REFUSED
 
 
 def scans_the_model_used(checkpoint: Path, paths: list[str]) -> dict[str, str]:
@@ -501,8 +509,7 @@ def main(argv: list[str] | None = None) -> int:
             tta=args.tta,
         )
     except CTClassifyError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+        return fail(exc)
     m = result.metrics
     print(f"model: {result.model['description']}")
     if result.overlap:

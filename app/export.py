@@ -39,8 +39,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from app.errors import ConfigError
-    from app.inference.classifier import CheckpointError
+    from app.cli import fail
+    from app.errors import CTClassifyError
 
     try:
         out = export_bundle(
@@ -50,9 +50,8 @@ def main(argv: list[str] | None = None) -> int:
             onnx=not args.no_onnx,
             make_zip=args.zip,
         )
-    except (CheckpointError, ConfigError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    except CTClassifyError as exc:  # a refused checkpoint or output: 2
+        return fail(exc)
     except RuntimeError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

@@ -27,6 +27,7 @@ from app.cli import (
     add_progress_option,
     config_values,
     count,
+    fail,
     show_progress,
 )
 from app.errors import CTClassifyError, UsageError
@@ -117,9 +118,8 @@ def main(argv: list[str] | None = None) -> int:
             )
         inputs = find_scan_inputs(args.folder)
         log = open_log(out, clf, overwrite=args.overwrite)
-    except CTClassifyError as exc:  # UsageError among them
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    except CTClassifyError as exc:  # UsageError, CheckpointError, OutputFolderError: 2
+        return fail(exc)
     announce(clf, chosen=bool(args.checkpoint), inputs=inputs, log=log)
     images: dict[str, dict[str, Path]] = {}
     try:

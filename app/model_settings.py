@@ -16,7 +16,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-from app.errors import CTClassifyError
+from app.errors import EXIT_REFUSED, CTClassifyError
 
 #: settings a checkpoint must carry to rebuild its model and preprocessing
 MODEL_SETTINGS = (
@@ -58,6 +58,8 @@ _MAX_ITEMS = 10_000
 
 class SettingsError(CTClassifyError):
     """A checkpoint's or bundle's settings are unsafe or invalid; the message names the field."""
+
+    exit_status = EXIT_REFUSED
 
 
 def find_config_syntax(

@@ -22,10 +22,11 @@ from app.cli import (
     add_precision_option,
     add_progress_option,
     default_text,
+    fail,
     show_progress,
 )
 from app.config import parse_set_options
-from app.errors import ConfigError, CTClassifyError, DataError
+from app.errors import ConfigError, CTClassifyError
 from app.training.workflow import (
     DEMO_RECIPE,
     Interrupted,
@@ -163,19 +164,15 @@ T = TypeVar("T")
 
 
 def _attempt(call: Callable[[], T], stopped_hint: str = "") -> tuple[T | None, int]:
-    """``(result, 0)``, or ``(None, exit status)`` with the error printed: 2 for bad settings or
-    data, 130 for a signal, 1 for any other error of the app."""
+    """``(result, 0)``, or ``(None, exit status)`` with the error printed (``app.errors``: 2
+    for refused settings, data or files, 130 for a signal, 1 for any other error of the app)."""
     try:
         return call(), 0
-    except (ConfigError, DataError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return None, 2
     except Interrupted as exc:
         print(f"stopped: {exc}{stopped_hint}", file=sys.stderr)
-        return None, 130
+        return None, exc.exit_status
     except CTClassifyError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return None, 1
+        return None, fail(exc)
 
 
 def main(argv: list[str] | None = None) -> int:

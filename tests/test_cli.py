@@ -71,3 +71,81 @@ def test_no_progress_bars_without_a_terminal(monkeypatch):
     assert show_progress(False) is False
     monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
     assert show_progress(False) is True and show_progress(True) is False
+
+
+def _readme_exit_table() -> dict[int, str]:
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    section = text.split("## Exit status", 1)[1].split("\n## ", 1)[0]
+    rows = [line.split("|")[1:3] for line in section.splitlines() if line.startswith("| ")]
+    return {int(code): meaning.strip() for code, meaning in rows if code.strip().isdigit()}
+
+
+def test_every_error_class_gives_the_exit_status_of_the_readme_table():
+    """README, "Exit status": one table for every command line; each error class says its row."""
+    from app.errors import (
+        EXIT_DONE,
+        EXIT_FAILED,
+        EXIT_INTERRUPTED,
+        EXIT_REFUSED,
+        ConfigError,
+        CTClassifyError,
+        DataError,
+        DownloadError,
+        UsageError,
+    )
+    from app.evaluate import EvaluationError
+    from app.inference.classifier import CheckpointError
+    from app.inference.predictions import OutputFolderError
+    from app.model_settings import SettingsError
+    from app.readback import ReadBackError
+    from app.training.pretrained import InitWeightsError
+    from app.training.workflow import Interrupted
+
+    table = _readme_exit_table()
+    assert set(table) == {EXIT_DONE, EXIT_FAILED, EXIT_REFUSED, EXIT_INTERRUPTED} == {0, 1, 2, 130}
+    assert "refused" in table[2] and "some inputs failed" in table[1] and "signal" in table[130]
+    refused = (ConfigError, DataError, UsageError, SettingsError, CheckpointError, EvaluationError,
+               OutputFolderError, ReadBackError, InitWeightsError)  # fmt: skip
+    assert all(cls.exit_status == EXIT_REFUSED for cls in refused)
+    assert DownloadError.exit_status == CTClassifyError.exit_status == EXIT_FAILED
+    assert Interrupted.exit_status == EXIT_INTERRUPTED
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        pytest.param("train", id="app.train"),
+        pytest.param("infer", id="app.infer"),
+        pytest.param("evaluate", id="app.evaluate"),
+        pytest.param("export", id="app.export"),
+        pytest.param("data", id="app.data"),
+        pytest.param("pretrain", id="app.pretrain"),
+    ],
+)
+def test_every_command_line_refuses_a_missing_input_with_status_2(tmp_path, capsys, command):
+    """README, "Exit status" 2: a refused input, one line on stderr, nothing written."""
+    from app.data.cli import main as data_main
+    from app.evaluate import main as evaluate_main
+    from app.export import main as export_main
+    from app.infer import main as infer_main
+    from app.pretrain import main as pretrain_main
+    from app.train import main as train_main
+
+    missing = str(tmp_path / "missing")
+    out = tmp_path / "out"
+    calls = {
+        "train": lambda: train_main(["--data", missing, "--output", str(out), "--no-progress"]),
+        "infer": lambda: infer_main([missing, "--output", str(out), "--no-progress"]),
+        "evaluate": lambda: evaluate_main(
+            ["--data", missing, "--checkpoint", missing, "--output", str(out), "--no-progress"]
+        ),
+        "export": lambda: export_main(["--checkpoint", missing, "--output", str(out)]),
+        "data": lambda: data_main(["synth", str(out), "--per-class", "0", "--no-progress"]),
+        "pretrain": lambda: pretrain_main(["--per-class", "1", "--work", str(out)]),
+    }
+    assert 2 in _readme_exit_table() and calls[command]() == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err and all(line.startswith("error: ") for line in err), err
+    assert not out.exists() or not any(out.iterdir())

@@ -10,7 +10,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from app.cli import add_progress_option, show_progress
+from app.cli import add_progress_option, fail, show_progress
 
 DEFAULT_ROOT = Path("data")
 
@@ -130,7 +130,6 @@ def main(argv: list[str] | None = None) -> int:
                 trees=args.trees,
             )
             print(f"wrote {len(items)} scans to {args.out}")
-    except CTClassifyError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
+    except CTClassifyError as exc:  # a failed download: 1; refused data: 2
+        return fail(exc)
     return 0

@@ -27,7 +27,7 @@ from app.bundle.portable.inferers import PRECISIONS, resolve_precision
 from app.bundle.portable.scanqc import Limits, TrainingContext
 from app.bundle.portable.scans import ScanInput, find_inputs
 from app.bundle.portable.screen import screen_scan, split_loading
-from app.errors import ConfigError, CTClassifyError
+from app.errors import EXIT_REFUSED, ConfigError, CTClassifyError
 from app.inference.model_card import ModelCard
 from app.model_settings import MODEL_SETTINGS, SettingsError, validate_settings
 from app.run_folder import BEST_MODEL, METRICS_CSV
@@ -46,6 +46,8 @@ SALIENCY_SIGMA = 2.0
 
 class CheckpointError(CTClassifyError):
     """The checkpoint cannot be used (missing, unsafe, or without the settings of its model)."""
+
+    exit_status = EXIT_REFUSED
 
 
 @dataclass

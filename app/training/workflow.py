@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from app.config import CONFIG_DIR, config_files, load_config
-from app.errors import ConfigError, CTClassifyError, DataError
+from app.errors import EXIT_INTERRUPTED, ConfigError, CTClassifyError, DataError
 from app.run_folder import BEST_MODEL, FINISHED, METRICS_CSV, SPLIT, mark_finished
 
 OVERRIDES_FILE = "overrides.json"
@@ -574,6 +574,8 @@ def finished_reason(
 
 class Interrupted(CTClassifyError):
     """Training stopped on SIGINT/SIGTERM; the newest checkpoint is kept for ``--resume``."""
+
+    exit_status = EXIT_INTERRUPTED
 
 
 @contextlib.contextmanager
