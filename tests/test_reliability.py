@@ -294,7 +294,8 @@ def test_hostile_nifti_headers_never_crash(
 def classifiable_by_nibabel(path: Path, limits: Limits) -> str | None:
     """Why nibabel (the reference reader) finds no classifiable scan in ``path``; ``None`` if
     it does: readable, 3D (or 4D of one volume), at least 2 voxels per axis, within the size
-    limits, finite positive spacing, an invertible finite affine, finite values."""
+    limits, finite positive spacing, an invertible finite affine, finite values, CT in HU
+    (something at or below -500)."""
     try:
         img = nib.load(str(path))
         shape = img.shape
@@ -313,6 +314,8 @@ def classifiable_by_nibabel(path: Path, limits: Limits) -> str | None:
             data = np.asanyarray(img.dataobj)
         if not np.isfinite(data).all():
             return "non-finite values"
+        if float(data.min()) > -500:  # README: not CT in Hounsfield units (no air, no lung)
+            return "not HU"
     except Exception as exc:  # nibabel refuses it too
         return f"nibabel: {type(exc).__name__}"
     return None
