@@ -150,8 +150,8 @@ def _metadata(settings: dict[str, Any], metrics: list[dict[str, Any]]) -> dict[s
     return meta
 
 
-def _docs(settings: dict[str, Any], metrics: list[dict[str, Any]], source: Path) -> str:
-    meta = _metadata(settings, metrics)
+def _docs(settings: dict[str, Any], meta: dict[str, Any], source: Path) -> str:
+    """The bundle's docs/README.md, from the run's settings and the bundle's metadata."""
     evals = meta.get("eval_metrics", {})
     measured = (
         f"Validation accuracy {evals['val_accuracy']:.3f} and ROC-AUC {evals['val_roc_auc']:.3f} "
@@ -357,13 +357,12 @@ def _write_configs_and_docs(
         "# Exported by ctclassify (python -m app.export); self-contained.\n"
         + yaml.safe_dump(bundle_inference_config(settings), sort_keys=False),
     )
-    atomic_write_text(
-        work / "configs" / "metadata.json", json.dumps(_metadata(settings, metrics), indent=4)
-    )
+    meta = _metadata(settings, metrics)
+    atomic_write_text(work / "configs" / "metadata.json", json.dumps(meta, indent=4))
     shutil.copy(CONFIG_DIR / "logging.conf", work / "configs" / "logging.conf")
     shutil.copy(REPO / "LICENSE", work / "LICENSE")
     shutil.copy(REPO / "docs" / "data_license.md", work / "docs" / "data_license.md")
-    atomic_write_text(work / "docs" / "README.md", _docs(settings, metrics, source))
+    atomic_write_text(work / "docs" / "README.md", _docs(settings, meta, source))
 
 
 def monai_bundle(

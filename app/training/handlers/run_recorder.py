@@ -7,7 +7,7 @@ import io
 import json
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +35,9 @@ class RunRecorder:
         optimizer: its first parameter group's learning rate is recorded.
         metric_names: the trainer's and the evaluator's metrics, as the config names them.
         montage_source: returns a preprocessed (C, x, y, z) volume for ``montage.png``.
-        montage_caption: what that volume is (the scan's file name and class), for its title.
+        montage_scan: the datalist entry of that volume (``image``, ``label``), named in its title
+            with ``class_names``.
+        class_names: label 0 and label 1.
         val_interval: validation runs every ``val_interval`` epochs.
         budget: decides which epochs are written (shared with the checkpoint saver); default:
             every epoch.
@@ -50,7 +52,8 @@ class RunRecorder:
         montage_source: Callable[[], Any] | None = None,
         val_interval: int = 1,
         budget: WriteBudget | None = None,
-        montage_caption: str = "",
+        montage_scan: Mapping[str, Any] | None = None,
+        class_names: Sequence[str] | None = None,
     ) -> None:
         self.output_dir = Path(output_dir)
         self.budget = budget or WriteBudget(1.0)
@@ -59,7 +62,11 @@ class RunRecorder:
         self.evaluator = evaluator
         self.optimizer = optimizer
         self.montage_source = montage_source
-        self.montage_caption = montage_caption
+        self.montage_caption = (
+            f"{Path(str(montage_scan['image'])).name}, {class_names[int(montage_scan['label'])]}"
+            if montage_scan and class_names
+            else ""
+        )
         self.val_interval = val_interval
         self.rows: list[dict[str, Any]] = []
         self._epoch_start = 0.0
