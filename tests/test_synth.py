@@ -190,6 +190,39 @@ def test_hila_add_dense_vessels_inside_both_lungs_of_both_classes(capsys):
     assert "--hila must be in [0, 1]" in capsys.readouterr().err
 
 
+def test_parallel_generation_writes_the_same_files_as_one_process(tmp_path, monkeypatch):
+    """`--workers` (the demo uses every core): the same bytes, masks too, as one process; a
+    second run with some files missing completes them; more workers than cores are capped."""
+    import os
+
+    from app.data import synth
+
+    kwargs = {"shape": (40, 40, 10), "seed": 5, "progress": False, "masks": True}
+    one = synth.write_dataset(tmp_path / "one", 3, workers=1, **kwargs)
+    two = synth.write_dataset(tmp_path / "two", 3, workers=2, **kwargs)
+    names = sorted(p.relative_to(tmp_path / "one") for p in (tmp_path / "one").rglob("*.nii.gz"))
+    assert len(names) == 12 and [Path(d["image"]).name for d in one] == [
+        Path(d["image"]).name for d in two
+    ]
+    for name in names:
+        assert (tmp_path / "one" / name).read_bytes() == (tmp_path / "two" / name).read_bytes()
+    (tmp_path / "two" / "CT-23" / "synth_1_0002.nii.gz").unlink()
+    (tmp_path / "two" / "masks" / "synth_0_0001.nii.gz").unlink()
+    monkeypatch.setattr(os, "cpu_count", lambda: 1)  # capped: one process, in this one
+    synth.write_dataset(tmp_path / "two", 3, workers=64, **kwargs)
+    for name in names:
+        assert (tmp_path / "one" / name).read_bytes() == (tmp_path / "two" / name).read_bytes()
+
+
+def test_synth_cli_refuses_a_worker_count_below_one(tmp_path, capsys):
+    for bad in ("0", "-2", "two", "1.5"):
+        with pytest.raises(SystemExit) as exc:
+            data_main(["synth", str(tmp_path / "d"), "--workers", bad])
+        assert exc.value.code == 2
+        assert "--workers" in capsys.readouterr().err
+    assert not (tmp_path / "d").exists()
+
+
 @pytest.mark.parametrize("progress", [False, True])
 def test_demo_data_generation_respects_no_progress(tmp_path, monkeypatch, capfd, progress):
     """`app.train --demo --no-progress` printed the data generation's progress bar anyway."""

@@ -1,16 +1,17 @@
 """python -m app.data: download MosMedData, or generate the MosMed-like default dataset.
 
 python -m app.data download [--root DIR]
-python -m app.data synth OUT [--per-class N] [--shape X Y Z] [--seed S] [--difficulty D]
+python -m app.data synth OUT [--per-class N] [--shape X Y Z] [--seed S] [--difficulty D] [--workers N]
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
-from app.cli import add_progress_option, fail, show_progress
+from app.cli import add_progress_option, count, fail, show_progress
 
 DEFAULT_ROOT = Path("data")
 
@@ -82,6 +83,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=0.5,
         help="0 (large, dense findings) .. 1 (few, faint ones); default 0.5",
     )
+    sy.add_argument(
+        "--workers",
+        type=count,
+        default=os.cpu_count() or 1,
+        help="processes generating scans, at most the CPU cores (default: the CPU cores, "
+        "%(default)s); the files are the same with any number",
+    )
     add_progress_option(sy)
     return parser
 
@@ -128,6 +136,7 @@ def main(argv: list[str] | None = None) -> int:
                 shift=args.shift,
                 hila=args.hila,
                 trees=args.trees,
+                workers=args.workers,
             )
             print(f"wrote {len(items)} scans to {args.out}")
     except CTClassifyError as exc:  # a failed download: 1; refused data: 2

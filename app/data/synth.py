@@ -10,6 +10,7 @@ the classes only partly, so a model has to learn where the opacities are.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -410,11 +411,13 @@ def save_scan(scan: SynthScan, path: str | Path) -> None:
     The bytes go to a hidden ``.NAME.partial`` file first, renamed into place when complete: a
     kill mid-write leaves no file that a scan finder takes for a scan.
     """
-    import gzip
-    import os
+    _save_atomically(_image(scan), Path(path))
 
-    path = Path(path)
-    data = _image(scan).to_bytes()
+
+def _save_atomically(image: nib.Nifti1Image, path: Path) -> None:
+    import gzip
+
+    data = image.to_bytes()
     if path.name.endswith(".gz"):
         data = gzip.compress(data, compresslevel=1, mtime=0)
     tmp = path.with_name(f".{path.name}{PARTIAL_SUFFIX}")
@@ -430,6 +433,19 @@ def scan_seed(seed: int, index: int) -> int:
     return int(np.random.SeedSequence([seed, index]).generate_state(1)[0])
 
 
+def _write_one(
+    path: Path, mask_path: Path | None, label: int, seed: int, settings: dict[str, Any]
+) -> None:
+    """Generate and write one scan (and its lesion mask): a job of :func:`write_dataset`."""
+    scan = generate_scan(label, seed, **settings)
+    if not path.exists():
+        save_scan(scan, path)
+    if mask_path is not None:
+        mask_path.parent.mkdir(parents=True, exist_ok=True)
+        assert scan.lesion_mask is not None
+        _save_atomically(nib.Nifti1Image(scan.lesion_mask.astype(np.uint8), scan.affine), mask_path)
+
+
 def write_dataset(
     out: str | Path,
     per_class: int,
@@ -442,46 +458,65 @@ def write_dataset(
     shift: float = 0.0,
     hila: float = 0.0,
     trees: float = 0.0,
+    workers: int = 1,
 ) -> list[dict[str, object]]:
     """Write ``per_class`` scans of each class to ``out/CT-0`` and ``out/CT-23`` (with
     ``masks``, each scan's lesion mask as uint8 NIfTI on its grid to ``out/masks/NAME``).
 
     Returns the datalist (``image``, ``label``). Existing files of the same name are kept, so an
     interrupted run completes when run again; a ``.complete`` marker records the settings.
+    ``workers`` > 1 generates in that many processes (at most the CPU cores): each scan has its
+    own seed, so the files are the same as with one.
     """
+    from concurrent.futures import ProcessPoolExecutor
+
     from tqdm import tqdm
 
     out = Path(out)
-    for folder_name in CLASS_FOLDERS.values():  # what a killed run (this or an older one) left
+    for folder_name in (*CLASS_FOLDERS.values(), "masks"):  # what a killed run left
         for stale in (
             *(out / folder_name).glob(f".*{PARTIAL_SUFFIX}"),
             *(out / folder_name).glob("*.tmp.nii.gz"),
         ):
             stale.unlink(missing_ok=True)
+    settings = {
+        "shape": shape,
+        "difficulty": difficulty,
+        "confounders": confounders,
+        "shift": shift,
+        "hila": hila,
+        "trees": trees,
+    }
     items: list[dict[str, object]] = []
-    jobs = [(label, i) for i in range(per_class) for label in CLASS_FOLDERS]
-    for label, i in tqdm(jobs, desc=f"synth {out}", unit="scan", disable=not progress):
-        folder = out / CLASS_FOLDERS[label]
-        folder.mkdir(parents=True, exist_ok=True)
-        path = folder / f"synth_{label}_{i:04d}.nii.gz"
-        mask_path = out / "masks" / path.name
-        if not path.exists() or (masks and not mask_path.exists()):
-            scan = generate_scan(
-                label,
-                scan_seed(seed, i),
-                shape=shape,
-                difficulty=difficulty,
-                confounders=confounders,
-                shift=shift,
-                hila=hila,
-                trees=trees,
-            )
-            if not path.exists():
-                save_scan(scan, path)
-            if masks:
-                mask_path.parent.mkdir(parents=True, exist_ok=True)
-                assert scan.lesion_mask is not None
-                lesion = nib.Nifti1Image(scan.lesion_mask.astype(np.uint8), scan.affine)
-                nib.save(lesion, str(mask_path))
-        items.append({"image": str(path), "label": label})
+    todo = []
+    for i in range(per_class):
+        for label in CLASS_FOLDERS:
+            folder = out / CLASS_FOLDERS[label]
+            folder.mkdir(parents=True, exist_ok=True)
+            path = folder / f"synth_{label}_{i:04d}.nii.gz"
+            mask_path = out / "masks" / path.name if masks else None
+            if not path.exists() or (mask_path is not None and not mask_path.exists()):
+                todo.append((path, mask_path, label, scan_seed(seed, i), settings))
+            items.append({"image": str(path), "label": label})
+    bar = tqdm(
+        total=len(items), initial=len(items) - len(todo), desc=f"synth {out}", unit="scan",
+        disable=not progress,
+    )  # fmt: skip
+    with bar:
+        workers = min(workers, len(todo), os.cpu_count() or 1)
+        if workers > 1:
+            import multiprocessing
+
+            context = multiprocessing.get_context("spawn")  # no fork of a process holding torch
+            with ProcessPoolExecutor(workers, mp_context=context) as pool:
+                for done in pool.map(_write_one_job, todo):
+                    bar.update(done)
+        else:
+            for job in todo:
+                bar.update(_write_one_job(job))
     return items
+
+
+def _write_one_job(job: tuple[Path, Path | None, int, int, dict[str, Any]]) -> int:
+    _write_one(*job)
+    return 1

@@ -70,6 +70,7 @@ def demo_dataset(config_dir: Path = CONFIG_DIR, progress: bool = True) -> Path:
             seed=int(spec["seed"]),
             difficulty=float(spec.get("difficulty", 0.5)),
             progress=progress,
+            workers=os.cpu_count() or 1,
         )
         marker.write_text(json.dumps(spec))
     return root
