@@ -37,6 +37,7 @@ from app.cli import (
     add_device_option,
     add_precision_option,
     add_progress_option,
+    config_values,
     fail,
     show_progress,
 )
@@ -103,6 +104,15 @@ def training_scans(checkpoint: Path) -> list[dict[str, Any]] | None:
         split = read_split(folder / "fold-0" / SPLIT)
         return split["training"] + split["validation"]
     return None
+
+
+def evaluate_defaults() -> dict[str, Any]:
+    """``app.evaluate``'s defaults: ``batch_size`` and ``num_workers`` (``common.yaml``, as
+    ``app.infer``), then ``evaluate.yaml``'s ``evaluation`` and the threshold
+    (:func:`app.evaluation.metrics.evaluation_settings`)."""
+    from app.evaluation.metrics import evaluation_settings
+
+    return {**config_values("common.yaml"), **evaluation_settings()}
 
 
 def baseline_figures(
@@ -262,20 +272,21 @@ def evaluate(
     device: str = "auto",
     threshold: float | None = None,
     precision: str = "auto",
-    batch_size: int = 2,
-    workers: int = 0,
-    n_resamples: int = 2000,
-    seed: int = 0,
+    batch_size: int | None = None,
+    workers: int | None = None,
+    n_resamples: int | None = None,
+    seed: int | None = None,
     overwrite: bool = False,
     progress: bool = False,
     allow_overlap: bool = False,
-    auc_ci: str = "delong",
+    auc_ci: str | None = None,
     with_baseline: bool = True,
     tta: bool = False,
 ) -> Evaluation:
     """Classify every scan of the labelled set ``data`` with the model at ``checkpoint`` (run
     folder, checkpoint file or exported bundle) and measure it; with ``output``, write the
-    files listed in the module docstring there.
+    files listed in the module docstring there. ``None``: the configs' value (``batch_size``,
+    ``num_workers``: ``common.yaml``; the rest: ``evaluate.yaml``'s ``evaluation``).
 
     Raises:
         DataError: ``data`` has no labelled scans.
@@ -289,6 +300,12 @@ def evaluate(
     from app.data.datalist import find_items
     from app.inference.classifier import Classifier
 
+    defaults = evaluate_defaults()
+    batch_size = int(defaults["batch_size"] if batch_size is None else batch_size)
+    workers = int(defaults["num_workers"] if workers is None else workers)
+    n_resamples = int(defaults["bootstrap_resamples"] if n_resamples is None else n_resamples)
+    seed = int(defaults["bootstrap_seed"] if seed is None else seed)
+    auc_ci = str(defaults["auc_ci"] if auc_ci is None else auc_ci)
     if threshold is not None and not 0 <= threshold <= 1:
         raise UsageError("--threshold must be in [0, 1]")
     if n_resamples < 100:
@@ -332,7 +349,9 @@ def evaluate(
         auc_method=auc_ci,
     )
     baseline = (
-        baseline_figures(Path(str(clf.checkpoint)), rows, 0.95, progress) if with_baseline else None
+        baseline_figures(Path(str(clf.checkpoint)), rows, defaults["confidence"], progress)
+        if with_baseline
+        else None
     )
     folds: list[dict[str, Any]] = []
     calibration = None
@@ -454,17 +473,39 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threshold", type=float, help="P(abnormal) threshold (default: the model's)")
     add_precision_option(p, default="auto")
     add_device_option(p, "where to run the model (default auto: CUDA when there is a GPU)")
-    p.add_argument("--batch-size", type=int, default=2, help="scans per forward pass (default 2)")
-    p.add_argument("--workers", type=int, default=0, help="reading processes (default 0: a thread)")
+    defaults = evaluate_defaults()
+    p.add_argument(
+        "--batch-size",
+        type=int,
+        default=int(defaults["batch_size"]),
+        help="scans per forward pass (default %(default)s)",
+    )
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=int(defaults["num_workers"]),
+        help="reading processes (default %(default)s; 0: a thread)",
+    )
     p.add_argument(
         "--auc-ci",
         choices=("delong", "bootstrap"),
-        default="delong",
-        help="ROC-AUC interval: DeLong's variance on the logit scale (default; coverage 0.95-0.96 "
-        "in simulation from 10 scans in the smaller class) or a stratified BCa bootstrap",
+        default=str(defaults["auc_ci"]),
+        help="ROC-AUC interval (default %(default)s): delong, DeLong's variance on the logit scale "
+        "(coverage 0.95-0.96 in simulation from 10 scans in the smaller class), or bootstrap, a "
+        "stratified BCa bootstrap",
     )
-    p.add_argument("--bootstrap", type=int, default=2000, help="bootstrap resamples (default 2000)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the bootstrap (default 0)")
+    p.add_argument(
+        "--bootstrap",
+        type=int,
+        default=int(defaults["bootstrap_resamples"]),
+        help="bootstrap resamples (default %(default)s)",
+    )
+    p.add_argument(
+        "--seed",
+        type=int,
+        default=int(defaults["bootstrap_seed"]),
+        help="seed of the bootstrap (default %(default)s)",
+    )
     p.add_argument("--overwrite", action="store_true", help="replace an evaluation in --output")
     p.add_argument(
         "--tta",

@@ -11,7 +11,7 @@ import os
 import sys
 from pathlib import Path
 
-from app.cli import add_progress_option, count, fail, show_progress
+from app.cli import add_progress_option, config_values, count, fail, show_progress
 
 DEFAULT_ROOT = Path("data")
 
@@ -35,7 +35,13 @@ def build_parser() -> argparse.ArgumentParser:
     add_progress_option(dl)
     sy = sub.add_parser("synth", help="write a generated MosMed-like dataset")
     sy.add_argument("out", type=Path, help="output folder (gets CT-0/ and CT-23/)")
-    sy.add_argument("--per-class", type=int, default=100, help="scans per class (default: 100)")
+    defaults = config_values("synth.yaml")["synth"]  # as app.data.synth.synth_defaults()
+    sy.add_argument(
+        "--per-class",
+        type=int,
+        default=int(defaults["per_class"]),
+        help="scans per class (default: %(default)s)",
+    )
     sy.add_argument(
         "--shape",
         type=int,
@@ -44,32 +50,37 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="voxels per scan (default: 512 512 and 30-70 slices, like MosMed)",
     )
-    sy.add_argument("--seed", type=int, default=0)
+    sy.add_argument(
+        "--seed",
+        type=int,
+        default=int(defaults["seed"]),
+        help="seed of the dataset (default %(default)s)",
+    )
     sy.add_argument(
         "--confounders",
         type=float,
-        default=0.0,
-        help="0 (default) to 1: dependent density, expiration, vessels and blur in both classes "
+        default=float(defaults["confounders"]),
+        help="0 to 1 (default %(default)s): dependent density, expiration, vessels and blur in both classes "
         "alike, which make lung density mislead as in real CT",
     )
     sy.add_argument(
         "--shift",
         type=float,
-        default=0.0,
-        help="0 (default) to 1: a shifted domain (elongated, lower-contrast lesions, more noise) "
+        default=float(defaults["shift"]),
+        help="0 to 1 (default %(default)s): a shifted domain (elongated, lower-contrast lesions, more noise) "
         "for tests on settings that neither pretraining nor the recipe's choice saw",
     )
     sy.add_argument(
         "--hila",
         type=float,
-        default=0.0,
-        help="0 (default) to 1: large hilar vessels in both classes, as real CT has them",
+        default=float(defaults["hila"]),
+        help="0 to 1 (default %(default)s): large hilar vessels in both classes, as real CT has them",
     )
     sy.add_argument(
         "--trees",
         type=float,
-        default=0.0,
-        help="0 (default) to 1: 3D vessel trees with partial volume in both classes (up to 6 "
+        default=float(defaults["trees"]),
+        help="0 to 1 (default %(default)s): 3D vessel trees with partial volume in both classes (up to 6 "
         "per lung at 1)",
     )
     sy.add_argument(
@@ -80,8 +91,8 @@ def build_parser() -> argparse.ArgumentParser:
     sy.add_argument(
         "--difficulty",
         type=float,
-        default=0.5,
-        help="0 (large, dense findings) .. 1 (few, faint ones); default 0.5",
+        default=float(defaults["difficulty"]),
+        help="0 (large, dense findings) .. 1 (few, faint ones); default %(default)s",
     )
     sy.add_argument(
         "--workers",

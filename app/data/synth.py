@@ -56,11 +56,19 @@ def _ellipse(
     return np.sqrt(((u - cu) / ru) ** 2 + ((v - cv) / rv) ** 2)
 
 
+def synth_defaults() -> dict[str, Any]:
+    """The generator's defaults (``configs/synth.yaml``): ``per_class``, ``seed``,
+    ``difficulty``, ``confounders``, ``shift``, ``hila``, ``trees``."""
+    from app.cli import config_values
+
+    return dict(config_values("synth.yaml")["synth"])
+
+
 def generate_scan(
     label: int,
     seed: int,
     shape: tuple[int, int, int] | None = None,
-    difficulty: float = 0.5,
+    difficulty: float | None = None,
     confounders: float = 0.0,
     shift: float = 0.0,
     hila: float = 0.0,
@@ -73,7 +81,8 @@ def generate_scan(
         label: 0 normal, 1 abnormal (viral-pneumonia-like findings).
         seed: seed of this scan.
         shape: (x, y, z) voxels; ``None`` draws MosMed's 512x512 with 30-70 slices.
-        difficulty: 0 gives large, dense findings; 1 gives few, small, faint ones.
+        difficulty: 0 gives large, dense findings; 1 gives few, small, faint ones
+            (``None``: :func:`synth_defaults`).
         confounders: 0 (none) to 1: what makes lung density mislead in real CT, in both
             classes alike: denser dependent (posterior) lung, expiration (a denser lung
             overall), more and larger vessels, and scanner blur (partial volume). Drawn from a
@@ -93,6 +102,8 @@ def generate_scan(
             lung (each of up to 15 branches). Drawn from a random stream of its own: at 0 the scans are those of earlier
             versions.
     """
+    if difficulty is None:
+        difficulty = float(synth_defaults()["difficulty"])
     rng = np.random.default_rng([seed, label])
     if shape is None:
         shape = (512, 512, int(rng.integers(30, 71)))
@@ -451,7 +462,7 @@ def write_dataset(
     per_class: int,
     shape: tuple[int, int, int] | None = None,
     seed: int = 0,
-    difficulty: float = 0.5,
+    difficulty: float | None = None,
     progress: bool = True,
     masks: bool = False,
     confounders: float = 0.0,
@@ -465,7 +476,8 @@ def write_dataset(
 
     Returns the datalist (``image``, ``label``). Existing files of the same name are kept, so an
     interrupted run completes when run again; a ``.complete`` marker records the settings.
-    ``workers`` > 1 generates in that many processes (at most the CPU cores): each scan has its
+    ``difficulty`` ``None``: :func:`synth_defaults`'s. ``workers`` > 1 generates in that
+    many processes (at most the CPU cores): each scan has its
     own seed, so the files are the same as with one.
     """
     from concurrent.futures import ProcessPoolExecutor

@@ -84,10 +84,26 @@ class BinaryMetrics:
         return asdict(self)
 
 
-def wilson(successes: int, trials: int, confidence: float = 0.95) -> Estimate:
+def evaluation_settings() -> dict[str, Any]:
+    """The defaults of every function here and of ``app.evaluate``: ``confidence``, ``auc_ci``,
+    ``bootstrap_resamples``, ``bootstrap_seed`` (``configs/evaluate.yaml``, ``evaluation``) and
+    ``threshold`` (``configs/common.yaml``)."""
+    from app.cli import config_values
+
+    values = dict(config_values("evaluate.yaml")["evaluation"])
+    values["threshold"] = config_values("common.yaml")["threshold"]
+    return values
+
+
+def _or_default(value: Any, key: str) -> Any:
+    return evaluation_settings()[key] if value is None else value
+
+
+def wilson(successes: int, trials: int, confidence: float | None = None) -> Estimate:
     """A proportion with its Wilson score interval (``nan`` for no trials)."""
     from scipy.stats import binomtest
 
+    confidence = float(_or_default(confidence, "confidence"))
     if trials == 0:
         return Estimate(math.nan, math.nan, math.nan, "wilson")
     ci = binomtest(int(successes), int(trials)).proportion_ci(confidence, method="wilson")
@@ -135,13 +151,17 @@ def _placements(positive: np.ndarray, negative: np.ndarray) -> tuple[float, np.n
 
 
 def paired_auc_difference(
-    probs_a: np.ndarray, probs_b: np.ndarray, labels: np.ndarray, confidence: float = 0.95
+    probs_a: np.ndarray,
+    probs_b: np.ndarray,
+    labels: np.ndarray,
+    confidence: float | None = None,
 ) -> Estimate:
     """ROC-AUC of ``probs_a`` minus that of ``probs_b`` on the same scans, with DeLong's
     interval for correlated ROC curves (DeLong, DeLong and Clarke-Pearson 1988: the covariance
     of the two AUCs from their placement values)."""
     from scipy.stats import norm
 
+    confidence = float(_or_default(confidence, "confidence"))
     a, b, y = (np.asarray(v) for v in (probs_a, probs_b, labels))
     pos, neg = y == 1, y == 0
     m, n = int(pos.sum()), int(neg.sum())
@@ -162,14 +182,14 @@ def paired_auc_difference(
 def auc_with_ci(
     probs: np.ndarray,
     labels: np.ndarray,
-    confidence: float = 0.95,
-    n_resamples: int = 2000,
-    seed: int = 0,
-    method: str = "delong",
+    confidence: float | None = None,
+    n_resamples: int | None = None,
+    seed: int | None = None,
+    method: str | None = None,
 ) -> Estimate:
     """ROC-AUC (scikit-learn) and its interval.
 
-    ``delong`` (default): DeLong's variance on the logit scale (the interval stays inside
+    ``delong`` (the configs' default): DeLong's variance on the logit scale (the interval stays inside
     (0, 1) and keeps its coverage on small and imbalanced sets); ``bootstrap``: a seeded
     stratified BCa bootstrap (positives and negatives resampled separately). With fewer than
     :data:`MIN_CLASS_FOR_AUC_CI` scans in the smaller class the method says the interval is
@@ -178,6 +198,10 @@ def auc_with_ci(
     from scipy.stats import norm
     from sklearn.metrics import roc_auc_score
 
+    confidence = float(_or_default(confidence, "confidence"))
+    n_resamples = int(_or_default(n_resamples, "bootstrap_resamples"))
+    seed = int(_or_default(seed, "bootstrap_seed"))
+    method = str(_or_default(method, "auc_ci"))
     probs, labels = np.asarray(probs, float), np.asarray(labels, int)
     positive, negative = probs[labels == 1], probs[labels == 0]
     if len(positive) == 0 or len(negative) == 0:
@@ -256,16 +280,19 @@ def expected_calibration_error(probs: np.ndarray, labels: np.ndarray, bins: int 
 def binary_metrics(
     probs: np.ndarray,
     labels: np.ndarray,
-    threshold: float = 0.5,
-    confidence: float = 0.95,
-    n_resamples: int = 2000,
-    seed: int = 0,
-    auc_method: str = "delong",
+    threshold: float | None = None,
+    confidence: float | None = None,
+    n_resamples: int | None = None,
+    seed: int | None = None,
+    auc_method: str | None = None,
 ) -> BinaryMetrics:
     """Every figure of a test set: P(abnormal) ``probs`` against 0/1 ``labels``; a scan is
-    called abnormal at ``probs >= threshold`` (as ``app.infer`` calls it)."""
+    called abnormal at ``probs >= threshold`` (as ``app.infer`` calls it). ``None``: the
+    configs' value (:func:`evaluation_settings`)."""
     from sklearn.metrics import brier_score_loss, confusion_matrix
 
+    threshold = float(_or_default(threshold, "threshold"))
+    confidence = float(_or_default(confidence, "confidence"))
     probs, labels = np.asarray(probs, float), np.asarray(labels, int)
     if probs.shape != labels.shape or probs.ndim != 1:
         raise ValueError(f"probs {probs.shape} and labels {labels.shape} must be equal 1D arrays")
@@ -324,10 +351,10 @@ def ensemble_figures(
     fold_probs: np.ndarray,
     labels: np.ndarray,
     temperature: float,
-    confidence: float = 0.95,
-    n_resamples: int = 2000,
-    seed: int = 0,
-    auc_method: str = "delong",
+    confidence: float | None = None,
+    n_resamples: int | None = None,
+    seed: int | None = None,
+    auc_method: str | None = None,
 ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """What a cross-validation ensemble's members and calibration did on a test set.
 

@@ -68,7 +68,7 @@ def demo_dataset(config_dir: Path = CONFIG_DIR, progress: bool = True) -> Path:
             int(spec["per_class"]),
             tuple(shape) if shape else None,
             seed=int(spec["seed"]),
-            difficulty=float(spec.get("difficulty", 0.5)),
+            difficulty=spec.get("difficulty"),
             progress=progress,
             workers=os.cpu_count() or 1,
         )
