@@ -78,7 +78,7 @@ def export_weights(run: Path, out: Path, record: dict[str, Any]) -> Path:
     import torch
 
     from app.data.download import sha256_of
-    from app.inference.classifier import load_checkpoint
+    from app.inference.checkpoints import load_checkpoint
     from app.model_settings import MODEL_SETTINGS
     from app.run_folder import BEST_MODEL
     from app.training.pretrained import GENERATED

@@ -60,6 +60,15 @@ def build_parser() -> argparse.ArgumentParser:
         f"reference's; --demo uses {DEMO_RECIPE}",
     )
 
+    _add_setting_options(p)
+    _add_run_options(p)
+    add_progress_option(p)
+    return p
+
+
+def _add_setting_options(p: argparse.ArgumentParser) -> None:
+    """Options that override a config setting (their defaults: the configs')."""
+
     def default(key: str) -> str:
         return default_text(key, "common.yaml", "train.yaml", demo=recipe_file(DEMO_RECIPE))
 
@@ -95,6 +104,18 @@ def build_parser() -> argparse.ArgumentParser:
         "--workers", type=int, help=f"data-loading worker processes {default('num_workers')}"
     )
     p.add_argument(
+        "--set",
+        dest="sets",
+        action="append",
+        default=[],
+        metavar="ID=VALUE",
+        help="override any config id, e.g. --set bn_momentum=0.1 (repeatable)",
+    )
+
+
+def _add_run_options(p: argparse.ArgumentParser) -> None:
+    """Options about the run: its start, resuming, cross-validation, the run folder."""
+    p.add_argument(
         "--init",
         metavar="WEIGHTS",
         help="start from these weights: 'generated' (the network pretrained on generated scans "
@@ -117,16 +138,6 @@ def build_parser() -> argparse.ArgumentParser:
         "Youden's J)",
     )
     p.add_argument("--overwrite", action="store_true", help="replace an existing run folder")
-    p.add_argument(
-        "--set",
-        dest="sets",
-        action="append",
-        default=[],
-        metavar="ID=VALUE",
-        help="override any config id, e.g. --set bn_momentum=0.1 (repeatable)",
-    )
-    add_progress_option(p)
-    return p
 
 
 def overrides_from_args(args: argparse.Namespace) -> dict[str, Any]:

@@ -12,7 +12,7 @@ def write_spec_checkpoint(path: str | Path, **overrides: Any) -> Path:
     """Save a checkpoint as app.train writes it (network + run settings); ``overrides`` change
     config ids, e.g. ``spatial_size=[48, 48, 48]``."""
     from app.config import load_config
-    from app.inference.classifier import MODEL_SETTINGS
+    from app.model_settings import MODEL_SETTINGS
 
     parser = load_config("inference.yaml", overrides=overrides)
     settings = {key: parser.get_parsed_content(key) for key in (*MODEL_SETTINGS, "threshold")}

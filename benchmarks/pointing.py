@@ -4,7 +4,7 @@
     python benchmarks/pointing.py --checkpoint RUN/fold-0 --data T [--method gradient|gradcam]
 
 For each abnormal scan of ``T/CT-23`` with its lesion mask in ``T/masks``: the saliency map of one
-network (``app.inference.classifier.Classifier.saliency``: the smoothed input gradient, or with
+network (``app.inference.saliency.saliency_map``: the smoothed input gradient, or with
 ``--method gradcam`` Grad-CAM of a conv block) carried back to the scan's own grid
 (``app.inference.saliency.to_input_grid``), then ``pointing_game``: is the map's maximum inside a
 lesion dilated by 2 voxels (hit), the share of the map inside the lungs (our lung mask united with

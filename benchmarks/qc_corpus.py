@@ -153,7 +153,7 @@ def run_checks(items: list[Item]) -> list[dict[str, object]]:
     from app.bundle.portable.scanqc import Limits, TrainingContext
     from app.bundle.portable.scans import find_inputs
     from app.data.synth import is_generated  # noqa: F401
-    from app.inference.classifier import ScanPreparer
+    from app.inference.reading import ScanPreparer
     from transforms.presets import eval_transforms
 
     chain = eval_transforms(keys=["image"], spatial_size=(64, 64, 48), hu_window=(-1000, 400),
@@ -165,9 +165,9 @@ def run_checks(items: list[Item]) -> list[dict[str, object]]:
     for item in items:
         scan = find_inputs(item.path)[0] if item.path.is_dir() else None
         if scan is None:
-            from app.inference.classifier import _as_input
+            from app.inference.reading import as_input
 
-            scan = _as_input(item.path)
+            scan = as_input(item.path)
         out = prepare(scan)
         text = " | ".join([out["error"] or ""] + list(out["warnings"]))
         flags = {k: any(s in text for s in subs) for k, subs in KINDS.items()}

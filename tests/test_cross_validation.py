@@ -189,7 +189,7 @@ def test_cross_validation_folder_is_one_model_the_mean_of_its_folds(cv_data, tmp
     predicted = ensemble.predict(scan)
     assert predicted.prob_abnormal == pytest.approx(sum(members) / 2, abs=2e-6)
     assert predicted.fold_probs == pytest.approx(members, abs=2e-6)  # each fold's, scaled
-    from app.evaluate import UsageError
+    from app.errors import UsageError
 
     with pytest.raises(UsageError, match="12 of the 12 test scans were used by the model"):
         evaluate(cv_data, out, tmp_path / "E", device="cpu", n_resamples=200)

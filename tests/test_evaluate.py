@@ -150,7 +150,8 @@ def test_set(tmp_path_factory):
 
 
 def test_evaluate_writes_every_file_naming_model_and_data(test_set, checkpoint, tmp_path, capsys):
-    from app.evaluate import FILES, main
+    from app.evaluate import main
+    from app.evaluation.workflow import FILES
 
     (test_set / "CT-0" / "broken.nii.gz").write_bytes(b"\x1f\x8b not really gzip")
     out = tmp_path / "E"

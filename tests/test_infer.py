@@ -757,7 +757,7 @@ def test_prefetched_preparation_keeps_order_and_bounds_lookahead():
     import threading
     import time as _time
 
-    from app.inference.classifier import _batched, _prefetched
+    from app.inference.reading import batched, prefetched
 
     started: list[int] = []
     consumed = 0
@@ -773,17 +773,17 @@ def test_prefetched_preparation_keeps_order_and_bounds_lookahead():
         return {"i": i, "thread": threading.current_thread().name}
 
     out = []
-    for r in _prefetched(prepare, list(range(12)), ahead=3):
+    for r in prefetched(prepare, list(range(12)), ahead=3):
         out.append(r["i"])
         consumed += 1
         assert r["thread"].startswith("ctclassify-read")
     assert out == list(range(12))
     assert most_ahead <= 4  # the `ahead` in flight, plus the one being handed over
-    assert [len(b) for b in _batched(({"i": i} for i in range(5)), 2)] == [2, 2, 1]
-    assert list(_prefetched(prepare, [], ahead=3)) == []
+    assert [len(b) for b in batched(({"i": i} for i in range(5)), 2)] == [2, 2, 1]
+    assert list(prefetched(prepare, [], ahead=3)) == []
 
     started.clear()
-    stream = _prefetched(prepare, list(range(50)), ahead=3)
+    stream = prefetched(prepare, list(range(50)), ahead=3)
     next(stream)
     stream.close()
     assert len(started) <= 5  # the rest of the 50 were never read

@@ -24,7 +24,8 @@ from hypothesis import strategies as st
 from app.bundle.portable.files import atomic_write_text
 from app.bundle.portable.scanqc import Limits
 from app.bundle.portable.scans import find_inputs
-from app.inference.classifier import Classifier, ScanPreparer
+from app.inference.classifier import Classifier
+from app.inference.reading import ScanPreparer
 from app.run_folder import latest_checkpoint
 
 SMALL = [

@@ -10,8 +10,8 @@ from conftest import synth_dataset
 from ignite.engine import Engine, Events
 
 from app.train import main as train_main
-from app.training.engine import RunInfo
 from app.training.handlers import EarlyStopping
+from app.training.run_info import RunInfo
 
 TINY = [
     "--epochs",
@@ -676,7 +676,7 @@ def test_recipe_is_read_after_train_yaml_and_kept_on_resume(
 def test_learning_rate_schedules():
     """step: the reference's staircase decay, as StepLR; cosine: from the rate to 0 over the
     run's steps; anything else is refused."""
-    from app.training.engine import make_lr_scheduler
+    from app.training.schedules import make_lr_scheduler
 
     def rates(schedule, steps, **kw):
         opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)

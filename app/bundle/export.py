@@ -232,7 +232,8 @@ def export_bundle(
     Built beside the target (``OUTPUT.partial``) and renamed into place at the end: a kill or an
     error leaves the previous bundle (or nothing), never a partial bundle under the final name.
     """
-    from app.inference.classifier import CV_CALIBRATION, Classifier, resolve_checkpoint
+    from app.inference.checkpoints import CV_CALIBRATION, resolve_checkpoint
+    from app.inference.classifier import Classifier
     from app.run_folder import METRICS_CSV, read_metrics
 
     final = Path(output)

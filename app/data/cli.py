@@ -33,7 +33,11 @@ def build_parser() -> argparse.ArgumentParser:
     dl.add_argument("--base-url", default=None, help="mirror to fetch the archives from")
     dl.add_argument("--keep-archives", action="store_true", help="keep the zips after unpacking")
     add_progress_option(dl)
-    sy = sub.add_parser("synth", help="write a generated MosMed-like dataset")
+    _add_synth_parser(sub.add_parser("synth", help="write a generated MosMed-like dataset"))
+    return parser
+
+
+def _add_synth_parser(sy: argparse.ArgumentParser) -> None:
     sy.add_argument("out", type=Path, help="output folder (gets CT-0/ and CT-23/)")
     defaults = config_values("synth.yaml")["synth"]  # as app.data.synth.synth_defaults()
     sy.add_argument(
@@ -102,7 +106,6 @@ def build_parser() -> argparse.ArgumentParser:
         "%(default)s); the files are the same with any number",
     )
     add_progress_option(sy)
-    return parser
 
 
 def main(argv: list[str] | None = None) -> int:

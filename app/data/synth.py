@@ -119,24 +119,8 @@ def generate_scan(
         _draw_hila(np.random.default_rng([seed, label, 0x41A]), body, hila) if hila else []
     )
     lesions = _draw_lesions(rng, difficulty, body) if label == 1 else []
-    blur = 0.0
-    if confounders > 0:
-        confound = np.random.default_rng([seed, label, 0xC0F])
-        body["gravity_hu"] += confound.uniform(0, 250) * confounders
-        body["inspiration_hu"] += confound.uniform(0, 200) * confounders
-        body["vessel_boost"] = confound.uniform(0.2, 0.6) * confounders
-        blur = confound.uniform(0.3, 1.2) * confounders
-    volume = np.empty(shape, dtype=np.float32)
-    lung_mask = np.zeros(shape, dtype=bool)
-    lesion_mask = np.zeros(shape, dtype=bool)
-    for iz, z in enumerate(z_mm):
-        sl = _chest_wall_slice(u, v, float(z), body)
-        in_lungs = np.zeros((nx, ny), dtype=bool)
-        if body["lung_bottom"] < z < body["lung_top"]:
-            sl, in_lungs = _add_lungs(rng, sl, u, v, float(z), body, lesions, lesion_mask[:, :, iz])
-        lung_mask[:, :, iz] = in_lungs
-        sl += rng.normal(0, body["noise_hu"], size=sl.shape).astype(np.float32)
-        volume[:, :, iz] = sl
+    blur = _add_confounders(np.random.default_rng([seed, label, 0xC0F]), body, confounders)
+    volume, lung_mask, lesion_mask = _draw_slices(rng, shape, u, v, z_mm, body, lesions)
     if trees > 0:
         streams = np.random.default_rng([seed, label, 0x7EE])
         slice_mm = SLICE_MM if nz >= 30 else SLICE_MM * 30 / nz
@@ -153,6 +137,42 @@ def generate_scan(
     return SynthScan(
         volume=volume, affine=affine, lung_mask=lung_mask, label=label, lesion_mask=lesion_mask
     )
+
+
+def _draw_slices(
+    rng: np.random.Generator,
+    shape: tuple[int, int, int],
+    u: np.ndarray,
+    v: np.ndarray,
+    z_mm: np.ndarray,
+    body: dict[str, Any],
+    lesions: list[dict[str, Any]],
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(HU volume with noise, lung mask, lesion mask), slice by slice."""
+    nx, ny, _ = shape
+    volume = np.empty(shape, dtype=np.float32)
+    lung_mask = np.zeros(shape, dtype=bool)
+    lesion_mask = np.zeros(shape, dtype=bool)
+    for iz, z in enumerate(z_mm):
+        sl = _chest_wall_slice(u, v, float(z), body)
+        in_lungs = np.zeros((nx, ny), dtype=bool)
+        if body["lung_bottom"] < z < body["lung_top"]:
+            sl, in_lungs = _add_lungs(rng, sl, u, v, float(z), body, lesions, lesion_mask[:, :, iz])
+        lung_mask[:, :, iz] = in_lungs
+        sl += rng.normal(0, body["noise_hu"], size=sl.shape).astype(np.float32)
+        volume[:, :, iz] = sl
+    return volume, lung_mask, lesion_mask
+
+
+def _add_confounders(rng: np.random.Generator, body: dict[str, Any], strength: float) -> float:
+    """Make ``body``'s lungs denser posteriorly and overall and its vessels stronger, by
+    ``strength`` (0..1) of the maximum; returns the scanner blur (voxels) to apply."""
+    if strength <= 0:
+        return 0.0
+    body["gravity_hu"] += rng.uniform(0, 250) * strength
+    body["inspiration_hu"] += rng.uniform(0, 200) * strength
+    body["vessel_boost"] = rng.uniform(0.2, 0.6) * strength
+    return float(rng.uniform(0.3, 1.2) * strength)
 
 
 def _draw_anatomy(rng: np.random.Generator) -> dict[str, Any]:
@@ -358,6 +378,17 @@ def _add_lungs(
     )
     vessels = field > 1.4 - body.get("vessel_boost", 0.0) + 0.8 * np.clip(hilum, 0, 1.5)
     lung_sl = np.where(vessels, 30.0, lung_sl)
+    lung_sl = _add_hilar_vessels(lung_sl, u, v, z, scale, body)
+    sl = np.where(in_lungs, lung_sl, sl)
+    sl = _add_lesions(rng, sl, u, v, z, scale, body, lesions, in_lungs, lesion_mask)
+    return sl, in_lungs
+
+
+def _add_hilar_vessels(
+    lung_sl: np.ndarray, u: np.ndarray, v: np.ndarray, z: float, scale: float, body: dict[str, Any]
+) -> np.ndarray:
+    """``body``'s hilar vessels crossing slice ``z`` (tapering bright branches); no draws."""
+    lungs = body["lungs"]
     for ves in body.get("hila", []):
         dz = (z - ves["z"]) / ves["rz"]
         if abs(dz) >= 1:
@@ -372,7 +403,25 @@ def _add_lungs(
         gap = np.hypot(u - su - along * du, v - sv - along * dv)
         width = ves["width"] * (1.4 - 0.8 * along) * np.sqrt(1 - dz**2)  # tapering
         lung_sl = np.where(gap < width, 40.0, lung_sl)
-    sl = np.where(in_lungs, lung_sl, sl)
+    return lung_sl
+
+
+def _add_lesions(
+    rng: np.random.Generator,
+    sl: np.ndarray,
+    u: np.ndarray,
+    v: np.ndarray,
+    z: float,
+    scale: float,
+    body: dict[str, Any],
+    lesions: list[dict[str, Any]],
+    in_lungs: np.ndarray,
+    lesion_mask: np.ndarray | None,
+) -> np.ndarray:
+    """The lesions crossing slice ``z``, drawn into ``sl`` inside the lungs; marks them in
+    ``lesion_mask`` (in place)."""
+    nx, ny = u.shape
+    lungs = body["lungs"]
     for les in lesions:
         dz = (z - les["z"]) / les["rz"]
         if abs(dz) >= 1:
@@ -400,7 +449,7 @@ def _add_lungs(
         if les["solid"]:
             core = (rr < 0.45) & in_lungs
             sl = np.where(core, rng.uniform(-100, 50), sl)
-    return sl, in_lungs
+    return sl
 
 
 #: suffix of a scan being written: matches no scan pattern (and starts with a dot)

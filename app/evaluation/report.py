@@ -28,10 +28,8 @@ def _num(value: Any) -> str:
     )
 
 
-def write_report(summary: dict[str, Any], rows: list[dict[str, Any]], out_dir: Path) -> Path:
-    """Write ``out_dir/report.html`` from ``metrics.json``'s content and the prediction rows."""
+def _metric_rows(metrics: dict[str, Any]) -> str:
     e = html.escape
-    metrics = summary["metrics"]
     table = []
     for row in metrics["rows"]:
         ci = (
@@ -42,6 +40,12 @@ def write_report(summary: dict[str, Any], rows: list[dict[str, Any]], out_dir: P
             f"<td class=num>{_num(row['value'])}</td><td class=num>{ci}</td>"
             f"<td>{e(row['method'])}</td></tr>"
         )
+    return "".join(table)
+
+
+def _scan_table(rows: list[dict[str, Any]]) -> str:
+    """Every scan: path, true class, P(abnormal) (an ensemble's folds too), predicted, error."""
+    e = html.escape
     scans = []
     fold_keys = [k for k in (rows[0] if rows else {}) if k.startswith("prob_fold_")]
     for r in rows:
@@ -60,25 +64,35 @@ def write_report(summary: dict[str, Any], rows: list[dict[str, Any]], out_dir: P
             f"<td>{e(str(r['predicted_name']))}</td><td>{e(str(r['error']))}</td></tr>"
         )
     fold_head = "<th>each fold, %</th>" if fold_keys else ""
-    ensemble = ""
-    if summary.get("folds"):  # a cross-validation ensemble: its members, its calibration
-        fold_rows = "".join(
-            f"<tr><td>fold {f['fold']}</td><td class=num>{_num(f['roc_auc']['value'])}</td>"
-            f"<td class=num>{_num(f['roc_auc']['low'])}-{_num(f['roc_auc']['high'])}</td>"
-            f"<td class=num>{_num(f['brier'])}</td><td class=num>{_num(f['ece'])}</td></tr>"
-            for f in summary["folds"]
+    return (
+        f"<table><tr><th>path</th><th>true</th><th>P(abnormal)</th>{fold_head}<th>predicted</th>"
+        f"<th>error</th></tr>\n{''.join(scans)}</table>"
+    )
+
+
+def _ensemble_section(summary: dict[str, Any]) -> str:
+    """A cross-validation ensemble's members and calibration ('' for one model)."""
+    if not summary.get("folds"):
+        return ""
+    e = html.escape
+    metrics = summary["metrics"]
+    fold_rows = "".join(
+        f"<tr><td>fold {f['fold']}</td><td class=num>{_num(f['roc_auc']['value'])}</td>"
+        f"<td class=num>{_num(f['roc_auc']['low'])}-{_num(f['roc_auc']['high'])}</td>"
+        f"<td class=num>{_num(f['brier'])}</td><td class=num>{_num(f['ece'])}</td></tr>"
+        for f in summary["folds"]
+    )
+    cal = summary["calibration"]
+    cal_rows = "".join(
+        f"<tr><td>{e(what)}</td><td class=num>{_num(cal['before'][k])}</td>"
+        f"<td class=num>{_num(cal['after'][k])}</td></tr>"
+        for k, what in (
+            ("nll", "negative log-likelihood"),
+            ("brier", "Brier score"),
+            ("ece", "expected calibration error"),
         )
-        cal = summary["calibration"]
-        cal_rows = "".join(
-            f"<tr><td>{e(what)}</td><td class=num>{_num(cal['before'][k])}</td>"
-            f"<td class=num>{_num(cal['after'][k])}</td></tr>"
-            for k, what in (
-                ("nll", "negative log-likelihood"),
-                ("brier", "Brier score"),
-                ("ece", "expected calibration error"),
-            )
-        )
-        ensemble = f"""<h2>Fold models (the ensemble averages them)</h2>
+    )
+    return f"""<h2>Fold models (the ensemble averages them)</h2>
 <table><tr><th>model</th><th>ROC-AUC</th><th>CI</th><th>Brier</th><th>ECE</th></tr>
 {fold_rows}<tr><td>ensemble</td><td class=num>{_num(metrics["roc_auc"]["value"])}</td>
 <td class=num>{_num(metrics["roc_auc"]["low"])}-{_num(metrics["roc_auc"]["high"])}</td>
@@ -86,10 +100,13 @@ def write_report(summary: dict[str, Any], rows: list[dict[str, Any]], out_dir: P
 <h2>Calibration: temperature {cal["temperature"]:.3g} (fitted out of fold)</h2>
 <table><tr><th></th><th>before</th><th>after</th></tr>{cal_rows}</table>
 """
-    c = metrics["confusion"]
-    base = summary.get("baseline")
-    baseline = (
-        f"""<h2>Against its baseline</h2>
+
+
+def _baseline_section(base: dict[str, Any] | None) -> str:
+    if not base:
+        return ""
+    e = html.escape
+    return f"""<h2>Against its baseline</h2>
 <p>{e(base["what"])}, fitted on the model's {base["trained_on"]} training scans, on the same
 {base["scans"]} test scans: ROC-AUC {_num(base["roc_auc"]["value"])}
 ({_num(base["roc_auc"]["low"])}-{_num(base["roc_auc"]["high"])}); the model's ROC-AUC minus the
@@ -97,13 +114,14 @@ baseline's: {_num(base["difference"]["value"])} ({_num(base["difference"]["low"]
 {_num(base["difference"]["high"])}, {e(base["difference"]["method"])}).
 <strong>{e(base["verdict"][0].upper() + base["verdict"][1:])}.</strong></p>
 """
-        if base
-        else ""
-    )
+
+
+def _banners(summary: dict[str, Any]) -> str:
+    """Red lines above everything: test scans the model used; a model of generated scans."""
     overlap = summary.get("overlap")
     banner = (
         f"<p class=banner>NOT INDEPENDENT: {overlap['scans']} test scans were used by the model "
-        f"({e(str(overlap['used_for']))}); every figure on this page is optimistic.</p>"
+        f"({html.escape(str(overlap['used_for']))}); every figure on this page is optimistic.</p>"
         if overlap
         else ""
     )
@@ -112,7 +130,15 @@ baseline's: {_num(base["difference"]["value"])} ({_num(base["difference"]["low"]
             "<p class=banner>The model was trained on generated scans (app.data synth), not on "
             "real CT: its figures on real scans would mean little.</p>"
         )
-    not_independent = " (not independent)" if overlap else ""
+    return banner
+
+
+def write_report(summary: dict[str, Any], rows: list[dict[str, Any]], out_dir: Path) -> Path:
+    """Write ``out_dir/report.html`` from ``metrics.json``'s content and the prediction rows."""
+    e = html.escape
+    metrics = summary["metrics"]
+    c = metrics["confusion"]
+    not_independent = " (not independent)" if summary.get("overlap") else ""
     page = f"""<!doctype html>
 <html><head><meta charset="utf-8"><title>ctclassify evaluation</title>
 <style>
@@ -125,7 +151,7 @@ dt {{ font-weight: bold; }} dd {{ margin: 0 0 0.5em 0; }}
 .banner {{ background: #b00020; color: white; padding: 0.6em; font-weight: bold; }}
 </style></head><body>
 <h1>Evaluation</h1>
-{banner}
+{_banners(summary)}
 <p>Research use only, not for diagnosis.</p>
 <dl>
 <dt>Model</dt><dd>{e(summary["model"]["description"])}</dd>
@@ -137,12 +163,11 @@ dt {{ font-weight: bold; }} dd {{ margin: 0 0 0.5em 0; }}
 </dl>
 <h2>Metrics ({int(100 * metrics["confidence"])}% confidence intervals){not_independent}</h2>
 <table><tr><th>metric</th><th>value</th><th>CI</th><th>method</th></tr>
-{"".join(table)}</table>
+{_metric_rows(metrics)}</table>
 <p>{embedded_png(out_dir / "roc.png", "ROC curve")}{embedded_png(out_dir / "calibration.png", "calibration")}
 {embedded_png(out_dir / "confusion.png", "confusion matrix")}</p>
-{baseline}{ensemble}<h2>Scans</h2>
-<table><tr><th>path</th><th>true</th><th>P(abnormal)</th>{fold_head}<th>predicted</th><th>error</th></tr>
-{"".join(scans)}</table>
+{_baseline_section(summary.get("baseline"))}{_ensemble_section(summary)}<h2>Scans</h2>
+{_scan_table(rows)}
 </body></html>
 """
     path = out_dir / "report.html"

@@ -79,7 +79,7 @@ def describe(source: str | None, resumed: str | Path | None = None) -> dict[str,
     checkpoint is shared). ``resumed``: the run folder of a resumed run, whose record is kept
     from its best model (a resume loads its own weights, and needs no ``--init`` file)."""
     if resumed is not None and (Path(resumed) / BEST_MODEL).is_file():
-        from app.inference.classifier import CheckpointError, load_checkpoint
+        from app.inference.checkpoints import CheckpointError, load_checkpoint
 
         try:
             return load_checkpoint(Path(resumed) / BEST_MODEL)[1].get("init_weights")
@@ -104,7 +104,7 @@ def initialize_network(
     """
     if not source:
         return network
-    from app.inference.classifier import CheckpointError, load_checkpoint
+    from app.inference.checkpoints import CheckpointError, load_checkpoint
 
     path, _ = resolve(source)
     try:

@@ -1,0 +1,495 @@
+"""Evaluate a model on a labelled test set: the work behind ``python -m app.evaluate``.
+
+``evaluate(...)`` classifies every scan, measures the figures with their intervals
+(``app.evaluation.metrics``), fits the density baseline on the model's own training scans
+(``app.evaluation.baseline``), and writes metrics.json, predictions.csv, the plots and
+report.html (``app.evaluation.report``); it returns an :class:`Evaluation`.
+"""
+
+from __future__ import annotations
+
+import csv
+import datetime as dt
+import io
+import json
+import math
+import sys
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, cast
+
+import numpy as np
+
+from app.cli import config_values
+from app.errors import EXIT_REFUSED, CTClassifyError, UsageError
+from app.evaluation.metrics import BinaryMetrics, Estimate, binary_metrics, ensemble_figures
+
+__all__ = ["Evaluation", "EvaluationError", "evaluate", "evaluate_defaults"]
+
+FILES = (
+    "metrics.json",
+    "predictions.csv",
+    "roc.png",
+    "calibration.png",
+    "confusion.png",
+    "report.html",
+)
+
+
+class EvaluationError(CTClassifyError):
+    """The test set gives no figures: no scan classified, or one class only (exit status 2)."""
+
+    exit_status = EXIT_REFUSED
+
+
+def scans_the_model_used(checkpoint: Path, paths: list[str]) -> dict[str, str]:
+    """Which of ``paths`` the model at ``checkpoint`` trained or validated on (``path ->
+    "training"``, ``"validation"``, ``"fold k training"``...), from the ``split.json`` of its
+    run folder, or of each fold of a cross-validation folder. Files are compared by their real
+    paths (``./x``, links); a bundle records no scans and gives ``{}``."""
+    import os
+
+    from app.readback import read_split
+    from app.run_folder import SPLIT, fold_dirs
+
+    folder = checkpoint if checkpoint.is_dir() else checkpoint.parent
+    splits = [("", folder / SPLIT)]
+    splits += [(f"fold {p.name[5:]} ", p / SPLIT) for p in fold_dirs(folder)]
+    used: dict[str, str] = {}
+    for prefix, path in splits:
+        if path.is_file():
+            split = read_split(path)
+            for part in ("training", "validation"):
+                for item in split[part]:
+                    used.setdefault(os.path.realpath(item["image"]), f"{prefix}{part}")
+    found = {}
+    for scan in paths:
+        where = used.get(os.path.realpath(scan))
+        if where is not None:
+            found[scan] = where
+    return found
+
+
+def training_scans(checkpoint: Path) -> list[dict[str, Any]] | None:
+    """The scans the model at ``checkpoint`` trained on (its run's ``split.json`` training
+    part; for a cross-validation folder every scan of its folds), as ``{image, label}``; None
+    when no split is recorded (a bundle, a bare checkpoint file)."""
+    from app.readback import read_split
+    from app.run_folder import SPLIT
+
+    folder = checkpoint if checkpoint.is_dir() else checkpoint.parent
+    if (folder / SPLIT).is_file():
+        return read_split(folder / SPLIT)["training"]
+    if (folder / "fold-0" / SPLIT).is_file():
+        split = read_split(folder / "fold-0" / SPLIT)
+        return split["training"] + split["validation"]
+    return None
+
+
+def evaluate_defaults() -> dict[str, Any]:
+    """``app.evaluate``'s defaults: ``batch_size`` and ``num_workers`` (``common.yaml``, as
+    ``app.infer``), then ``evaluate.yaml``'s ``evaluation`` and the threshold
+    (:func:`app.evaluation.metrics.evaluation_settings`)."""
+    from app.evaluation.metrics import evaluation_settings
+
+    return {**config_values("common.yaml"), **evaluation_settings()}
+
+
+def baseline_figures(
+    checkpoint: Path,
+    rows: list[dict[str, Any]],
+    confidence: float,
+    progress: bool,
+) -> dict[str, Any] | None:
+    """The density baseline (``app.evaluation.baseline``) fitted on the model's own training
+    scans, on the classified test scans: its ROC-AUC with its interval and the model's paired
+    difference (DeLong); None when the training scans are not recorded or not readable."""
+    from app.evaluation.baseline import DensityBaseline
+    from app.evaluation.metrics import auc_with_ci, paired_auc_difference
+
+    train = training_scans(checkpoint)
+    if not train:
+        return None
+    present = [t for t in train if Path(t["image"]).exists()]
+    try:
+        baseline = DensityBaseline.fit(
+            [t["image"] for t in present], [t["label"] for t in present], progress=progress
+        )
+    except ValueError:
+        return None
+    for r in rows:
+        r["prob_baseline"] = ""
+    ok = [r for r in rows if r["prob_abnormal"] != ""]
+    probs = baseline.predict([r["path"] for r in ok], progress=progress)
+    both = np.isfinite(probs)
+    labels = np.array([int(r["label"]) for r in ok])[both]
+    model = np.array([float(r["prob_abnormal"]) for r in ok])[both]
+    for r, p in zip(ok, probs, strict=True):
+        r["prob_baseline"] = "" if not np.isfinite(p) else round(float(p), 6)
+    if len(set(labels.tolist())) < 2:
+        return None
+    difference = paired_auc_difference(model, probs[both], labels, confidence)
+    return {
+        "what": "lung-density features + logistic regression (app.evaluation.baseline)",
+        "trained_on": baseline.scans,
+        "scans": int(both.sum()),
+        "roc_auc": auc_with_ci(probs[both], labels, confidence),
+        "difference": difference,
+        "verdict": (
+            "the model beats its density baseline"
+            if difference.low > 0
+            else "the model does NOT beat its density baseline (the difference's interval "
+            "reaches 0 or below)"
+        ),
+    }
+
+
+def _overlap_text(overlap: dict[str, str]) -> str:
+    counts: dict[str, int] = {}
+    for where in overlap.values():
+        counts[where] = counts.get(where, 0) + 1
+    return ", ".join(f"{n} in {where}" for where, n in sorted(counts.items()))
+
+
+@dataclass
+class Evaluation:
+    """The result of :func:`evaluate`."""
+
+    metrics: BinaryMetrics
+    predictions: list[dict[str, Any]]
+    model: dict[str, Any]
+    data: str
+    date: str
+    failed: int = 0
+    files: dict[str, Path] = field(default_factory=dict)
+    #: a cross-validation ensemble's fold models: ``{"fold", "roc_auc": Estimate, "brier",
+    #: "ece"}`` each (empty for one model)
+    folds: list[dict[str, Any]] = field(default_factory=list)
+    #: an ensemble's ``{"temperature", "before": {nll, brier, ece}, "after": {...}}``
+    calibration: dict[str, Any] | None = None
+    #: with ``allow_overlap``: ``{"scans", "used_for"}`` of test scans the model trained or
+    #: validated on (every figure is then not independent); ``None`` when there were none
+    overlap: dict[str, Any] | None = None
+    #: the density baseline on the same scans: ``{"what", "trained_on", "scans", "roc_auc":
+    #: Estimate, "difference": Estimate (model minus baseline, DeLong paired), "verdict"}``
+    baseline: dict[str, Any] | None = None
+
+    @property
+    def independent(self) -> bool:
+        """Whether no test scan was used in the model's training or validation."""
+        return self.overlap is None
+
+    def table(self) -> list[dict[str, Any]]:
+        """One row per metric (value, CI, method): ``pandas.DataFrame(evaluation.table())``.
+        An ensemble adds ``fold K roc_auc`` rows, and ``nll``, ``brier`` and ``ece`` ``before
+        temperature`` and ``after temperature``."""
+        rows = self.metrics.rows()
+        nan = math.nan
+        for f in self.folds:
+            e: Estimate = f["roc_auc"]
+            rows.append(
+                {
+                    "metric": f"fold {f['fold']} roc_auc",
+                    "value": e.value,
+                    "ci_low": e.low,
+                    "ci_high": e.high,
+                    "method": e.method,
+                }
+            )
+        if self.baseline:
+            for name in ("roc_auc", "difference"):
+                e = self.baseline[name]
+                rows.append(
+                    {
+                        "metric": f"baseline {name}" if name == "roc_auc" else "roc_auc - baseline",
+                        "value": e.value,
+                        "ci_low": e.low,
+                        "ci_high": e.high,
+                        "method": e.method,
+                    }
+                )
+        if self.calibration:
+            for when in ("before", "after"):
+                for name, value in self.calibration[when].items():
+                    rows.append(
+                        {
+                            "metric": f"{name} {when} temperature",
+                            "value": value,
+                            "ci_low": nan,
+                            "ci_high": nan,
+                            "method": f"temperature {self.calibration['temperature']:.3g}",
+                        }
+                    )
+        return rows
+
+    def summary(self) -> dict[str, Any]:
+        """What metrics.json holds."""
+        return {
+            "model": self.model,
+            "data": self.data,
+            "date": self.date,
+            "failed": self.failed,
+            "independent": self.independent,
+            "overlap": self.overlap,
+            "metrics": {**self.metrics.as_dict(), "rows": self.metrics.rows()},
+            "folds": [{**f, "roc_auc": asdict(f["roc_auc"])} for f in self.folds],
+            "baseline": None
+            if self.baseline is None
+            else {
+                **self.baseline,
+                "roc_auc": asdict(self.baseline["roc_auc"]),
+                "difference": asdict(self.baseline["difference"]),
+            },
+            "calibration": self.calibration,
+        }
+
+
+def evaluate(
+    data: str | Path,
+    checkpoint: str | Path | None = None,
+    output: str | Path | None = None,
+    *,
+    device: str = "auto",
+    threshold: float | None = None,
+    precision: str = "auto",
+    batch_size: int | None = None,
+    workers: int | None = None,
+    n_resamples: int | None = None,
+    seed: int | None = None,
+    overwrite: bool = False,
+    progress: bool = False,
+    allow_overlap: bool = False,
+    auc_ci: str | None = None,
+    with_baseline: bool = True,
+    tta: bool = False,
+) -> Evaluation:
+    """Classify every scan of the labelled set ``data`` with the model at ``checkpoint`` (run
+    folder, checkpoint file or exported bundle) and measure it; with ``output``, write the
+    files listed in the module docstring there. ``None``: the configs' value (``batch_size``,
+    ``num_workers``: ``common.yaml``; the rest: ``evaluate.yaml``'s ``evaluation``).
+
+    Raises:
+        DataError: ``data`` has no labelled scans.
+        CheckpointError: the model cannot be loaded.
+        UsageError: ``output`` holds an evaluation already (pass ``overwrite``), a value is
+            out of range, or test scans were used in the model's training or validation (their
+            run folders' ``split.json``), unless ``allow_overlap``.
+        EvaluationError: no scan could be classified, or those classified are of one class.
+    """
+    from app.data.datalist import find_items
+    from app.inference.classifier import Classifier
+
+    settings = _settings(batch_size, workers, n_resamples, seed, auc_ci, threshold)
+    out = None if output is None else Path(output)
+    if out is not None and (out / "metrics.json").exists() and not overwrite:
+        raise UsageError(f"{out} holds an evaluation already: pass --overwrite to replace it")
+    items = find_items(data)
+    clf = Classifier.load(checkpoint, device=device, threshold=threshold, precision=precision)
+    clf.tta = tta
+    overlap = _overlap(clf, [str(i["image"]) for i in items], allow_overlap)
+    labels = [int(cast(int, item["label"])) for item in items]
+    rows = _classify(
+        clf,
+        [str(item["image"]) for item in items],
+        labels,
+        settings["batch_size"],
+        settings["workers"],
+        progress,
+    )
+    ok = _classified(rows, clf.class_names)
+    metrics, folds, calibration = _figures(clf, ok, settings)
+    baseline = (
+        baseline_figures(Path(str(clf.checkpoint)), rows, settings["confidence"], progress)
+        if with_baseline
+        else None
+    )
+    result = Evaluation(
+        metrics=metrics,
+        folds=folds,
+        calibration=calibration,
+        predictions=rows,
+        model=_model_record(clf, tta),
+        data=str(data),
+        date=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        failed=len(rows) - len(ok),
+        overlap={"scans": len(overlap), "used_for": _overlap_text(overlap)} if overlap else None,
+        baseline=baseline,
+    )
+    if out is not None:
+        result.files = _write(result, out, clf.class_names)
+    return result
+
+
+def _settings(
+    batch_size: int | None,
+    workers: int | None,
+    n_resamples: int | None,
+    seed: int | None,
+    auc_ci: str | None,
+    threshold: float | None,
+) -> dict[str, Any]:
+    """The evaluation's settings: the given ones, the configs' for ``None``; checked."""
+    defaults = evaluate_defaults()
+    given = {
+        "batch_size": batch_size,
+        "workers": workers,
+        "n_resamples": n_resamples,
+        "seed": seed,
+        "auc_ci": auc_ci,
+    }
+    config_keys = {
+        "batch_size": "batch_size",
+        "workers": "num_workers",
+        "n_resamples": "bootstrap_resamples",
+        "seed": "bootstrap_seed",
+        "auc_ci": "auc_ci",
+    }
+    settings = {k: defaults[config_keys[k]] if v is None else v for k, v in given.items()} | {
+        "confidence": float(defaults["confidence"])
+    }
+    if threshold is not None and not 0 <= threshold <= 1:
+        raise UsageError("--threshold must be in [0, 1]")
+    if int(settings["n_resamples"]) < 100:
+        raise UsageError("--bootstrap needs at least 100 resamples")
+    return settings
+
+
+def _overlap(clf: Any, paths: list[str], allow_overlap: bool) -> dict[str, str]:
+    """The test scans the model was trained or validated on; refused unless ``allow_overlap``."""
+    overlap = scans_the_model_used(Path(str(clf.checkpoint)), paths)
+    if overlap and not allow_overlap:
+        raise UsageError(
+            f"{len(overlap)} of the {len(paths)} test scans were used by the model "
+            f"({_overlap_text(overlap)}, e.g. {next(iter(overlap))}): its figures on them would "
+            "not be independent; evaluate on scans it never saw, or pass --allow-overlap to "
+            "evaluate anyway (every figure is then marked as not independent)"
+        )
+    return overlap
+
+
+def _classified(rows: list[dict[str, Any]], class_names: list[str]) -> list[dict[str, Any]]:
+    """The rows with a probability; refused when none, or when all are of one class."""
+    ok = [r for r in rows if r["prob_abnormal"] != ""]
+    if not ok:
+        first = next((r["error"] for r in rows if r["error"]), "")
+        raise EvaluationError(
+            f"none of the {len(rows)} scans could be classified (first error: {first[:200]}): "
+            "no figures"
+        )
+    if len({int(r["label"]) for r in ok}) < 2:
+        raise EvaluationError(
+            f"the {len(ok)} classified scans are all of one class "
+            f"({class_names[int(ok[0]['label'])]}): ROC-AUC, sensitivity and specificity need "
+            "scans of both classes"
+        )
+    return ok
+
+
+def _figures(
+    clf: Any, ok: list[dict[str, Any]], settings: dict[str, Any]
+) -> tuple[BinaryMetrics, list[dict[str, Any]], dict[str, Any] | None]:
+    """The metrics of the classified rows, and for an ensemble its folds' and calibration."""
+    labels = np.array([int(r["label"]) for r in ok])
+    common = {
+        "confidence": settings["confidence"],
+        "n_resamples": int(settings["n_resamples"]),
+        "seed": int(settings["seed"]),
+        "auc_method": str(settings["auc_ci"]),
+    }
+    metrics = binary_metrics(
+        np.array([float(r["prob_abnormal"]) for r in ok]), labels, threshold=clf.threshold, **common
+    )
+    if not clf.folds:
+        return metrics, [], None
+    folds, calibration = ensemble_figures(  # a cross-validation ensemble: its members too
+        np.array([[float(r[f"prob_fold_{k}"]) for k in range(clf.folds)] for r in ok]),
+        labels,
+        temperature=float(clf.settings["ensemble"]["temperature"]),
+        **common,
+    )
+    return metrics, folds, calibration
+
+
+def _model_record(clf: Any, tta: bool) -> dict[str, Any]:
+    """What metrics.json says of the model."""
+    from app.bundle.portable.scanqc import TrainingContext
+
+    return {
+        **clf.identity(),
+        "description": clf.describe(),
+        "precision": clf.precision,
+        "threshold_method": (clf.settings.get("ensemble") or {}).get("threshold_method"),
+        "tta": "left-right flip" if tta else None,
+        "generated": TrainingContext.from_settings(clf.settings).generated,
+    }
+
+
+def _classify(
+    clf: Any,
+    paths: list[str],
+    labels: list[int],
+    batch_size: int,
+    workers: int,
+    progress: bool,
+) -> list[dict[str, Any]]:
+    from tqdm import tqdm
+
+    names = clf.class_names
+    rows = []
+    with tqdm(total=len(paths), unit="scan", disable=not progress, file=sys.stderr) as bar:
+        for path, label, pred in zip(
+            paths,
+            labels,
+            clf.predict_many(paths, batch_size=batch_size, workers=workers),
+            strict=True,
+        ):
+            ok = pred.prob_abnormal is not None
+            predicted = int(pred.prob_abnormal >= clf.threshold) if ok else ""
+            row = {
+                "path": path,
+                "label": label,
+                "label_name": names[label],
+                "prob_abnormal": pred.prob_abnormal if ok else "",
+                "predicted": predicted,
+                "predicted_name": names[predicted] if ok else "",
+                "error": pred.error or "",
+            }
+            if clf.tta:  # the spread across the scan and its mirror: an uncertainty
+                row["tta_spread"] = pred.tta_spread if ok and pred.tta_spread is not None else ""
+            for k in range(clf.folds):  # an ensemble: each fold model's (scaled) probability
+                row[f"prob_fold_{k}"] = pred.fold_probs[k] if ok and pred.fold_probs else ""
+            rows.append(row)
+            bar.update(1)
+    return rows
+
+
+def _write(result: Evaluation, out: Path, class_names: list[str]) -> dict[str, Path]:
+    from app.bundle.portable.files import atomic_write_text
+    from app.evaluation.plots import plot_calibration, plot_confusion, plot_roc
+    from app.evaluation.report import write_report
+
+    out.mkdir(parents=True, exist_ok=True)
+    ok = [r for r in result.predictions if r["prob_abnormal"] != ""]
+    probs = np.array([float(r["prob_abnormal"]) for r in ok])
+    labels = np.array([int(r["label"]) for r in ok])
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=list(result.predictions[0]), lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(result.predictions)
+    atomic_write_text(out / "predictions.csv", buf.getvalue())
+    summary = result.summary()
+    atomic_write_text(out / "metrics.json", json.dumps(summary, indent=1, default=_plain))
+    plot_roc(probs, labels, result.metrics, out / "roc.png")
+    temperature = (result.calibration or {}).get("temperature")
+    plot_calibration(
+        probs, labels, result.metrics, out / "calibration.png", temperature=temperature
+    )
+    plot_confusion(result.metrics, out / "confusion.png", class_names)
+    write_report(summary, result.predictions, out)
+    return {name: out / name for name in FILES}
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, Path):
+        return str(value)
+    raise TypeError(f"not JSON: {type(value).__name__}")
