@@ -84,6 +84,23 @@ def add_progress_option(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def add_reading_options(parser: argparse.ArgumentParser, defaults: dict[str, Any]) -> None:
+    """``--batch-size`` and ``--workers`` of a command that classifies scans, their defaults
+    ``batch_size`` and ``num_workers`` of ``defaults`` (the configs' values)."""
+    parser.add_argument(
+        "--batch-size",
+        type=int,
+        default=int(defaults["batch_size"]),
+        help="scans per forward pass (default %(default)s)",
+    )
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=int(defaults["num_workers"]),
+        help="processes that read scans (default %(default)s; 0: a background thread)",
+    )
+
+
 def add_precision_option(parser: argparse.ArgumentParser, default: str | None = None) -> None:
     """``--precision auto|fp32|bf16|fp16``, as configs/common.yaml's ``precision``."""
     from app.bundle.portable.inferers import PRECISIONS

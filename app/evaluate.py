@@ -28,6 +28,7 @@ from app.cli import (
     add_device_option,
     add_precision_option,
     add_progress_option,
+    add_reading_options,
     fail,
     show_progress,
 )
@@ -52,18 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_precision_option(p, default="auto")
     add_device_option(p, "where to run the model (default auto: CUDA when there is a GPU)")
     defaults = evaluate_defaults()
-    p.add_argument(
-        "--batch-size",
-        type=int,
-        default=int(defaults["batch_size"]),
-        help="scans per forward pass (default %(default)s)",
-    )
-    p.add_argument(
-        "--workers",
-        type=int,
-        default=int(defaults["num_workers"]),
-        help="reading processes (default %(default)s; 0: a thread)",
-    )
+    add_reading_options(p, defaults)
     p.add_argument(
         "--auc-ci",
         choices=("delong", "bootstrap"),

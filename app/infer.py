@@ -25,6 +25,7 @@ from app.cli import (
     add_device_option,
     add_precision_option,
     add_progress_option,
+    add_reading_options,
     config_values,
     count,
     fail,
@@ -46,18 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", type=Path, help="output folder (default: outputs/<FOLDER name>)")
     add_device_option(p, "where the model runs (default auto: CUDA when there is a GPU)")
     defaults = config_values("common.yaml", "inference.yaml")
-    p.add_argument(
-        "--batch-size",
-        type=int,
-        default=int(defaults["batch_size"]),
-        help="scans per forward pass (default %(default)s)",
-    )
-    p.add_argument(
-        "--workers",
-        type=int,
-        default=int(defaults["num_workers"]),
-        help="processes that read scans (default %(default)s)",
-    )
+    add_reading_options(p, defaults)
     p.add_argument(
         "--threshold",
         type=float,

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import csv
 import os
 from pathlib import Path
 
@@ -106,7 +107,7 @@ def synth_dataset(root: Path, per_class: int, shape: tuple[int, int, int], seed:
     from app.data.cli import main as data_main
 
     args = ["synth", str(root), "--per-class", str(per_class), "--shape", *map(str, shape)]
-    assert data_main([*args, "--seed", str(seed), "--no-progress"]) == 0
+    assert data_main([*args, "--seed", str(seed), "--no-progress", "--workers", "1"]) == 0
     return root
 
 
@@ -197,3 +198,34 @@ def montage_titles(monkeypatch) -> list[str]:
 
     monkeypatch.setattr(app.plots, "plot_montage", recording)
     return titles
+
+
+#: a fast app.train run on ``tiny_data``
+TINY = [
+    "--epochs",
+    "2",
+    "--spatial-size",
+    "48",
+    "48",
+    "48",
+    "--batch-size",
+    "2",
+    "--seed",
+    "11",
+    "--device",
+    "cpu",
+    "--no-progress",
+]
+
+
+@pytest.fixture(scope="module")
+def tiny_data(tmp_path_factory) -> Path:
+    return synth_dataset(tmp_path_factory.mktemp("data") / "d", 8, (64, 64, 16), seed=3)
+
+
+def rows(run: Path) -> list[dict[str, str]]:
+    with (run / "metrics.csv").open() as f:
+        return list(csv.DictReader(f))
+
+
+VAL = ("val_loss", "val_acc", "val_auc", "val_sensitivity", "val_specificity")

@@ -158,3 +158,25 @@ def test_the_architecture_page_names_what_exists():
 
 #: where the page's library names (``LoadImaged``, ``Engine``) come from
 THIRD_PARTY = ("monai.transforms", "ignite.engine")
+
+
+def test_the_docs_cite_tests_that_exist():
+    """Every ``tests/FILE.py::test`` (and each ``::test`` after it on the same line) the README
+    and docs/ cite is a test of that file."""
+    import re
+
+    pages = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
+    missing, cited = [], 0
+    for page in pages:
+        for line in page.read_text().splitlines():
+            current = None
+            for path, name in re.findall(r"`(tests/\w+\.py)?::(\w+)", line):
+                current = path or current
+                if current is None:
+                    continue
+                cited += 1
+                file = REPO / current
+                if not file.is_file() or not re.search(rf"^def {name}\(", file.read_text(), re.M):
+                    missing.append(f"{page.name}: {current}::{name}")
+    assert missing == []
+    assert cited >= 30

@@ -185,29 +185,10 @@ class Evaluation:
         temperature`` and ``after temperature``."""
         rows = self.metrics.rows()
         nan = math.nan
-        for f in self.folds:
-            e: Estimate = f["roc_auc"]
-            rows.append(
-                {
-                    "metric": f"fold {f['fold']} roc_auc",
-                    "value": e.value,
-                    "ci_low": e.low,
-                    "ci_high": e.high,
-                    "method": e.method,
-                }
-            )
+        rows += [_estimate_row(f"fold {f['fold']} roc_auc", f["roc_auc"]) for f in self.folds]
         if self.baseline:
-            for name in ("roc_auc", "difference"):
-                e = self.baseline[name]
-                rows.append(
-                    {
-                        "metric": f"baseline {name}" if name == "roc_auc" else "roc_auc - baseline",
-                        "value": e.value,
-                        "ci_low": e.low,
-                        "ci_high": e.high,
-                        "method": e.method,
-                    }
-                )
+            rows.append(_estimate_row("baseline roc_auc", self.baseline["roc_auc"]))
+            rows.append(_estimate_row("roc_auc - baseline", self.baseline["difference"]))
         if self.calibration:
             for when in ("before", "after"):
                 for name, value in self.calibration[when].items():
@@ -242,6 +223,16 @@ class Evaluation:
             },
             "calibration": self.calibration,
         }
+
+
+def _estimate_row(metric: str, e: Estimate) -> dict[str, Any]:
+    return {
+        "metric": metric,
+        "value": e.value,
+        "ci_low": e.low,
+        "ci_high": e.high,
+        "method": e.method,
+    }
 
 
 def evaluate(
@@ -330,23 +321,15 @@ def _settings(
 ) -> dict[str, Any]:
     """The evaluation's settings: the given ones, the configs' for ``None``; checked."""
     defaults = evaluate_defaults()
-    given = {
-        "batch_size": batch_size,
-        "workers": workers,
-        "n_resamples": n_resamples,
-        "seed": seed,
-        "auc_ci": auc_ci,
+    given = {  # argument: (value, its config key)
+        "batch_size": (batch_size, "batch_size"),
+        "workers": (workers, "num_workers"),
+        "n_resamples": (n_resamples, "bootstrap_resamples"),
+        "seed": (seed, "bootstrap_seed"),
+        "auc_ci": (auc_ci, "auc_ci"),
     }
-    config_keys = {
-        "batch_size": "batch_size",
-        "workers": "num_workers",
-        "n_resamples": "bootstrap_resamples",
-        "seed": "bootstrap_seed",
-        "auc_ci": "auc_ci",
-    }
-    settings = {k: defaults[config_keys[k]] if v is None else v for k, v in given.items()} | {
-        "confidence": float(defaults["confidence"])
-    }
+    settings = {k: defaults[key] if v is None else v for k, (v, key) in given.items()}
+    settings["confidence"] = float(defaults["confidence"])
     if threshold is not None and not 0 <= threshold <= 1:
         raise UsageError("--threshold must be in [0, 1]")
     if int(settings["n_resamples"]) < 100:
