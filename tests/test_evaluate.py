@@ -183,6 +183,16 @@ def test_evaluate_writes_every_file_naming_model_and_data(test_set, checkpoint, 
     with (out / "predictions.csv").open() as f:
         rows = list(csv.DictReader(f))
     assert len(rows) == 13 and sum(1 for r in rows if r["error"]) == 1
+    # the true class named apart from the prediction (app.infer's `label` is the prediction)
+    assert list(rows[0])[:7] == [
+        "path", "true_label", "true_name", "prob_abnormal", "predicted", "predicted_name", "error"
+    ]  # fmt: skip
+    assert "label" not in rows[0]
+    for r in rows:
+        assert r["true_name"] == ("abnormal" if "CT-23" in r["path"] else "normal")
+        assert r["true_label"] == ("1" if "CT-23" in r["path"] else "0")
+        if not r["error"]:
+            assert r["predicted"] == str(int(float(r["prob_abnormal"]) >= 0.5))
     page = (out / "report.html").read_text()
     assert str(test_set) in page and "model.pt" in page and "ROC-AUC" in page
     assert page.count("data:image/png;base64,") == 3

@@ -22,7 +22,8 @@ from app.bundle.portable.scanqc import (
 )
 from app.bundle.portable.scans import find_inputs
 from app.infer import main as infer_main
-from app.inference.classifier import CheckpointError, Classifier, load_checkpoint
+from app.inference.checkpoints import load_checkpoint
+from app.inference.classifier import CheckpointError, Classifier
 from nets.cnn3d import CNN3D
 
 # --- bad inputs: each one is reported with a one-line reason -------------------------------------

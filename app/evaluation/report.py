@@ -50,7 +50,7 @@ def _scan_table(rows: list[dict[str, Any]]) -> str:
     fold_keys = [k for k in (rows[0] if rows else {}) if k.startswith("prob_fold_")]
     for r in rows:
         prob = "" if r["prob_abnormal"] == "" else f"{100 * float(r['prob_abnormal']):.1f}%"
-        wrong = r["predicted"] != "" and int(r["predicted"]) != int(r["label"])
+        wrong = r["predicted"] != "" and int(r["predicted"]) != int(r["true_label"])
         folds = (  # an ensemble: what each fold model said, where they disagree
             "<td class=num>"
             + " / ".join(f"{100 * float(r[k]):.1f}" for k in fold_keys if r[k] != "")
@@ -60,7 +60,7 @@ def _scan_table(rows: list[dict[str, Any]]) -> str:
         )
         scans.append(
             f"<tr class={'wrong' if wrong else 'ok'}><td class=path>{e(str(r['path']))}</td>"
-            f"<td>{e(str(r['label_name']))}</td><td class=num>{prob}</td>{folds}"
+            f"<td>{e(str(r['true_name']))}</td><td class=num>{prob}</td>{folds}"
             f"<td>{e(str(r['predicted_name']))}</td><td>{e(str(r['error']))}</td></tr>"
         )
     fold_head = "<th>each fold, %</th>" if fold_keys else ""

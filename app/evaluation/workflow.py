@@ -122,7 +122,7 @@ def baseline_figures(
     ok = [r for r in rows if r["prob_abnormal"] != ""]
     probs = baseline.predict([r["path"] for r in ok], progress=progress)
     both = np.isfinite(probs)
-    labels = np.array([int(r["label"]) for r in ok])[both]
+    labels = np.array([int(r["true_label"]) for r in ok])[both]
     model = np.array([float(r["prob_abnormal"]) for r in ok])[both]
     for r, p in zip(ok, probs, strict=True):
         r["prob_baseline"] = "" if not np.isfinite(p) else round(float(p), 6)
@@ -359,10 +359,10 @@ def _classified(rows: list[dict[str, Any]], class_names: list[str]) -> list[dict
             f"none of the {len(rows)} scans could be classified (first error: {first[:200]}): "
             "no figures"
         )
-    if len({int(r["label"]) for r in ok}) < 2:
+    if len({int(r["true_label"]) for r in ok}) < 2:
         raise EvaluationError(
             f"the {len(ok)} classified scans are all of one class "
-            f"({class_names[int(ok[0]['label'])]}): ROC-AUC, sensitivity and specificity need "
+            f"({class_names[int(ok[0]['true_label'])]}): ROC-AUC, sensitivity and specificity need "
             "scans of both classes"
         )
     return ok
@@ -372,7 +372,7 @@ def _figures(
     clf: Any, ok: list[dict[str, Any]], settings: dict[str, Any]
 ) -> tuple[BinaryMetrics, list[dict[str, Any]], dict[str, Any] | None]:
     """The metrics of the classified rows, and for an ensemble its folds' and calibration."""
-    labels = np.array([int(r["label"]) for r in ok])
+    labels = np.array([int(r["true_label"]) for r in ok])
     common = {
         "confidence": settings["confidence"],
         "n_resamples": int(settings["n_resamples"]),
@@ -430,8 +430,8 @@ def _classify(
             predicted = int(pred.prob_abnormal >= clf.threshold) if ok else ""
             row = {
                 "path": path,
-                "label": label,
-                "label_name": names[label],
+                "true_label": label,
+                "true_name": names[label],
                 "prob_abnormal": pred.prob_abnormal if ok else "",
                 "predicted": predicted,
                 "predicted_name": names[predicted] if ok else "",
@@ -454,7 +454,7 @@ def _write(result: Evaluation, out: Path, class_names: list[str]) -> dict[str, P
     out.mkdir(parents=True, exist_ok=True)
     ok = [r for r in result.predictions if r["prob_abnormal"] != ""]
     probs = np.array([float(r["prob_abnormal"]) for r in ok])
-    labels = np.array([int(r["label"]) for r in ok])
+    labels = np.array([int(r["true_label"]) for r in ok])
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=list(result.predictions[0]), lineterminator="\n")
     writer.writeheader()
