@@ -11,6 +11,8 @@ if TYPE_CHECKING:  # monai is heavy to import: command-line --help stays fast wi
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 COMMON = "common.yaml"
+#: the bundle's metadata, in configs/ (and in an exported bundle's configs/)
+METADATA = "metadata.json"
 
 
 def config_files(*names: str, config_dir: str | Path = CONFIG_DIR) -> list[str]:
@@ -27,7 +29,7 @@ def load_config(
 
     parser = ConfigParser()
     parser.read_config(config_files(*names, config_dir=config_dir))
-    parser.read_meta(str(Path(config_dir) / "metadata.json"))
+    parser.read_meta(str(Path(config_dir) / METADATA))
     if overrides:
         parser.update(dict(overrides))
     return parser

@@ -34,6 +34,7 @@ from app.cli import (
 )
 from app.errors import CTClassifyError
 from app.evaluation.workflow import Evaluation, EvaluationError, evaluate, evaluate_defaults
+from app.run_folder import REPORT_HTML
 
 __all__ = ["Evaluation", "EvaluationError", "build_parser", "evaluate", "main"]
 
@@ -142,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
             f"out-of-fold predictions; this ensemble measured sensitivity {m.sensitivity.text()}, "
             f"specificity {m.specificity.text()} here"
         )
-    print(f"report: {result.files['report.html']}")
+    print(f"report: {result.files[REPORT_HTML]}")
     return 1 if result.failed else 0
 
 

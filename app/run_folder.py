@@ -1,6 +1,7 @@
-"""What a run folder and an exported bundle hold: the names of their files, their metrics and
-checkpoints (training, inference and export share this), and ``--overwrite`` removes only
-those."""
+"""What a run folder, a cross-validation folder, an exported bundle and the output folders of
+``app.infer`` and ``app.evaluate`` hold: the names of their files (each spelled here once), a
+run's metrics and checkpoints (training, inference and export share this), and what
+``--overwrite`` removes."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from app.config import METADATA
 from app.errors import ConfigError
 
 #: prefix of the resumable checkpoint saved after every epoch (``last_checkpoint_epoch=N.pt``)
@@ -40,18 +42,33 @@ def validation_figures(row: Mapping[str, Any]) -> str:
 #: a row of metrics per epoch (``read_metrics`` reads it back), and the same as JSON
 METRICS_CSV = "metrics.csv"
 METRICS_JSON = "metrics.json"
+#: the command-line overrides a run was started with (read back on --resume), the whole config
+#: as MONAI resolved it, and the libraries and machine it ran on
+OVERRIDES = "overrides.json"
+CONFIG_RECORD = "config.json"
+ENVIRONMENT = "environment.json"
+#: the learning curves and the montage of a training scan
+CURVES = "curves.png"
+MONTAGE = "montage.png"
+#: a cross-validation folder's summary of its folds, and its out-of-fold threshold and temperature
+CV_SUMMARY = "cv_summary.json"
+CV_CALIBRATION = "cv_calibration.json"
+#: the page ``app.infer --report`` and ``app.evaluate`` write
+REPORT_HTML = "report.html"
+#: an exported bundle's mark
+BUNDLE_MARKER = ".ctclassify-bundle.json"
 #: written when a run's training ended (early stop or its last epoch), removed when it resumes
 FINISHED = "finished.json"
 #: what ``app.train`` writes into a run folder (``overrides.json`` first of all)
 RUN_ENTRIES = (
-    "overrides.json",
-    "config.json",
-    "environment.json",
+    OVERRIDES,
+    CONFIG_RECORD,
+    ENVIRONMENT,
     "train.log",
     METRICS_CSV,
     METRICS_JSON,
-    "curves.png",
-    "montage.png",
+    CURVES,
+    MONTAGE,
     SPLIT,
     FINISHED,
     BEST_MODEL,
@@ -61,7 +78,7 @@ RUN_ENTRIES = (
     ".*.tmp",  # an atomic write killed mid-write (app.bundle.portable.files)
 )
 #: what ``app.export`` writes into a bundle folder
-BUNDLE_ENTRIES = ("configs", "models", "scripts", "docs", "LICENSE", ".ctclassify-bundle.json")
+BUNDLE_ENTRIES = ("configs", "models", "scripts", "docs", "LICENSE", BUNDLE_MARKER)
 
 
 def _unknown(folder: Path, patterns: Iterable[str]) -> list[str]:
@@ -87,9 +104,9 @@ def check_own_folder(folder: Path, kind: str) -> None:
         return
     entries: tuple[str, ...]
     if kind == "run":
-        entries, signature = RUN_ENTRIES, folder / "overrides.json"
+        entries, signature = RUN_ENTRIES, folder / OVERRIDES
     else:
-        entries, signature = BUNDLE_ENTRIES, folder / "configs" / "metadata.json"
+        entries, signature = BUNDLE_ENTRIES, folder / "configs" / METADATA
     if not any(folder.iterdir()):
         return
     unknown = _unknown(folder, entries)

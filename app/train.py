@@ -27,6 +27,7 @@ from app.cli import (
 )
 from app.config import parse_set_options
 from app.errors import ConfigError, CTClassifyError
+from app.run_folder import CV_SUMMARY
 from app.training.workflow import (
     DEMO_RECIPE,
     Interrupted,
@@ -260,7 +261,7 @@ def _cross_validate(args: argparse.Namespace) -> int:
         print(f"  {name:<16} {stat['mean']:.3f} +- {stat['sd']:.3f}")
     from app.readback import read_cv_summary
 
-    base = read_cv_summary(result.output / "cv_summary.json")["baseline"]
+    base = read_cv_summary(result.output / CV_SUMMARY)["baseline"]
     if base:
         diff = base["difference"]
         print(

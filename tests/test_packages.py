@@ -180,3 +180,23 @@ def test_the_docs_cite_tests_that_exist():
                     missing.append(f"{page.name}: {current}::{name}")
     assert missing == []
     assert cited >= 30
+
+
+def test_each_file_name_is_spelled_once_in_the_app():
+    """A file the app writes or reads (``metrics.json``, ``predictions.csv``, ``report.html``...)
+    is named by one string in the code (``app.run_folder`` and its peers), so a rename cannot
+    miss a spelling; help texts and messages may mention it."""
+    import collections
+    import io
+    import re
+    import tokenize
+
+    places = collections.defaultdict(list)
+    for path in sorted((REPO / "app").rglob("*.py")):
+        tokens = tokenize.generate_tokens(io.StringIO(path.read_text()).readline)
+        for tok in tokens:
+            found = re.fullmatch(r"[rbu]*(['\"])([\w.-]+\.(?:json|csv|png|html|pt))\1", tok.string)
+            if tok.type == tokenize.STRING and found:
+                places[found.group(2)].append(f"{path.relative_to(REPO)}:{tok.start[0]}")
+    assert {"metrics.json", "predictions.csv", "report.html", "best_model.pt"} <= set(places)
+    assert {name: where for name, where in places.items() if len(where) > 1} == {}

@@ -15,8 +15,9 @@ from typing import Any
 
 import yaml
 
-from app.config import CONFIG_DIR
+from app.config import CONFIG_DIR, METADATA
 from app.model_settings import MODEL_SETTINGS, shareable, validate_settings
+from app.run_folder import BUNDLE_MARKER
 
 REPO = Path(__file__).resolve().parents[2]
 #: this project's packages that travel in the bundle's scripts/ (whole packages: a new module
@@ -126,7 +127,7 @@ def _training_data(settings: dict[str, Any]) -> str:
 
 
 def _metadata(settings: dict[str, Any], metrics: list[dict[str, Any]]) -> dict[str, Any]:
-    meta = json.loads((CONFIG_DIR / "metadata.json").read_text())
+    meta = json.loads((CONFIG_DIR / METADATA).read_text())
     meta["network_data_format"]["inputs"]["image"]["spatial_shape"] = list(settings["spatial_size"])
     meta["monai_version"] = _installed("monai")
     meta["pytorch_version"] = _installed("torch")
@@ -232,9 +233,9 @@ def export_bundle(
     Built beside the target (``OUTPUT.partial``) and renamed into place at the end: a kill or an
     error leaves the previous bundle (or nothing), never a partial bundle under the final name.
     """
-    from app.inference.checkpoints import CV_CALIBRATION, resolve_checkpoint
+    from app.inference.checkpoints import resolve_checkpoint
     from app.inference.classifier import Classifier
-    from app.run_folder import METRICS_CSV, read_metrics
+    from app.run_folder import CV_CALIBRATION, METRICS_CSV, read_metrics
 
     final = Path(output)
     archive = final.with_name(final.name + ".zip")
@@ -273,7 +274,7 @@ def export_bundle(
 
 
 #: the file only this app writes into a bundle: ``--overwrite`` replaces a bundle only with it
-MARKER = ".ctclassify-bundle.json"
+MARKER = BUNDLE_MARKER
 MARKER_ID = "ctclassify-bundle"
 
 
@@ -359,7 +360,7 @@ def _write_configs_and_docs(
         + yaml.safe_dump(bundle_inference_config(settings), sort_keys=False),
     )
     meta = _metadata(settings, metrics)
-    atomic_write_text(work / "configs" / "metadata.json", json.dumps(meta, indent=4))
+    atomic_write_text(work / "configs" / METADATA, json.dumps(meta, indent=4))
     shutil.copy(CONFIG_DIR / "logging.conf", work / "configs" / "logging.conf")
     shutil.copy(REPO / "LICENSE", work / "LICENSE")
     shutil.copy(REPO / "docs" / "data_license.md", work / "docs" / "data_license.md")

@@ -8,7 +8,9 @@ from pathlib import Path
 from typing import Any
 
 from app.bundle.portable.files import atomic_write_text
+from app.evaluation.workflow import CALIBRATION_PNG, CONFUSION_PNG, ROC_PNG
 from app.plots import embedded_png
+from app.run_folder import REPORT_HTML
 
 NAMES = {
     "roc_auc": "ROC-AUC",
@@ -164,12 +166,12 @@ dt {{ font-weight: bold; }} dd {{ margin: 0 0 0.5em 0; }}
 <h2>Metrics ({int(100 * metrics["confidence"])}% confidence intervals){not_independent}</h2>
 <table><tr><th>metric</th><th>value</th><th>CI</th><th>method</th></tr>
 {_metric_rows(metrics)}</table>
-<p>{embedded_png(out_dir / "roc.png", "ROC curve")}{embedded_png(out_dir / "calibration.png", "calibration")}
-{embedded_png(out_dir / "confusion.png", "confusion matrix")}</p>
+<p>{embedded_png(out_dir / ROC_PNG, "ROC curve")}{embedded_png(out_dir / CALIBRATION_PNG, "calibration")}
+{embedded_png(out_dir / CONFUSION_PNG, "confusion matrix")}</p>
 {_baseline_section(summary.get("baseline"))}{_ensemble_section(summary)}<h2>Scans</h2>
 {_scan_table(rows)}
 </body></html>
 """
-    path = out_dir / "report.html"
+    path = out_dir / REPORT_HTML
     atomic_write_text(path, page)
     return path

@@ -20,20 +20,20 @@ from typing import Any, cast
 
 import numpy as np
 
+from app.bundle.portable.writer import PREDICTIONS_CSV
 from app.cli import config_values
 from app.errors import EXIT_REFUSED, CTClassifyError, UsageError
 from app.evaluation.metrics import BinaryMetrics, Estimate, binary_metrics, ensemble_figures
+from app.run_folder import METRICS_JSON, REPORT_HTML
 
 __all__ = ["Evaluation", "EvaluationError", "evaluate", "evaluate_defaults"]
 
-FILES = (
-    "metrics.json",
-    "predictions.csv",
-    "roc.png",
-    "calibration.png",
-    "confusion.png",
-    "report.html",
-)
+#: the pictures of an evaluation
+ROC_PNG = "roc.png"
+CALIBRATION_PNG = "calibration.png"
+CONFUSION_PNG = "confusion.png"
+#: what an evaluation folder holds
+FILES = (METRICS_JSON, PREDICTIONS_CSV, ROC_PNG, CALIBRATION_PNG, CONFUSION_PNG, REPORT_HTML)
 
 
 class EvaluationError(CTClassifyError):
@@ -272,7 +272,7 @@ def evaluate(
 
     settings = _settings(batch_size, workers, n_resamples, seed, auc_ci, threshold)
     out = None if output is None else Path(output)
-    if out is not None and (out / "metrics.json").exists() and not overwrite:
+    if out is not None and (out / METRICS_JSON).exists() and not overwrite:
         raise UsageError(f"{out} holds an evaluation already: pass --overwrite to replace it")
     items = find_items(data)
     clf = Classifier.load(checkpoint, device=device, threshold=threshold, precision=precision)
@@ -459,15 +459,13 @@ def _write(result: Evaluation, out: Path, class_names: list[str]) -> dict[str, P
     writer = csv.DictWriter(buf, fieldnames=list(result.predictions[0]), lineterminator="\n")
     writer.writeheader()
     writer.writerows(result.predictions)
-    atomic_write_text(out / "predictions.csv", buf.getvalue())
+    atomic_write_text(out / PREDICTIONS_CSV, buf.getvalue())
     summary = result.summary()
-    atomic_write_text(out / "metrics.json", json.dumps(summary, indent=1, default=_plain))
-    plot_roc(probs, labels, result.metrics, out / "roc.png")
+    atomic_write_text(out / METRICS_JSON, json.dumps(summary, indent=1, default=_plain))
+    plot_roc(probs, labels, result.metrics, out / ROC_PNG)
     temperature = (result.calibration or {}).get("temperature")
-    plot_calibration(
-        probs, labels, result.metrics, out / "calibration.png", temperature=temperature
-    )
-    plot_confusion(result.metrics, out / "confusion.png", class_names)
+    plot_calibration(probs, labels, result.metrics, out / CALIBRATION_PNG, temperature=temperature)
+    plot_confusion(result.metrics, out / CONFUSION_PNG, class_names)
     write_report(summary, result.predictions, out)
     return {name: out / name for name in FILES}
 

@@ -9,13 +9,11 @@ from typing import Any
 
 import torch
 
+from app.config import METADATA
 from app.errors import EXIT_REFUSED, ConfigError, CTClassifyError
 from app.model_settings import MODEL_SETTINGS, SettingsError, validate_settings
-from app.run_folder import BEST_MODEL, METRICS_CSV
+from app.run_folder import BEST_MODEL, CV_CALIBRATION, CV_SUMMARY, METRICS_CSV
 from nets.ensemble import MeanProbabilityEnsemble
-
-#: a cross-validation folder's threshold and temperature (app.train --folds K)
-CV_CALIBRATION = "cv_calibration.json"
 
 
 class CheckpointError(CTClassifyError):
@@ -71,7 +69,7 @@ def load_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str
     state = data.get("network", data.get("model"))
     settings = data.get("run_info")
     source = str(path)
-    if settings is None and (path.parent.parent / "configs" / "metadata.json").is_file():
+    if settings is None and (path.parent.parent / "configs" / METADATA).is_file():
         import yaml
 
         from app.model_settings import read_bundle_settings
@@ -218,10 +216,10 @@ def cv_means(folder: Path) -> dict[str, Any] | None:
     """The folds' mean validation metrics from ``cv_summary.json`` (no epoch: several)."""
     from app.readback import ReadBackError, read_cv_summary
 
-    if not (folder / "cv_summary.json").is_file():
+    if not (folder / CV_SUMMARY).is_file():
         return None
     try:
-        stats = read_cv_summary(folder / "cv_summary.json")["mean_sd"]
+        stats = read_cv_summary(folder / CV_SUMMARY)["mean_sd"]
     except ReadBackError as exc:
         raise CheckpointError(str(exc)) from None
     return {k: v["mean"] for k, v in stats.items()}

@@ -25,7 +25,6 @@ from app.bundle.portable.scanqc import Limits, TrainingContext
 from app.bundle.portable.scans import ScanInput
 from app.errors import ConfigError
 from app.inference.checkpoints import (
-    CV_CALIBRATION,
     CheckpointError,
     load_cv_ensemble,
     load_model,
@@ -35,6 +34,7 @@ from app.inference.checkpoints import (
 from app.inference.model_card import ModelCard
 from app.inference.reading import ScanPreparer, as_input, prepared_batches
 from app.model_settings import MODEL_SETTINGS, SettingsError, validate_settings
+from app.run_folder import CV_CALIBRATION
 from nets.ensemble import MeanProbabilityEnsemble
 from transforms.augment import LEFT_RIGHT_DIM
 

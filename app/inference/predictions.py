@@ -7,11 +7,16 @@ from pathlib import Path
 from typing import Any
 
 from app.bundle.portable.files import atomic_write_text
-from app.bundle.portable.writer import PredictionCSV, parse_fold_probs, prediction_row
+from app.bundle.portable.writer import (
+    PREDICTIONS_CSV,
+    PredictionCSV,
+    parse_fold_probs,
+    prediction_row,
+)
 from app.errors import ConfigError
 from app.inference.classifier import Prediction
 
-CSV_NAME = "predictions.csv"
+CSV_NAME = PREDICTIONS_CSV
 JSON_NAME = "predictions.json"
 MODEL_NAME = "model.json"
 

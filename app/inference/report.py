@@ -8,6 +8,7 @@ from pathlib import Path
 from app.bundle.portable.files import atomic_write_text
 from app.bundle.portable.writer import parse_fold_probs
 from app.plots import embedded_png
+from app.run_folder import REPORT_HTML
 
 
 def write_report(
@@ -78,6 +79,6 @@ img:focus {{ max-width: 95vw; width: 1400px; cursor: zoom-out; position: relativ
 {"".join(body)}
 </tbody></table></body></html>
 """
-    path = out_dir / "report.html"
+    path = out_dir / REPORT_HTML
     atomic_write_text(path, page)
     return path

@@ -24,7 +24,7 @@ import numpy as np
 
 from app.errors import DataError
 from app.evaluation.metrics import logits_of
-from app.run_folder import METRICS_CSV, SPLIT, fold_dirs, is_finished
+from app.run_folder import CV_CALIBRATION, CV_SUMMARY, METRICS_CSV, SPLIT, fold_dirs, is_finished
 
 #: the kept epoch's validation figures in the summary
 SUMMARY_METRICS = ("val_acc", "val_auc", "val_sensitivity", "val_specificity", "val_loss")
@@ -155,7 +155,7 @@ def write_summary(out: Path, runs: list[Path]) -> dict[str, Any]:
                 "sd": statistics.stdev(values) if len(values) > 1 else 0.0,
             }
     summary = {"folds": per_fold, "mean_sd": stats}
-    atomic_write_text(out / "cv_summary.json", json.dumps(summary, indent=1))
+    atomic_write_text(out / CV_SUMMARY, json.dumps(summary, indent=1))
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
     writer.writerow(["fold", "epoch", *SUMMARY_METRICS])
@@ -270,8 +270,8 @@ def write_out_of_fold(
         "ece_before": expected_calibration_error(probs, labels),
         "ece_after": expected_calibration_error(calibrated, labels),
     }
-    atomic_write_text(out / "cv_calibration.json", json.dumps(calibration, indent=1))
-    summary_path = out / "cv_summary.json"
+    atomic_write_text(out / CV_CALIBRATION, json.dumps(calibration, indent=1))
+    summary_path = out / CV_SUMMARY
     if summary_path.is_file():  # the density baseline out of fold, beside the CNN's
         summary = json.loads(summary_path.read_text())
         summary["baseline"] = baseline_out_of_fold(rows)

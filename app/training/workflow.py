@@ -18,11 +18,20 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from app.config import CONFIG_DIR, config_files, load_config
+from app.config import CONFIG_DIR, METADATA, config_files, load_config
 from app.errors import EXIT_INTERRUPTED, ConfigError, CTClassifyError, DataError
-from app.run_folder import BEST_MODEL, FINISHED, METRICS_CSV, SPLIT, mark_finished
+from app.run_folder import (
+    BEST_MODEL,
+    CONFIG_RECORD,
+    ENVIRONMENT,
+    FINISHED,
+    METRICS_CSV,
+    OVERRIDES,
+    SPLIT,
+    mark_finished,
+)
 
-OVERRIDES_FILE = "overrides.json"
+OVERRIDES_FILE = OVERRIDES
 DEMO_CONFIG = "demo.yaml"
 #: named training recipes: configs/recipes/NAME.yaml, read after train.yaml (--recipe NAME)
 RECIPES_DIR = "recipes"
@@ -414,7 +423,7 @@ def _run_workflow(
     try:
         workflow = ConfigWorkflow(
             config_file=config_files(*names, config_dir=config_dir),
-            meta_file=str(config_dir / "metadata.json"),
+            meta_file=str(config_dir / METADATA),
             logging_file=str(config_dir / "logging.conf"),
             workflow_type="train",
             **settings,
@@ -452,9 +461,9 @@ def _record_run(output: Path, parser: Any) -> None:
     """The resolved config and the environment, beside the run's results."""
     from app.bundle.portable.files import atomic_write_text
 
-    parser.export_config_file(parser.get(), str(output / "config.json"), indent=1)
+    parser.export_config_file(parser.get(), str(output / CONFIG_RECORD), indent=1)
     atomic_write_text(
-        output / "environment.json",
+        output / ENVIRONMENT,
         json.dumps(_environment(str(parser.get_parsed_content("device"))), indent=1),
     )
 

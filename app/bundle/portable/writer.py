@@ -16,6 +16,8 @@ from .files import atomic_write_text
 #: one model); ``tta_spread``: with test-time augmentation, the standard deviation of the
 #: probability across the augmented views (empty without); files written before a column
 #: existed are rewritten with it on opening
+#: the predictions file of app.infer, an exported bundle and app.evaluate
+PREDICTIONS_CSV = "predictions.csv"
 COLUMNS = (
     "path",
     "prob_abnormal",
@@ -158,7 +160,7 @@ class PredictionWriter:
         pred_key: str = "pred",
         path_key: str = "path",
     ) -> None:
-        self.path = Path(output_dir) / "predictions.csv"
+        self.path = Path(output_dir) / PREDICTIONS_CSV
         self.class_names = list(class_names)
         self.prob_key = prob_key
         self.pred_key = pred_key

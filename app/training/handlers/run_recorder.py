@@ -14,7 +14,7 @@ from typing import Any
 from ignite.engine import Engine, Events
 
 from app.bundle.portable.files import atomic_write_text
-from app.run_folder import METRICS_CSV, METRICS_JSON, read_metrics
+from app.run_folder import CURVES, METRICS_CSV, METRICS_JSON, MONTAGE, read_metrics
 from app.training.handlers.write_budget import WriteBudget, is_final_epoch
 
 
@@ -80,7 +80,7 @@ class RunRecorder:
         self.output_dir.mkdir(parents=True, exist_ok=True)
         done = engine.state.epoch
         self.rows = [r for r in read_metrics(self.output_dir / METRICS_CSV) if r["epoch"] <= done]
-        montage = self.output_dir / "montage.png"
+        montage = self.output_dir / MONTAGE
         if self.montage_source is not None and not montage.exists():
             from app.plots import plot_montage
 
@@ -120,7 +120,7 @@ class RunRecorder:
         atomic_write_text(self.output_dir / METRICS_JSON, json.dumps(self.rows, indent=1))
         from app.plots import plot_curves
 
-        plot_curves(self.rows, self.output_dir / "curves.png")
+        plot_curves(self.rows, self.output_dir / CURVES)
 
 
 def _number(value: Any) -> float | None:
