@@ -14,6 +14,15 @@ from pathlib import Path
 from app.cli import add_progress_option, config_values, count, fail, show_progress
 
 DEFAULT_ROOT = Path("data")
+#: the generator's settings of strength 0 to 1, with what each adds (in both classes alike)
+STRENGTHS = {
+    "confounders": "dependent density, expiration, vessels and blur in both classes alike, which "
+    "make lung density mislead as in real CT",
+    "shift": "a shifted domain (elongated, lower-contrast lesions, more noise) for tests on "
+    "settings that neither pretraining nor the recipe's choice saw",
+    "hila": "large hilar vessels in both classes, as real CT has them",
+    "trees": "3D vessel trees with partial volume in both classes (up to 6 per lung at 1)",
+}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -60,33 +69,13 @@ def _add_synth_parser(sy: argparse.ArgumentParser) -> None:
         default=int(defaults["seed"]),
         help="seed of the dataset (default %(default)s)",
     )
-    sy.add_argument(
-        "--confounders",
-        type=float,
-        default=float(defaults["confounders"]),
-        help="0 to 1 (default %(default)s): dependent density, expiration, vessels and blur in both classes "
-        "alike, which make lung density mislead as in real CT",
-    )
-    sy.add_argument(
-        "--shift",
-        type=float,
-        default=float(defaults["shift"]),
-        help="0 to 1 (default %(default)s): a shifted domain (elongated, lower-contrast lesions, more noise) "
-        "for tests on settings that neither pretraining nor the recipe's choice saw",
-    )
-    sy.add_argument(
-        "--hila",
-        type=float,
-        default=float(defaults["hila"]),
-        help="0 to 1 (default %(default)s): large hilar vessels in both classes, as real CT has them",
-    )
-    sy.add_argument(
-        "--trees",
-        type=float,
-        default=float(defaults["trees"]),
-        help="0 to 1 (default %(default)s): 3D vessel trees with partial volume in both classes (up to 6 "
-        "per lung at 1)",
-    )
+    for name, what in STRENGTHS.items():
+        sy.add_argument(
+            f"--{name}",
+            type=float,
+            default=float(defaults[name]),
+            help=f"0 to 1 (default %(default)s): {what}",
+        )
     sy.add_argument(
         "--masks",
         action="store_true",
@@ -134,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
             if not 0 <= args.difficulty <= 1:
                 print("error: --difficulty must be in [0, 1]", file=sys.stderr)
                 return 2
-            for name in ("confounders", "shift", "hila", "trees"):
+            for name in STRENGTHS:
                 if not 0 <= getattr(args, name) <= 1:
                     print(f"error: --{name} must be in [0, 1]", file=sys.stderr)
                     return 2
