@@ -93,6 +93,7 @@ def prefetched(
 
 
 def batched(items: Iterable[dict[str, Any]], size: int) -> Iterator[list[dict[str, Any]]]:
+    """``items`` in lists of ``size`` (the last one shorter)."""
     batch: list[dict[str, Any]] = []
     for item in items:
         batch.append(item)
@@ -125,6 +126,8 @@ def prepared_batches(
 
 
 def as_input(path: str | Path) -> ScanInput:
+    """The one scan at ``path`` (a NIfTI file or a DICOM series folder), or an unreadable input
+    saying why: nothing there, or several scans."""
     found = find_inputs(path)
     if len(found) == 1:
         return found[0]
