@@ -273,18 +273,16 @@ def export_bundle(
     return final
 
 
-#: the file only this app writes into a bundle: ``--overwrite`` replaces a bundle only with it
-MARKER = BUNDLE_MARKER
 MARKER_ID = "ctclassify-bundle"
 
 
 def _write_marker(work: Path) -> None:
-    (work / MARKER).write_text(json.dumps({"written_by": MARKER_ID, "format": 1}))
+    (work / BUNDLE_MARKER).write_text(json.dumps({"written_by": MARKER_ID, "format": 1}))
 
 
 def is_own_bundle(folder: Path) -> bool:
     """Whether ``folder`` (not a link) holds this app's bundle marker."""
-    marker = folder / MARKER
+    marker = folder / BUNDLE_MARKER
     if folder.is_symlink() or marker.is_symlink() or not marker.is_file():
         return False
     try:
@@ -307,12 +305,12 @@ def _check_zip_target(archive: Path, overwrite: bool) -> None:
     if archive.is_file() and not archive.is_symlink():
         try:
             with zipfile.ZipFile(archive) as z:
-                own = MARKER in z.namelist()
+                own = BUNDLE_MARKER in z.namelist()
         except (OSError, zipfile.BadZipFile):
             own = False
     if not own:
         raise ConfigError(
-            f"--overwrite: {archive} is not a bundle archive written by ctclassify (no {MARKER} "
+            f"--overwrite: {archive} is not a bundle archive written by ctclassify (no {BUNDLE_MARKER} "
             "inside, or a link or folder): not replaced"
         )
 
@@ -333,7 +331,7 @@ def _check_target(final: Path, overwrite: bool) -> None:
         check_own_folder(final, "bundle")
         if not is_own_bundle(final):
             raise ConfigError(
-                f"--overwrite: {final} holds no {MARKER} (a bundle this app wrote has one): "
+                f"--overwrite: {final} holds no {BUNDLE_MARKER} (a bundle this app wrote has one): "
                 "nothing was removed; choose another --output or remove it yourself"
             )
 

@@ -493,10 +493,10 @@ def scan_seed(seed: int, index: int) -> int:
     return int(np.random.SeedSequence([seed, index]).generate_state(1)[0])
 
 
-def _write_one(
-    path: Path, mask_path: Path | None, label: int, seed: int, settings: dict[str, Any]
-) -> None:
-    """Generate and write one scan (and its lesion mask): a job of :func:`write_dataset`."""
+def _write_one(job: tuple[Path, Path | None, int, int, dict[str, Any]]) -> int:
+    """Generate and write one scan (and its lesion mask): a job of :func:`write_dataset`;
+    returns the progress it makes (one scan)."""
+    path, mask_path, label, seed, settings = job
     scan = generate_scan(label, seed, **settings)
     if not path.exists():
         save_scan(scan, path)
@@ -504,6 +504,7 @@ def _write_one(
         mask_path.parent.mkdir(parents=True, exist_ok=True)
         assert scan.lesion_mask is not None
         _save_atomically(nib.Nifti1Image(scan.lesion_mask.astype(np.uint8), scan.affine), mask_path)
+    return 1
 
 
 def write_dataset(
@@ -570,14 +571,9 @@ def write_dataset(
 
             context = multiprocessing.get_context("spawn")  # no fork of a process holding torch
             with ProcessPoolExecutor(workers, mp_context=context) as pool:
-                for done in pool.map(_write_one_job, todo):
+                for done in pool.map(_write_one, todo):
                     bar.update(done)
         else:
             for job in todo:
-                bar.update(_write_one_job(job))
+                bar.update(_write_one(job))
     return items
-
-
-def _write_one_job(job: tuple[Path, Path | None, int, int, dict[str, Any]]) -> int:
-    _write_one(*job)
-    return 1

@@ -16,7 +16,6 @@ from app.bundle.portable.writer import (
 from app.errors import ConfigError
 from app.inference.classifier import Prediction
 
-CSV_NAME = PREDICTIONS_CSV
 JSON_NAME = "predictions.json"
 MODEL_NAME = "model.json"
 
@@ -81,7 +80,7 @@ class PredictionLog:
     ) -> None:
         self.out_dir = Path(out_dir)
         self.out_dir.mkdir(parents=True, exist_ok=True)
-        self.csv_path = self.out_dir / CSV_NAME
+        self.csv_path = self.out_dir / PREDICTIONS_CSV
         if overwrite:
             self.csv_path.unlink(missing_ok=True)
             (self.out_dir / JSON_NAME).unlink(missing_ok=True)

@@ -31,7 +31,6 @@ from app.run_folder import (
     mark_finished,
 )
 
-OVERRIDES_FILE = OVERRIDES
 DEMO_CONFIG = "demo.yaml"
 #: named training recipes: configs/recipes/NAME.yaml, read after train.yaml (--recipe NAME)
 RECIPES_DIR = "recipes"
@@ -327,8 +326,8 @@ def _run_settings(
     from app.training.distributed import launched_distributed
 
     settings: dict[str, Any] = {}
-    if resume and (output / OVERRIDES_FILE).exists():
-        settings.update(read_saved_overrides(output / OVERRIDES_FILE, overrides, config_dir))
+    if resume and (output / OVERRIDES).exists():
+        settings.update(read_saved_overrides(output / OVERRIDES, overrides, config_dir))
     demo = demo or bool(settings.pop("__demo__", False))
     recipe = recipe or settings.pop("__recipe__", None) or (DEMO_RECIPE if demo else None)
     names = ["train.yaml"]
@@ -394,7 +393,7 @@ def _record_settings(output: Path, settings: dict[str, Any], names: list[str]) -
             "__demo__": DEMO_CONFIG in names,
             "__recipe__": None if recipe is None else Path(recipe).stem,
         }
-        atomic_write_text(output / OVERRIDES_FILE, json.dumps(saved, indent=1))
+        atomic_write_text(output / OVERRIDES, json.dumps(saved, indent=1))
 
 
 class _DropMessages(logging.Filter):
