@@ -33,6 +33,7 @@ MODEL_SETTINGS = (
     "pooling",
     "lung_crop",
     "lung_only",
+    "lung_flatten_mm",
     "density_bins",
 )
 
@@ -43,6 +44,7 @@ MODEL_DEFAULTS: dict[str, Any] = {
     "pooling": "avg",
     "lung_crop": False,
     "lung_only": False,
+    "lung_flatten_mm": 0.0,
     "density_bins": 0,
 }
 
@@ -315,6 +317,7 @@ FIELDS: dict[str, Callable[[Any], Any]] = {
     "pooling": _pooling,
     "lung_crop": _bool,
     "lung_only": _bool,
+    "lung_flatten_mm": _float(0.0, 1000.0),
     "density_bins": _int(0, 256),
     "threshold": _float(0.0, 1.0),
     "class_names": _class_names,

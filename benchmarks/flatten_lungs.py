@@ -3,7 +3,8 @@
     python benchmarks/flatten_lungs.py SRC DST [--sigma-mm 20]
 
 Each lung voxel (``transforms.lung.lung_mask``) becomes its HU minus a robust local background
-plus -850 HU: the normalised Gaussian convolution (``--sigma-mm``) of the lung's HU over the
+plus -850 HU (``transforms.lung.flatten_lungs``, what ``lung_flatten_mm`` does inside the
+preprocessing): the normalised Gaussian convolution (``--sigma-mm``) of the lung's HU over the
 mask, computed again without the voxels more than 80 HU above the first estimate (findings and
 vessels). Dependent density and expiration vanish; local findings stay. Folders and names are
 kept (``masks/`` is skipped); int16 NIfTI with the source's affine. docs/training.md, "A
@@ -17,33 +18,13 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
-from scipy import ndimage
 
-from transforms.lung import lung_mask
-
-#: voxels this far above the first background estimate are left out of the second
-ABOVE_HU = 80.0
-#: the lung's level after flattening
-REFERENCE_HU = -850.0
-
-
-def _background(volume: np.ndarray, keep: np.ndarray, sigma: list[float]) -> np.ndarray:
-    values = np.where(keep, volume, 0).astype(np.float32)
-    weight = ndimage.gaussian_filter(keep.astype(np.float32), sigma)
-    return ndimage.gaussian_filter(values, sigma) / np.maximum(weight, 1e-3)
+from transforms.lung import flatten_lungs, lung_mask
 
 
 def flatten(volume: np.ndarray, spacing: tuple[float, ...], sigma_mm: float = 20.0) -> np.ndarray:
     """``volume`` (HU, axial third axis) with each lung voxel minus its local background."""
-    mask = lung_mask(volume)
-    if not mask.any():
-        return volume.astype(np.float32)
-    sigma = [sigma_mm / float(s) for s in spacing[:3]]
-    first = _background(volume, mask, sigma)
-    second = _background(volume, mask & (volume < first + ABOVE_HU), sigma)
-    out = volume.astype(np.float32).copy()
-    out[mask] = volume[mask] - second[mask] + REFERENCE_HU
-    return out
+    return flatten_lungs(volume, lung_mask(volume), [float(s) for s in spacing[:3]], sigma_mm)
 
 
 def main() -> None:

@@ -45,7 +45,7 @@ def main() -> None:
     chain = eval_transforms(
         keys=["image"], spatial_size=s["spatial_size"], hu_window=s["hu_window"],
         axcodes=s["axcodes"], lung_crop=bool(s.get("lung_crop")),
-        lung_only=bool(s.get("lung_only")),
+        lung_only=bool(s.get("lung_only")), lung_flatten_mm=float(s.get("lung_flatten_mm", 0)),
     )  # fmt: skip
     scans = sorted((args.data / "CT-23").glob("*.nii.gz"))
     if args.limit:

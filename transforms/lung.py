@@ -3,11 +3,13 @@ the crop of a scan to its lungs' bounding box: more of the network's input voxel
 
 from __future__ import annotations
 
+import math
 from collections.abc import Hashable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
 import torch
+from monai.data import MetaTensor
 from monai.transforms import MapTransform, SpatialCrop
 
 #: voxels below this HU are air (outside the body, lungs, airways)
@@ -18,6 +20,14 @@ MIN_SHARE_OF_LARGEST = 0.1
 MIN_LUNG_FRACTION = 0.005
 #: ``lung_only`` keeps this many voxels (in plane) around the lung mask
 LUNG_ONLY_DILATE = 2
+#: flattening leaves out of its second background estimate the voxels this far above the first
+#: (findings and vessels: the background is the lung's own)
+FLATTEN_ABOVE_HU = 80.0
+#: the lung's level after flattening (HU): a normal lung's, inside every window
+FLATTEN_LEVEL_HU = -850.0
+#: flattening estimates the background on a grid of voxels at most sigma / this (mm): a smooth
+#: background needs no finer grid, and a 512 x 512 scan costs a coarse grid's time
+FLATTEN_GRID_PER_SIGMA = 4.0
 
 
 def lung_mask(volume: np.ndarray, air_hu: float = AIR_HU, step: int = 2) -> np.ndarray:
@@ -92,6 +102,67 @@ def lung_box(
     return start, end
 
 
+def _block_sums(array: np.ndarray, factors: Sequence[int]) -> np.ndarray:
+    """Sums over blocks of ``factors`` voxels (the last blocks of an axis padded with zeros)."""
+    padded = np.pad(array, [(0, -n % f) for n, f in zip(array.shape, factors, strict=True)])
+    shape: list[int] = []
+    for n, f in zip(padded.shape, factors, strict=True):
+        shape += [n // f, f]
+    return padded.reshape(shape).sum(axis=(1, 3, 5))
+
+
+def _upsample(coarse: np.ndarray, factors: Sequence[int], shape: Sequence[int]) -> np.ndarray:
+    """Linear interpolation of block values (each at its block's centre) back to ``shape``,
+    edge values held beyond the outer centres; axes with factor 1 are taken as they are."""
+    out = coarse
+    for axis, (f, n) in enumerate(zip(factors, shape, strict=True)):
+        if f == 1:
+            continue
+        at = np.clip((np.arange(n) - (f - 1) / 2) / f, 0, out.shape[axis] - 1)
+        low = np.floor(at).astype(np.intp)
+        high = np.minimum(low + 1, out.shape[axis] - 1)
+        w = (at - low).astype(np.float32).reshape([-1 if a == axis else 1 for a in range(3)])
+        out = np.take(out, low, axis=axis) * (1 - w) + np.take(out, high, axis=axis) * w
+    return out
+
+
+def _background(
+    volume: np.ndarray, keep: np.ndarray, sigma_mm: float, spacing: Sequence[float]
+) -> np.ndarray:
+    """The normalised Gaussian convolution of ``volume`` over the voxels ``keep`` marks: each
+    voxel's smooth local mean of the kept voxels around it."""
+    from scipy import ndimage
+
+    grid_mm = sigma_mm / FLATTEN_GRID_PER_SIGMA
+    factors = [max(1, int(grid_mm // float(s))) for s in spacing]
+    weight = _block_sums(keep.astype(np.float32), factors)
+    values = _block_sums(np.where(keep, volume, 0).astype(np.float32), factors)
+    sigma = [sigma_mm / (float(s) * f) for s, f in zip(spacing, factors, strict=True)]
+    smooth = ndimage.gaussian_filter(values, sigma) / np.maximum(
+        ndimage.gaussian_filter(weight, sigma), 1e-3 * np.prod(factors)
+    )
+    return _upsample(smooth, factors, volume.shape)
+
+
+def flatten_lungs(
+    volume: np.ndarray, mask: np.ndarray, spacing: Sequence[float], sigma_mm: float
+) -> np.ndarray:
+    """``volume`` (HU, float32) with each lung voxel (``mask``) moved by its lung's smooth
+    local background: ``HU - background + FLATTEN_LEVEL_HU``. The background is the normalised
+    Gaussian convolution (``sigma_mm``, per axis in voxels from ``spacing``) of the lung's HU,
+    estimated twice, the second time without the voxels more than :data:`FLATTEN_ABOVE_HU`
+    above the first (findings and vessels). Gravity-dependent density and expiration, which
+    shift a lung's histogram as findings do, vanish; findings smaller than the kernel stay.
+    Voxels outside the mask are kept."""
+    out = np.asarray(volume, dtype=np.float32).copy()
+    if not mask.any():
+        return out
+    first = _background(out, mask, sigma_mm, spacing)
+    second = _background(out, mask & (out < first + FLATTEN_ABOVE_HU), sigma_mm, spacing)
+    out[mask] += FLATTEN_LEVEL_HU - second[mask]
+    return out
+
+
 def outside_lungs(
     mask: np.ndarray,
     volume: np.ndarray,
@@ -124,9 +195,11 @@ def outside_lungs(
 class CropToLungsd(MapTransform):
     """Crop channel-first HU images to the lungs' bounding box (:func:`lung_box` of the first
     channel), through MONAI's ``SpatialCrop`` so the affine follows, and/or set every voxel
-    outside the lungs (:func:`outside_lungs`) to ``outside``. Scans without lungs are left
-    whole and unblanked. Place it after ``Orientationd`` (the third axis must be axial) and
-    before the intensity window (the mask needs HU).
+    outside the lungs (:func:`outside_lungs`) to ``outside``, and/or subtract each lung's
+    smooth background (:func:`flatten_lungs`, on the voxel spacing of the image's affine).
+    Scans without lungs are left whole, unblanked and unflattened. Place it after
+    ``Orientationd`` (the third axis must be axial) and before the intensity window (the mask
+    needs HU).
 
     Args:
         keys: image keys.
@@ -134,6 +207,7 @@ class CropToLungsd(MapTransform):
         air_hu: HU below which a voxel is air.
         crop: crop to the lungs' box.
         outside: value for the voxels outside the lungs (HU); ``None`` leaves them.
+        flatten_mm: > 0: flatten the lungs with a Gaussian background of this sigma (mm).
     """
 
     def __init__(
@@ -143,17 +217,23 @@ class CropToLungsd(MapTransform):
         air_hu: float = AIR_HU,
         crop: bool = True,
         outside: float | None = None,
+        flatten_mm: float = 0.0,
     ) -> None:
         super().__init__(keys)
+        if not (math.isfinite(flatten_mm) and flatten_mm >= 0):
+            raise ValueError(f"flatten_mm must be a finite number >= 0, got {flatten_mm!r}")
         self.margin = margin
         self.air_hu = air_hu
         self.crop = crop
         self.outside = outside
+        self.flatten_mm = float(flatten_mm)
 
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
         d = dict(data)
         for key in self.key_iterator(d):
             image = d[key]
+            if self.flatten_mm > 0 and not isinstance(image, MetaTensor):
+                raise TypeError("flattening the lungs needs the voxel spacing: a MetaTensor image")
             volume = np.asarray(image[0])
             mask = lung_mask(volume, self.air_hu)
             box = lung_box(volume, self.margin, self.air_hu, mask=mask)
@@ -169,5 +249,15 @@ class CropToLungsd(MapTransform):
                     image[:, blank] = self.outside
             if self.crop:
                 image = SpatialCrop(roi_start=box[0], roi_end=box[1])(image)
+                mask = mask[tuple(slice(a, b) for a, b in zip(*box, strict=True))]
+            if self.flatten_mm > 0:
+                image = self._flatten(image, mask)
             d[key] = image
         return d
+
+    def _flatten(self, image: MetaTensor, mask: np.ndarray) -> MetaTensor:
+        spacing = [float(s) for s in np.asarray(image.pixdim)[:3]]
+        flat = [flatten_lungs(np.asarray(c), mask, spacing, self.flatten_mm) for c in image]
+        out = MetaTensor(torch.from_numpy(np.stack(flat)))
+        out.copy_meta_from(image)
+        return out

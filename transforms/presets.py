@@ -34,6 +34,7 @@ def eval_transforms(
     load: bool = True,
     lung_crop: bool = False,
     lung_only: bool = False,
+    lung_flatten_mm: float = 0.0,
 ) -> Compose:
     """The reference ``process_scan()`` as MONAI dictionary transforms.
 
@@ -55,6 +56,9 @@ def eval_transforms(
         lung_only: set every voxel outside the lungs (the mask dilated by 2 voxels) to the
             window's low end (air) before the window: the network sees the lungs only, so its
             intensity statistics are the lungs' (off: the reference's).
+        lung_flatten_mm: > 0: each lung voxel minus its lung's smooth background (a Gaussian of
+            this sigma in mm; ``transforms.lung.flatten_lungs``) before the window: dependent
+            density and expiration vanish, local findings stay (0: the reference's).
     """
     # scans are read in their stored dtype (int16 HU for MosMed): the window clips them before
     # any float copy exists
@@ -80,8 +84,15 @@ def eval_transforms(
             *head,
             Orientationd(keys, axcodes=axcodes, labels=None),
             *(
-                [CropToLungsd(keys, crop=lung_crop, outside=hu_window[0] if lung_only else None)]
-                if lung_crop or lung_only
+                [
+                    CropToLungsd(
+                        keys,
+                        crop=lung_crop,
+                        outside=hu_window[0] if lung_only else None,
+                        flatten_mm=lung_flatten_mm,
+                    )
+                ]
+                if lung_crop or lung_only or lung_flatten_mm
                 else []
             ),
             ClipScaleIntensityd(keys, a_min=hu_window[0], a_max=hu_window[1], b_min=0.0, b_max=1.0),
@@ -103,6 +114,7 @@ def train_transforms(
     angles_deg: Sequence[float],
     lung_crop: bool = False,
     lung_only: bool = False,
+    lung_flatten_mm: float = 0.0,
 ) -> Compose:
     """:func:`eval_transforms` followed by the reference's random axial rotation.
 
@@ -117,6 +129,7 @@ def train_transforms(
         angles_deg: rotation angles to draw from, in degrees.
         lung_crop: as :func:`eval_transforms`.
         lung_only: as :func:`eval_transforms`.
+        lung_flatten_mm: as :func:`eval_transforms`.
     """
     prefix = eval_transforms(
         keys=keys,
@@ -125,5 +138,6 @@ def train_transforms(
         axcodes=axcodes,
         lung_crop=lung_crop,
         lung_only=lung_only,
+        lung_flatten_mm=lung_flatten_mm,
     )
     return Compose([*prefix.transforms, RandDiscreteAxialRotated(keys, angles_deg=angles_deg)])

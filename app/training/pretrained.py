@@ -27,7 +27,7 @@ GENERATED = "generated"
 #: settings that shape the network: a file's must equal the run's
 ARCHITECTURE = ("in_channels", "filters", "dense_units", "norm", "pooling", "density_bins")
 #: settings of the input: a file trained on others still starts a run, with a warning
-INPUT = ("spatial_size", "hu_window", "axcodes", "lung_crop", "lung_only")
+INPUT = ("spatial_size", "hu_window", "axcodes", "lung_crop", "lung_only", "lung_flatten_mm")
 
 
 class InitWeightsError(ConfigError):
