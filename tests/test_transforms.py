@@ -535,20 +535,23 @@ def _exact_flatten(volume, mask, spacing, sigma_mm):
 
 
 @pytest.mark.parametrize(
-    "spacing", [(4.0, 4.0, 8.0), (2.5, 2.5, 6.0), (0.7, 0.7, 2.5), (1.2, 0.8, 5.0)]
+    "spacing", [(4.0, 4.0, 8.0), (2.5, 2.5, 6.0), (1.5, 1.5, 5.0), (1.2, 0.8, 5.0)]
 )
 def test_lung_flattening_equals_the_full_resolution_convolution(spacing):
-    """Against the plain full-resolution normalised convolution: the coarse grid the background
-    is estimated on (coarser than 1 voxel where voxels are under 5 mm) moves no lung voxel by
-    more than 5 HU; where the grid is the voxel grid, the same numbers; axis flips commute."""
+    """Against the plain full-resolution normalised convolution, on a chest of 240 x 200 x 220
+    mm at four spacings: the coarse grid the background is estimated on (2 to 6 voxels a cell
+    where voxels are under 5 mm) moves no lung voxel by more than 1 HU (0.12 HU seen); on the
+    voxel grid itself, the same numbers; axis flips commute."""
     from transforms.lung import flatten_lungs
 
-    volume, lungs = _chest((64, 56, 20), gradient_hu=250, shift_hu=100, blobs=[(19, 28, 10)])
+    shape = tuple(round(mm / s) for mm, s in zip((240, 200, 220), spacing, strict=True))
+    finding = (int(0.3 * shape[0]), shape[1] // 2, shape[2] // 2)
+    volume, lungs = _chest(shape, gradient_hu=250, shift_hu=100, blobs=[finding])
     volume += np.random.default_rng(0).normal(0, 20, volume.shape).astype(np.float32)
     ours = flatten_lungs(volume, lungs, spacing, 20.0)
     exact = _exact_flatten(volume, lungs, spacing, 20.0)
     np.testing.assert_array_equal(ours[~lungs], volume[~lungs])
-    tolerance = 5.0 if min(spacing) < 5.0 else 1e-2
+    tolerance = 1.0 if min(spacing) < 5.0 else 1e-2
     assert float(np.abs(ours - exact)[lungs].max()) <= tolerance
     flipped = flatten_lungs(
         volume[::-1, :, ::-1].copy(), lungs[::-1, :, ::-1].copy(), spacing, 20.0
