@@ -615,6 +615,10 @@ def test_crop_to_lungs_flattens_on_the_affines_spacing_and_refuses_what_it_canno
     for bad in (-1.0, float("nan"), float("inf")):
         with pytest.raises(ValueError, match="flatten_mm"):
             CropToLungsd("image", flatten_mm=bad)
+    # a header claiming micrometre voxels: one background cell per axis, not a padded giant
+    tiny = MetaTensor(torch.as_tensor(scan.volume)[None], affine=torch.eye(4) * 1e-4)
+    out = CropToLungsd("image", flatten_mm=20.0)({"image": tiny})["image"]
+    assert out.shape[1:] == tuple(np.subtract(end, start)) and bool(torch.isfinite(out).all())
 
 
 def test_lung_flattening_preprocessing_sees_through_expiration(tmp_path):

@@ -134,7 +134,10 @@ def _background(
     from scipy import ndimage
 
     grid_mm = sigma_mm / FLATTEN_GRID_PER_SIGMA
-    factors = [max(1, int(grid_mm // float(s))) for s in spacing]
+    # at most one cell per axis: a header claiming micrometre voxels costs no padding
+    factors = [
+        min(n, max(1, int(grid_mm // float(s)))) for n, s in zip(volume.shape, spacing, strict=True)
+    ]
     weight = _block_sums(keep.astype(np.float32), factors)
     values = _block_sums(np.where(keep, volume, 0).astype(np.float32), factors)
     sigma = [sigma_mm / (float(s) * f) for s, f in zip(spacing, factors, strict=True)]
