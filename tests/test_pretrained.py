@@ -11,6 +11,7 @@ import pytest
 import torch
 from conftest import TINY_SETTINGS, synth_dataset
 
+from app.model_settings import MODEL_DEFAULTS
 from app.training import pretrained
 from app.training.pretrained import InitWeightsError, initialize_network
 from nets.cnn3d import CNN3D
@@ -108,6 +109,10 @@ def test_the_shipped_weights_fit_the_small_data_recipe():
     initialize_network(net, "generated", settings)
     state = torch.load(weights, weights_only=True)["network"]
     assert all(torch.isfinite(v).all() for v in state.values() if v.is_floating_point())
+    # the input the weights were pretrained on is the recipe's (the lung crop, the flattening)
+    shipped = {**MODEL_DEFAULTS, **json.loads(record.read_text())["settings"]}
+    for key in pretrained.INPUT:
+        assert shipped[key] == parser.get_parsed_content(key), key
 
 
 def test_train_init_records_its_start_and_refuses_a_misfit(tmp_path, capsys):
