@@ -81,6 +81,23 @@ def test_delong_interval_covers_the_true_auc_or_says_it_cannot(positives, negati
         assert coverage < 0.94 and "UNRELIABLE: 5 scans in the smaller class" in e.method
 
 
+@pytest.mark.parametrize("per_class", [10, 30, 60])
+def test_a_perfectly_separated_set_gets_a_narrow_interval_below_one(per_class):
+    """Every abnormal scan above every normal one: the interval ends at 1 and starts below it,
+    close to it, and closer with more scans (it read 0.032-1.000 at 30/30 on the logit
+    scale); one swapped pair keeps the DeLong-logit interval, which then starts lower."""
+    labels = np.r_[np.zeros(per_class, int), np.ones(per_class, int)]
+    scores = np.r_[np.linspace(0.0, 0.4, per_class), np.linspace(0.6, 1.0, per_class)]
+    e = auc_with_ci(scores, labels)
+    assert e.value == 1.0 and e.high == 1.0 and "perfect separation" in e.method
+    assert 1.0 - 0.6 / per_class < e.low < 1.0
+    swapped = scores.copy()
+    swapped[[per_class - 1, per_class]] = swapped[[per_class, per_class - 1]]
+    near = auc_with_ci(swapped, labels)
+    assert near.value < 1.0 and "DeLong, logit" in near.method
+    assert 0.8 < near.low < e.low
+
+
 def test_auc_interval_with_one_scan_in_a_class_is_wide_and_flagged():
     """One abnormal scan: never a zero-width interval (Hanley-McNeil's variance), flagged."""
     e = auc_with_ci(np.array([0.1, 0.2, 0.3, 0.9]), np.array([0, 0, 0, 1]))

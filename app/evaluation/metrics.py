@@ -218,10 +218,19 @@ def auc_with_ci(
         _, var = delong_auc(positive, negative)
         m, n = len(positive), len(negative)
         a = min(max(value, 0.5 / (m * n)), 1 - 0.5 / (m * n))
-        half = float(norm.ppf(0.5 + confidence / 2)) * math.sqrt(var) / (a * (1 - a))
-        centre = math.log(a / (1 - a))
-        low, high = (1 / (1 + math.exp(-(centre + s * half))) for s in (-1, 1))
-        return Estimate(value, min(low, value), max(high, value), "DeLong, logit" + caveat)
+        z = float(norm.ppf(0.5 + confidence / 2))
+        if value in (0.0, 1.0):
+            # perfect separation: DeLong's variance is 0 and the logit of a clipped 1 - 1/(2mn)
+            # turns Hanley and McNeil's small variance into a near-[0, 1] interval (0.032-1.000
+            # seen at 30/30); on the AUC scale it is what that variance says
+            low, high = max(0.0, a - z * math.sqrt(var)), min(1.0, a + z * math.sqrt(var))
+            label = "Hanley-McNeil (perfect separation)"
+        else:
+            half = z * math.sqrt(var) / (a * (1 - a))
+            centre = math.log(a / (1 - a))
+            low, high = (1 / (1 + math.exp(-(centre + s * half))) for s in (-1, 1))
+            label = "DeLong, logit"
+        return Estimate(value, min(low, value), max(high, value), label + caveat)
     if method != "bootstrap":
         raise ValueError(f"method must be 'delong' or 'bootstrap', got {method!r}")
     return Estimate(
