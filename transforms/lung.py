@@ -104,6 +104,8 @@ def lung_box(
 
 def _block_sums(array: np.ndarray, factors: Sequence[int]) -> np.ndarray:
     """Sums over blocks of ``factors`` voxels (the last blocks of an axis padded with zeros)."""
+    if all(f == 1 for f in factors):
+        return array
     padded = np.pad(array, [(0, -n % f) for n, f in zip(array.shape, factors, strict=True)])
     shape: list[int] = []
     for n, f in zip(padded.shape, factors, strict=True):
