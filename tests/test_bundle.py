@@ -602,15 +602,17 @@ def test_bundle_writer_records_a_non_finite_probability_as_a_failed_scan(tmp_pat
 
 
 def test_recipe_choices_travel_with_the_export(tmp_path):
-    """A model with the lung crop, attention pooling and a density branch: the exported bundle
-    (TorchScript and ONNX made from it) and app.infer give the same probabilities."""
+    """A model with the lung crop, the lungs flattened, attention pooling and a density branch:
+    the exported bundle (TorchScript and ONNX made from it) and app.infer give the same
+    probabilities."""
     from conftest import TINY_SETTINGS
 
     from app.data.synth import generate_scan, save_scan
     from nets.cnn3d import CNN3D
 
     torch.manual_seed(3)
-    settings = {**TINY_SETTINGS, "pooling": "attention", "lung_crop": True, "density_bins": 16}
+    settings = {**TINY_SETTINGS, "pooling": "attention", "lung_crop": True, "density_bins": 16,
+                "lung_flatten_mm": 20.0}  # fmt: skip
     net = CNN3D(filters=settings["filters"], dense_units=settings["dense_units"],
                 pooling="attention", density_bins=16)  # fmt: skip
     with torch.no_grad():
@@ -624,6 +626,9 @@ def test_recipe_choices_travel_with_the_export(tmp_path):
         save_scan(generate_scan(i % 2, i, shape=(64, 64, 20)), scans / f"s{i}.nii.gz")
     bundle = tmp_path / "bundle"
     assert export_main(["--checkpoint", str(ckpt), "--output", str(bundle)]) == 0
+    flatten = [line for f in (bundle / "configs").glob("*.yaml") for line in f.read_text().splitlines()
+               if line.startswith("lung_flatten_mm:")]  # fmt: skip
+    assert flatten and all(float(line.split(":")[1].split("#")[0]) == 20.0 for line in flatten)
     proc = monai_bundle(
         ["run", "--config_file", "configs/inference.yaml", "--meta_file", "configs/metadata.json",
          "--bundle_root", ".", "--dataset_dir", str(scans), "--output_dir", str(tmp_path / "b"),
@@ -642,7 +647,8 @@ def test_recipe_choices_travel_with_the_export(tmp_path):
     assert via_bundle.keys() == via_app.keys() and len(via_app) == 3
     for name, prob in via_app.items():
         assert abs(via_bundle[name] - prob) <= 1e-5, name
-    assert max(via_app.values()) - min(via_app.values()) > 1e-3  # probabilities that differ
+    # probabilities that differ (by 50x the agreement asked; flattened lungs look much alike)
+    assert max(via_app.values()) - min(via_app.values()) > 5e-4
     x = torch.rand(1, 1, 48, 48, 48)
     with torch.no_grad():
         expected = net(x).numpy()

@@ -115,6 +115,10 @@ def test_config_syntax_anywhere_is_refused_and_never_runs(tmp_path, scans, carri
         pytest.param("dense_units", 10**9, "an integer in", id="huge-dense"),
         pytest.param("norm", "layer", "one of batch, group", id="norm-unknown"),
         pytest.param("norm", ["group"], "one of batch, group", id="norm-list"),
+        pytest.param("lung_flatten_mm", "20", "a number in", id="flatten-string"),
+        pytest.param("lung_flatten_mm", -1.0, "a number in", id="flatten-negative"),
+        pytest.param("lung_flatten_mm", float("nan"), "a number in", id="flatten-nan"),
+        pytest.param("lung_flatten_mm", 1e6, "a number in", id="flatten-huge"),
     ],
 )
 def test_wrong_types_and_ranges_name_the_file_and_field(tmp_path, field, value, message):
