@@ -1,0 +1,72 @@
+"""benchmarks/third_scans.py: the held-out generator the learning studies test on. Its figures
+mean something only if its scans are what it says: LPS chests whose lungs the app finds, the
+patient's back where the header says, findings inside the lungs and denser than them."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from transforms.lung import lung_mask
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def third():
+    spec = importlib.util.spec_from_file_location(
+        "third_scans", REPO / "benchmarks" / "third_scans.py"
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _write(third, out: Path, monkeypatch, *extra: str) -> None:
+    monkeypatch.setattr(sys, "argv", ["third_scans.py", str(out), "--per-class", "1", *extra])
+    third.main()
+
+
+@pytest.mark.parametrize("strength", ["0", "1"])
+def test_third_generator_writes_lps_chests_with_findings_in_the_lungs(
+    third, tmp_path, monkeypatch, strength
+):
+    _write(third, tmp_path / "a", monkeypatch, "--seed", "3", "--confounded", strength)
+    normal = nib.load(tmp_path / "a" / "CT-0" / "t3_0_000.nii.gz")
+    abnormal = nib.load(tmp_path / "a" / "CT-23" / "t3_1_000.nii.gz")
+    mask_img = nib.load(tmp_path / "a" / "masks" / "t3_1_000.nii.gz")
+    assert nib.aff2axcodes(abnormal.affine) == ("L", "P", "S")
+    assert abnormal.get_data_dtype() == np.int16
+    assert np.array_equal(mask_img.affine, abnormal.affine)
+    assert not (tmp_path / "a" / "masks" / "t3_0_000.nii.gz").exists()
+    for img in (normal, abnormal):
+        ras = nib.as_closest_canonical(img)
+        hu = np.asarray(ras.dataobj, np.float32)
+        lungs = lung_mask(hu)
+        assert 0.04 < lungs.mean() < 0.4
+        # the vertebra (> 250 HU) lies behind the lungs: posterior is low y in RAS
+        bone_y = np.argwhere(hu > 250)[:, 1].mean()
+        lung_y = np.argwhere(lungs)[:, 1].mean()
+        assert bone_y < lung_y
+    hu = np.asarray(nib.as_closest_canonical(abnormal).dataobj, np.float32)
+    lesion = np.asarray(nib.as_closest_canonical(mask_img).dataobj) > 0
+    lungs = lung_mask(hu)
+    assert lesion.sum() > 20
+    assert (lesion & lungs).sum() >= 0.9 * lesion.sum()
+    assert np.median(hu[lesion]) > np.median(hu[lungs & ~lesion]) + 50
+
+
+def test_third_generator_is_seeded(third, tmp_path, monkeypatch):
+    _write(third, tmp_path / "a", monkeypatch, "--seed", "5")
+    _write(third, tmp_path / "b", monkeypatch, "--seed", "5")
+    _write(third, tmp_path / "c", monkeypatch, "--seed", "6")
+    a = np.asarray(nib.load(tmp_path / "a" / "CT-23" / "t5_1_000.nii.gz").dataobj)
+    b = np.asarray(nib.load(tmp_path / "b" / "CT-23" / "t5_1_000.nii.gz").dataobj)
+    c = np.asarray(nib.load(tmp_path / "c" / "CT-23" / "t6_1_000.nii.gz").dataobj)
+    assert np.array_equal(a, b)
+    assert not np.array_equal(a, c)
