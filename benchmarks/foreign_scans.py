@@ -102,18 +102,34 @@ def _vessels(rng: np.random.Generator, lungs: np.ndarray, n: int) -> np.ndarray:
     return ndimage.gaussian_filter(w, (0.9, 0.9, 0.4)) * lungs
 
 
+CONFOUNDERS = ("dependent", "expiration", "vessels", "blur")
+
+
 def scan(
-    rng: np.random.Generator, abnormal: bool, confounded: float, contrast_only: bool = False
+    rng: np.random.Generator,
+    abnormal: bool,
+    confounded: float,
+    contrast_only: bool = False,
+    which: tuple[str, ...] = CONFOUNDERS,
 ) -> tuple[np.ndarray, np.ndarray]:
     """(HU volume, lesion mask); with ``contrast_only`` the findings' own contribution (HU added
-    by them, blurred as the scan, before noise) in place of the volume."""
+    by them, blurred as the scan, before noise) in place of the volume. ``which``: the
+    confounders drawn (their draws are made either way, so a scan differs only by them)."""
     vol, lungs, post = _body(rng)
+    blur = 0.0
     if confounded:
         c = confounded
-        vol += lungs * (rng.uniform(0.2, 1.0) * 250.0 * c * post**1.5)  # dependent density
-        vol += lungs * rng.uniform(0, 150 * c)  # expiration
-        v = _vessels(rng, lungs, int(rng.integers(40, 120) * c))
-        vol = vol + v * (40.0 - vol) * 0.9
+        dependent = lungs * (rng.uniform(0.2, 1.0) * 250.0 * c * post**1.5)
+        expiration = lungs * rng.uniform(0, 150 * c)
+        vessels = int(rng.integers(40, 120) * c)
+        if "dependent" in which:
+            vol += dependent
+        if "expiration" in which:
+            vol += expiration
+        if "vessels" in which:
+            v = _vessels(rng, lungs, vessels)
+            vol = vol + v * (40.0 - vol) * 0.9
+        blur = 0.4 * confounded if "blur" in which else 0.0
     mask = np.zeros(SHAPE, bool)
     before = vol.copy()
     if abnormal:
@@ -123,8 +139,8 @@ def scan(
             vol = vol + w * (hu - vol).clip(min=0)
             mask |= w > 0.5
     if contrast_only:
-        return ndimage.gaussian_filter(vol - before, 0.6 + 0.4 * confounded), mask
-    vol = ndimage.gaussian_filter(vol, 0.6 + 0.4 * confounded)
+        return ndimage.gaussian_filter(vol - before, 0.6 + blur), mask
+    vol = ndimage.gaussian_filter(vol, 0.6 + blur)
     vol += rng.normal(0, rng.uniform(12, 25), SHAPE)
     return vol, mask
 
@@ -159,12 +175,20 @@ def main() -> None:
         help="strength of the confounders, 0..1 (alone: 1)",
     )
     p.add_argument(
+        "--only",
+        default=",".join(CONFOUNDERS),
+        help="the confounders drawn, comma-separated (default: all): " + ", ".join(CONFOUNDERS),
+    )
+    p.add_argument(
         "--visibility",
         action="store_true",
         help="write nothing; print how visible the findings of the first 20 abnormal scans are "
         "at strengths 0, 0.5 and 1 (voxels more than 100 HU above their own lung)",
     )
     args = p.parse_args()
+    which = tuple(args.only.split(","))
+    if not set(which) <= set(CONFOUNDERS):
+        p.error(f"--only: choose from {', '.join(CONFOUNDERS)}")
     if args.visibility:
         visibility(args.seed)
         return
@@ -173,7 +197,7 @@ def main() -> None:
         (args.out / folder).mkdir(parents=True, exist_ok=True)
         for i in range(args.per_class):
             rng = np.random.default_rng([args.seed, label, i, 7331])
-            vol, mask = scan(rng, bool(label), args.confounded)
+            vol, mask = scan(rng, bool(label), args.confounded, which=which)
             stored = np.clip(np.round(vol + 1024), 0, 4095).astype(np.uint16)
             img = nib.Nifti1Image(stored, affine)
             img.header.set_slope_inter(1.0, -1024.0)
