@@ -87,7 +87,8 @@ def _anatomy(rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _cylinder(vol: np.ndarray, lungs: np.ndarray, a: np.ndarray, b: np.ndarray, r: float) -> None:
-    """Draw a tapered-free cylinder from a to b (mm) with a 1-mm partial-volume edge, in lungs."""
+    """Add a cylinder of radius ``r`` from ``a`` to ``b`` (mm), with a 1-mm partial-volume edge, to
+    the lungs of ``vol`` (in place)."""
     x, y, z = _grid()
     lo = np.minimum(a, b) - r - 2
     hi = np.maximum(a, b) + r + 2
