@@ -114,7 +114,8 @@ def scan(
 ) -> tuple[np.ndarray, np.ndarray]:
     """(HU volume, lesion mask); with ``contrast_only`` the findings' own contribution (HU added
     by them, blurred as the scan, before noise) in place of the volume. ``which``: the
-    confounders drawn (their draws are made either way, so a scan differs only by them)."""
+    confounders drawn (their strengths are drawn either way; the vessels' paths only when they
+    are drawn, so without them the findings fall elsewhere)."""
     vol, lungs, post = _body(rng)
     blur = 0.0
     if confounded:
