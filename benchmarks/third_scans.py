@@ -152,19 +152,17 @@ def _finding(rng: np.random.Generator, lungs: np.ndarray, depth: np.ndarray) -> 
     return field * lungs
 
 
-def scan(
-    rng: np.random.Generator, abnormal: bool, strength: float
-) -> tuple[np.ndarray, np.ndarray]:
+def scan(rng: np.random.Generator, abnormal: bool, s: float) -> tuple[np.ndarray, np.ndarray]:
+    """(HU volume, lesion mask) of one scan; ``s``: the confounders' strength, 0..1."""
     vol, lungs = _anatomy(rng)
     x, y, z = _grid()
     depth = ndimage.distance_transform_edt(lungs, sampling=SPACING)
     # vessel trees from each lung's medial side
     idx = np.argwhere(lungs)
-    for _ in range(int(rng.integers(4, 9) + rng.integers(0, 7) * strength)):
+    for _ in range(int(rng.integers(4, 9) + rng.integers(0, 7) * s)):
         p = _mm(idx[rng.integers(len(idx))])
         p[0] = np.sign(p[0]) * (0.4 * abs(p[0]) + 15)  # near the hilum
         _tree(rng, vol, lungs, p)
-    s = strength
     if s:
         # dependent density decays from each column's posterior lung edge
         ys = np.where(lungs, np.arange(SHAPE[1])[None, :, None], -1)
@@ -207,7 +205,14 @@ def main() -> None:
     p.add_argument("out", type=Path)
     p.add_argument("--per-class", type=int, default=30)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--confounded", type=float, default=0.0, nargs="?", const=1.0)
+    p.add_argument(
+        "--confounded",
+        type=float,
+        default=0.0,
+        nargs="?",
+        const=1.0,
+        help="strength of the confounders, 0..1 (alone: 1)",
+    )
     args = p.parse_args()
     affine = np.diag([-SPACING[0], -SPACING[1], SPACING[2], 1.0])
     for label, folder in ((0, "CT-0"), (1, "CT-23")):
