@@ -471,11 +471,15 @@ def test_lung_only_blanks_what_is_outside_the_lungs_and_keeps_the_findings():
     image = MetaTensor(torch.as_tensor(scan.volume)[None], affine=torch.as_tensor(scan.affine))
     out = CropToLungsd("image", crop=False, outside=-1000.0)({"image": image})["image"]
     assert out.shape == image.shape and out.dtype == image.dtype
-    blank = torch.as_tensor(outside_lungs(lung_mask(scan.volume), scan.volume))
+    spacing = np.linalg.norm(scan.affine[:3, :3], axis=0)  # the mask CropToLungsd makes
+    blank = torch.as_tensor(outside_lungs(lung_mask(scan.volume, spacing=spacing), scan.volume))
     assert bool((out[0][blank] == -1000).all()) and torch.equal(out[0][~blank], image[0][~blank])
     assert int((image[0][blank] != -1000).sum()) > 0  # the input itself is left untouched
+    # a plain array has no spacing: its mask takes a 350-mm field of view (find_lungs)
     as_array = CropToLungsd("image", crop=False, outside=-1000.0)({"image": np.asarray(image)})
-    np.testing.assert_array_equal(as_array["image"], np.asarray(out))
+    unknown = outside_lungs(lung_mask(scan.volume), scan.volume)
+    assert bool((as_array["image"][0][unknown] == -1000).all())
+    np.testing.assert_array_equal(as_array["image"][0][~unknown], scan.volume[~unknown])
     head = np.full((1, 64, 64, 20), -1000.0, np.float32)
     head[0, 16:48, 16:48] = 40.0
     same = CropToLungsd("image", outside=-1000.0)({"image": head})["image"]
@@ -597,10 +601,11 @@ def test_crop_to_lungs_flattens_on_the_affines_spacing_and_refuses_what_it_canno
     affine = np.diag([-2.0, 3.0, 7.0, 1.0])
     image = MetaTensor(torch.as_tensor(scan.volume)[None], affine=torch.as_tensor(affine))
     out = CropToLungsd("image", flatten_mm=20.0)({"image": image})["image"]
-    start, end = lung_box(scan.volume)
+    mask = lung_mask(scan.volume, spacing=(2.0, 3.0, 7.0))  # the affine's spacing
+    start, end = lung_box(scan.volume, mask=mask)
     box = tuple(slice(a, b) for a, b in zip(start, end, strict=True))
     cropped = scan.volume[box].astype(np.float32)
-    expected = flatten_lungs(cropped, lung_mask(scan.volume)[box], (2.0, 3.0, 7.0), 20.0)
+    expected = flatten_lungs(cropped, mask[box], (2.0, 3.0, 7.0), 20.0)
     assert isinstance(out, MetaTensor) and out.dtype == torch.float32
     np.testing.assert_allclose(np.asarray(out[0]), expected, atol=1e-3)
     plain = CropToLungsd("image")({"image": image})["image"]

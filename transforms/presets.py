@@ -20,6 +20,7 @@ from monai.transforms import (
 )
 
 from .augment import RandDiscreteAxialRotated
+from .dicom import DicomSeriesReader
 from .intensity import ClipScaleIntensityd
 from .lung import CropToLungsd
 from .readers import FastNiftiReader
@@ -62,14 +63,16 @@ def eval_transforms(
     """
     # scans are read in their stored dtype (int16 HU for MosMed): the window clips them before
     # any float copy exists
-    # the fast NIfTI reader first; MONAI falls back to its other readers (DICOM, NRRD...)
+    # DICOM series first (transforms.dicom: slices by position, not InstanceNumber), then the
+    # fast NIfTI reader; MONAI falls back to its other readers (NRRD...)
     head = (
         [
             # reversed voxel axes (no transposing copy): Orientationd below restores the order
             # (an instance: LoadImaged would pass reader kwargs on to its fallback readers too)
+            # DICOM series (a folder, or a list of its files) in slice-position order first
             LoadImaged(
                 keys,
-                reader=FastNiftiReader(reverse_axes=True),  # type: ignore[arg-type]
+                reader=(FastNiftiReader(reverse_axes=True), DicomSeriesReader()),  # type: ignore[arg-type]
                 image_only=True,
                 dtype=None,
             ),

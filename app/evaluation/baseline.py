@@ -25,13 +25,15 @@ CONSOLIDATION = (-100.0, 100.0)
 C = 1.0
 
 
-def density_features(volume: np.ndarray) -> np.ndarray:
-    """The feature vector of one (x, y, z) HU volume (axial third axis); NaN when the mask finds
-    no lung."""
+def density_features(volume: np.ndarray, spacing: Sequence[float] | None = None) -> np.ndarray:
+    """The feature vector of one (x, y, z) HU volume (axial third axis) with voxel ``spacing``
+    (mm); NaN when the mask finds no lung."""
     from transforms.lung import lung_mask
 
-    values = np.asarray(volume, dtype=np.float32)[lung_mask(volume)]
     n_features = len(BIN_EDGES) - 1 + len(PERCENTILES) + 4
+    if np.asarray(volume).size == 0:
+        return np.full(n_features, np.nan)
+    values = np.asarray(volume, dtype=np.float32)[lung_mask(volume, spacing=spacing)]
     if values.size == 0:
         return np.full(n_features, np.nan)
     histogram = np.histogram(np.clip(values, BIN_EDGES[0], BIN_EDGES[-1]), BIN_EDGES)[0]
@@ -71,8 +73,9 @@ def scan_features(
     rows = []
     for path in tqdm(paths, unit="scan", disable=not progress, file=sys.stderr, desc="baseline"):
         try:
-            volume = np.asarray(load({"image": str(path)})["image"][0])
-            rows.append(density_features(volume))
+            image = load({"image": str(path)})["image"]
+            spacing = [float(s) for s in np.asarray(image.pixdim)[:3]]
+            rows.append(density_features(np.asarray(image[0]), spacing))
         except Exception:  # the model's own run reports the file; the baseline skips it
             rows.append(density_features(np.zeros((0, 0, 0))))
     return np.array(rows, dtype=np.float64)

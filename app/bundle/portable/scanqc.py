@@ -255,31 +255,36 @@ def dicom_sizes(files: Sequence[str], limits: Limits = Limits()) -> list[Any]:
     return headers
 
 
+def _dicom() -> Any:
+    """``transforms.dicom``: this project's package beside this one in a bundle
+    (``scripts.transforms``), the installed ``transforms`` in the app."""
+    try:
+        from ..transforms import dicom  # type: ignore[import-not-found]
+    except ImportError:
+        from transforms import dicom
+    return dicom
+
+
 def check_dicom_series(
     files: Sequence[str], limits: Limits = Limits(), training: TrainingContext | None = None
 ) -> list[str]:
-    """Refuse a DICOM series whose slices do not form one regular volume; return QC warnings."""
+    """Refuse a DICOM series whose slices do not form one regular volume; return QC warnings.
+
+    The slices are those ``transforms.dicom.order_series`` keeps, in its order (by position
+    along the slice normal; localizers left out, said in a warning), as the reader reads them.
+    """
+    dicom = _dicom()
     headers = dicom_sizes(files, limits)
-    for name, ds in zip(files, headers, strict=True):
-        if "ImagePositionPatient" not in ds or "ImageOrientationPatient" not in ds:
-            raise ScanError(
-                f"{Path(name).name} has no ImagePositionPatient/ImageOrientationPatient"
-            )
-    if len(headers) < 2:
+    try:
+        series = dicom.order_series(list(files), headers)
+    except dicom.DicomSeriesError as exc:
+        raise ScanError(f"inconsistent DICOM geometry: {exc}") from exc
+    if len(series.headers) < 2:
         raise ScanError("not 3D: a DICOM series of a single slice")
-    sizes = {(int(ds.Rows), int(ds.Columns)) for ds in headers}
+    sizes = {(int(ds.Rows), int(ds.Columns)) for ds in series.headers}
     if len(sizes) > 1:
         raise ScanError(f"inconsistent DICOM geometry: slices of different sizes {sorted(sizes)}")
-    orientations = np.array([[float(v) for v in ds.ImageOrientationPatient] for ds in headers])
-    if np.abs(orientations - orientations[0]).max() > 1e-3:
-        raise ScanError("inconsistent DICOM geometry: slices with different orientations")
-    normal = np.cross(orientations[0][:3], orientations[0][3:])
-    positions = np.sort(
-        [float(np.dot(normal, [float(v) for v in ds.ImagePositionPatient])) for ds in headers]
-    )
-    steps = np.diff(positions)
-    if np.any(steps < 1e-3):
-        raise ScanError("inconsistent DICOM geometry: two slices at the same position")
+    steps = np.diff(series.positions)
     median = float(np.median(steps))
     if np.abs(steps - median).max() > max(0.1 * median, 0.05):
         raise ScanError(
@@ -287,16 +292,13 @@ def check_dicom_series(
             "(missing slices or a gap)"
         )
     rows, cols = sizes.pop()
-    voxels = rows * cols * len(headers)
+    voxels = rows * cols * len(series.headers)
     if voxels > limits.max_voxels:
         raise ScanError(f"series of {voxels:,} voxels exceeds the limit of {limits.max_voxels:,}")
-    pixel = [float(v) for v in getattr(headers[0], "PixelSpacing", [1.0, 1.0])]
-    affine = np.eye(4)
-    affine[:3, 0] = orientations[0][:3] * pixel[1]
-    affine[:3, 1] = orientations[0][3:] * pixel[0]
-    affine[:3, 2] = normal * median
-    zooms = (pixel[1], pixel[0], median)
-    warnings = geometry_warnings((cols, rows, len(headers)), zooms, affine, training)
+    affine = dicom.series_affine(series)
+    zooms = tuple(float(z) for z in np.linalg.norm(affine[:3, :3], axis=0))
+    warnings = list(series.notes)
+    warnings += geometry_warnings((cols, rows, len(series.headers)), zooms, affine, training)
     return warnings + training_warnings(zooms, False, training)
 
 
@@ -338,60 +340,28 @@ def check_values(volume: np.ndarray, affine: np.ndarray | None = None) -> list[s
     return lung_warnings(volume, affine) if affine is not None else []
 
 
-#: HU of air and lung inside the body (below it: air; the body itself is above)
-LUNG_HU = -500.0
-#: a slice "holds lung" when air inside the body covers this share of the body's cross-section
-LUNG_AREA_FRACTION = 0.10
-#: a scan is taken for a chest CT when this share of its axial slices hold lung ...
-LUNG_SLICE_FRACTION = 0.25
-#: ... or when the slices holding lung span this many millimetres (a chest CT that also covers
-#: the abdomen and pelvis holds lung in few of its slices, but over 10 cm or more; lungs are
-#: 20-30 cm tall)
-LUNG_EXTENT_MM = 80.0
-
-
-def lung_slices(volume: np.ndarray, affine: np.ndarray) -> tuple[int, int, float]:
-    """(axial slices holding lung, axial slices, slice spacing in mm).
-
-    The body of each axial slice (the voxel axis closest to the world's S/I axis) is the region
-    above -500 HU with its holes filled; a slice holds lung when air inside the body covers at
-    least :data:`LUNG_AREA_FRACTION` of it (lung, airway or bowel gas). Slices are subsampled
-    in-plane to about 64 x 64 voxels: a coarse measure, robust to noise.
-    """
-    from scipy import ndimage
-
-    vol = np.asarray(volume)
-    vol = vol.reshape(vol.shape[-3:]) if vol.ndim == 4 and vol.shape[0] == 1 else vol
-    if vol.ndim != 3:
-        return 1, 1, 0.0
-    rot = np.asarray(affine, dtype=float)[:3, :3]
-    axis = int(np.argmax(np.abs(rot[2])))
-    spacing = float(np.linalg.norm(rot[:, axis]))
-    slices = np.moveaxis(vol, axis, 0)
-    step = max(1, max(slices.shape[1:]) // 64)
-    slices = slices[:, ::step, ::step]
-    with_lung = 0
-    for sl in slices:
-        tissue = sl > LUNG_HU
-        body = ndimage.binary_fill_holes(tissue)
-        area = int(body.sum())
-        if area < 0.02 * sl.size:
-            continue
-        if (body & ~tissue).sum() >= LUNG_AREA_FRACTION * area:
-            with_lung += 1
-    return with_lung, len(slices), spacing
+def _find_lungs() -> Any:
+    """``transforms.lung.find_lungs``: this project's package beside this one in a bundle
+    (``scripts.transforms``), the installed ``transforms`` in the app. One lung mask for the
+    checks, the crop, the flattening and the baseline."""
+    try:
+        from ..transforms.lung import find_lungs  # type: ignore[import-not-found]
+    except ImportError:
+        from transforms.lung import find_lungs
+    return find_lungs
 
 
 def lung_warnings(volume: np.ndarray, affine: np.ndarray) -> list[str]:
-    """The warning "not a chest CT?" when lung is in fewer than :data:`LUNG_SLICE_FRACTION` of
-    the axial slices and spans less than :data:`LUNG_EXTENT_MM` (measured on
-    ``benchmarks/qc_corpus.py``: ``docs/reliability.md``)."""
-    found, total, spacing = lung_slices(volume, affine)
-    fraction = found / max(total, 1)
-    extent = found * spacing
-    if fraction < LUNG_SLICE_FRACTION and extent < LUNG_EXTENT_MM:
-        return [
-            f"little or no lung (in {found} of {total} axial slices, {extent:.0f} mm): not a "
-            "chest CT? the model was made for chest CT"
-        ]
-    return []
+    """The lung mask's doubts (``transforms.lung.Lungs.doubts``) on the volume's axial slices
+    (the voxel axis closest to the world's S/I axis): "little or no lung ... not a chest CT?"
+    (measured on ``benchmarks/qc_corpus.py``: ``docs/reliability.md``), a field of view that cuts
+    the lungs, one side with little lung."""
+    vol = np.asarray(volume)
+    vol = vol.reshape(vol.shape[-3:]) if vol.ndim == 4 and vol.shape[0] == 1 else vol
+    if vol.ndim != 3:
+        return []
+    rot = np.asarray(affine, dtype=float)[:3, :3]
+    axis = int(np.argmax(np.abs(rot[2])))
+    order = [a for a in range(3) if a != axis] + [axis]
+    spacing = [float(np.linalg.norm(rot[:, a])) for a in order]
+    return list(_find_lungs()(np.transpose(vol, order), spacing=spacing).doubts())

@@ -7,8 +7,6 @@ warnings, and one bad file never stops the others.
 
 from __future__ import annotations
 
-import os
-import tempfile
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -106,13 +104,10 @@ def screen_scan(
             loaded = load({key: scan.key})
         else:
             result["warnings"] = check_dicom_series(scan.files, limits, training)
-            with tempfile.TemporaryDirectory(prefix="ctclassify-series-") as folder:
-                for i, name in enumerate(scan.files):
-                    os.symlink(os.path.abspath(name), os.path.join(folder, f"{i:05d}.dcm"))
-                try:
-                    loaded = load({key: folder})
-                except Exception as exc:
-                    raise ScanError(dicom_problem(scan.files, exc)) from exc
+            try:  # the user's own files, one series (the chain's reader orders the slices)
+                loaded = load({key: list(scan.files)})
+            except Exception as exc:
+                raise ScanError(dicom_problem(scan.files, exc)) from exc
         volume = loaded[key]
         affine = getattr(volume, "affine", None)
         result["warnings"] += check_values(
