@@ -302,6 +302,35 @@ def _ensemble(value: Any) -> dict[str, Any]:
     return out
 
 
+def _interval(value: Any) -> list[float]:
+    if not isinstance(value, (list, tuple)) or len(value) != 3:
+        raise ValueError(f"[value, low, high], got {value!r}"[:200])
+    return [_float(0.0, 1.0)(v) for v in value]
+
+
+def _operating_point(value: Any) -> dict[str, Any]:
+    """How a single model's threshold and temperature were chosen (``app.training.operating_point``):
+    on how many validation scans, by which method, and what they gave there."""
+    known = {"chosen", "method", "scans", "normal", "abnormal", "temperature",
+             "sensitivity", "specificity"}  # fmt: skip
+    if not isinstance(value, Mapping) or not set(value) <= known or "chosen" not in value:
+        raise ValueError(f"a mapping of {', '.join(sorted(known))}")
+    out: dict[str, Any] = {"chosen": _bool(value["chosen"])}
+    method = value.get("method", "")
+    if not isinstance(method, str) or len(method) > 300 or not method.isprintable():
+        raise ValueError(f"a method in at most 300 printable characters, got {method!r}"[:200])
+    out["method"] = method
+    for key in ("scans", "normal", "abnormal"):
+        if key in value:
+            out[key] = _int(0, 10_000_000)(value[key])
+    if "temperature" in value:
+        out["temperature"] = _float(0.0, 1000.0, open_low=True)(value["temperature"])
+    for key in ("sensitivity", "specificity"):
+        if key in value:
+            out[key] = _interval(value[key])
+    return out
+
+
 #: every field a checkpoint's settings may carry, with its check
 FIELDS: dict[str, Callable[[Any], Any]] = {
     "spatial_size": _list(_int(1, 2048), 3, 3),
@@ -320,6 +349,8 @@ FIELDS: dict[str, Callable[[Any], Any]] = {
     "lung_flatten_mm": _float(0.0, 1000.0),
     "density_bins": _int(0, 256),
     "threshold": _float(0.0, 1.0),
+    "temperature": _float(0.0, 1000.0, open_low=True),
+    "operating_point": _operating_point,
     "class_names": _class_names,
     "seed": _int(-(2**63), 2**63 - 1),
     "batch_size": _int(1, 1_000_000),

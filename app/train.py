@@ -224,8 +224,28 @@ def main(argv: list[str] | None = None) -> int:
             "the epoch was chosen on this validation split, so these figures are optimistic: "
             "measure the model on new scans with python -m app.evaluate)"
         )
+    point = _operating_point(result.run_dir)
+    if point:
+        print(point)
     print(f"run folder: {result.run_dir} ({len(result.metrics)} epochs; metrics.csv, curves.png)")
     return 0
+
+
+def _operating_point(run: Path) -> str | None:
+    """The kept model's threshold line, from its checkpoint's validated settings."""
+    from app.inference.checkpoints import CheckpointError, load_checkpoint
+    from app.inference.model_card import describe_operating_point
+    from app.model_settings import SettingsError, validate_settings
+    from app.run_folder import BEST_MODEL
+
+    try:
+        settings = validate_settings(load_checkpoint(run / BEST_MODEL)[1], str(run / BEST_MODEL))
+    except (CheckpointError, SettingsError, OSError):
+        return None
+    point = settings.get("operating_point")
+    return (
+        describe_operating_point({**point, "threshold": settings["threshold"]}) if point else None
+    )
 
 
 def _cross_validate(args: argparse.Namespace) -> int:

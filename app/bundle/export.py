@@ -58,7 +58,7 @@ def bundle_inference_config(
     # validated plain values only (never an expression), and only the model's own settings
     # replace config ids: the training data folder is not the bundle's dataset_dir
     plain = validate_settings(settings, "the run settings")
-    for key in (*MODEL_SETTINGS, "threshold", "class_names"):
+    for key in (*MODEL_SETTINGS, "threshold", "temperature", "class_names"):
         if key in plain and key in merged:
             merged[key] = plain[key]
     if plain.get("ensemble"):  # K copies of the network, their calibrated probabilities averaged

@@ -185,6 +185,9 @@ def load_cv_ensemble(folder: Path) -> tuple[MeanProbabilityEnsemble, dict[str, A
             raise CheckpointError(f"{run / BEST_MODEL}: weights do not fit ({exc})") from exc
         members.append(net)
     assert settings is not None
+    # the ensemble's own temperature and threshold, chosen out of fold, replace a fold's
+    for own in ("temperature", "operating_point"):
+        settings.pop(own, None)
     summary = cv_means(folder)
     if summary:
         settings["validation"] = summary

@@ -142,7 +142,7 @@ class Classifier:
         )
 
     def _overrides(self) -> dict[str, Any]:
-        keys = (*MODEL_SETTINGS, "threshold", "class_names")
+        keys = (*MODEL_SETTINGS, "threshold", "temperature", "class_names")
         return {k: self.settings[k] for k in keys if k in self.settings}
 
     @classmethod

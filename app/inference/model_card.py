@@ -91,7 +91,14 @@ class ModelCard:
             scored = f"{where}: {validation_figures(val)}"
         else:
             scored = "validation metrics not recorded"
-        return f"{self.checkpoint}: {trained}; {scored}; threshold {self.threshold:g}"
+        return f"{self.checkpoint}: {trained}; {scored}; {self.threshold_line()}"
+
+    def threshold_line(self) -> str:
+        """The threshold, and where the model's own was chosen with what it gave there."""
+        point = self.settings.get("operating_point")
+        if not point or abs(self.threshold - float(self.settings.get("threshold", -1))) > 1e-12:
+            return f"threshold {self.threshold:g}"
+        return describe_operating_point({**point, "threshold": self.threshold})
 
     def caveats(self) -> list[str]:
         """Warnings about the model itself, for the console (not per scan)."""
@@ -126,3 +133,20 @@ class ModelCard:
                 "target implies: measure them with app.evaluate"
             )
         return notes
+
+
+def describe_operating_point(point: dict[str, Any]) -> str:
+    """One line for the console: a single model's threshold, how it was chosen on its validation
+    split (``app.training.operating_point``), and what it gave there."""
+    if not point.get("chosen"):
+        return f"threshold 0.5 ({point['method']})"
+
+    def ci(v: list[float]) -> str:
+        return f"{v[0]:.2f} ({v[1]:.2f}-{v[2]:.2f})"
+
+    return (
+        f"threshold {point['threshold']:g} on P(abnormal), temperature "
+        f"{point['temperature']:.3g} ({point['method']}, {point['scans']} scans: sensitivity "
+        f"{ci(point['sensitivity'])}, specificity {ci(point['specificity'])} there; chosen on "
+        "those scans, so expect less on new ones: measure with app.evaluate)"
+    )

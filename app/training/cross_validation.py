@@ -91,6 +91,7 @@ def cross_validate(
                 overwrite=overwrite or (run.exists() and not started),
                 overrides={**(overrides or {}), "folds": folds, "fold": k},
                 recipe=recipe,
+                operating_point=False,  # chosen out of fold for the folder (write_out_of_fold)
             )
         except BaseException:
             # a fold this call created and that saved no epoch leaves nothing behind

@@ -157,6 +157,7 @@ def train(
     overrides: dict[str, Any] | None = None,
     config_dir: str | Path = CONFIG_DIR,
     recipe: str | None = None,
+    operating_point: bool = True,
 ) -> TrainResult:
     """Train from the bundle configs; the Python entry behind ``python -m app.train``.
 
@@ -172,6 +173,9 @@ def train(
         config_dir: folder of the bundle configs.
         recipe: a named recipe, ``configs/recipes/NAME.yaml``, read after train.yaml (a resumed
             run keeps its own).
+        operating_point: choose the kept model's temperature and threshold on its validation
+            split and record them in its checkpoint (``app.training.operating_point``; a
+            cross-validation fold leaves it to the folder's out-of-fold choice).
 
     Example:
         >>> result = train("data/synth", "runs/try", overrides={"epochs": 2})  # doctest: +SKIP
@@ -212,6 +216,10 @@ def train(
         (output / FINISHED).unlink(missing_ok=True)
     _run_workflow(output, names, settings, resume=resume, config_dir=config_dir)
     if rank() == 0:
+        if operating_point and (output / BEST_MODEL).is_file():
+            from app.training.operating_point import record_operating_point
+
+            record_operating_point(output)
         mark_finished(output, _checkpoint_epoch(output) or 0, "training ended")
     return _result(output)
 
