@@ -72,6 +72,7 @@ RUN_ENTRIES = (
     SPLIT,
     FINISHED,
     BEST_MODEL,
+    "operating_point.json",  # app.training.operating_point.OPERATING_POINT
     f"{LAST_PREFIX}_checkpoint_epoch=*.pt",
     "tensorboard",
     "tmp*",  # a save killed mid-write (ignite's atomic saver)

@@ -279,3 +279,32 @@ def test_the_mask_against_totalsegmentators_lungs(real_ct):
 def test_the_mask_needs_a_volume():
     with pytest.raises(ValueError, match="non-empty"):
         find_lungs(np.zeros((0, 4, 4), np.float32))
+
+
+def test_lungs_in_few_slices_are_doubted_and_the_scan_stays_whole(real_ct):
+    """The lung bases alone (the 12 lowest slices holding lung, 48 mm): "little or no lung",
+    and the crop keeps the whole scan rather than a box around a sliver."""
+    from monai.data import MetaTensor
+
+    volume, spacing = _chest(real_ct)
+    full = lung_mask(volume, spacing=spacing)
+    low = _extent(full, 2)[0]
+    below = np.repeat(volume[:, :, :1], 40, axis=2)  # abdomen-like: the lowest slice, no lung
+    bases = np.ascontiguousarray(np.concatenate([below, volume[:, :, low : low + 12]], axis=2))
+    doubts = find_lungs(bases, spacing=spacing).doubts()
+    assert any("little or no lung" in d for d in doubts), doubts
+    image = MetaTensor(bases[None], affine=np.diag([*spacing, 1.0]))
+    assert tuple(CropToLungsd("image")({"image": image})["image"].shape) == (1, *bases.shape)
+
+
+@pytest.mark.parametrize("spacing", [(1e-9, 1e-9, 1e-9), (1e9, 1e9, 1e9), (0.0, 1.0, 1.0)])
+def test_a_header_no_ct_has_costs_no_more_than_one_without_spacing(real_ct, spacing):
+    """Micrometre or kilometre voxels (a hostile or broken header): the mask is made as without
+    a spacing (a 350-mm field of view), not on a one-cell grid or with a disc of 1e9 voxels."""
+    import time
+
+    volume, _ = _chest(real_ct)
+    start = time.perf_counter()
+    mask = lung_mask(volume, spacing=spacing)
+    assert time.perf_counter() - start < 20
+    np.testing.assert_array_equal(mask, lung_mask(volume))

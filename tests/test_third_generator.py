@@ -70,3 +70,19 @@ def test_third_generator_is_seeded(third, tmp_path, monkeypatch):
     c = np.asarray(nib.load(tmp_path / "c" / "CT-23" / "t6_1_000.nii.gz").dataobj)
     assert np.array_equal(a, b)
     assert not np.array_equal(a, c)
+
+
+def test_the_lung_mask_trusts_every_generators_chests(third, tmp_path, monkeypatch):
+    """The lung mask's doubts (the crop then keeps the whole scan) on none of the held-out
+    generator's chests: its body meets the image's sides, and the air between its back and the
+    table is enclosed by body and table (the table, a thin piece, encloses no lung)."""
+    from transforms.lung import find_lungs
+
+    _write(third, tmp_path / "a", monkeypatch, "--seed", "5", "--per-class", "2",
+           "--confounded", "1")  # fmt: skip
+    for path in sorted((tmp_path / "a").glob("CT-*/*.nii.gz")):
+        img = nib.as_closest_canonical(nib.load(path))
+        hu = np.asarray(img.dataobj, np.float32)
+        lungs = find_lungs(hu, spacing=img.header.get_zooms())
+        assert lungs.doubts() == [], (path.name, lungs.doubts())
+        assert not lungs.mask[:, : int(np.argwhere(hu > 250)[:, 1].min())].any()  # below the spine

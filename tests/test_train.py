@@ -169,8 +169,9 @@ def test_end_of_run_summary_leads_with_the_kept_model(tiny_data, tmp_path, capsy
     out = capsys.readouterr().out.strip().splitlines()
     table = rows(run)
     best = max(table, key=lambda r: (float(r["val_acc"]), -int(r["epoch"])))
-    assert out[-2].startswith(f"kept model: {run / 'best_model.pt'} (epoch {best['epoch']}:")
-    assert f"accuracy {float(best['val_acc']):.3f}" in out[-2]
+    assert out[-3].startswith(f"kept model: {run / 'best_model.pt'} (epoch {best['epoch']}:")
+    assert f"accuracy {float(best['val_acc']):.3f}" in out[-3]
+    assert out[-2].startswith("threshold 0.5 (none: the validation split holds")  # too few
     assert out[-1].startswith(f"run folder: {run} (3 epochs")
 
 

@@ -27,6 +27,9 @@ PADDING_HU = -1500.0
 #: field of view: 0.54-1.00 on the real chest CT cut 10-40 % on any side, or all around; the
 #: air around the body: 0.00-0.25 on the real scans and generated ones)
 ENCLOSED_SHARE = 0.4
+#: tissue in pieces smaller than this share of its slice's largest (a table, a cable, an arm)
+#: encloses no lung
+BODY_PIECE_SHARE = 0.1
 #: ... and is at least this thick (mm) along both in-plane axes (a table's air is thinner)
 MIN_CUT_LUNG_MM = 25.0
 #: the mask's in-plane grid is at most this fine (mm): a coarser grid costs less, loses no lung
@@ -162,6 +165,7 @@ def _lung_air(
     pieces, count = ndimage.label(air, structure=in_plane)
     if count == 0:
         return np.zeros_like(air), edge
+    body = _body_tissue(seen & ~air, in_plane)
     open_piece = np.zeros(count + 1, bool)
     open_piece[pieces[edge & air]] = True
     lung = ~open_piece[pieces] & air
@@ -171,7 +175,7 @@ def _lung_air(
     if len(touching):
         flat = labels.ravel()
         size = np.bincount(flat, minlength=count + 1)
-        enclosed = np.bincount(flat, weights=_enclosed(seen & ~air).ravel(), minlength=count + 1)
+        enclosed = np.bincount(flat, weights=_enclosed(body).ravel(), minlength=count + 1)
         keep = np.ones(count + 1, bool)
         keep[0] = False
         keep[touching] = enclosed[touching] >= ENCLOSED_SHARE * size[touching]
@@ -182,6 +186,27 @@ def _lung_air(
     else:
         lung = air.copy()
     return lung, edge
+
+
+def _body_tissue(tissue: np.ndarray, in_plane: np.ndarray) -> np.ndarray:
+    """Each axial slice's tissue in pieces of at least :data:`BODY_PIECE_SHARE` of its largest:
+    the body (and what the field of view left of it), not the table, a cable or a thin arm."""
+    from scipy import ndimage
+
+    labels, count = ndimage.label(tissue, structure=in_plane)
+    if count == 0:
+        return tissue
+    flat = labels.ravel()
+    sizes = np.bincount(flat, minlength=count + 1)
+    sizes[0] = 0
+    ids, first = np.unique(flat, return_index=True)
+    slice_of = np.zeros(count + 1, np.intp)
+    slice_of[ids] = first % labels.shape[2]
+    largest = np.zeros(labels.shape[2], np.int64)
+    np.maximum.at(largest, slice_of[1:], sizes[1:])
+    keep = sizes >= BODY_PIECE_SHARE * largest[slice_of]
+    keep[0] = False
+    return keep[labels]
 
 
 def _thickness(labels: np.ndarray, where: np.ndarray, count: int) -> np.ndarray:
