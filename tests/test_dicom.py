@@ -206,3 +206,15 @@ def test_a_real_two_slice_series_without_instance_numbers_is_classified_with_a_w
     assert pred.ok, pred.error
     assert any("very few slices (2)" in w for w in pred.warnings), pred.warnings
     assert read_series(str(folder)).positions[0] < read_series(str(folder)).positions[1]
+
+
+def test_the_density_baseline_reads_series_as_the_model_does(real_ct, tmp_path):
+    """The baseline's features of a series without InstanceNumber equal those of its NIfTI
+    copy (MONAI's stock DICOM reader skips such files and reads nothing)."""
+    from app.evaluation.baseline import scan_features
+
+    folder = _copy(real_ct, tmp_path)
+    _edit(folder, lambda i, ds: delattr(ds, "InstanceNumber"))
+    features = scan_features([str(folder), str(real_ct / "cip_ct-64_chest.nii.gz")])
+    assert np.isfinite(features).all()
+    np.testing.assert_allclose(features[0], features[1], rtol=1e-5, atol=1e-6)

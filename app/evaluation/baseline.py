@@ -61,11 +61,18 @@ def scan_features(
     from tqdm import tqdm
 
     from app.cli import config_values
+    from transforms.dicom import DicomSeriesReader
+    from transforms.readers import FastNiftiReader
 
     axcodes = axcodes or str(config_values("common.yaml")["axcodes"])
     load = Compose(
         [
-            LoadImaged("image", image_only=True),
+            # the model's readers: DICOM series by slice position, NIfTI; MONAI's for the rest
+            LoadImaged(
+                "image",
+                reader=(FastNiftiReader(), DicomSeriesReader()),  # type: ignore[arg-type]
+                image_only=True,
+            ),
             EnsureChannelFirstd("image"),
             Orientationd("image", axcodes=axcodes, labels=None),
         ]
