@@ -210,9 +210,9 @@ def _body_tissue(tissue: np.ndarray, in_plane: np.ndarray) -> np.ndarray:
 
 
 def _thickness(labels: np.ndarray, where: np.ndarray, count: int) -> np.ndarray:
-    """Per label (in-plane components), the lesser of its widest extent along either in-plane
-    axis, in voxels counted along the lines (rows, columns) of ``where``; a large number for
-    labels ``where`` leaves out."""
+    """Per label, the lesser of its widest extent along either in-plane axis (the most voxels of
+    ``where`` on one row, or one column, of one slice); a large number for labels ``where``
+    leaves out."""
     out = np.full(count + 1, np.iinfo(np.int64).max, dtype=np.int64)
     index = np.nonzero(where)
     if not len(index[0]):
