@@ -63,8 +63,9 @@ def eval_transforms(
     """
     # scans are read in their stored dtype (int16 HU for MosMed): the window clips them before
     # any float copy exists
-    # DICOM series first (transforms.dicom: slices by position, not InstanceNumber), then the
-    # fast NIfTI reader; MONAI falls back to its other readers (NRRD...)
+    # the fast NIfTI reader first, then DICOM series (transforms.dicom: slices by position, not
+    # InstanceNumber); MONAI falls back to its other readers (NRRD...). LoadImage tries the
+    # readers given last first.
     head = (
         [
             # reversed voxel axes (no transposing copy): Orientationd below restores the order
@@ -72,7 +73,7 @@ def eval_transforms(
             # DICOM series (a folder, or a list of its files) in slice-position order first
             LoadImaged(
                 keys,
-                reader=(FastNiftiReader(reverse_axes=True), DicomSeriesReader()),  # type: ignore[arg-type]
+                reader=(DicomSeriesReader(), FastNiftiReader(reverse_axes=True)),  # type: ignore[arg-type]
                 image_only=True,
                 dtype=None,
             ),

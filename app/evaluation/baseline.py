@@ -70,7 +70,7 @@ def scan_features(
             # the model's readers: DICOM series by slice position, NIfTI; MONAI's for the rest
             LoadImaged(
                 "image",
-                reader=(FastNiftiReader(), DicomSeriesReader()),  # type: ignore[arg-type]
+                reader=(DicomSeriesReader(), FastNiftiReader()),  # type: ignore[arg-type]
                 image_only=True,
             ),
             EnsureChannelFirstd("image"),
