@@ -20,25 +20,43 @@ def _logit(p):
 
 
 def test_choose_takes_youdens_j_and_fits_a_temperature():
-    """Overconfident scores (logits about 3.6x too large) whose best cut lies at 0.3: the threshold
-    (on the scaled scale) maps back to the raw cut Youden's J picks, the temperature is > 1,
-    and sensitivity and specificity are those of that cut with Wilson intervals."""
-    from app.training.cross_validation import choose_threshold
+    """Overconfident scores (logits about 3.6x too large): the threshold (on the scaled scale)
+    maps back to a cut that reaches the best Youden's J scikit-learn's ROC curve finds, the
+    temperature is > 2, and sensitivity and specificity are those of that cut with Wilson
+    intervals."""
+    from sklearn.metrics import roc_curve
 
     rng = np.random.default_rng(0)
     labels = np.repeat([0, 1], 40)
     raw_logits = 8 * (rng.normal(-1.2, 1.0, 80) + 2.2 * labels)
     probs = 1 / (1 + np.exp(-raw_logits))
     point = choose(probs, labels)
-    raw, _ = choose_threshold(probs, labels)
     assert point["chosen"] and point["temperature"] > 2.0  # 8 / 2.2 = 3.6 when calibrated
-    back = 1 / (1 + math.exp(-_logit(point["threshold"]) * point["temperature"]))
-    assert back == pytest.approx(raw, abs=2e-3)
-    called = probs >= raw
-    assert point["sensitivity"][0] == pytest.approx(called[labels == 1].mean())
-    assert point["specificity"][0] == pytest.approx((~called)[labels == 0].mean())
+    cut = _logit(point["threshold"]) * point["temperature"]
+    called = raw_logits >= cut
+    sens, spec = called[labels == 1].mean(), (~called)[labels == 0].mean()
+    fpr, tpr, _ = roc_curve(labels, raw_logits, drop_intermediate=False)
+    assert sens + spec - 1 == pytest.approx(max(tpr - fpr), abs=1e-9)
+    assert point["sensitivity"][0] == pytest.approx(sens)
+    assert point["specificity"][0] == pytest.approx(spec)
     assert point["sensitivity"][1] < point["sensitivity"][0] <= point["sensitivity"][2]
     assert point["scans"] == 80 and point["normal"] == point["abnormal"] == 40
+
+
+def test_the_cut_is_the_middle_of_the_best_ones():
+    """Perfectly separated scores (normal logits up to -1, abnormal from 3): the cut is 1,
+    halfway, not 3 (the lowest abnormal score, where the highest best cut sits); of two equally
+    good runs of cuts, the middle of the wider."""
+    from app.training.operating_point import youden_midpoint
+
+    labels = np.array([0, 0, 0, 1, 1, 1])
+    assert youden_midpoint(np.array([-5.0, -3.0, -1.0, 3.0, 4.0, 6.0]), labels) == 1.0
+    # J = 2/3 for thresholds between the scores -2 and 0, and between 1 and 8: the wider
+    logits = np.array([-4.0, -2.0, 1.0, 0.0, 8.0, 9.0])
+    cut = youden_midpoint(logits, np.array([0, 0, 0, 1, 1, 1]))
+    called = logits >= cut
+    assert called[3:].mean() + (~called[:3]).mean() - 1 == pytest.approx(2 / 3)
+    assert cut == pytest.approx(4.5)  # the middle of 1..8
 
 
 def test_a_validation_split_too_small_keeps_half_and_says_so():

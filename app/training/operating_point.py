@@ -2,7 +2,7 @@
 (as a cross-validation folder chooses them out of fold), recorded in its checkpoint.
 
 The kept model predicts its validation scans once; the temperature that minimises their NLL
-(``fit_temperature``) and Youden's J threshold (``choose_threshold``, on the same scans) become
+(``fit_temperature``) and Youden's J threshold (:func:`youden_midpoint`, on the same scans) become
 the checkpoint's ``temperature`` and ``threshold`` (on the temperature-scaled probability, the
 one ``app.infer``, ``app.evaluate`` and the bundle print), with the sensitivity and specificity
 the threshold gave there (Wilson intervals) in ``operating_point``. A validation split with
@@ -28,12 +28,34 @@ MIN_PER_CLASS = 10
 OPERATING_POINT = "operating_point.json"
 
 
+def youden_midpoint(logits: np.ndarray, labels: np.ndarray) -> float:
+    """The logit cut with the most room on either side among those that reach the best Youden's
+    J (sensitivity + specificity - 1): the middle of the widest range of thresholds that call
+    the scans alike and reach it. A split the scores separate perfectly is cut halfway between
+    its highest normal and its lowest abnormal score, not at either (``choose_threshold``'s
+    highest best cut sits on the lowest abnormal score, where a new scan falls either way)."""
+    z = np.unique(logits)
+    cuts = np.concatenate([[z[0] - 1.0], (z[1:] + z[:-1]) / 2, [z[-1] + 1.0]])
+    positive, negative = logits[labels == 1], logits[labels == 0]
+    sensitivity = (positive[None, :] >= cuts[:, None]).mean(axis=1)
+    specificity = (negative[None, :] < cuts[:, None]).mean(axis=1)
+    j = sensitivity + specificity - 1
+    best = np.flatnonzero(j >= j.max() - 1e-12)
+    # cut i lies between scores z[i - 1] and z[i]: a run of cuts i..k leaves every threshold
+    # from z[i - 1] to z[k] calling the scans alike (beyond the ends: the end cuts themselves)
+    low = np.concatenate([[cuts[0]], z])
+    high = np.concatenate([z, [cuts[-1]]])
+    runs = np.split(best, np.flatnonzero(np.diff(best) > 1) + 1)
+    widest = max(runs, key=lambda r: (high[r[-1]] - low[r[0]], -r[0]))
+    return float((low[widest[0]] + high[widest[-1]]) / 2)
+
+
 def choose(probs: np.ndarray, labels: np.ndarray) -> dict[str, Any]:
     """Temperature, threshold (raw and on the scaled probability) and what they gave on the
     scans they were chosen on; ``chosen`` False (threshold 0.5, temperature 1) when a class has
     fewer than :data:`MIN_PER_CLASS` scans."""
     from app.evaluation.metrics import logits_of, wilson
-    from app.training.cross_validation import choose_threshold, fit_temperature
+    from app.training.cross_validation import fit_temperature
 
     probs, labels = np.asarray(probs, float), np.asarray(labels, int)
     normal, abnormal = int((labels == 0).sum()), int((labels == 1).sum())
@@ -49,17 +71,17 @@ def choose(probs: np.ndarray, labels: np.ndarray) -> dict[str, Any]:
             "threshold": 0.5,
             "temperature": 1.0,
         }
-    raw, method = choose_threshold(probs, labels)
     logits = logits_of(probs)
+    cut = youden_midpoint(logits, labels)
     temperature = fit_temperature(logits, labels)
-    scaled = float(1 / (1 + math.exp(-float(logits_of(np.array([raw]))[0]) / temperature)))
-    called = probs >= raw
+    scaled = float(1 / (1 + math.exp(-cut / temperature)))
+    called = logits >= cut
     sens = wilson(int((called & (labels == 1)).sum()), abnormal)
     spec = wilson(int((~called & (labels == 0)).sum()), normal)
     return {
         **record,
         "chosen": True,
-        "method": f"{method} on the validation split",
+        "method": "Youden's J (the middle of its best cuts) on the validation split",
         # to 4 decimals, as the console prints P(abnormal) to 2 in percent
         "threshold": round(scaled, 4),
         "temperature": float(temperature),
