@@ -15,7 +15,10 @@ on new scans (other seeds) of the same patients acquired otherwise, one test set
   from a 1-voxel Gaussian).
 
 Every test set holds the same ``--per-class`` patients per class, so the rows differ only by
-the acquisition. Results go to ``OUT/shift.json`` and ``OUT/shift.md`` as each row finishes (a
+the acquisition. With ``--run RUN --test DIR``, no training: the edits of :data:`EDITS`
+(resampled slices and pixels, a smaller field of view, other storage, noise, a sharper kernel)
+are applied to the scans of an existing test set (e.g. the held-out generator's,
+``benchmarks/operating_point.py`` writes one and trains on its kind) and ``RUN`` evaluates each. Results go to ``OUT/shift.json`` and ``OUT/shift.md`` as each row finishes (a
 rerun skips the rows it has); ``docs/training.md`` shows them.
 """
 
@@ -121,6 +124,57 @@ SHIFTS: dict[str, tuple[str, tuple[int, int, int], float, Callable]] = {
 }
 
 
+def _zoom(factors: tuple[float, float, float], slab: bool = False) -> Callable:
+    """Resample by ``factors`` (linear), the affine scaled to match; ``slab``: thicker slices
+    as the mean of the thin ones they cover (an integer ``1 / factors[2]``), as a scanner's
+    thick reconstruction sums thin ones."""
+
+    def edit(volume, affine):
+        v = volume.astype(np.float32)
+        if slab:
+            n = int(round(1 / factors[2]))
+            v = v[:, :, : v.shape[2] // n * n].reshape(*v.shape[:2], -1, n).mean(axis=3)
+            out = ndimage.zoom(v, (factors[0], factors[1], 1), order=1)
+        else:
+            out = ndimage.zoom(v, factors, order=1)
+        scale = np.array(volume.shape, float) / np.array(out.shape, float)
+        resampled = affine.copy()
+        resampled[:3, :3] = affine[:3, :3] * scale
+        # voxel centres: the first keeps its place up to half the change of voxel size
+        resampled[:3, 3] = affine[:3, 3] + affine[:3, :3] @ ((scale - 1) / 2)
+        return np.clip(np.rint(out), -1024, 3071), resampled
+
+    return edit
+
+
+#: shifts applied to an existing test set (``--test``, e.g. the held-out generator's):
+#: name -> (what it is, edit)
+EDITS: dict[str, tuple[str, Callable]] = {
+    "none": ("as trained", _same),
+    "slices-half": ("slices half as thick (linear interpolation)", _zoom((1, 1, 2))),
+    "slices-quarter": ("slices a quarter as thick (linear interpolation)", _zoom((1, 1, 4))),
+    "slices-double": ("slices twice as thick (each the mean of two)", _zoom((1, 1, 0.5), True)),
+    "pixels-fine": ("pixels half as large (linear interpolation)", _zoom((2, 2, 1))),
+    "pixels-coarse": ("pixels 1.5x as large", _zoom((2 / 3, 2 / 3, 1))),
+    "fov-75": ("smaller field of view (central 75 %)", _crop(0.75)),
+    "ras": ("RAS storage", _reorient("RAS")),
+    "las": ("LAS storage", _reorient("LAS")),
+    "noise-40": ("more noise (+40 HU Gaussian)", _noise(40.0)),
+    "sharp": ("sharper kernel (unsharp mask)", _sharpen),
+}
+
+
+def _edit_set(source: Path, target: Path, edit: Callable) -> None:
+    for path in sorted(source.glob("CT-*/*.nii*")):
+        image = nib.load(path)
+        volume, affine = edit(np.asarray(image.dataobj), image.affine)
+        out = nib.Nifti1Image(volume.astype(np.int16), affine, header=image.header)
+        out.set_qform(affine, 1)
+        out.set_sform(affine, 1)
+        (target / path.parent.name).mkdir(parents=True, exist_ok=True)
+        nib.save(out, target / path.parent.name / path.name)
+
+
 def _run(args: list[str], log: Path) -> None:
     with log.open("a") as f:
         subprocess.run([sys.executable, *args], check=True, stdout=f, stderr=f, cwd=REPO)
@@ -136,10 +190,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--difficulty", type=float, default=0.5, help="the generator's")
     parser.add_argument("--only", nargs="*", default=list(SHIFTS))
     parser.add_argument("--set", nargs="*", default=[], help="--set values for app.train")
+    parser.add_argument("--run", type=Path, help="a trained model: with --test, no training")
+    parser.add_argument("--test", type=Path, help="a labelled test set to shift (EDITS)")
     args = parser.parse_args(argv)
     out = args.out
     out.mkdir(parents=True, exist_ok=True)
     log = out / "log.txt"
+    if args.run and args.test:
+        return _shift_existing(args.run, args.test, out, log)
     run = out / "run"
     if not (run / "best_model.pt").is_file():
         train = out / "train"
@@ -159,6 +217,32 @@ def main(argv: list[str] | None = None) -> None:
             _generate(
                 test, args.test_per_class, args.test_seed, shape, slice_mm, edit, args.difficulty
             )
+        start = time.perf_counter()
+        evaluated = out / "eval" / name
+        _run(["-m", "app.evaluate", "--data", str(test), "--checkpoint", str(run), "--output",
+              str(evaluated), "--no-baseline", "--overwrite"], log)  # fmt: skip
+        metrics = json.loads((evaluated / "metrics.json").read_text())["metrics"]
+        metrics.pop("rows", None)
+        results[name] = {
+            "what": what,
+            "seconds": time.perf_counter() - start,
+            "best_accuracy": _best_accuracy(evaluated / "predictions.csv"),
+            **metrics,
+        }
+        results_path.write_text(json.dumps(results, indent=1))
+        _table(results, out / "shift.md")
+
+
+def _shift_existing(run: Path, source: Path, out: Path, log: Path) -> None:
+    """Each of :data:`EDITS` applied to the scans of ``source``, evaluated with ``run``."""
+    results_path = out / "shift.json"
+    results = json.loads(results_path.read_text()) if results_path.is_file() else {}
+    for name, (what, edit) in EDITS.items():
+        if name in results:
+            continue
+        test = out / "test" / name
+        if not test.is_dir():
+            _edit_set(source, test, edit)
         start = time.perf_counter()
         evaluated = out / "eval" / name
         _run(["-m", "app.evaluate", "--data", str(test), "--checkpoint", str(run), "--output",
