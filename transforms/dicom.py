@@ -188,13 +188,14 @@ def series_files(source: str | os.PathLike[str] | Sequence[str]) -> tuple[list[s
         if not os.path.isdir(text) and "#" in text and os.path.isdir(text.rsplit("#", 1)[0]):
             text, uid = text.rsplit("#", 1)
         if os.path.isdir(text):
-            names = sorted(str(p) for p in Path(text).iterdir() if p.is_file() and _looks_dicom(p))
+            names = sorted(str(p) for p in Path(text).iterdir() if p.is_file() and looks_dicom(p))
             return names, uid
         return [text], None
     return [os.fspath(s) for s in source], None
 
 
-def _looks_dicom(path: Path) -> bool:
+def looks_dicom(path: Path) -> bool:
+    """A DICOM file by its name (:data:`DICOM_SUFFIXES`) or the ``DICM`` after its preamble."""
     if path.name.lower().endswith(DICOM_SUFFIXES):
         return True
     try:

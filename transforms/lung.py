@@ -327,10 +327,6 @@ def _close_pieces(mask: np.ndarray, radius: float, centre: float) -> np.ndarray:
     return out
 
 
-def _in_plane_step(shape: Sequence[int], pixel_mm: float) -> int:
-    return max(1, int(MASK_GRID_MM / pixel_mm)) if pixel_mm > 0 else 1
-
-
 def find_lungs(
     volume: np.ndarray, air_hu: float = AIR_HU, spacing: Sequence[float] | None = None
 ) -> Lungs:
@@ -365,7 +361,7 @@ def find_lungs(
     spacing = tuple(float(abs(s)) for s in spacing[:3])  # type: ignore[assignment]
     if vol.ndim != 3 or vol.size == 0:
         raise ValueError(f"find_lungs needs a non-empty (x, y, z) volume, got shape {vol.shape}")
-    step = _in_plane_step(vol.shape, min(spacing[0], spacing[1]))
+    step = max(1, int(MASK_GRID_MM / min(spacing[0], spacing[1])))
     small = vol[::step, ::step, :]
     seen = small >= PADDING_HU
     pixel = min(spacing[0], spacing[1]) * step

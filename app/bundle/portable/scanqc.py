@@ -255,7 +255,7 @@ def dicom_sizes(files: Sequence[str], limits: Limits = Limits()) -> list[Any]:
     return headers
 
 
-def _dicom() -> Any:
+def dicom_module() -> Any:
     """``transforms.dicom``: this project's package beside this one in a bundle
     (``scripts.transforms``), the installed ``transforms`` in the app."""
     try:
@@ -273,7 +273,7 @@ def check_dicom_series(
     The slices are those ``transforms.dicom.order_series`` keeps, in its order (by position
     along the slice normal; localizers left out, said in a warning), as the reader reads them.
     """
-    dicom = _dicom()
+    dicom = dicom_module()
     headers = dicom_sizes(files, limits)
     try:
         series = dicom.order_series(list(files), headers)

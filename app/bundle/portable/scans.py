@@ -11,8 +11,9 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .scanqc import dicom_module
+
 SCAN_SUFFIXES = (".nii.gz", ".nii")
-DICOM_SUFFIXES = (".dcm", ".dicom", ".ima")
 
 
 def is_scan_name(name: str) -> bool:
@@ -39,14 +40,8 @@ class ScanInput:
 
 
 def _is_dicom(path: Path) -> bool:
-    if path.name.lower().endswith(DICOM_SUFFIXES):
-        return True
-    try:
-        with path.open("rb") as f:
-            f.seek(128)
-            return f.read(4) == b"DICM"
-    except OSError:
-        return False
+    """A DICOM file by its name or its preamble (``transforms.dicom``, which reads the series)."""
+    return bool(dicom_module().looks_dicom(path))
 
 
 def _dicom_series(folder: Path, files: list[Path]) -> tuple[list[ScanInput], list[ScanInput]]:
