@@ -57,6 +57,9 @@ CV_CALIBRATION = "cv_calibration.json"
 REPORT_HTML = "report.html"
 #: an exported bundle's mark
 BUNDLE_MARKER = ".ctclassify-bundle.json"
+#: a single model's temperature and threshold, chosen on its validation split
+#: (``app.training.operating_point``)
+OPERATING_POINT = "operating_point.json"
 #: written when a run's training ended (early stop or its last epoch), removed when it resumes
 FINISHED = "finished.json"
 #: what ``app.train`` writes into a run folder (``overrides.json`` first of all)
@@ -72,7 +75,7 @@ RUN_ENTRIES = (
     SPLIT,
     FINISHED,
     BEST_MODEL,
-    "operating_point.json",  # app.training.operating_point.OPERATING_POINT
+    OPERATING_POINT,
     f"{LAST_PREFIX}_checkpoint_epoch=*.pt",
     "tensorboard",
     "tmp*",  # a save killed mid-write (ignite's atomic saver)

@@ -63,9 +63,8 @@ def eval_transforms(
     """
     # scans are read in their stored dtype (int16 HU for MosMed): the window clips them before
     # any float copy exists
-    # the fast NIfTI reader first, then DICOM series (transforms.dicom: slices by position, not
-    # InstanceNumber); MONAI falls back to its other readers (NRRD...). LoadImage tries the
-    # readers given last first.
+    # the fast NIfTI reader first (LoadImage tries the last given first), then DICOM series in
+    # slice-position order (transforms.dicom); MONAI falls back to its other readers (NRRD...)
     head = (
         [
             # reversed voxel axes (no transposing copy): Orientationd below restores the order

@@ -19,13 +19,11 @@ from typing import Any
 
 import numpy as np
 
-from app.run_folder import BEST_MODEL, SPLIT
+from app.run_folder import BEST_MODEL, OPERATING_POINT, SPLIT
 
 #: fewer validation scans of a class than this choose no threshold (Youden's J on 5 scans a
 #: class moves by 0.1 with one scan)
 MIN_PER_CLASS = 10
-#: the run folder's record of the choice (``app.run_folder.RUN_ENTRIES`` lists it)
-OPERATING_POINT = "operating_point.json"
 
 
 def youden_midpoint(logits: np.ndarray, labels: np.ndarray) -> float:
