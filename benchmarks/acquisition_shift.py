@@ -217,18 +217,7 @@ def main(argv: list[str] | None = None) -> None:
             _generate(
                 test, args.test_per_class, args.test_seed, shape, slice_mm, edit, args.difficulty
             )
-        start = time.perf_counter()
-        evaluated = out / "eval" / name
-        _run(["-m", "app.evaluate", "--data", str(test), "--checkpoint", str(run), "--output",
-              str(evaluated), "--no-baseline", "--overwrite"], log)  # fmt: skip
-        metrics = json.loads((evaluated / "metrics.json").read_text())["metrics"]
-        metrics.pop("rows", None)
-        results[name] = {
-            "what": what,
-            "seconds": time.perf_counter() - start,
-            "best_accuracy": _best_accuracy(evaluated / "predictions.csv"),
-            **metrics,
-        }
+        results[name] = _evaluate(what, test, run, out / "eval" / name, log)
         results_path.write_text(json.dumps(results, indent=1))
         _table(results, out / "shift.md")
 
@@ -243,32 +232,27 @@ def _shift_existing(run: Path, source: Path, out: Path, log: Path) -> None:
         test = out / "test" / name
         if not test.is_dir():
             _edit_set(source, test, edit)
-        start = time.perf_counter()
-        evaluated = out / "eval" / name
-        _run(["-m", "app.evaluate", "--data", str(test), "--checkpoint", str(run), "--output",
-              str(evaluated), "--no-baseline", "--overwrite"], log)  # fmt: skip
-        metrics = json.loads((evaluated / "metrics.json").read_text())["metrics"]
-        metrics.pop("rows", None)
-        results[name] = {
-            "what": what,
-            "seconds": time.perf_counter() - start,
-            "best_accuracy": _best_accuracy(evaluated / "predictions.csv"),
-            **metrics,
-        }
+        results[name] = _evaluate(what, test, run, out / "eval" / name, log)
         results_path.write_text(json.dumps(results, indent=1))
         _table(results, out / "shift.md")
 
 
-def _best_accuracy(path: Path) -> float:
-    """The best accuracy any threshold reaches on these scans (what a label could be at most)."""
-    import csv
+def _evaluate(what: str, test: Path, run: Path, evaluated: Path, log: Path) -> dict:
+    """``python -m app.evaluate`` of ``test`` with ``run``: its metrics, and the best accuracy
+    any threshold reaches on those scans."""
+    from operating_point import best_accuracy  # benchmarks/operating_point.py, beside this one
 
-    with path.open() as f:
-        rows = [r for r in csv.DictReader(f) if r.get("prob_abnormal")]
-    probs = np.array([float(r["prob_abnormal"]) for r in rows])
-    labels = np.array([int(r["true_label"]) for r in rows])
-    cuts = np.concatenate([[0.0], np.unique(probs), [1.0 + 1e-9]])
-    return float(max(((probs >= c).astype(int) == labels).mean() for c in cuts))
+    start = time.perf_counter()
+    _run(["-m", "app.evaluate", "--data", str(test), "--checkpoint", str(run), "--output",
+          str(evaluated), "--no-baseline", "--overwrite"], log)  # fmt: skip
+    metrics = json.loads((evaluated / "metrics.json").read_text())["metrics"]
+    metrics.pop("rows", None)
+    return {
+        "what": what,
+        "seconds": time.perf_counter() - start,
+        "best_accuracy": best_accuracy(evaluated / "predictions.csv"),
+        **metrics,
+    }
 
 
 def _table(results: dict, path: Path) -> None:
