@@ -310,22 +310,22 @@ def _interval(value: Any) -> list[float]:
 
 def _operating_point(value: Any) -> dict[str, Any]:
     """How a single model's threshold and temperature were chosen (``app.training.operating_point``):
-    on how many validation scans, by which method, and what they gave there."""
-    known = {"chosen", "method", "scans", "normal", "abnormal", "temperature",
-             "sensitivity", "specificity"}  # fmt: skip
-    if not isinstance(value, Mapping) or not set(value) <= known or "chosen" not in value:
-        raise ValueError(f"a mapping of {', '.join(sorted(known))}")
-    out: dict[str, Any] = {"chosen": _bool(value["chosen"])}
-    method = value.get("method", "")
+    by which method, on how many validation scans, and, when chosen, what they gave there (every
+    field the console prints is required: a record cut short is refused, not half printed)."""
+    counts = ("scans", "normal", "abnormal")
+    chosen_only = ("sensitivity", "specificity")
+    if not isinstance(value, Mapping) or not isinstance(value.get("chosen"), bool):
+        raise ValueError("a mapping with 'chosen' true or false")
+    required = {"chosen", "method", *counts, *(chosen_only if value["chosen"] else ())}
+    if set(value) != required:
+        raise ValueError(f"a mapping of exactly {', '.join(sorted(required))}")
+    method = value["method"]
     if not isinstance(method, str) or len(method) > 300 or not method.isprintable():
         raise ValueError(f"a method in at most 300 printable characters, got {method!r}"[:200])
-    out["method"] = method
-    for key in ("scans", "normal", "abnormal"):
-        if key in value:
-            out[key] = _int(0, 10_000_000)(value[key])
-    if "temperature" in value:
-        out["temperature"] = _float(0.0, 1000.0, open_low=True)(value["temperature"])
-    for key in ("sensitivity", "specificity"):
+    out: dict[str, Any] = {"chosen": value["chosen"], "method": method}
+    for key in counts:
+        out[key] = _int(0, 10_000_000)(value[key])
+    for key in chosen_only:
         if key in value:
             out[key] = _interval(value[key])
     return out

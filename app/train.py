@@ -232,9 +232,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _operating_point(run: Path) -> str | None:
-    """The kept model's threshold line, from its checkpoint's validated settings."""
+    """The kept model's threshold line, as app.infer's model card prints it."""
     from app.inference.checkpoints import CheckpointError, load_checkpoint
-    from app.inference.model_card import describe_operating_point
+    from app.inference.model_card import ModelCard
     from app.model_settings import SettingsError, validate_settings
     from app.run_folder import BEST_MODEL
 
@@ -242,10 +242,10 @@ def _operating_point(run: Path) -> str | None:
         settings = validate_settings(load_checkpoint(run / BEST_MODEL)[1], str(run / BEST_MODEL))
     except (CheckpointError, SettingsError, OSError):
         return None
-    point = settings.get("operating_point")
-    return (
-        describe_operating_point({**point, "threshold": settings["threshold"]}) if point else None
-    )
+    if "operating_point" not in settings:
+        return None
+    card = ModelCard(settings, run / BEST_MODEL, settings["threshold"], [])
+    return card.threshold_line()
 
 
 def _cross_validate(args: argparse.Namespace) -> int:

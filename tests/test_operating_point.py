@@ -117,6 +117,9 @@ def test_the_recorded_point_is_what_every_reader_uses(tmp_path, checkpoint):
         {"chosen": True, "scans": -1},
         {"chosen": True, "method": {"nested": "$import os"}},
         {"chosen": True, "temperature": float("nan")},
+        # cut short: chosen, but without what the console prints (it raised KeyError there)
+        {"chosen": True, "method": "x", "scans": 20, "normal": 10, "abnormal": 10},
+        {"chosen": False, "method": "x"},
         "chosen",
     ],
 )

@@ -98,7 +98,8 @@ class ModelCard:
         point = self.settings.get("operating_point")
         if not point or abs(self.threshold - float(self.settings.get("threshold", -1))) > 1e-12:
             return f"threshold {self.threshold:g}"
-        return describe_operating_point({**point, "threshold": self.threshold})
+        temperature = float(self.settings.get("temperature", 1.0))
+        return describe_operating_point(point, self.threshold, temperature)
 
     def caveats(self) -> list[str]:
         """Warnings about the model itself, for the console (not per scan)."""
@@ -135,18 +136,19 @@ class ModelCard:
         return notes
 
 
-def describe_operating_point(point: dict[str, Any]) -> str:
+def describe_operating_point(point: dict[str, Any], threshold: float, temperature: float) -> str:
     """One line for the console: a single model's threshold, how it was chosen on its validation
-    split (``app.training.operating_point``), and what it gave there."""
-    if not point.get("chosen"):
-        return f"threshold 0.5 ({point['method']})"
+    split (``app.training.operating_point``; ``point`` as ``app.model_settings`` checked it),
+    and what it gave there."""
+    if not point["chosen"]:
+        return f"threshold {threshold:g} ({point['method']})"
 
     def ci(v: list[float]) -> str:
         return f"{v[0]:.2f} ({v[1]:.2f}-{v[2]:.2f})"
 
     return (
-        f"threshold {point['threshold']:g} on P(abnormal), temperature "
-        f"{point['temperature']:.3g} ({point['method']}, {point['scans']} scans: sensitivity "
+        f"threshold {threshold:g} on P(abnormal), temperature "
+        f"{temperature:.3g} ({point['method']}, {point['scans']} scans: sensitivity "
         f"{ci(point['sensitivity'])}, specificity {ci(point['specificity'])} there; chosen on "
         "those scans, so expect less on new ones: measure with app.evaluate)"
     )

@@ -113,7 +113,9 @@ def record_operating_point(run: Path) -> dict[str, Any]:
     info = dict(data.get("run_info") or {})
     info["threshold"] = point["threshold"]
     info["temperature"] = point["temperature"]
-    info["operating_point"] = {k: v for k, v in point.items() if k not in ("threshold",)}
+    info["operating_point"] = {
+        k: v for k, v in point.items() if k not in ("threshold", "temperature")
+    }
     data["run_info"] = info
 
     def save(f: Any) -> None:

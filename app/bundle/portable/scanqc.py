@@ -255,14 +255,21 @@ def dicom_sizes(files: Sequence[str], limits: Limits = Limits()) -> list[Any]:
     return headers
 
 
-def dicom_module() -> Any:
-    """``transforms.dicom``: this project's package beside this one in a bundle
-    (``scripts.transforms``), the installed ``transforms`` in the app."""
+def transforms_module(name: str) -> Any:
+    """``transforms.NAME``: this project's package beside this one in a bundle
+    (``scripts.transforms``), the installed ``transforms`` in the app. The DICOM reader and the
+    lung mask live there once, for the checks, the preprocessing and the baseline alike."""
+    import importlib
+
     try:
-        from ..transforms import dicom  # type: ignore[import-not-found]
+        return importlib.import_module(f"..transforms.{name}", __package__)
     except ImportError:
-        from transforms import dicom
-    return dicom
+        return importlib.import_module(f"transforms.{name}")
+
+
+def dicom_module() -> Any:
+    """``transforms.dicom`` (:func:`transforms_module`)."""
+    return transforms_module("dicom")
 
 
 def check_dicom_series(
@@ -340,17 +347,6 @@ def check_values(volume: np.ndarray, affine: np.ndarray | None = None) -> list[s
     return lung_warnings(volume, affine) if affine is not None else []
 
 
-def _find_lungs() -> Any:
-    """``transforms.lung.find_lungs``: this project's package beside this one in a bundle
-    (``scripts.transforms``), the installed ``transforms`` in the app. One lung mask for the
-    checks, the crop, the flattening and the baseline."""
-    try:
-        from ..transforms.lung import find_lungs  # type: ignore[import-not-found]
-    except ImportError:
-        from transforms.lung import find_lungs
-    return find_lungs
-
-
 def lung_warnings(volume: np.ndarray, affine: np.ndarray) -> list[str]:
     """The lung mask's doubts (``transforms.lung.Lungs.doubts``) on the volume's axial slices
     (the voxel axis closest to the world's S/I axis): "little or no lung ... not a chest CT?"
@@ -364,4 +360,5 @@ def lung_warnings(volume: np.ndarray, affine: np.ndarray) -> list[str]:
     axis = int(np.argmax(np.abs(rot[2])))
     order = [a for a in range(3) if a != axis] + [axis]
     spacing = [float(np.linalg.norm(rot[:, a])) for a in order]
-    return list(_find_lungs()(np.transpose(vol, order), spacing=spacing).doubts())
+    lungs = transforms_module("lung").find_lungs(np.transpose(vol, order), spacing=spacing)
+    return list(lungs.doubts())
