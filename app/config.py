@@ -13,6 +13,9 @@ CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 COMMON = "common.yaml"
 #: the bundle's metadata, in configs/ (and in an exported bundle's configs/)
 METADATA = "metadata.json"
+#: an exported bundle's record of its training and validation scans' content hashes
+#: (``configs/``; ``training_data.scan_sha256`` of the checkpoint it was exported from)
+TRAINING_SCANS = "training_scans.json"
 
 
 def config_files(*names: str, config_dir: str | Path = CONFIG_DIR) -> list[str]:

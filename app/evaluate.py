@@ -127,6 +127,8 @@ def main(argv: list[str] | None = None) -> int:
             f"NOT INDEPENDENT: {result.overlap['scans']} test scans were used by the model "
             f"({result.overlap['used_for']}); every figure below is optimistic"
         )
+    elif result.independent == "unknown" and result.independence is not None:
+        print(f"INDEPENDENCE UNKNOWN: {result.independence.how.removeprefix('unknown: ')}")
     print(
         f"{m.n} scans ({m.n_positive} abnormal, {m.n_negative} normal), {result.failed} failed; "
         f"threshold {m.threshold:g}; {int(100 * m.confidence)}% confidence intervals"
@@ -136,6 +138,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  {row['metric']:<24} {row['value']:.3f}{ci}")
     if result.baseline:
         print(f"baseline: {result.baseline['verdict']}")
+    elif result.baseline_note:
+        print(result.baseline_note)
     method = result.model.get("threshold_method") or ""
     if method.startswith("sensitivity"):
         print(

@@ -16,6 +16,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
+from app.config import TRAINING_SCANS
 from app.errors import EXIT_REFUSED, CTClassifyError
 
 #: settings a checkpoint must carry to rebuild its model and preprocessing
@@ -231,8 +232,40 @@ def shareable(settings: Mapping[str, Any]) -> dict[str, Any]:
         data = dict(out["training_data"])
         if "source" in data:
             data["source"] = Path(str(data["source"])).name
+        data.pop("scan_sha256", None)  # a bundle keeps them in their own file (TRAINING_SCANS)
         out["training_data"] = data
     return out
+
+
+#: the most scans whose hashes a model may record (``training_data.scan_sha256``)
+MAX_HASHED_SCANS = 1_000_000
+
+
+def _scan_hashes(value: Any) -> dict[str, str]:
+    """The SHA-256 of each training and validation scan's content, each part one string of
+    64-digit hexadecimal hashes run together (:func:`app.data.datalist.scan_sha256`)."""
+    if not isinstance(value, Mapping) or set(value) != {"training", "validation"}:
+        raise ValueError("a mapping of 'training' and 'validation'")
+    out = {}
+    for part in ("training", "validation"):
+        text = value[part]
+        if (
+            not isinstance(text, str)
+            or len(text) % 64
+            or len(text) > 64 * MAX_HASHED_SCANS
+            or not re.fullmatch(r"[0-9a-f]*", text)
+        ):
+            raise ValueError(
+                f"{part}: 64-digit lowercase hexadecimal SHA-256 hashes run together, at most "
+                f"{MAX_HASHED_SCANS:,}"
+            )
+        out[part] = text
+    return out
+
+
+def split_hashes(text: str) -> set[str]:
+    """The hashes of one part of ``training_data.scan_sha256``."""
+    return {text[i : i + 64] for i in range(0, len(text), 64)}
 
 
 #: checks of the ``training_data`` record (what the model was trained on)
@@ -242,6 +275,7 @@ TRAINING_DATA_FIELDS: dict[str, Callable[[Any], Any]] = {
     "generated": _bool,
     "source": _path_text,
     "digest": _sha256,
+    "scan_sha256": _scan_hashes,
     "spacing_min": _spacing,
     "spacing_max": _spacing,
     "shape_min": _shape,
@@ -407,4 +441,24 @@ def read_bundle_settings(bundle_root: str | Path, max_bytes: int = 1 << 20) -> A
     if path.stat().st_size > max_bytes:
         raise ValueError(f"{path} is larger than {max_bytes:,} bytes: not a bundle config")
     config = yaml.safe_load(path.read_text())
-    return config.get("run_settings") if isinstance(config, dict) else None
+    settings = config.get("run_settings") if isinstance(config, dict) else None
+    hashes = Path(bundle_root) / "configs" / TRAINING_SCANS
+    data = settings.get("training_data") if isinstance(settings, dict) else None
+    if isinstance(data, dict) and (hashes.is_file() or hashes.is_symlink()):
+        data["scan_sha256"] = read_scan_hashes(hashes)
+    return settings
+
+
+def read_scan_hashes(path: Path) -> Any:
+    """The ``scan_sha256`` record in a bundle's ``configs/training_scans.json`` (checked by
+    :func:`validate_settings` with the rest); a link is refused."""
+    import json
+
+    if path.is_symlink():
+        raise ValueError(f"{path} is a symbolic link: links are never followed")
+    if path.stat().st_size > 70 * MAX_HASHED_SCANS:
+        raise ValueError(f"{path} is larger than a record of {MAX_HASHED_SCANS:,} scans")
+    value = json.loads(path.read_text(encoding="utf-8"))
+    if not isinstance(value, dict) or set(value) != {"scan_sha256"}:
+        raise ValueError(f"{path}: expected an object with one key, 'scan_sha256'")
+    return value["scan_sha256"]

@@ -348,15 +348,38 @@ SPLIT_RECORD: dict[str, Callable[[Any], Any]] = {
 
 
 def read_split(path: str | Path) -> dict[str, Any]:
-    """A run's ``split.json``: the ``training`` and ``validation`` entries, and ``record`` (how
-    the split was made; ``None`` in files written before it was recorded)."""
-    return _check_fields(
+    """A run's ``split.json``: the ``training`` and ``validation`` entries, ``record`` (how
+    the split was made) and ``base`` (the working folder the training ran in; ``None`` in files
+    written before they were recorded). Relative image paths, and the record's
+    ``dataset_dir``, come back resolved against ``base``: the files they named when recorded,
+    wherever the split is read from."""
+    import os
+
+    split = _check_fields(
         read_json(path),
         path,
-        {"training": _items, "validation": _items, "record": _record},
+        {"training": _items, "validation": _items, "record": _record, "base": _absolute},
         "a split",
-        optional=["record"],
+        optional=["record", "base"],
     )
+    base = split["base"]
+    if base is not None:
+        for part in ("training", "validation"):
+            for item in split[part]:
+                item["image"] = os.path.join(base, item["image"])
+        if split["record"] is not None:
+            record = split["record"]
+            record["dataset_dir"] = os.path.join(base, record["dataset_dir"])
+    return split
+
+
+def _absolute(value: Any) -> str:
+    import os
+
+    text = _text(4096)(value)
+    if "\0" in text or not os.path.isabs(text):
+        raise ValueError(f"an absolute folder, got {text[:80]!r}")
+    return text
 
 
 def read_finished(path: str | Path) -> dict[str, Any]:

@@ -650,3 +650,51 @@ def test_lung_flattening_preprocessing_sees_through_expiration(tmp_path):
         lung = a < 0.3  # below about -580 HU: the lungs in the window
         gaps[flatten] = float((b - a)[lung].abs().mean())
     assert gaps[20.0] < 0.2 * gaps[0.0], gaps
+
+
+@pytest.mark.parametrize("bad", [1e-9, 1e-7, 0.0, float("nan"), float("inf"), 1e9])
+def test_flattening_work_is_bounded_whatever_the_header_says(bad):
+    """A header's spacing sets neither time nor memory (issue 31: 1e-7 mm slices ran past 600 s,
+    1e-9 mm needed a 30 GiB kernel): a spacing no CT has is replaced by the one the lung mask
+    uses (plausible_spacing), on every axis and in CropToLungsd, and flatten_lungs called with
+    it directly gives what it gives with that spacing."""
+    import tracemalloc
+
+    from monai.data import MetaTensor
+
+    from transforms.lung import CropToLungsd, find_lungs, flatten_lungs, plausible_spacing
+
+    volume, lungs = _chest((64, 56, 20), gradient_hu=250, blobs=[(19, 28, 10)])
+    fallback = plausible_spacing(None, volume.shape)
+    assert plausible_spacing((1.0, 1.0, bad), volume.shape) == fallback
+    for spacing in [(1.0, 1.0, bad), (bad, bad, bad), (bad, 1.0, 3.0)]:
+        tracemalloc.start()
+        out = flatten_lungs(volume, lungs, spacing, 20.0)
+        peak = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+        assert peak < 50 * volume.nbytes  # the volume's size bounds it, not the header
+        np.testing.assert_array_equal(out, flatten_lungs(volume, lungs, fallback, 20.0))
+    affine = torch.diag(torch.tensor([1.0, 1.0, bad, 1.0]))
+    image = MetaTensor(torch.as_tensor(volume)[None], affine=affine)
+    out = CropToLungsd("image", flatten_mm=20.0)({"image": image})["image"]
+    assert bool(torch.isfinite(out).all())
+    assert find_lungs(volume, spacing=(1.0, 1.0, bad)).spacing == fallback
+
+
+def test_the_flattening_kernel_is_clamped_to_its_axis():
+    """A plausible spacing with a sigma far wider than the scan: the background is each axis'
+    mean (what the Gaussian tends to), computed with a kernel no wider than the volume (an
+    unclamped one of this sigma holds millions of taps)."""
+    import tracemalloc
+
+    from transforms.lung import _background
+
+    rng = np.random.default_rng(0)
+    volume = rng.normal(-800, 30, (6, 5, 40)).astype(np.float32)
+    keep = np.ones(volume.shape, bool)
+    tracemalloc.start()
+    background = _background(volume, keep, 2e5, (0.05, 0.05, 5.0))
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    np.testing.assert_allclose(background, volume.mean(), atol=0.5)
+    assert peak < 1 << 20

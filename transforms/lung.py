@@ -350,15 +350,7 @@ def find_lungs(
     from scipy import ndimage
 
     vol = np.asarray(volume)
-    if spacing is not None and not all(
-        math.isfinite(float(v)) and PLAUSIBLE_MM[0] <= abs(float(v)) <= PLAUSIBLE_MM[1]
-        for v in spacing[:3]
-    ):
-        spacing = None  # a header no CT has (micrometre or metre voxels): bounded work
-    if spacing is None:
-        pixel = DEFAULT_FOV_MM / max(max(vol.shape[:2]), 1)
-        spacing = (pixel, pixel, DEFAULT_SLICE_MM)
-    spacing = tuple(float(abs(s)) for s in spacing[:3])  # type: ignore[assignment]
+    spacing = plausible_spacing(spacing, vol.shape)
     if vol.ndim != 3 or vol.size == 0:
         raise ValueError(f"find_lungs needs a non-empty (x, y, z) volume, got shape {vol.shape}")
     step = max(1, int(MASK_GRID_MM / min(spacing[0], spacing[1])))
@@ -382,6 +374,22 @@ def find_lungs(
     mask &= seen  # closing and notches never reach beyond the field of view
     full = np.repeat(np.repeat(mask, step, axis=0), step, axis=1)[: vol.shape[0], : vol.shape[1]]
     return Lungs(full, share, (mask & edge).any(axis=(0, 1)), spacing, centre)  # type: ignore[arg-type]
+
+
+def plausible_spacing(
+    spacing: Sequence[float] | None, shape: Sequence[int]
+) -> tuple[float, float, float]:
+    """``spacing`` (mm, sign dropped) when every axis is inside :data:`PLAUSIBLE_MM`; otherwise
+    (``None``, a header no CT has: micrometre or metre voxels, zero, NaN) a
+    :data:`DEFAULT_FOV_MM` field of view in plane and :data:`DEFAULT_SLICE_MM` slices. What the
+    lung mask and the flattening work on, so a header bounds neither's time nor memory."""
+    if spacing is not None and all(
+        math.isfinite(float(v)) and PLAUSIBLE_MM[0] <= abs(float(v)) <= PLAUSIBLE_MM[1]
+        for v in spacing[:3]
+    ):
+        return tuple(float(abs(s)) for s in spacing[:3])  # type: ignore[return-value]
+    pixel = DEFAULT_FOV_MM / max(max(shape[:2], default=1), 1)
+    return (pixel, pixel, DEFAULT_SLICE_MM)
 
 
 def lung_mask(
@@ -462,7 +470,12 @@ def _background(
     ]
     weight = _block_sums(keep.astype(np.float32), factors)
     values = _block_sums(np.where(keep, volume, 0).astype(np.float32), factors)
-    sigma = [sigma_mm / (float(s) * f) for s, f in zip(spacing, factors, strict=True)]
+    # a Gaussian wider than twice its axis is that axis' mean (reflected borders): clamped, a
+    # kernel never outgrows the volume, whatever the spacing
+    sigma = [
+        min(sigma_mm / (float(s) * f), 2.0 * n)
+        for s, f, n in zip(spacing, factors, weight.shape, strict=True)
+    ]
     smooth = ndimage.gaussian_filter(values, sigma) / np.maximum(
         ndimage.gaussian_filter(weight, sigma), 1e-3 * np.prod(factors)
     )
@@ -478,10 +491,12 @@ def flatten_lungs(
     estimated twice, the second time without the voxels more than :data:`FLATTEN_ABOVE_HU`
     above the first (findings and vessels). Gravity-dependent density and expiration, which
     shift a lung's histogram as findings do, vanish; findings smaller than the kernel stay.
-    Voxels outside the mask are kept."""
+    Voxels outside the mask are kept. A ``spacing`` no CT has is replaced as the lung mask
+    replaces it (:func:`plausible_spacing`): time and memory are bounded by the volume's size."""
     out = np.asarray(volume, dtype=np.float32).copy()
     if not mask.any():
         return out
+    spacing = plausible_spacing(spacing, out.shape)
     first = _background(out, mask, sigma_mm, spacing)
     second = _background(out, mask & (out < first + FLATTEN_ABOVE_HU), sigma_mm, spacing)
     out[mask] += FLATTEN_LEVEL_HU - second[mask]
@@ -570,7 +585,7 @@ class CropToLungsd(MapTransform):
                 continue
             if lungs.doubts():  # a wrong box or blank loses lung: the scan stays whole
                 if self.flatten_mm > 0:
-                    d[key] = self._flatten(image, mask)
+                    d[key] = self._flatten(image, mask, lungs.spacing)
                 continue
             if self.outside is not None:
                 blank = outside_lungs(mask, volume, air_hu=self.air_hu)
@@ -584,13 +599,12 @@ class CropToLungsd(MapTransform):
                 image = SpatialCrop(roi_start=box[0], roi_end=box[1])(image)
                 mask = mask[tuple(slice(a, b) for a, b in zip(*box, strict=True))]
             if self.flatten_mm > 0:
-                image = self._flatten(image, mask)
+                image = self._flatten(image, mask, lungs.spacing)
             d[key] = image
         return d
 
-    def _flatten(self, image: MetaTensor, mask: np.ndarray) -> MetaTensor:
-        spacing = _spacing(image)
-        assert spacing is not None
+    def _flatten(self, image: MetaTensor, mask: np.ndarray, spacing: Sequence[float]) -> MetaTensor:
+        """Each channel flattened on the spacing the lung mask used (:func:`plausible_spacing`)."""
         flat = [flatten_lungs(np.asarray(c), mask, spacing, self.flatten_mm) for c in image]
         out = MetaTensor(torch.from_numpy(np.stack(flat)))
         out.copy_meta_from(image)

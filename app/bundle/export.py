@@ -15,7 +15,7 @@ from typing import Any
 
 import yaml
 
-from app.config import CONFIG_DIR, METADATA
+from app.config import CONFIG_DIR, METADATA, TRAINING_SCANS
 from app.model_settings import MODEL_SETTINGS, shareable, validate_settings
 from app.run_folder import BUNDLE_MARKER
 
@@ -359,6 +359,10 @@ def _write_configs_and_docs(
     )
     meta = _metadata(settings, metrics)
     atomic_write_text(work / "configs" / METADATA, json.dumps(meta, indent=4))
+    hashes = validate_settings(settings, "the run settings").get("training_data", {})
+    if "scan_sha256" in hashes:  # app.evaluate recognises the training scans by content
+        record = {"scan_sha256": hashes["scan_sha256"]}
+        atomic_write_text(work / "configs" / TRAINING_SCANS, json.dumps(record))
     shutil.copy(CONFIG_DIR / "logging.conf", work / "configs" / "logging.conf")
     shutil.copy(REPO / "LICENSE", work / "LICENSE")
     shutil.copy(REPO / "docs" / "data_license.md", work / "docs" / "data_license.md")

@@ -11,6 +11,7 @@ computed here.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -179,6 +180,41 @@ def paired_auc_difference(
     return Estimate(diff, diff - half, diff + half, "DeLong paired")
 
 
+def perfect_separation_probability(auc: float, positives: int, negatives: int) -> float:
+    """The probability that ``positives`` and ``negatives`` scans drawn from a binormal
+    equal-variance model with true ROC-AUC ``auc`` are perfectly separated (every positive
+    scored above every negative): the integral over t of the density of the lowest positive,
+    m phi(t - d) (1 - Phi(t - d))^(m - 1), times Phi(t)^n, with d = sqrt(2) Phi^-1(auc)."""
+    from scipy.stats import norm
+
+    if auc <= 0.0:
+        return 0.0
+    if auc >= 1.0:
+        return 1.0
+    d = math.sqrt(2.0) * float(norm.ppf(auc))
+    m, n = int(positives), int(negatives)
+    t = np.linspace(d - 12.0, d + 12.0, 24_001)  # the lowest positive lies within 12 sd of d
+    log_density = (
+        math.log(m) + norm.logpdf(t - d) + (m - 1) * norm.logsf(t - d) + n * norm.logcdf(t)
+    )
+    value = float(np.trapezoid(np.exp(log_density), t))
+    return min(max(value, 0.0), 1.0)
+
+
+@functools.lru_cache(maxsize=256)
+def perfect_separation_bound(positives: int, negatives: int, alpha: float) -> float:
+    """The exact lower confidence bound of ROC-AUC after perfect separation: the true AUC at
+    which a perfectly separated set has probability ``alpha`` (binormal model,
+    :func:`perfect_separation_probability`). Every AUC below it makes what was seen rarer than
+    ``alpha``, so the interval [bound, 1] misses the truth on at most ``alpha`` of sets."""
+    from scipy.optimize import brentq
+
+    def excess(auc: float) -> float:
+        return perfect_separation_probability(auc, positives, negatives) - alpha
+
+    return float(brentq(excess, 1e-9, 1.0 - 1e-12, xtol=1e-7))
+
+
 def auc_with_ci(
     probs: np.ndarray,
     labels: np.ndarray,
@@ -193,7 +229,8 @@ def auc_with_ci(
     (0, 1) and keeps its coverage on small and imbalanced sets); ``bootstrap``: a seeded
     stratified BCa bootstrap (positives and negatives resampled separately). With fewer than
     :data:`MIN_CLASS_FOR_AUC_CI` scans in the smaller class the method says the interval is
-    unreliable (its coverage falls below 95%).
+    unreliable (its coverage falls below 95%). A perfectly separated set (ROC-AUC 1 or 0) gets
+    the exact interval of :func:`_separated` with either method.
     """
     from scipy.stats import norm
     from sklearn.metrics import roc_auc_score
@@ -214,30 +251,40 @@ def auc_with_ci(
         if fewest < MIN_CLASS_FOR_AUC_CI
         else ""
     )
+    if method not in ("delong", "bootstrap"):
+        raise ValueError(f"method must be 'delong' or 'bootstrap', got {method!r}")
+    if value in (0.0, 1.0):
+        return _separated(value, len(positive), len(negative), confidence, caveat)
     if method == "delong":
         _, var = delong_auc(positive, negative)
         m, n = len(positive), len(negative)
         a = min(max(value, 0.5 / (m * n)), 1 - 0.5 / (m * n))
         z = float(norm.ppf(0.5 + confidence / 2))
-        if value in (0.0, 1.0):
-            # perfect separation: DeLong's variance is 0 and the logit of a clipped 1 - 1/(2mn)
-            # turns Hanley and McNeil's small variance into a near-[0, 1] interval (0.032-1.000
-            # seen at 30/30); on the AUC scale it is what that variance says
-            low, high = max(0.0, a - z * math.sqrt(var)), min(1.0, a + z * math.sqrt(var))
-            label = "Hanley-McNeil (perfect separation)"
-        else:
-            half = z * math.sqrt(var) / (a * (1 - a))
-            centre = math.log(a / (1 - a))
-            low, high = (1 / (1 + math.exp(-(centre + s * half))) for s in (-1, 1))
-            label = "DeLong, logit"
-        return Estimate(value, min(low, value), max(high, value), label + caveat)
-    if method != "bootstrap":
-        raise ValueError(f"method must be 'delong' or 'bootstrap', got {method!r}")
+        half = z * math.sqrt(var) / (a * (1 - a))
+        centre = math.log(a / (1 - a))
+        low, high = (1 / (1 + math.exp(-(centre + s * half))) for s in (-1, 1))
+        return Estimate(value, min(low, value), max(high, value), "DeLong, logit" + caveat)
     return Estimate(
         value,
         *_bootstrap_interval(positive, negative, value, confidence, n_resamples, seed),
         f"stratified bootstrap ({n_resamples}, seed {seed})" + caveat,
     )
+
+
+#: the method of a perfectly separated set's ROC-AUC interval
+EXACT_SEPARATION = "exact bound for perfect separation (binormal)"
+
+
+def _separated(value: float, m: int, n: int, confidence: float, caveat: str) -> Estimate:
+    """A perfectly separated set (ROC-AUC 1, or 0 when every negative is scored higher): no
+    variance estimate says anything there (DeLong's is 0; the bootstrap's resamples are all
+    separated), so the interval is the exact one, [bound, 1] with the bound at which perfect
+    separation has probability (1 - confidence) / 2 (:func:`perfect_separation_bound`): the
+    lower tail of a two-sided interval, as DeLong's lower end is; mirrored for 0. Sets of any
+    true AUC then miss it from above on at most that share (binormal model)."""
+    bound = perfect_separation_bound(m, n, (1.0 - confidence) / 2)
+    low, high = (bound, 1.0) if value == 1.0 else (0.0, 1.0 - bound)
+    return Estimate(value, low, high, EXACT_SEPARATION + caveat)
 
 
 def _bootstrap_interval(

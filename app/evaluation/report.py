@@ -104,9 +104,9 @@ def _ensemble_section(summary: dict[str, Any]) -> str:
 """
 
 
-def _baseline_section(base: dict[str, Any] | None) -> str:
+def _baseline_section(base: dict[str, Any] | None, note: str | None = None) -> str:
     if not base:
-        return ""
+        return f"<h2>Against its baseline</h2>\n<p>{html.escape(note)}.</p>\n" if note else ""
     e = html.escape
     return f"""<h2>Against its baseline</h2>
 <p>{e(base["what"])}, fitted on the model's {base["trained_on"]} training scans, on the same
@@ -127,6 +127,12 @@ def _banners(summary: dict[str, Any]) -> str:
         if overlap
         else ""
     )
+    if summary.get("independent") == "unknown":
+        how = str(summary.get("independence") or "nothing recorded to compare with")
+        banner += (
+            "<p class=banner>INDEPENDENCE UNKNOWN: whether the model trained on these scans "
+            f"cannot be checked: {html.escape(how.removeprefix('unknown: '))}.</p>"
+        )
     if summary["model"].get("generated"):
         banner += (
             "<p class=banner>The model was trained on generated scans (app.data synth), not on "
@@ -140,7 +146,14 @@ def write_report(summary: dict[str, Any], rows: list[dict[str, Any]], out_dir: P
     e = html.escape
     metrics = summary["metrics"]
     c = metrics["confusion"]
-    not_independent = " (not independent)" if summary.get("overlap") else ""
+    independent = summary.get("independent")
+    not_independent = (
+        ""
+        if independent is True
+        else " (not independent)"
+        if independent is False
+        else " (independence unknown)"
+    )
     page = f"""<!doctype html>
 <html><head><meta charset="utf-8"><title>ctclassify evaluation</title>
 <style>
@@ -168,7 +181,7 @@ dt {{ font-weight: bold; }} dd {{ margin: 0 0 0.5em 0; }}
 {_metric_rows(metrics)}</table>
 <p>{embedded_png(out_dir / ROC_PNG, "ROC curve")}{embedded_png(out_dir / CALIBRATION_PNG, "calibration")}
 {embedded_png(out_dir / CONFUSION_PNG, "confusion matrix")}</p>
-{_baseline_section(summary.get("baseline"))}{_ensemble_section(summary)}<h2>Scans</h2>
+{_baseline_section(summary.get("baseline"), summary.get("baseline_note"))}{_ensemble_section(summary)}<h2>Scans</h2>
 {_scan_table(rows)}
 </body></html>
 """

@@ -26,7 +26,14 @@ from app.errors import EXIT_REFUSED, CTClassifyError, UsageError
 from app.evaluation.metrics import BinaryMetrics, Estimate, binary_metrics, ensemble_figures
 from app.run_folder import METRICS_JSON, REPORT_HTML
 
-__all__ = ["Evaluation", "EvaluationError", "evaluate", "evaluate_defaults"]
+__all__ = [
+    "Evaluation",
+    "EvaluationError",
+    "Independence",
+    "check_independence",
+    "evaluate",
+    "evaluate_defaults",
+]
 
 #: the pictures of an evaluation
 ROC_PNG = "roc.png"
@@ -42,38 +49,77 @@ class EvaluationError(CTClassifyError):
     exit_status = EXIT_REFUSED
 
 
-def scans_the_model_used(checkpoint: Path, paths: list[str]) -> dict[str, str]:
-    """Which of ``paths`` the model at ``checkpoint`` trained or validated on (``path ->
-    "training"``, ``"validation"``, ``"fold k training"``...), from the ``split.json`` of its
-    run folder, or of each fold of a cross-validation folder. Files are compared by their real
-    paths (``./x``, links); a bundle records no scans and gives ``{}``."""
-    import os
-
+def _recorded_splits(checkpoint: Path) -> list[tuple[str, dict[str, Any]]]:
+    """The ``split.json`` of the run folder at ``checkpoint``, or of each fold of a
+    cross-validation folder, as ``(prefix, split)``: none for a bundle or a bare file."""
     from app.readback import read_split
     from app.run_folder import SPLIT, fold_dirs
 
     folder = checkpoint if checkpoint.is_dir() else checkpoint.parent
     splits = [("", folder / SPLIT)]
     splits += [(f"fold {p.name[5:]} ", p / SPLIT) for p in fold_dirs(folder)]
+    return [(prefix, read_split(path)) for prefix, path in splits if path.is_file()]
+
+
+@dataclass
+class Independence:
+    """Whether a test set is new to a model: ``status`` True (nothing the model trained or
+    validated on, checked by content), False (``overlap`` names those it used) or
+    ``"unknown"`` (the model records no content hashes of its scans); ``how``: in words."""
+
+    status: bool | str
+    overlap: dict[str, str]
+    how: str
+
+
+def check_independence(
+    settings: dict[str, Any], checkpoint: Path, paths: list[str]
+) -> Independence:
+    """Which of ``paths`` the model trained or validated on (``path -> "training"``,
+    ``"validation"``, ``"fold k training"``...): by content, against the SHA-256 of every
+    training and validation scan its checkpoint or bundle records (``training_data.scan_sha256``:
+    copies, hard links and moved files are found), and by path, against its run folder's
+    ``split.json`` (relative paths resolved against the folder the training ran in). Reads each
+    test scan once; the training scans are never re-read."""
+    import os
+
+    from app.data.datalist import UNREADABLE, scan_sha256
+    from app.model_settings import split_hashes
+
     used: dict[str, str] = {}
-    for prefix, path in splits:
-        if path.is_file():
-            split = read_split(path)
-            for part in ("training", "validation"):
-                for item in split[part]:
-                    used.setdefault(os.path.realpath(item["image"]), f"{prefix}{part}")
-    found = {}
-    for scan in paths:
-        where = used.get(os.path.realpath(scan))
-        if where is not None:
-            found[scan] = where
-    return found
+    for prefix, split in _recorded_splits(checkpoint):
+        for part in ("training", "validation"):
+            for item in split[part]:
+                used.setdefault(os.path.realpath(item["image"]), f"{prefix}{part}")
+    found = {p: used[os.path.realpath(p)] for p in paths if os.path.realpath(p) in used}
+    recorded = (settings.get("training_data") or {}).get("scan_sha256")
+    if not recorded:
+        how = (
+            "unknown: the model records no content hashes of its training scans (a checkpoint "
+            "written before they were recorded, or a bundle without configs/training_scans.json)"
+            + (
+                f"; compared by path only, with {len(used)} scans of its split.json"
+                if used
+                else "; and no split.json beside it to compare paths with"
+            )
+        )
+        return Independence(False if found else "unknown", found, how)
+    parts = {part: split_hashes(recorded[part]) for part in ("training", "validation")}
+    for path in paths:
+        digest = scan_sha256(path)
+        for part, hashes in parts.items():
+            if path not in found and digest != UNREADABLE and digest in hashes:
+                found[path] = f"{part} (same content)"
+    scans = sum(len(h) for h in parts.values())
+    how = f"compared by content with the {scans} training and validation scans the model records"
+    return Independence(not found, found, how + (" and by path" if used else ""))
 
 
 def training_scans(checkpoint: Path) -> list[dict[str, Any]] | None:
     """The scans the model at ``checkpoint`` trained on (its run's ``split.json`` training
-    part; for a cross-validation folder every scan of its folds), as ``{image, label}``; None
-    when no split is recorded (a bundle, a bare checkpoint file)."""
+    part, relative paths resolved against the folder the training ran in; for a
+    cross-validation folder every scan of its folds), as ``{image, label}``; None when no split
+    is recorded (a bundle, a bare checkpoint file)."""
     from app.readback import read_split
     from app.run_folder import SPLIT
 
@@ -95,28 +141,44 @@ def evaluate_defaults() -> dict[str, Any]:
     return {**config_values("common.yaml"), **evaluation_settings()}
 
 
+class NoBaseline(Exception):
+    """Why the density baseline could not be fitted or compared (said in metrics.json)."""
+
+
 def baseline_figures(
     checkpoint: Path,
     rows: list[dict[str, Any]],
     confidence: float,
     progress: bool,
-) -> dict[str, Any] | None:
+) -> dict[str, Any]:
     """The density baseline (``app.evaluation.baseline``) fitted on the model's own training
     scans, on the classified test scans: its ROC-AUC with its interval and the model's paired
-    difference (DeLong); None when the training scans are not recorded or not readable."""
+    difference (DeLong).
+
+    Raises:
+        NoBaseline: the training scans are not recorded or not found, or too few to fit.
+    """
     from app.evaluation.baseline import DensityBaseline
     from app.evaluation.metrics import auc_with_ci, paired_auc_difference
 
     train = training_scans(checkpoint)
     if not train:
-        return None
+        raise NoBaseline(
+            "the model's training scans are not recorded (no split.json beside the checkpoint: "
+            "a bundle or a checkpoint copied out of its run folder)"
+        )
     present = [t for t in train if Path(t["image"]).exists()]
+    if not present:
+        raise NoBaseline(
+            f"none of the model's {len(train)} training scans is found (e.g. "
+            f"{train[0]['image']}): moved or deleted"
+        )
     try:
         baseline = DensityBaseline.fit(
             [t["image"] for t in present], [t["label"] for t in present], progress=progress
         )
-    except ValueError:
-        return None
+    except ValueError as exc:
+        raise NoBaseline(f"it cannot be fitted on the training scans ({str(exc)[:200]})") from None
     for r in rows:
         r["prob_baseline"] = ""
     ok = [r for r in rows if r["prob_abnormal"] != ""]
@@ -127,7 +189,7 @@ def baseline_figures(
     for r, p in zip(ok, probs, strict=True):
         r["prob_baseline"] = "" if not np.isfinite(p) else round(float(p), 6)
     if len(set(labels.tolist())) < 2:
-        return None
+        raise NoBaseline("it read the test scans of one class only")
     difference = paired_auc_difference(model, probs[both], labels, confidence)
     return {
         "what": "lung-density features + logistic regression (app.evaluation.baseline)",
@@ -173,11 +235,18 @@ class Evaluation:
     #: the density baseline on the same scans: ``{"what", "trained_on", "scans", "roc_auc":
     #: Estimate, "difference": Estimate (model minus baseline, DeLong paired), "verdict"}``
     baseline: dict[str, Any] | None = None
+    #: why there is no baseline (``None`` when there is one, or it was not asked for)
+    baseline_note: str | None = None
+    #: how independence was checked (:class:`Independence`); ``None``: not checked
+    independence: Independence | None = None
 
     @property
-    def independent(self) -> bool:
-        """Whether no test scan was used in the model's training or validation."""
-        return self.overlap is None
+    def independent(self) -> bool | str:
+        """Whether no test scan was used in the model's training or validation: True (checked
+        by content), False, or ``"unknown"`` (nothing to compare with)."""
+        if self.overlap is not None:
+            return False
+        return "unknown" if self.independence is None else self.independence.status
 
     def table(self) -> list[dict[str, Any]]:
         """One row per metric (value, CI, method): ``pandas.DataFrame(evaluation.table())``.
@@ -211,6 +280,7 @@ class Evaluation:
             "date": self.date,
             "failed": self.failed,
             "independent": self.independent,
+            "independence": None if self.independence is None else self.independence.how,
             "overlap": self.overlap,
             "metrics": {**self.metrics.as_dict(), "rows": self.metrics.rows()},
             "folds": [{**f, "roc_auc": asdict(f["roc_auc"])} for f in self.folds],
@@ -222,6 +292,7 @@ class Evaluation:
                 "difference": asdict(self.baseline["difference"]),
             },
             "calibration": self.calibration,
+            "baseline_note": self.baseline_note,
         }
 
 
@@ -277,7 +348,8 @@ def evaluate(
     items = find_items(data)
     clf = Classifier.load(checkpoint, device=device, threshold=threshold, precision=precision)
     clf.tta = tta
-    overlap = _overlap(clf, [str(i["image"]) for i in items], allow_overlap)
+    independence = _independence(clf, [str(i["image"]) for i in items], allow_overlap)
+    overlap = independence.overlap
     labels = [int(cast(int, item["label"])) for item in items]
     rows = _classify(
         clf,
@@ -289,11 +361,14 @@ def evaluate(
     )
     ok = _classified(rows, clf.class_names)
     metrics, folds, calibration = _figures(clf, ok, settings)
-    baseline = (
-        baseline_figures(Path(str(clf.checkpoint)), rows, settings["confidence"], progress)
-        if with_baseline
-        else None
-    )
+    baseline, baseline_note = None, None
+    if with_baseline:
+        try:
+            baseline = baseline_figures(
+                Path(str(clf.checkpoint)), rows, settings["confidence"], progress
+            )
+        except NoBaseline as exc:
+            baseline_note = f"no density baseline: {exc}"
     result = Evaluation(
         metrics=metrics,
         folds=folds,
@@ -305,6 +380,8 @@ def evaluate(
         failed=len(rows) - len(ok),
         overlap={"scans": len(overlap), "used_for": _overlap_text(overlap)} if overlap else None,
         baseline=baseline,
+        baseline_note=baseline_note,
+        independence=independence,
     )
     if out is not None:
         result.files = _write(result, out, clf.class_names)
@@ -337,9 +414,11 @@ def _settings(
     return settings
 
 
-def _overlap(clf: Any, paths: list[str], allow_overlap: bool) -> dict[str, str]:
-    """The test scans the model was trained or validated on; refused unless ``allow_overlap``."""
-    overlap = scans_the_model_used(Path(str(clf.checkpoint)), paths)
+def _independence(clf: Any, paths: list[str], allow_overlap: bool) -> Independence:
+    """Whether the test scans are new to the model (:func:`check_independence`); test scans it
+    trained or validated on are refused unless ``allow_overlap``."""
+    independence = check_independence(clf.settings, Path(str(clf.checkpoint)), paths)
+    overlap = independence.overlap
     if overlap and not allow_overlap:
         raise UsageError(
             f"{len(overlap)} of the {len(paths)} test scans were used by the model "
@@ -347,7 +426,7 @@ def _overlap(clf: Any, paths: list[str], allow_overlap: bool) -> dict[str, str]:
             "not be independent; evaluate on scans it never saw, or pass --allow-overlap to "
             "evaluate anyway (every figure is then marked as not independent)"
         )
-    return overlap
+    return independence
 
 
 def _classified(rows: list[dict[str, Any]], class_names: list[str]) -> list[dict[str, Any]]:
