@@ -426,6 +426,15 @@ def validate_settings(
             out[key] = check(settings[key])
         except ValueError as exc:
             raise SettingsError(f"{source}: field {key!r} must be {exc}") from None
+    if "spatial_size" in out and "filters" in out:
+        from nets.cnn3d import min_spatial_size
+
+        smallest = min_spatial_size(len(out["filters"]))
+        if min(out["spatial_size"]) < smallest:
+            raise SettingsError(
+                f"{source}: field 'spatial_size' must be at least {smallest} voxels on every "
+                f"axis for its network of {len(out['filters'])} blocks, got {out['spatial_size']}"
+            )
     return out
 
 

@@ -61,39 +61,32 @@ def _kind(value: Any) -> str:
     return type(value).__name__
 
 
-def _plain(value: Any, depth: int = 0) -> bool:
-    """A scalar or a list of them (lists nested at most 3 deep): what a run's override holds."""
-    if value is None or isinstance(value, (bool, int, str)):
-        return not isinstance(value, str) or len(value) <= 4096
-    if isinstance(value, float):
-        return math.isfinite(value)
-    if isinstance(value, list) and depth < 3 and len(value) <= 10_000:
-        return all(_plain(v, depth + 1) for v in value)
-    return False
-
-
 def check_overrides(
     saved: Any,
     path: str | Path,
-    defaults: Mapping[str, Any],
+    checks: Mapping[str, Callable[[Any], Any]],
     given: Mapping[str, Any],
     allowed_expressions: Mapping[str, Iterable[str]] | None = None,
+    write_paths: Iterable[str] = (),
 ) -> dict[str, Any]:
     """A run folder's ``overrides.json`` as checked data.
 
     Args:
         saved: the file's JSON value.
         path: the file, named in messages.
-        defaults: every config id the configs define, with its default (its type is the type
-            a saved value must have, unless the default is itself an expression).
+        checks: the settings a run may record (``app.training.settings.SETTING_CHECKS``), each
+            with the check of its range; nothing else is read from the file.
         given: this command line's overrides: a key or value that would be refused from the
             file is accepted when the same key and value are given again here.
         allowed_expressions: expressions the app writes itself (``--device``), by key.
+        write_paths: settings naming a place the run writes to (``cache_dir``): from the file
+            only when given again on the command line.
 
     Raises:
-        ReadBackError: a key that is not a plain known config id (an id path such as
-            ``loss#_target_``, ``::``, syntax, an unknown name), a value with config syntax
-            anywhere, or a value of another type than the id's default.
+        ReadBackError: a key that is not a setting (an id path such as ``loss#_target_``,
+            ``::``, syntax, an internal id such as ``is_not_rank0``, an unknown name), a value
+            with config syntax anywhere, a value out of its setting's range, or a place to
+            write to that this command line did not give again.
     """
     if not isinstance(saved, dict):
         raise ReadBackError(f"{path}: expected a JSON object, got {_kind(saved)}")
@@ -106,12 +99,12 @@ def check_overrides(
         if key in RUN_MARKERS:
             out[key] = _run_marker(key, value, path)
             continue
-        if not _PLAIN_ID.match(key) or key not in defaults:
-            shown = key if len(key) < 80 else key[:77] + "..."
+        if not isinstance(key, str) or not _PLAIN_ID.match(key) or key not in checks:
+            shown = str(key) if len(str(key)) < 80 else str(key)[:77] + "..."
             raise ReadBackError(
-                f"{path}: key {shown!r} is not a config id a run records (a plain top-level name "
-                "of configs/*.yaml; never an id path with '#' or '::', a reference, an expression "
-                "or '_target_'): refused, nothing was run"
+                f"{path}: key {shown!r} is not a setting a run records (one of app.train's "
+                "settings; never an id path with '#' or '::', a reference, an expression, "
+                "'_target_' or a config internal): refused, nothing was run"
             )
         if isinstance(value, str) and value in allowed.get(key, ()):
             out[key] = value
@@ -123,20 +116,16 @@ def check_overrides(
                 "macro or '_target_'), which is never evaluated from a file; give it again on "
                 f"the command line (--set {key}=...) to use it"
             )
-        if not _plain(value):
+        if key in write_paths:
             raise ReadBackError(
-                f"{path}: key {key!r} must be a number, text, true/false or a list of them, got "
-                f"{_kind(value)}"
+                f"{path}: key {key!r} names a place to write to ({json.dumps(value)[:80]}), "
+                f"which a file may not choose; give it again on the command line (--set "
+                f"{key}=...) to use it"
             )
-        default = defaults[key]
-        expected = _kind(default)
-        is_expression = isinstance(default, str) and default.lstrip().startswith(("$", "@", "%"))
-        if not (is_expression or default is None or value is None or _kind(value) == expected):
-            raise ReadBackError(
-                f"{path}: key {key!r} must be {expected} like its default "
-                f"({json.dumps(default)[:60]}), got {_kind(value)} {json.dumps(value)[:60]}"
-            )
-        out[key] = value
+        try:
+            out[key] = checks[key](value)
+        except (ValueError, TypeError) as exc:
+            raise ReadBackError(f"{path}: key {key!r} must be {exc}") from None
     return out
 
 
@@ -148,23 +137,6 @@ def _run_marker(key: str, value: Any, path: str | Path) -> Any:
     ):
         return value
     raise ReadBackError(f"{path}: key {key!r} holds {json.dumps(value)[:60]}: not a valid value")
-
-
-def config_defaults(config_dir: str | Path) -> dict[str, Any]:
-    """Every top-level id of the YAML files in ``config_dir`` (recipes included), with its
-    value in the first file that defines it, read as plain YAML (nothing evaluated)."""
-    import yaml
-
-    config_dir = Path(config_dir)
-    files = [config_dir / "common.yaml", *sorted(config_dir.glob("*.yaml"))]
-    files += sorted((config_dir / "recipes").glob("*.yaml"))
-    defaults: dict[str, Any] = {}
-    for file in files:
-        loaded = yaml.safe_load(file.read_text()) or {}
-        for key, value in loaded.items():
-            if isinstance(key, str) and _PLAIN_ID.match(key):
-                defaults.setdefault(key, value)
-    return defaults
 
 
 def _check_fields(

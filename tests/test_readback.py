@@ -15,7 +15,6 @@ from hypothesis import strategies as st
 from app.readback import (
     ReadBackError,
     check_overrides,
-    config_defaults,
     read_calibration,
     read_cv_summary,
     read_split,
@@ -134,21 +133,23 @@ KEYS = st.sampled_from(
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.dictionaries(KEYS, VALUES, max_size=5))
 def test_overrides_property_refused_or_plain(saved):
-    """Whatever a file holds: refused naming the file, or every accepted key is a plain known
-    config id (or a run marker) and every value is free of config syntax, of its default's type."""
-    from app.config import CONFIG_DIR
+    """Whatever a file holds: refused naming the file, or every accepted key is one of
+    app.train's settings (or a run marker) and every value is free of config syntax and passes
+    its setting's range check."""
     from app.model_settings import find_config_syntax
+    from app.training.settings import SETTING_CHECKS
 
-    defaults = config_defaults(CONFIG_DIR)
     try:
-        out = check_overrides(saved, "R/overrides.json", defaults, {}, {"device": {"$ok"}})
+        out = check_overrides(saved, "R/overrides.json", SETTING_CHECKS, {}, {"device": {"$ok"}})
     except ReadBackError as exc:
         assert str(exc).startswith("R/overrides.json")
         return
     for key, value in out.items():
-        assert key in ("__demo__", "__recipe__") or (key in defaults and key.isidentifier())
+        assert key in ("__demo__", "__recipe__") or key in SETTING_CHECKS
         assert find_config_syntax(value) is None
         assert not isinstance(value, dict)
+        if key in SETTING_CHECKS:
+            assert SETTING_CHECKS[key](value) == value
 
 
 @settings(max_examples=200, deadline=None)
@@ -318,3 +319,92 @@ def test_a_last_training_batch_of_one_scan_trains(data, tmp_path):
     args = ["--data", str(datalist), "--output", str(run), "--epochs", "1", "--batch-size", "2"]
     assert train_main([*args, *SMALL]) == 0
     assert len(read_split(run / "split.json")["training"]) == 7
+
+
+def steering(outside: Path) -> list:
+    """overrides.json values of the right kind that would steer a resumed run (issue 31)."""
+    return [
+        pytest.param({"cache": "disk", "cache_dir": str(outside)}, "cache_dir", id="cache-outside"),
+        pytest.param({"is_not_rank0": True}, "is_not_rank0", id="internal-id"),
+        pytest.param({"threshold": 0.01}, "threshold", id="threshold"),
+        pytest.param({"class_names": ["abnormal", "normal"]}, "class_names", id="swapped-classes"),
+        pytest.param({"filters": [4, 4, 8, 16]}, "filters", id="changed-filters"),
+        pytest.param({"hu_window": [400, -1000]}, "hu_window", id="window-reversed"),
+        pytest.param({"axcodes": "XYZ"}, "axcodes", id="axcodes"),
+        pytest.param({"precision": "foo"}, "precision", id="precision"),
+        pytest.param({"val_interval": 0}, "val_interval", id="val-interval-0"),
+        pytest.param({"batch_size": 0}, "batch_size", id="batch-size-0"),
+        pytest.param({"num_workers": -1}, "num_workers", id="workers-negative"),
+        pytest.param({"lung_flatten_mm": 1e300}, "lung_flatten_mm", id="flatten-huge"),
+        pytest.param({"split": None}, "split", id="split-null"),
+        pytest.param({"device": "cpu"}, "device", id="device-text"),
+        pytest.param({"resume": False}, "resume", id="resume"),
+    ]  # fmt: skip
+
+
+@pytest.mark.parametrize("payload, key", steering(Path("/tmp/ctclassify-outside-cache")))
+def test_resume_refuses_values_that_would_steer_the_run_in_one_line(
+    trained, tmp_path, payload, key, capsys
+):
+    """Each value is of a kind the file may hold, yet would write outside the run folder,
+    discard an epoch, change what the checkpoints say the model is, or crash deep inside MONAI:
+    one error line naming the key (exit 2), never a traceback; nothing written anywhere."""
+    outside = Path("/tmp/ctclassify-outside-cache")
+    shutil.rmtree(outside, ignore_errors=True)
+    run = tmp_path / "R"
+    shutil.copytree(trained, run)
+    saved = json.loads((run / "overrides.json").read_text())
+    (run / "overrides.json").write_text(json.dumps({**saved, **payload}))
+    before = snapshot(run)
+    code = train_main(["--output", str(run), "--resume", "--epochs", "2", *SMALL])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    assert key in err
+    assert not outside.exists() and snapshot(run) == before
+
+
+@pytest.mark.parametrize(
+    "args, key",
+    [
+        (["--spatial-size", "32", "32", "16"], "spatial_size"),
+        (["--batch-size", "0"], "batch_size"),
+        (["--workers", "-1"], "num_workers"),
+        (["--set", "lung_flatten_mm=1e300"], "lung_flatten_mm"),
+        (["--set", "hu_window=[400, -1000]"], "hu_window"),
+        (["--set", "resume=false"], "resume"),
+        (["--folds", "1"], "folds"),
+    ],
+)
+def test_settings_out_of_range_on_the_command_line_are_one_line(
+    data, tmp_path, args, key, capsys
+):
+    """Checked before anything is made: one error line naming the setting, exit 2, no run
+    folder (``--spatial-size 32 32 16`` ended in 'CNN3D needs at least 46 voxels' deep in
+    MONAI)."""
+    out = tmp_path / "R"
+    small = [a for a in SMALL if a not in ("--spatial-size", "48")]
+    code = train_main(["--data", str(data), "--output", str(out), "--epochs", "1", *small, *args])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert "Traceback" not in err and key in err and err.startswith("error:"), err
+    assert not out.exists()
+
+
+def test_a_checkpoint_too_small_for_its_network_is_refused_in_one_line(tmp_path, capsys):
+    """app.infer with a checkpoint whose spatial_size is [8, 8, 8]: one line, exit 2."""
+    import torch
+    from conftest import TINY_SETTINGS, ct_volume, nifti
+
+    from app.infer import main as infer_main
+    from nets.cnn3d import CNN3D
+
+    net = CNN3D(filters=TINY_SETTINGS["filters"], dense_units=TINY_SETTINGS["dense_units"])
+    path = tmp_path / "small.pt"
+    torch.save({"network": net.state_dict(),
+                "run_info": {**TINY_SETTINGS, "spatial_size": [8, 8, 8]}}, path)  # fmt: skip
+    nifti(tmp_path / "a.nii.gz", ct_volume())
+    code = infer_main([str(tmp_path / "a.nii.gz"), "--checkpoint", str(path), "--output",
+                       str(tmp_path / "out"), "--no-progress"])  # fmt: skip
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err and "at least 46 voxels" in err, err

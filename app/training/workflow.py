@@ -183,8 +183,10 @@ def train(
     """
     import transforms  # noqa: F401  (quiets MONAI's optional-decoder notices)
     from app.training.distributed import rank
+    from app.training.settings import check_settings
 
     config_dir = Path(config_dir)
+    overrides = check_settings(overrides or {}, "app.train")  # before anything is made
     output = _output_folder(output)
     _prepare(
         output,
@@ -203,8 +205,10 @@ def train(
         config_dir=config_dir,
         recipe=recipe,
     )
+    _check_combination(names, settings, config_dir)
     if resume:
         check_recorded_split(output, names, settings, config_dir)
+        check_recorded_settings(output, names, settings, config_dir)
         done = finished_reason(output, settings, names, config_dir)
         if done:
             if rank() == 0 and not (output / FINISHED).exists():
@@ -230,6 +234,68 @@ def _checkpoint_epoch(output: Path) -> int | None:
 
     found = last_checkpoints(output)
     return max(found)[0] if found else None
+
+
+def _check_combination(names: list[str], settings: dict[str, Any], config_dir: Path) -> None:
+    """The run's settings that depend on each other (:func:`app.training.settings.check_combination`)."""
+    from app.training.settings import check_combination
+
+    parser = load_config(*names, overrides=settings, config_dir=config_dir)
+    check_combination(
+        {k: parser.get_parsed_content(k) for k in ("filters", "spatial_size", "folds", "fold")}
+    )
+
+
+def check_recorded_settings(
+    output: Path, names: list[str], settings: dict[str, Any], config_dir: Path
+) -> None:
+    """Refuse a resume whose settings would change one its last checkpoint records
+    (``run_info``: the network, preprocessing, threshold, class names, seed, batch size,
+    learning rate): the checkpoints it writes would describe another model than the weights
+    they hold, and ``best_model.pt`` yet another.
+
+    Raises:
+        ConfigError: naming each setting that differs, recorded and now.
+    """
+    import torch
+
+    from app.run_folder import latest_checkpoint
+
+    last = latest_checkpoint(output)
+    if last is None:
+        return
+    try:
+        recorded = torch.load(last, map_location="cpu", weights_only=True).get("run_info") or {}
+    except Exception:  # the resume itself reports an unusable checkpoint
+        return
+    parser = load_config(*names, overrides=settings, config_dir=config_dir)
+    wanted = parser.get("run_info#settings") or {}
+    differs = []
+    for key, ref in wanted.items():
+        if ref != f"@{key}" or key not in recorded or key == "dataset_dir":
+            continue  # derived records (training data, init weights); data: the split's check
+        now = parser.get_parsed_content(key)
+        if json.dumps(now, sort_keys=True, default=str) != json.dumps(
+            recorded[key], sort_keys=True, default=str
+        ) and not _same_number(now, recorded[key]):
+            differs.append(f"{key} {json.dumps(recorded[key])[:60]} (recorded) vs "
+                           f"{json.dumps(now, default=str)[:60]} (now)")  # fmt: skip
+    if differs:
+        raise ConfigError(
+            f"--resume: {output}'s checkpoints record settings these would change "
+            f"({'; '.join(differs)}): resume with the recorded settings, or start a new run"
+        )
+
+
+def _same_number(a: Any, b: Any) -> bool:
+    """Equal as numbers or lists of numbers (1 and 1.0; [1, 2] and (1, 2))."""
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        return len(a) == len(b) and all(_same_number(x, y) for x, y in zip(a, b, strict=True))
+    numbers = (int, float)
+    return (
+        isinstance(a, numbers) and isinstance(b, numbers)
+        and not isinstance(a, bool) and not isinstance(b, bool) and float(a) == float(b)
+    )  # fmt: skip
 
 
 def check_recorded_split(
@@ -397,7 +463,7 @@ def _record_settings(output: Path, settings: dict[str, Any], names: list[str]) -
     if rank() == 0:
         recipe = next((n for n in names if n.startswith(RECIPES_DIR + "/")), None)
         saved = {
-            **settings,
+            **{k: v for k, v in settings.items() if k != "output_dir"},  # --output says it
             "__demo__": DEMO_CONFIG in names,
             "__recipe__": None if recipe is None else Path(recipe).stem,
         }
@@ -532,20 +598,31 @@ def read_saved_overrides(
 ) -> dict[str, Any]:
     """A run folder's ``overrides.json`` for ``--resume``, read as data.
 
-    The file comes from a folder, which may come from someone else: every key must be a plain
-    config id of ``configs/*.yaml`` (never an id path such as ``loss#_target_``), every value of
-    its default's type and free of config syntax, unless it is an expression ``--device`` writes,
-    or the same key and value are given again on this command line (``given``).
+    The file comes from a folder, which may come from someone else: every key must be one of
+    app.train's settings (``app.training.settings.SETTING_CHECKS``: never an id path such as
+    ``loss#_target_`` nor a config internal such as ``is_not_rank0``), every value inside its
+    range and free of config syntax, unless it is an expression ``--device`` writes, or the
+    same key and value are given again on this command line (``given``); a place to write to
+    (``cache_dir``) only when given again.
     """
-    from app.readback import check_overrides, config_defaults, read_json
+    from app.readback import check_overrides, read_json
+    from app.training.settings import SETTING_CHECKS, WRITE_PATHS
 
+    saved = read_json(path, 1 << 20)
+    if isinstance(saved, dict):
+        saved.pop("output_dir", None)  # older files recorded it; --output says where the run is
     return check_overrides(
-        read_json(path, 1 << 20),
+        saved,
         path,
-        config_defaults(config_dir),
+        {**SETTING_CHECKS, "device": _device_value},
         given,
         {"device": DEVICE_EXPRESSIONS},
+        WRITE_PATHS,
     )
+
+
+def _device_value(value: Any) -> str:
+    raise ValueError(f"one of {', '.join(sorted(DEVICE_EXPRESSIONS))}, got {value!r}"[:200])
 
 
 def finished_reason(
