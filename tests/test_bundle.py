@@ -659,3 +659,65 @@ def test_recipe_choices_travel_with_the_export(tmp_path):
     np.testing.assert_allclose(
         session.run(None, {"image": x.numpy()})[0], expected, atol=1e-4, rtol=1e-5
     )
+
+
+def test_the_bundle_and_app_infer_give_the_same_rows_on_a_hostile_folder(
+    tmp_path, real_ct, checkpoint
+):
+    """One folder of what a careless user or an attacker leaves (issue 31): a DICOM series
+    under ``case#1/`` (the bundle cut the path at '#': "not found"), a named pipe called
+    ``b.nii.gz`` (the bundle said "cannot list folder"; reading it blocks forever), an empty
+    file, random bytes, a broken link, a header claiming 1e-9 mm slices with the lung
+    flattening on (a 30 GiB kernel before), and a good scan. The repository's inference.yaml
+    under MONAI's workflow (what an exported bundle runs) and app.infer give each the same row:
+    probability, error, warnings."""
+    import os
+
+    from conftest import TINY_SETTINGS, ct_volume, nifti
+
+    from app.infer import main as infer_main
+
+    scans = tmp_path / "scans"
+    (scans / "case#1").mkdir(parents=True)
+    shutil.copytree(real_ct / "cip_ct-64_dicom", scans / "case#1" / "series")
+    nifti(scans / "a.nii.gz", ct_volume((48, 48, 20)))
+    os.mkfifo(scans / "b.nii.gz")
+    (scans / "c.nii.gz").write_bytes(b"")
+    (scans / "d.nii.gz").write_bytes(os.urandom(2048))
+    (scans / "e.nii.gz").symlink_to(tmp_path / "nowhere.nii.gz")
+    nifti(scans / "f.nii.gz", ct_volume((48, 48, 20), seed=3), np.diag([1.0, 1.0, 1e-9, 1.0]))
+    recipe = {"lung_crop": True, "lung_flatten_mm": 20.0}
+    data = torch.load(checkpoint, weights_only=True)
+    ckpt = tmp_path / "flat.pt"
+    torch.save({**data, "run_info": {**TINY_SETTINGS, **recipe}}, ckpt)
+    model = {k: TINY_SETTINGS[k] for k in ("spatial_size", "filters", "dense_units")}
+    flow = config_workflow(
+        ["inference.yaml"],
+        "infer",
+        dataset_dir=str(scans),
+        output_dir=str(tmp_path / "bundle"),
+        ckpt_path=str(ckpt),
+        device="$torch.device('cpu')",
+        **model,
+        **recipe,
+    )
+    with pytest.raises(SystemExit) as stop:  # the bundle's writer: status 1, some failed
+        flow.run()
+    assert stop.value.code == 1
+    args = [str(scans), "--checkpoint", str(ckpt), "--output", str(tmp_path / "app")]
+    infer_main([*args, "--device", "cpu", "--no-progress"])
+
+    def rows(folder):
+        with (folder / "predictions.csv").open() as f:
+            return {
+                r["path"]: (r["prob_abnormal"][:8], r["error"], r["warnings"])
+                for r in csv.DictReader(f)
+            }
+
+    bundle, app = rows(tmp_path / "bundle"), rows(tmp_path / "app")
+    assert bundle == app
+    assert len(app) == 7
+    by_name = {Path(p).name: row for p, row in app.items()}
+    assert by_name["series"][1] == "" and by_name["series"][0]  # classified, not "not found"
+    assert "named pipe" in by_name["b.nii.gz"][1]
+    assert by_name["f.nii.gz"][0] and "spacing" in by_name["f.nii.gz"][2]

@@ -11,7 +11,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from conftest import REPO, TINY_SETTINGS, ct_volume, nifti
+from conftest import REPO, TINY_SETTINGS, ct_volume, nifti, synth_dataset
 
 from app.bundle.portable.scanqc import (
     Limits,
@@ -213,6 +213,36 @@ def test_pickle_payload_is_refused_and_never_runs(tmp_path):
         infer_main([str(tmp_path), "--checkpoint", str(path), "--output", str(tmp_path / "o")]) == 2
     )
     assert not marker.exists()
+
+
+@pytest.mark.parametrize(
+    "content, says",
+    [
+        pytest.param(lambda good: bytes(range(256)) * 16, "neither the zip", id="random-bytes"),
+        pytest.param(lambda good: good[: len(good) // 2], "not a readable", id="cut-short"),
+        pytest.param(lambda good: b"\x80\x02" + bytes(200), "cannot be parsed", id="bad-pickle"),
+        pytest.param(lambda good: b"", "neither the zip", id="empty"),
+    ],
+)
+def test_a_damaged_checkpoint_is_called_damaged_not_malicious(
+    checkpoint, tmp_path, content, says, capsys
+):
+    """Random bytes, a file cut short, an unparsable pickle: "not a PyTorch checkpoint", never
+    "holds Python objects that loading would execute" (issue 31: --init said so of random
+    bytes); the same through app.train --init, one line, exit 2."""
+    from app.train import main as train_main
+
+    path = tmp_path / "bad.pt"
+    path.write_bytes(content(checkpoint.read_bytes()))
+    with pytest.raises(CheckpointError, match=says) as exc:
+        load_checkpoint(path)
+    assert "would execute" not in str(exc.value)
+    data = synth_dataset(tmp_path / "d", 2, (48, 48, 8))
+    args = ["--data", str(data), "--output", str(tmp_path / "R"), "--init", str(path),
+            "--spatial-size", "48", "48", "48", "--device", "cpu", "--no-progress"]  # fmt: skip
+    assert train_main(args) == 2
+    err = capsys.readouterr().err
+    assert str(path) in err and "would execute" not in err and "Traceback" not in err, err
 
 
 # --- the command line -----------------------------------------------------------------------------

@@ -376,9 +376,7 @@ def test_resume_refuses_values_that_would_steer_the_run_in_one_line(
         (["--folds", "1"], "folds"),
     ],
 )
-def test_settings_out_of_range_on_the_command_line_are_one_line(
-    data, tmp_path, args, key, capsys
-):
+def test_settings_out_of_range_on_the_command_line_are_one_line(data, tmp_path, args, key, capsys):
     """Checked before anything is made: one error line naming the setting, exit 2, no run
     folder (``--spatial-size 32 32 16`` ended in 'CNN3D needs at least 46 voxels' deep in
     MONAI)."""

@@ -56,8 +56,23 @@ def load_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str
 
     path = Path(path)
     try:
+        with path.open("rb") as f:
+            head = f.read(4)
+    except OSError as exc:
+        raise CheckpointError(f"{path} is not a readable PyTorch checkpoint ({exc})") from exc
+    if not (head.startswith(b"PK\x03\x04") or head.startswith(b"\x80")):
+        raise CheckpointError(
+            f"{path} is not a PyTorch checkpoint: it is neither the zip file torch.save writes "
+            f"nor a pickle (it starts with {head!r}): damaged, or another kind of file"
+        )
+    try:
         data = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
+        if "global" not in str(exc).lower():  # bytes the unpickler cannot parse, no object
+            raise CheckpointError(
+                f"{path} is not a readable PyTorch checkpoint: its content cannot be parsed "
+                "(damaged or cut short)"
+            ) from exc
         raise CheckpointError(
             f"{path} was refused: it holds Python objects that loading would execute, not only "
             f"weights ({str(exc).splitlines()[0][:200]})"

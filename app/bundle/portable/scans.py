@@ -31,12 +31,15 @@ class ScanInput:
         kind: ``nifti``, ``dicom`` or ``unreadable`` (found but not openable: reported as an error).
         files: the files of a DICOM series (empty for NIfTI).
         problem: why an ``unreadable`` input cannot be read.
+        folder: the folder a DICOM series was found in (its key may add ``#SeriesUID``; the
+            folder's own name may hold a ``#`` too).
     """
 
     key: str
     kind: str
     files: tuple[str, ...] = field(default_factory=tuple)
     problem: str = ""
+    folder: str = ""
 
 
 def _is_dicom(path: Path) -> bool:
@@ -61,11 +64,35 @@ def _dicom_series(folder: Path, files: list[Path]) -> tuple[list[ScanInput], lis
             )
     series = [
         ScanInput(
-            str(folder) if len(groups) == 1 else f"{folder}#{uid}", "dicom", tuple(sorted(paths))
+            str(folder) if len(groups) == 1 else f"{folder}#{uid}",
+            "dicom",
+            tuple(sorted(paths)),
+            folder=str(folder),
         )
         for uid, paths in sorted(groups.items())
     ]
     return series, bad
+
+
+def _not_regular(path: Path) -> str:
+    """Why ``path`` is not read as a file (a named pipe, socket or device: reading it could
+    block forever or never end), or ``""`` for a regular file (or a link to one)."""
+    import stat
+
+    try:
+        mode = path.stat().st_mode
+    except OSError:
+        return ""  # the reader reports what it cannot open
+    if stat.S_ISREG(mode):
+        return ""
+    kind = (
+        "a named pipe"
+        if stat.S_ISFIFO(mode)
+        else "a socket"
+        if stat.S_ISSOCK(mode)
+        else ("a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else "a special file")
+    )
+    return f"{kind}, not a regular file: not read"
 
 
 def find_inputs(root: str | Path) -> list[ScanInput]:
@@ -75,7 +102,10 @@ def find_inputs(root: str | Path) -> list[ScanInput]:
     so they are reported next to the results instead of stopping the run.
     """
     root = Path(root)
-    if root.is_file():
+    if root.exists() and not root.is_dir():
+        odd = _not_regular(root)
+        if odd:
+            return [ScanInput(str(root), "unreadable", problem=odd)]
         kind = "nifti" if root.name.endswith(SCAN_SUFFIXES) else "dicom"
         return [ScanInput(str(root), kind, (str(root),) if kind == "dicom" else ())]
     found: list[ScanInput] = []
@@ -102,6 +132,11 @@ def find_inputs(root: str | Path) -> list[ScanInput]:
                 continue
             if name.endswith(SCAN_SUFFIXES) and not is_scan_name(name):
                 continue  # a temporary file being written
+            odd = _not_regular(path)
+            if odd:
+                if name.endswith(SCAN_SUFFIXES):  # named as a scan: say why it is not read
+                    found.append(ScanInput(str(path), "unreadable", problem=odd))
+                continue
             if name.endswith(SCAN_SUFFIXES):
                 if not os.access(path, os.R_OK):
                     found.append(ScanInput(str(path), "unreadable", problem="permission denied"))
@@ -126,6 +161,6 @@ def find_scans(root: str | Path) -> list[dict[str, str]]:
         raise FileNotFoundError(f"no .nii/.nii.gz scan or DICOM series under {root}")
     items = []
     for scan in found:
-        image = scan.key.split("#", 1)[0] if scan.kind == "dicom" else scan.key
+        image = scan.folder if scan.kind == "dicom" and scan.folder else scan.key
         items.append({"image": image, "path": scan.key, "problem": scan.problem})
     return items
