@@ -35,8 +35,15 @@ def test_train_writes_run_is_deterministic_and_resumes(tiny_data, tmp_path):
     assert train_main(["--data", str(tiny_data), "--output", str(again), *TINY]) == 0
     assert [[r[k] for k in VAL] for r in rows(again)] == [[r[k] for k in VAL] for r in first]
 
-    resumed = [a if a != "2" else "3" for a in TINY]
+    resumed = list(TINY)
+    resumed[resumed.index("--epochs") + 1] = "3"  # more epochs; every recorded setting kept
     assert train_main(["--output", str(run), "--resume", *resumed]) == 0
+    # another batch size would make checkpoints that describe another run: refused (issue 31)
+    batch = resumed.index("--batch-size") + 1
+    assert (
+        train_main(["--output", str(run), "--resume", *resumed[:batch], "3", *resumed[batch + 1 :]])
+        == 2
+    )
     after = rows(run)
     assert [r["epoch"] for r in after] == ["1", "2", "3"]
     assert after[:2] == first  # the first epochs are kept as they were
