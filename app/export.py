@@ -5,7 +5,7 @@
 The bundle holds configs/ (metadata.json, a self-contained inference.yaml with the run's
 settings, logging.conf), models/ (model.pt: a plain state dict; model.ts: TorchScript made by
 `monai.bundle ckpt_export`; model.onnx), scripts/ (this project's network, transforms and the
-portable scan finder, inferer and predictions writer), docs/README.md and LICENSE. Inside it,
+runtime's scan finder, inferer and predictions writer), docs/README.md and LICENSE. Inside it,
 with MONAI installed:
 
     python -m monai.bundle run --config_file configs/inference.yaml \\

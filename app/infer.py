@@ -20,7 +20,6 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from app.bundle.portable.scanqc import Limits, TrainingContext
 from app.cli import (
     add_device_option,
     add_precision_option,
@@ -32,6 +31,7 @@ from app.cli import (
     show_progress,
 )
 from app.errors import CTClassifyError, UsageError
+from app.runtime.scanqc import Limits, TrainingContext
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -143,8 +143,8 @@ def output_folder(args: argparse.Namespace) -> Path:
 
 
 def load_model(args: argparse.Namespace) -> Any:
-    from app.bundle.portable.allocator import reuse_freed_memory
     from app.inference.classifier import Classifier
+    from app.runtime.allocator import reuse_freed_memory
 
     limits = Limits() if args.max_voxels is None else Limits(max_voxels=args.max_voxels)
     clf = Classifier.load(
@@ -161,7 +161,7 @@ def load_model(args: argparse.Namespace) -> Any:
 
 
 def find_scan_inputs(folder: Path) -> list[Any]:
-    from app.bundle.portable.scans import find_inputs
+    from app.runtime.scans import find_inputs
 
     inputs = find_inputs(folder)
     if not inputs:

@@ -34,7 +34,7 @@ def _pyplot() -> Any:
 
 
 def _save(fig: Any, path: str | Path) -> None:
-    from app.bundle.portable.files import atomic_write
+    from app.runtime.files import atomic_write
 
     atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", bbox_inches="tight"))
 

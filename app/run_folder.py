@@ -62,12 +62,16 @@ BUNDLE_MARKER = ".ctclassify-bundle.json"
 OPERATING_POINT = "operating_point.json"
 #: written when a run's training ended (early stop or its last epoch), removed when it resumes
 FINISHED = "finished.json"
+#: the training's log (``app.train`` copies every log line there)
+TRAIN_LOG = "train.log"
+#: a cross-validation folder's fold runs: ``fold-0`` ... ``fold-{K-1}``
+FOLD_PREFIX = "fold-"
 #: what ``app.train`` writes into a run folder (``overrides.json`` first of all)
 RUN_ENTRIES = (
     OVERRIDES,
     CONFIG_RECORD,
     ENVIRONMENT,
-    "train.log",
+    TRAIN_LOG,
     METRICS_CSV,
     METRICS_JSON,
     CURVES,
@@ -79,7 +83,7 @@ RUN_ENTRIES = (
     f"{LAST_PREFIX}_checkpoint_epoch=*.pt",
     "tensorboard",
     "tmp*",  # a save killed mid-write (ignite's atomic saver)
-    ".*.tmp",  # an atomic write killed mid-write (app.bundle.portable.files)
+    ".*.tmp",  # an atomic write killed mid-write (app.runtime.files)
 )
 #: what ``app.export`` writes into a bundle folder
 BUNDLE_ENTRIES = ("configs", "models", "scripts", "docs", "LICENSE", BUNDLE_MARKER)
@@ -207,7 +211,7 @@ def mark_finished(run_dir: str | Path, epoch: int, reason: str) -> None:
     """Record that the run in ``run_dir`` ended at ``epoch`` (:data:`FINISHED`)."""
     import json
 
-    from app.bundle.portable.files import atomic_write_text
+    from app.runtime.files import atomic_write_text
 
     atomic_write_text(
         Path(run_dir) / FINISHED, json.dumps({"epoch": int(epoch), "reason": str(reason)[:400]})
@@ -226,7 +230,21 @@ def is_finished(run_dir: str | Path) -> bool:
     return True
 
 
+def fold_dir(folder: str | Path, fold: int) -> Path:
+    """Fold ``fold``'s run folder in the cross-validation folder ``folder``."""
+    return Path(folder) / f"{FOLD_PREFIX}{fold}"
+
+
+def fold_number(path: str | Path) -> int:
+    """The fold a fold folder holds (``fold-3`` -> 3)."""
+    return int(Path(path).name.removeprefix(FOLD_PREFIX))
+
+
 def fold_dirs(folder: str | Path) -> list[Path]:
     """The ``fold-K`` folders of a cross-validation folder, in fold order."""
-    found = [p for p in Path(folder).glob("fold-*") if p.name[5:].isdigit()]
-    return sorted(found, key=lambda p: int(p.name[5:]))
+    found = [
+        p
+        for p in Path(folder).glob(f"{FOLD_PREFIX}*")
+        if p.name.removeprefix(FOLD_PREFIX).isdigit()
+    ]
+    return sorted(found, key=fold_number)

@@ -21,8 +21,8 @@ STEPS = """
 import json, resource, sys, time
 import torch
 sys.path.insert(0, {repo!r})
-from app.bundle.portable.allocator import reuse_freed_memory
-from app.bundle.portable.inferers import resolve_precision
+from app.runtime.allocator import reuse_freed_memory
+from app.runtime.inferers import resolve_precision
 from nets.cnn3d import CNN3D
 applied = reuse_freed_memory(sys.argv[1] == "on")
 bf16 = resolve_precision(sys.argv[3], "cpu") == "bf16"

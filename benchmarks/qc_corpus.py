@@ -150,10 +150,10 @@ KINDS = {
 
 
 def run_checks(items: list[Item]) -> list[dict[str, object]]:
-    from app.bundle.portable.scanqc import Limits, TrainingContext
-    from app.bundle.portable.scans import find_inputs
     from app.data.synth import is_generated  # noqa: F401
     from app.inference.reading import ScanPreparer
+    from app.runtime.scanqc import Limits, TrainingContext
+    from app.runtime.scans import find_inputs
     from transforms.presets import eval_transforms
 
     chain = eval_transforms(keys=["image"], spatial_size=(64, 64, 48), hu_window=(-1000, 400),

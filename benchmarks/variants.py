@@ -61,8 +61,8 @@ def setup(variant: str) -> dict:
     """The network builder, precision and memory format of a variant (applies its allocator)."""
     if variant == "plain":
         return {"build": plain_port, "bf16": False, "channels_last": False, "precision": "fp32"}
-    from app.bundle.portable.allocator import reuse_freed_memory
     from app.config import load_config
+    from app.runtime.allocator import reuse_freed_memory
 
     overrides = {"device": "$torch.device('cpu')"}
     if variant == "fp32":

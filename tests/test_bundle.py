@@ -582,7 +582,7 @@ def test_bundle_writer_records_a_non_finite_probability_as_a_failed_scan(tmp_pat
     """The exported bundle's writer: NaN from the network is an error row, never 'normal'."""
     from types import SimpleNamespace
 
-    from app.bundle.portable.writer import PredictionWriter
+    from app.runtime.writer import PredictionWriter
 
     writer = PredictionWriter(tmp_path, ["normal", "abnormal"])
     engine = SimpleNamespace(state=SimpleNamespace(

@@ -10,8 +10,8 @@ from conftest import synth_dataset
 
 from app.data.datalist import find_items, make_split
 from app.errors import DataError
-from app.evaluation.metrics import logits_of
-from app.training.cross_validation import choose_threshold, fit_temperature, nll
+from app.evaluation.metrics import fit_temperature, logits_of, nll
+from app.training.cross_validation import choose_threshold
 
 
 @pytest.fixture(scope="module")

@@ -104,8 +104,8 @@ def test_two_slices_at_one_position_are_refused_naming_both(real_ct, tmp_path):
 def test_two_series_in_one_folder_are_two_scans(real_ct, tmp_path, checkpoint):
     from pydicom.uid import generate_uid
 
-    from app.bundle.portable.scans import find_inputs
     from app.inference.classifier import Classifier
+    from app.runtime.scans import find_inputs
 
     folder = _copy(real_ct, tmp_path)
     other = generate_uid()
@@ -135,7 +135,7 @@ def test_a_localizer_in_the_series_is_left_out_and_said(real_ct, tmp_path, check
     import pydicom
     from pydicom.uid import generate_uid
 
-    from app.bundle.portable.scanqc import check_dicom_series
+    from app.runtime.scanqc import check_dicom_series
 
     folder = _copy(real_ct, tmp_path)
     for name, typed in (("scout_typed.dcm", True), ("scout_coronal.dcm", False)):
@@ -159,7 +159,7 @@ def test_a_localizer_in_the_series_is_left_out_and_said(real_ct, tmp_path, check
 def test_a_gantry_tilt_shears_the_affine_and_is_said(real_ct, tmp_path):
     """Slices stepping 15 degrees off their normal (ImagePositionPatient moving along y as z
     rises): read, the affine's slice axis is the step, a warning names the tilt."""
-    from app.bundle.portable.scanqc import check_dicom_series
+    from app.runtime.scanqc import check_dicom_series
 
     folder = _copy(real_ct, tmp_path)
     tan = np.tan(np.radians(15.0))
@@ -179,7 +179,7 @@ def test_a_gantry_tilt_shears_the_affine_and_is_said(real_ct, tmp_path):
 
 
 def test_missing_slices_are_refused(real_ct, tmp_path):
-    from app.bundle.portable.scanqc import ScanError, check_dicom_series
+    from app.runtime.scanqc import ScanError, check_dicom_series
 
     folder = _copy(real_ct, tmp_path)
     for f in sorted(folder.iterdir())[30:33]:

@@ -13,17 +13,17 @@ import pytest
 import torch
 from conftest import REPO, TINY_SETTINGS, ct_volume, nifti, synth_dataset
 
-from app.bundle.portable.scanqc import (
+from app.infer import main as infer_main
+from app.inference.checkpoints import load_checkpoint
+from app.inference.classifier import CheckpointError, Classifier
+from app.runtime.scanqc import (
     Limits,
     ScanError,
     check_dicom_series,
     check_nifti_header,
     check_values,
 )
-from app.bundle.portable.scans import find_inputs
-from app.infer import main as infer_main
-from app.inference.checkpoints import load_checkpoint
-from app.inference.classifier import CheckpointError, Classifier
+from app.runtime.scans import find_inputs
 from nets.cnn3d import CNN3D
 
 # --- bad inputs: each one is reported with a one-line reason -------------------------------------
@@ -711,7 +711,7 @@ def test_lung_warning_below_a_quarter_of_the_slices_and_80_mm(
 ):
     """README: "not a chest CT?" when lung is in under 25% of the axial slices and spans under
     80 mm (a chest CT that also covers the abdomen holds lung in few slices, over many mm)."""
-    from app.bundle.portable.scanqc import check_values
+    from app.runtime.scanqc import check_values
 
     vol = np.full((64, 64, slices), -1000.0)
     vol[8:56, 8:56, :] = 40.0  # a body in every slice
@@ -772,7 +772,7 @@ def test_qc_corpus_no_chest_ct_called_not_chest_every_other_input_caught(real_ct
 )
 def test_spacing_warning_beyond_twice_the_training_range(zooms, warned):
     """README: a warning when the spacing lies more than 2x outside the training scans'."""
-    from app.bundle.portable.scanqc import TrainingContext, training_warnings
+    from app.runtime.scanqc import TrainingContext, training_warnings
 
     context = TrainingContext(
         generated=False, spacing_min=(0.82, 0.82, 8.0), spacing_max=(0.9, 0.9, 8.0)
@@ -825,7 +825,7 @@ def test_predictions_csv_of_an_older_version_gains_the_fold_column_and_resumes(t
     every column (rows kept, failed ones dropped for retry) and appends whole rows."""
     import csv
 
-    from app.bundle.portable.writer import COLUMNS, PredictionCSV, prediction_row
+    from app.runtime.writer import COLUMNS, PredictionCSV, prediction_row
 
     path = tmp_path / "predictions.csv"
     path.write_text(
@@ -858,7 +858,7 @@ def test_predictions_csv_of_an_older_version_gains_the_fold_column_and_resumes(t
     ],
 )
 def test_fold_probabilities_read_back_from_a_file_are_checked_data(text, expected):
-    from app.bundle.portable.writer import parse_fold_probs
+    from app.runtime.writer import parse_fold_probs
 
     assert parse_fold_probs(text) == expected
 

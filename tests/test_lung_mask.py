@@ -94,7 +94,7 @@ def test_a_field_of_view_that_cuts_both_lungs_is_a_chest_whose_mask_is_doubted(r
     """Both lungs meeting the image's sides in most slices: no "not a chest CT?", a warning
     that the field of view cuts the lungs, the crop keeps the whole scan (so both lungs), and
     the mask is still the full scan's."""
-    from app.bundle.portable.scanqc import check_values
+    from app.runtime.scanqc import check_values
 
     volume, spacing = _chest(real_ct)
     full = lung_mask(volume, spacing=spacing)

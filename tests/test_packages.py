@@ -34,25 +34,95 @@ def _imports(path):
 
 
 def test_packages_keep_to_their_roles():
-    """Inference, the bundle and data never import training; the portable bundle code, nets and
-    transforms never import the app (a bundle carries them alone)."""
+    """Inference, the bundle exporter, the runtime and data never import training; the runtime
+    (what a bundle carries), nets and transforms never import the rest of the app."""
     app_dir = REPO / "app"
     users = [app_dir / "infer.py", app_dir / "export.py", app_dir / "evaluate.py"]
-    for package in ("inference", "bundle", "data", "evaluation"):
+    for package in ("inference", "bundle", "runtime", "data", "evaluation"):
         users += sorted((app_dir / package).rglob("*.py"))
     for path in users:
         wrong = sorted(i for i in _imports(path) if i.startswith(TRAINING))
         assert not wrong, f"{path.relative_to(REPO)} imports {wrong}"
-    standalone = [*(app_dir / "bundle" / "portable").glob("*.py")]
+    standalone = [*(app_dir / "runtime").glob("*.py")]
     standalone += [*(REPO / "nets").glob("*.py"), *(REPO / "transforms").glob("*.py")]
     for path in standalone:
         wrong = sorted(i for i in _imports(path) if i == "app" or i.startswith("app."))
         assert not wrong, f"{path.relative_to(REPO)} imports {wrong}"
 
 
+def _app_modules() -> dict[str, Path]:
+    modules = {}
+    for path in sorted((REPO / "app").rglob("*.py")):
+        name = ".".join(path.relative_to(REPO).with_suffix("").parts)
+        modules[name.removesuffix(".__init__")] = path
+    return modules
+
+
+def _app_imports(name: str, path: Path, modules: dict[str, Path]) -> set[str]:
+    """The app modules ``name`` imports anywhere in it (module level or in a function)."""
+    import ast
+
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                package = name.split(".") if path.name == "__init__.py" else name.split(".")[:-1]
+                package = package[: len(package) - node.level + 1]
+                base = ".".join([*package, *([node.module] if node.module else [])])
+            targets = [base, *(f"{base}.{a.name}" for a in node.names)]
+        elif isinstance(node, ast.Import):
+            targets = [a.name for a in node.names]
+        else:
+            continue
+        for target in targets:
+            while target and target not in modules:
+                target = target.rpartition(".")[0]
+            if target and target != name and not name.startswith(target + "."):
+                found.add(target)
+    return found
+
+
+def test_no_import_cycle_in_the_app():
+    """No two app modules import each other, directly or around a loop, even inside a
+    function: the layers read from the bottom up (report.py and workflow.py did)."""
+    modules = _app_modules()
+    graph = {name: _app_imports(name, path, modules) for name, path in modules.items()}
+    assert graph["app.evaluation.report"], "the walk finds imports at all"
+    state: dict[str, int] = {}
+
+    def visit(name: str, trail: list[str]) -> None:
+        state[name] = 1
+        for other in sorted(graph[name]):
+            assert state.get(other) != 1, " -> ".join([*trail, name, other])
+            if other not in state:
+                visit(other, [*trail, name])
+        state[name] = 2
+
+    for name in sorted(graph):
+        if name not in state:
+            visit(name, [])
+
+
+def test_the_exporter_is_imported_by_the_export_command_alone():
+    """``app/bundle/`` holds the exporter; the runtime a bundle carries is ``app.runtime``."""
+    modules = _app_modules()
+    users = sorted(
+        name
+        for name, path in modules.items()
+        if not name.startswith("app.bundle")
+        and any(i.startswith("app.bundle") for i in _app_imports(name, path, modules))
+    )
+    assert users == ["app.export"]
+    assert sorted(p.name for p in (REPO / "app" / "bundle").iterdir() if p.suffix == ".py") == [
+        "__init__.py",
+        "export.py",
+    ]
+
+
 def test_the_app_is_laid_out_by_role():
     top = sorted(p.name for p in (REPO / "app").iterdir() if not p.name.startswith("__"))
-    packages = {"bundle", "data", "evaluation", "inference", "training"}
+    packages = {"bundle", "data", "evaluation", "inference", "runtime", "training"}
     assert packages <= set(top)
     # the command lines keep their names: python -m app.train | app.infer | app.export | app.data
     assert {"train.py", "infer.py", "export.py", "evaluate.py"} <= set(top)

@@ -10,11 +10,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from app.bundle.portable import inferers
-from app.bundle.portable.allocator import glibc
-from app.bundle.portable.inferers import cpu_has_bf16, resolve_precision
 from app.config import load_config
 from app.errors import ConfigError
+from app.runtime import inferers
+from app.runtime.allocator import glibc
+from app.runtime.inferers import cpu_has_bf16, resolve_precision
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -82,7 +82,7 @@ TRAIN_STEPS = textwrap.dedent(
     """
     import resource, sys
     import torch
-    from app.bundle.portable.allocator import reuse_freed_memory
+    from app.runtime.allocator import reuse_freed_memory
     from nets.cnn3d import CNN3D
     applied = reuse_freed_memory(sys.argv[1] == "on")
     torch.manual_seed(0)
@@ -130,7 +130,7 @@ def test_reused_memory_takes_no_page_faults_per_training_step():
 
 
 def test_reuse_is_applied_once_and_can_be_declined(monkeypatch):
-    from app.bundle.portable import allocator
+    from app.runtime import allocator
 
     calls = []
 

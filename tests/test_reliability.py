@@ -21,12 +21,12 @@ from conftest import ct_volume, nifti, synth_dataset
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from app.bundle.portable.files import atomic_write_text
-from app.bundle.portable.scanqc import Limits
-from app.bundle.portable.scans import find_inputs
 from app.inference.classifier import Classifier
 from app.inference.reading import ScanPreparer
 from app.run_folder import latest_checkpoint
+from app.runtime.files import atomic_write_text
+from app.runtime.scanqc import Limits
+from app.runtime.scans import find_inputs
 
 SMALL = [
     "--spatial-size",
@@ -188,7 +188,7 @@ def test_disk_full_during_inference_is_a_clear_error(tmp_path, checkpoint, monke
     )
     before = (out / "predictions.csv").read_text()
     (folder / "s9.nii.gz").write_bytes((folder / "s0.nii.gz").read_bytes())
-    from app.bundle.portable.writer import PredictionCSV
+    from app.runtime.writer import PredictionCSV
 
     def full(self, line):
         raise OSError(errno.ENOSPC, "No space left on device")
@@ -251,7 +251,7 @@ DTYPES = [np.uint8, np.int16, np.int32, np.float32, np.float64]
 def test_hostile_nifti_headers_never_crash(
     tmp_path, preparer, shape, dtype, pixdim, slope, inter, vox_offset, codes, corrupt, gz
 ):
-    from app.bundle.portable.scans import ScanInput
+    from app.runtime.scans import ScanInput
 
     data_shape = [max(s, 1) for s in shape]
     if int(np.prod(data_shape)) > 300_000:

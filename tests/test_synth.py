@@ -63,9 +63,9 @@ def test_synth_cli_writes_class_folders(tmp_path):
 
 
 def test_a_kill_mid_write_leaves_no_file_a_finder_takes_for_a_scan(tmp_path, monkeypatch):
-    from app.bundle.portable.scans import find_inputs
     from app.data import synth
     from app.data.datalist import discover
+    from app.runtime.scans import find_inputs
 
     calls = {"n": 0}
     real_replace = Path.replace

@@ -1,1 +1,1 @@
-"""The MONAI bundle: export (``python -m app.export``) and the portable code a bundle carries."""
+"""The MONAI bundle exporter (``python -m app.export``); the code a bundle carries is ``app.runtime``."""

@@ -22,11 +22,11 @@ from app.run_folder import BUNDLE_MARKER
 REPO = Path(__file__).resolve().parents[2]
 #: this project's packages that travel in the bundle's scripts/ (whole packages: a new module
 #: travels without a list to update), and how config targets move with them
-PORTABLE = {"nets": "nets", "transforms": "transforms", "app/bundle/portable": "portable"}
+PORTABLE = {"nets": "nets", "transforms": "transforms", "app/runtime": "runtime"}
 TARGET_PREFIXES = {
     "nets.": "scripts.nets.",
     "transforms.": "scripts.transforms.",
-    "app.bundle.portable.": "scripts.portable.",
+    "app.runtime.": "scripts.runtime.",
 }
 
 
@@ -350,7 +350,7 @@ def _write_code(work: Path) -> None:
 def _write_configs_and_docs(
     work: Path, settings: dict[str, Any], metrics: list[dict[str, Any]], source: Path
 ) -> None:
-    from app.bundle.portable.files import atomic_write_text
+    from app.runtime.files import atomic_write_text
 
     atomic_write_text(
         work / "configs" / "inference.yaml",
@@ -389,7 +389,7 @@ def _write_models(work: Path, network: Any, settings: dict[str, Any], onnx: bool
     bundle works without this app), and ONNX."""
     import torch
 
-    from app.bundle.portable.files import atomic_write
+    from app.runtime.files import atomic_write
 
     state = {k: v.detach().clone() for k, v in network.state_dict().items()}
     atomic_write(work / "models" / "model.pt", lambda tmp: torch.save(state, tmp))

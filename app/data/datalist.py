@@ -10,8 +10,8 @@ from typing import Any
 
 import numpy as np
 
-from app.bundle.portable.scans import is_scan_name
 from app.errors import DataError
+from app.runtime.scans import is_scan_name
 
 #: MosMedData's class folders: CT-0 is normal; CT-1..CT-4 (and the example's CT-23) abnormal.
 DEFAULT_CLASS_MAP: dict[str, int] = {
@@ -243,7 +243,7 @@ def write_split(
     against it, wherever the file is read from)."""
     import os
 
-    from app.bundle.portable.files import atomic_write_text
+    from app.runtime.files import atomic_write_text
 
     content: dict[str, Any] = {"training": list(train), "validation": list(val)}
     content["base"] = os.getcwd()

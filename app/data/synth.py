@@ -19,7 +19,7 @@ import nibabel as nib
 import numpy as np
 from scipy import ndimage
 
-from app.bundle.portable.scanqc import GENERATED_DESCRIP, is_generated  # noqa: F401  (one place: the bundle checks it too)
+from app.runtime.scanqc import GENERATED_DESCRIP, is_generated  # noqa: F401  (one place: the bundle checks it too)
 
 CLASS_FOLDERS = {0: "CT-0", 1: "CT-23"}
 SLICE_MM = 8.0

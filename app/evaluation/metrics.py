@@ -383,6 +383,25 @@ def logits_of(probs: np.ndarray) -> np.ndarray:
     return np.asarray(np.log(p) - np.log1p(-p))
 
 
+def nll(logits: np.ndarray, labels: np.ndarray, temperature: float = 1.0) -> float:
+    """Mean binary cross-entropy of sigmoid(logits / temperature)."""
+    z = logits / temperature
+    return float(np.mean(np.logaddexp(0, z) - labels * z))
+
+
+def fit_temperature(logits: np.ndarray, labels: np.ndarray) -> float:
+    """Temperature scaling: the T in [0.05, 20] that minimises the NLL of sigmoid(logit / T)."""
+    from scipy.optimize import minimize_scalar
+
+    found = minimize_scalar(
+        lambda log_t: nll(logits, labels, math.exp(log_t)),
+        bounds=(math.log(0.05), math.log(20.0)),
+        method="bounded",
+    )
+    best = math.exp(float(found.x))
+    return best if nll(logits, labels, best) <= nll(logits, labels, 1.0) else 1.0
+
+
 def unscaled_probabilities(fold_probs: np.ndarray, temperature: float) -> np.ndarray:
     """An ensemble's probabilities without temperature scaling: the mean over folds of
     ``sigmoid(temperature * logit(p))`` for ``fold_probs`` (scans, folds) that were each scaled

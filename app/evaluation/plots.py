@@ -9,6 +9,11 @@ import numpy as np
 from app.evaluation.metrics import BinaryMetrics
 from app.plots import _pyplot, _save
 
+#: the pictures of an evaluation
+ROC_PNG = "roc.png"
+CALIBRATION_PNG = "calibration.png"
+CONFUSION_PNG = "confusion.png"
+
 
 def plot_roc(probs: np.ndarray, labels: np.ndarray, m: BinaryMetrics, path: str | Path) -> None:
     """ROC curve (scikit-learn's), the chance line, and the operating point at the threshold."""

@@ -7,10 +7,10 @@ import math
 from pathlib import Path
 from typing import Any
 
-from app.bundle.portable.files import atomic_write_text
-from app.evaluation.workflow import CALIBRATION_PNG, CONFUSION_PNG, ROC_PNG
+from app.evaluation.plots import CALIBRATION_PNG, CONFUSION_PNG, ROC_PNG
 from app.plots import embedded_png
 from app.run_folder import REPORT_HTML
+from app.runtime.files import atomic_write_text
 
 NAMES = {
     "roc_auc": "ROC-AUC",

@@ -20,11 +20,12 @@ from typing import Any, cast
 
 import numpy as np
 
-from app.bundle.portable.writer import PREDICTIONS_CSV
 from app.cli import config_values
 from app.errors import EXIT_REFUSED, CTClassifyError, UsageError
 from app.evaluation.metrics import BinaryMetrics, Estimate, binary_metrics, ensemble_figures
-from app.run_folder import METRICS_JSON, REPORT_HTML
+from app.evaluation.plots import CALIBRATION_PNG, CONFUSION_PNG, ROC_PNG
+from app.run_folder import METRICS_JSON, REPORT_HTML, SPLIT, fold_dirs, fold_number
+from app.runtime.writer import PREDICTIONS_CSV
 
 __all__ = [
     "Evaluation",
@@ -35,10 +36,6 @@ __all__ = [
     "evaluate_defaults",
 ]
 
-#: the pictures of an evaluation
-ROC_PNG = "roc.png"
-CALIBRATION_PNG = "calibration.png"
-CONFUSION_PNG = "confusion.png"
 #: what an evaluation folder holds
 FILES = (METRICS_JSON, PREDICTIONS_CSV, ROC_PNG, CALIBRATION_PNG, CONFUSION_PNG, REPORT_HTML)
 
@@ -53,11 +50,10 @@ def _recorded_splits(checkpoint: Path) -> list[tuple[str, dict[str, Any]]]:
     """The ``split.json`` of the run folder at ``checkpoint``, or of each fold of a
     cross-validation folder, as ``(prefix, split)``: none for a bundle or a bare file."""
     from app.readback import read_split
-    from app.run_folder import SPLIT, fold_dirs
 
     folder = checkpoint if checkpoint.is_dir() else checkpoint.parent
     splits = [("", folder / SPLIT)]
-    splits += [(f"fold {p.name[5:]} ", p / SPLIT) for p in fold_dirs(folder)]
+    splits += [(f"fold {fold_number(p)} ", p / SPLIT) for p in fold_dirs(folder)]
     return [(prefix, read_split(path)) for prefix, path in splits if path.is_file()]
 
 
@@ -121,13 +117,13 @@ def training_scans(checkpoint: Path) -> list[dict[str, Any]] | None:
     cross-validation folder every scan of its folds), as ``{image, label}``; None when no split
     is recorded (a bundle, a bare checkpoint file)."""
     from app.readback import read_split
-    from app.run_folder import SPLIT
 
     folder = checkpoint if checkpoint.is_dir() else checkpoint.parent
     if (folder / SPLIT).is_file():
         return read_split(folder / SPLIT)["training"]
-    if (folder / "fold-0" / SPLIT).is_file():
-        split = read_split(folder / "fold-0" / SPLIT)
+    folds = fold_dirs(folder)
+    if folds and (folds[0] / SPLIT).is_file():  # each fold's split holds every scan
+        split = read_split(folds[0] / SPLIT)
         return split["training"] + split["validation"]
     return None
 
@@ -474,7 +470,7 @@ def _figures(
 
 def _model_record(clf: Any, tta: bool) -> dict[str, Any]:
     """What metrics.json says of the model."""
-    from app.bundle.portable.scanqc import TrainingContext
+    from app.runtime.scanqc import TrainingContext
 
     return {
         **clf.identity(),
@@ -526,9 +522,9 @@ def _classify(
 
 
 def _write(result: Evaluation, out: Path, class_names: list[str]) -> dict[str, Path]:
-    from app.bundle.portable.files import atomic_write_text
     from app.evaluation.plots import plot_calibration, plot_confusion, plot_roc
     from app.evaluation.report import write_report
+    from app.runtime.files import atomic_write_text
 
     out.mkdir(parents=True, exist_ok=True)
     ok = [r for r in result.predictions if r["prob_abnormal"] != ""]

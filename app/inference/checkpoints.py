@@ -12,7 +12,17 @@ import torch
 from app.config import METADATA
 from app.errors import EXIT_REFUSED, ConfigError, CTClassifyError
 from app.model_settings import MODEL_SETTINGS, SettingsError, validate_settings
-from app.run_folder import BEST_MODEL, CV_CALIBRATION, CV_SUMMARY, METRICS_CSV
+from app.run_folder import (
+    BEST_MODEL,
+    CV_CALIBRATION,
+    CV_SUMMARY,
+    METRICS_CSV,
+    fold_dirs,
+    fold_number,
+    kept_row,
+    latest_checkpoint,
+    read_metrics,
+)
 from nets.ensemble import MeanProbabilityEnsemble
 
 
@@ -37,8 +47,6 @@ def resolve_checkpoint(path: str | Path | None, runs_dir: str | Path = "runs") -
         for name in (BEST_MODEL, "models/model.pt"):
             if (path / name).is_file():
                 return path / name
-        from app.run_folder import latest_checkpoint
-
         last = latest_checkpoint(path)
         if last is None:
             raise CheckpointError(
@@ -123,8 +131,6 @@ def validation_of(checkpoint: Path) -> dict[str, Any] | None:
     """The validation metrics of a run folder's checkpoint, from the ``metrics.csv`` beside it:
     the first best validation accuracy for ``best_model.pt`` (the epoch it was saved at), that
     epoch's row for ``last_checkpoint_epoch=N.pt``."""
-    from app.run_folder import kept_row, read_metrics
-
     try:
         rows = [r for r in read_metrics(checkpoint.parent / METRICS_CSV) if r.get("val_acc")]
     except (OSError, ValueError, KeyError):
@@ -181,10 +187,8 @@ def load_cv_ensemble(folder: Path) -> tuple[MeanProbabilityEnsemble, dict[str, A
         raise CheckpointError(str(exc)) from None
     temperature = float(calibration["temperature"])
     chosen = float(calibration["threshold_calibrated"])
-    from app.run_folder import fold_dirs
-
     folds = fold_dirs(folder)
-    if not folds or [int(p.name[5:]) for p in folds] != list(range(len(folds))):
+    if not folds or [fold_number(p) for p in folds] != list(range(len(folds))):
         raise CheckpointError(f"{folder} holds no fold-0 ... fold-K folders")
     members, settings = [], None
     for run in folds:

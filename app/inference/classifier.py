@@ -20,9 +20,6 @@ from typing import Any
 import numpy as np
 import torch
 
-from app.bundle.portable.inferers import PRECISIONS, resolve_precision
-from app.bundle.portable.scanqc import Limits, TrainingContext
-from app.bundle.portable.scans import ScanInput
 from app.errors import ConfigError
 from app.inference.checkpoints import (
     CheckpointError,
@@ -35,6 +32,9 @@ from app.inference.model_card import ModelCard
 from app.inference.reading import ScanPreparer, as_input, prepared_batches
 from app.model_settings import MODEL_SETTINGS, SettingsError, validate_settings
 from app.run_folder import CV_CALIBRATION
+from app.runtime.inferers import PRECISIONS, resolve_precision
+from app.runtime.scanqc import Limits, TrainingContext
+from app.runtime.scans import ScanInput
 from nets.ensemble import MeanProbabilityEnsemble
 from transforms.augment import LEFT_RIGHT_DIM
 
@@ -255,7 +255,7 @@ class Classifier:
         """Classify inputs in batches, streaming one :class:`Prediction` per input, in order.
 
         Inputs are NIfTI paths, DICOM series folders, or :class:`ScanInput` from
-        :func:`app.bundle.portable.scans.find_inputs`. Bad inputs yield a prediction with ``error`` set; memory
+        :func:`app.runtime.scans.find_inputs`. Bad inputs yield a prediction with ``error`` set; memory
         holds a few batches at a time. With ``keep_images`` each prediction carries its
         preprocessed volume as ``prediction.image`` (for montages and saliency).
         """

@@ -6,15 +6,15 @@ import json
 from pathlib import Path
 from typing import Any
 
-from app.bundle.portable.files import atomic_write_text
-from app.bundle.portable.writer import (
+from app.errors import ConfigError
+from app.inference.classifier import Prediction
+from app.runtime.files import atomic_write_text
+from app.runtime.writer import (
     PREDICTIONS_CSV,
     PredictionCSV,
     parse_fold_probs,
     prediction_row,
 )
-from app.errors import ConfigError
-from app.inference.classifier import Prediction
 
 JSON_NAME = "predictions.json"
 MODEL_NAME = "model.json"

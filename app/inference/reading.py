@@ -12,14 +12,14 @@ from typing import Any
 
 import torch
 
-from app.bundle.portable.scanqc import Limits, TrainingContext
-from app.bundle.portable.scans import ScanInput, find_inputs
-from app.bundle.portable.screen import screen_scan, split_loading
+from app.runtime.scanqc import Limits, TrainingContext
+from app.runtime.scans import ScanInput, find_inputs
+from app.runtime.screen import screen_scan, split_loading
 
 
 class ScanPreparer:
     """Checks and preprocesses one input; never raises (errors become part of the result:
-    :func:`app.bundle.portable.screen.screen_scan`, which an exported bundle runs too).
+    :func:`app.runtime.screen.screen_scan`, which an exported bundle runs too).
 
     Picklable and free of the network, so DataLoader workers can run it.
 

@@ -5,10 +5,10 @@ from __future__ import annotations
 import html
 from pathlib import Path
 
-from app.bundle.portable.files import atomic_write_text
-from app.bundle.portable.writer import parse_fold_probs
 from app.plots import embedded_png
 from app.run_folder import REPORT_HTML
+from app.runtime.files import atomic_write_text
+from app.runtime.writer import parse_fold_probs
 
 
 def write_report(

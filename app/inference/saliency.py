@@ -77,7 +77,7 @@ def write_saliency_nifti(
 
     import nibabel as nib
 
-    from app.bundle.portable.files import atomic_write
+    from app.runtime.files import atomic_write
 
     data, affine = to_input_grid(saliency, scan_path, axcodes, lung_crop)
     image = nib.Nifti1Image(data, affine)

@@ -23,8 +23,16 @@ from typing import Any
 import numpy as np
 
 from app.errors import DataError
-from app.evaluation.metrics import logits_of
-from app.run_folder import CV_CALIBRATION, CV_SUMMARY, METRICS_CSV, SPLIT, fold_dirs, is_finished
+from app.evaluation.metrics import fit_temperature, logits_of, nll
+from app.run_folder import (
+    CV_CALIBRATION,
+    CV_SUMMARY,
+    METRICS_CSV,
+    SPLIT,
+    fold_dir,
+    fold_dirs,
+    is_finished,
+)
 
 #: the kept epoch's validation figures in the summary
 SUMMARY_METRICS = ("val_acc", "val_auc", "val_sensitivity", "val_specificity", "val_loss")
@@ -40,10 +48,6 @@ class CrossValidation:
     summary: dict[str, Any] | None = None
     calibration: dict[str, Any] | None = None
     ran: list[int] = field(default_factory=list)
-
-
-def fold_dir(output: Path, fold: int) -> Path:
-    return output / f"fold-{fold}"
 
 
 def cross_validate(
@@ -142,9 +146,9 @@ def _kept_epoch(run: Path) -> dict[str, Any]:
 
 
 def write_summary(out: Path, runs: list[Path]) -> dict[str, Any]:
-    from app.bundle.portable.files import atomic_write_text
     from app.plots import plot_cv_curves
     from app.run_folder import read_metrics
+    from app.runtime.files import atomic_write_text
 
     per_fold = [{"fold": k, **_kept_epoch(run)} for k, run in enumerate(runs)]
     stats: dict[str, dict[str, float]] = {}
@@ -192,25 +196,6 @@ def out_of_fold(runs: list[Path]) -> list[dict[str, Any]]:
     return rows
 
 
-def nll(logits: np.ndarray, labels: np.ndarray, temperature: float = 1.0) -> float:
-    """Mean binary cross-entropy of sigmoid(logits / temperature)."""
-    z = logits / temperature
-    return float(np.mean(np.logaddexp(0, z) - labels * z))
-
-
-def fit_temperature(logits: np.ndarray, labels: np.ndarray) -> float:
-    """Temperature scaling: the T in [0.05, 20] that minimises the NLL of sigmoid(logit / T)."""
-    from scipy.optimize import minimize_scalar
-
-    found = minimize_scalar(
-        lambda log_t: nll(logits, labels, math.exp(log_t)),
-        bounds=(math.log(0.05), math.log(20.0)),
-        method="bounded",
-    )
-    best = math.exp(float(found.x))
-    return best if nll(logits, labels, best) <= nll(logits, labels, 1.0) else 1.0
-
-
 def choose_threshold(
     probs: np.ndarray, labels: np.ndarray, target_sensitivity: float | None = None
 ) -> tuple[float, str]:
@@ -233,8 +218,8 @@ def choose_threshold(
 def write_out_of_fold(
     out: Path, runs: list[Path], target_sensitivity: float | None = None
 ) -> dict[str, Any]:
-    from app.bundle.portable.files import atomic_write_text
     from app.evaluation.metrics import expected_calibration_error
+    from app.runtime.files import atomic_write_text
 
     rows = out_of_fold(runs)
     buf = io.StringIO()

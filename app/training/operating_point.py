@@ -2,7 +2,7 @@
 (as a cross-validation folder chooses them out of fold), recorded in its checkpoint.
 
 The kept model predicts its validation scans once; the temperature that minimises their NLL
-(``fit_temperature``) and Youden's J threshold (:func:`youden_midpoint`, on the same scans) become
+(``app.evaluation.metrics.fit_temperature``) and Youden's J threshold (:func:`youden_midpoint`, on the same scans) become
 the checkpoint's ``temperature`` and ``threshold`` (on the temperature-scaled probability, the
 one ``app.infer``, ``app.evaluate`` and the bundle print), with the sensitivity and specificity
 the threshold gave there (Wilson intervals) in ``operating_point``. A validation split with
@@ -52,8 +52,7 @@ def choose(probs: np.ndarray, labels: np.ndarray) -> dict[str, Any]:
     """Temperature, threshold (raw and on the scaled probability) and what they gave on the
     scans they were chosen on; ``chosen`` False (threshold 0.5, temperature 1) when a class has
     fewer than :data:`MIN_PER_CLASS` scans."""
-    from app.evaluation.metrics import logits_of, wilson
-    from app.training.cross_validation import fit_temperature
+    from app.evaluation.metrics import fit_temperature, logits_of, wilson
 
     probs, labels = np.asarray(probs, float), np.asarray(labels, int)
     normal, abnormal = int((labels == 0).sum()), int((labels == 1).sum())
@@ -94,10 +93,10 @@ def record_operating_point(run: Path) -> dict[str, Any]:
     ``operating_point.json``; returns it."""
     import torch
 
-    from app.bundle.portable.files import atomic_write, atomic_write_text
     from app.inference.checkpoints import load_model, pick_device
     from app.inference.classifier import Classifier
     from app.readback import read_split
+    from app.runtime.files import atomic_write, atomic_write_text
 
     items = read_split(run / SPLIT)["validation"]
     network, settings = load_model(run / BEST_MODEL)

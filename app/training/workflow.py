@@ -28,6 +28,7 @@ from app.run_folder import (
     METRICS_CSV,
     OVERRIDES,
     SPLIT,
+    TRAIN_LOG,
     mark_finished,
 )
 
@@ -456,7 +457,7 @@ def _check_data(settings: dict[str, Any]) -> None:
 
 def _record_settings(output: Path, settings: dict[str, Any], names: list[str]) -> None:
     """``overrides.json``: what ``--resume`` rebuilds the run from (rank 0 writes it)."""
-    from app.bundle.portable.files import atomic_write_text
+    from app.runtime.files import atomic_write_text
     from app.training.distributed import rank
 
     output.mkdir(parents=True, exist_ok=True)
@@ -490,7 +491,7 @@ def _run_workflow(
     from app.training.distributed import rank
 
     lead = rank() == 0
-    log_handler = _log_to_file(output / "train.log") if lead else logging.NullHandler()
+    log_handler = _log_to_file(output / TRAIN_LOG) if lead else logging.NullHandler()
     quiet = _DropMessages("Not all config files are in")  # a recipe lives in configs/recipes/,
     logging.getLogger("monai.bundle.workflows").addFilter(quiet)  # and the files are all named
     try:
@@ -532,7 +533,7 @@ def _run_workflow(
 
 def _record_run(output: Path, parser: Any) -> None:
     """The resolved config and the environment, beside the run's results."""
-    from app.bundle.portable.files import atomic_write_text
+    from app.runtime.files import atomic_write_text
 
     parser.export_config_file(parser.get(), str(output / CONFIG_RECORD), indent=1)
     atomic_write_text(

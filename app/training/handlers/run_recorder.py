@@ -13,8 +13,8 @@ from typing import Any
 
 from ignite.engine import Engine, Events
 
-from app.bundle.portable.files import atomic_write_text
 from app.run_folder import CURVES, METRICS_CSV, METRICS_JSON, MONTAGE, read_metrics
+from app.runtime.files import atomic_write_text
 from app.training.handlers.write_budget import WriteBudget, is_final_epoch
 
 

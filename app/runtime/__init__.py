@@ -1,4 +1,4 @@
-"""The code an exported bundle carries in ``scripts/portable/``: the scan finder, the inferer
+"""The runtime: the code an exported bundle carries in ``scripts/runtime/``: the scan finder, the inferer
 and the predictions writer that ``app.infer`` uses too, so the app and the bundle cannot drift.
 
 Standard library, NumPy, PyTorch, Ignite, MONAI (and pydicom for DICOM) only; modules of this
