@@ -9,7 +9,12 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:  # monai is heavy to import: command-line --help stays fast without it
     from monai.bundle import ConfigParser
 
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+_HERE = Path(__file__).resolve().parent
+#: the bundle configs: the repository's configs/, or in an installed app the copy shipped as
+#: package data beside the code (app/configs/, pyproject.toml's package-dir)
+CONFIG_DIR = (
+    _HERE / "configs" if (_HERE / "configs" / "common.yaml").is_file() else _HERE.parent / "configs"
+)
 COMMON = "common.yaml"
 #: the bundle's metadata, in configs/ (and in an exported bundle's configs/)
 METADATA = "metadata.json"

@@ -347,6 +347,23 @@ def _write_code(work: Path) -> None:
     (work / "scripts" / "__init__.py").write_text('"""ctclassify code carried by this bundle."""\n')
 
 
+def _license_text() -> str:
+    """The project's licence: the repository's LICENSE, or the installed package's copy."""
+    from importlib.metadata import PackageNotFoundError, distribution
+
+    if (REPO / "LICENSE").is_file():
+        return (REPO / "LICENSE").read_text()
+    try:
+        dist = distribution("ctclassify")
+    except PackageNotFoundError:
+        dist = None
+    for name in ("licenses/LICENSE", "LICENSE"):
+        text = dist.read_text(name) if dist is not None else None
+        if text:
+            return text
+    raise FileNotFoundError("the project's LICENSE is neither in the repository nor installed")
+
+
 def _write_configs_and_docs(
     work: Path, settings: dict[str, Any], metrics: list[dict[str, Any]], source: Path
 ) -> None:
@@ -364,8 +381,8 @@ def _write_configs_and_docs(
         record = {"scan_sha256": hashes["scan_sha256"]}
         atomic_write_text(work / "configs" / TRAINING_SCANS, json.dumps(record))
     shutil.copy(CONFIG_DIR / "logging.conf", work / "configs" / "logging.conf")
-    shutil.copy(REPO / "LICENSE", work / "LICENSE")
-    shutil.copy(REPO / "docs" / "data_license.md", work / "docs" / "data_license.md")
+    atomic_write_text(work / "LICENSE", _license_text())
+    shutil.copy(Path(__file__).with_name("data_license.md"), work / "docs" / "data_license.md")
     atomic_write_text(work / "docs" / "README.md", _docs(settings, meta, source))
 
 
