@@ -42,4 +42,4 @@ lint: setup
 	.venv-reference/bin/pip install --quiet tensorflow-cpu
 
 bench-reference: setup .venv-reference/bin/python
-	$(BIN)/python benchmarks/run.py --only b
+	$(BIN)/python -m benchmarks.run --only b

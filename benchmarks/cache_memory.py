@@ -1,7 +1,7 @@
 """Peak memory (RSS) of training for each cache mode, and the cache's cost per scan.
 
-    python benchmarks/cache_memory.py --scans 20
-    python benchmarks/cache_memory.py --data /data/mosmed1110 --modes disk --epochs 1
+    python -m benchmarks.cache_memory --scans 20
+    python -m benchmarks.cache_memory --data /data/mosmed1110 --modes disk --epochs 1
 
 Trains ``--epochs`` at the default 128x128x64 on MosMed-sized scans (generated, 512x512 and
 30-70 slices, unless ``--data`` names a dataset) with each ``--cache`` mode in its own process,

@@ -1,6 +1,6 @@
 """Does the demo converge? Runs `python -m app.train --demo` and reports time and validation AUC.
 
-    python benchmarks/demo.py [--output runs/demo-bench] [--set precision=fp32]
+    python -m benchmarks.demo [--output runs/demo-bench] [--set precision=fp32]
 
 Prints JSON: wall-clock seconds (data generation included on a fresh cache), epochs, the best
 validation ROC-AUC and the AUC of the best model (best validation accuracy). The issue's target:

@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
 # Wheels that the lent GPU machines (Python 3.12 with CUDA torch, scipy, matplotlib, pyyaml)
-# lack for `python benchmarks/run.py`. Run here, in the repository root; then, on the device,
+# lack for `python -m benchmarks.run`. Run here, in the repository root; then, on the device,
 # `bash benchmarks/gpu.sh "$OUT"` (the install, a version check and section e), or by hand:
 #   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
 #     --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site:$PWD && \
-#     PYTHONUNBUFFERED=1 python3 benchmarks/run.py --scans 10 --steps 5
+#     PYTHONUNBUFFERED=1 python3 -m benchmarks.run --scans 10 --steps 5
 # with `.whl` named in the run's carry (it is git-ignored through .git/info/exclude).
 set -euo pipefail
 grep -qx '/.whl/' .git/info/exclude 2>/dev/null || echo /.whl/ >> .git/info/exclude

@@ -1,7 +1,7 @@
 """What flattening the lungs (``lung_flatten_mm``) costs per scan, beside the plain full-resolution
 normalised convolution it approximates (scipy's ``gaussian_filter`` on every voxel).
 
-    python benchmarks/flatten_cost.py [--repeats 5]
+    python -m benchmarks.flatten_cost [--repeats 5]
 
 Generated scans (``app.data.synth``) of three sizes, their lungs cropped as the preprocessing
 crops them; prints per size the seconds of each (the best of ``--repeats``), their ratio and

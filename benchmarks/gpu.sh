@@ -22,7 +22,7 @@ assert torch.cuda.is_available(), "no CUDA device visible"
 print(torch.cuda.get_device_name(0), f"{torch.cuda.get_device_properties(0).total_memory / 2**30:.0f} GiB",
       "bf16", torch.cuda.is_bf16_supported())
 PY
-python3 benchmarks/run.py --only e --out "$out" 2>&1 | tee "$out/log.txt"
+python3 -m benchmarks.run --only e --out "$out" 2>&1 | tee "$out/log.txt"
 python3 -m app.data synth /tmp/cv200 --per-class 100 --shape 128 128 40 --seed 0 >>"$out/log.txt"
 python3 - "$out" <<'PY'
 import shutil, subprocess, sys, time

@@ -2,7 +2,7 @@
 environment (``make bench-reference`` makes ``.venv-reference`` with tensorflow-cpu);
 ``benchmarks/run.py --only b`` runs it beside the app and writes the ratios.
 
-    .venv-reference/bin/python benchmarks/keras_reference.py --steps 5
+    .venv-reference/bin/python -m benchmarks.keras_reference --steps 5
 
 Built from the Keras example's layer table: Conv3D 3x3x3 valid + ReLU -> MaxPool3D 2 ->
 BatchNormalization, filters 64, 64, 128, 256; global average pooling; Dense 512 ReLU; Dropout

@@ -3,7 +3,7 @@
 grid), on the shared real chest CT resampled to a clinical grid (512 x 512 at 0.52 mm,
 ``--slices`` slices), timed in one run.
 
-    python benchmarks/lung_mask_cost.py --shared ../shared --old /tmp/old_lung.py
+    python -m benchmarks.lung_mask_cost --shared ../shared --old /tmp/old_lung.py
 
 ``--old``: the earlier ``transforms/lung.py`` (``git show c2f4b34:transforms/lung.py``).
 """

@@ -1,6 +1,6 @@
 """What ``reuse_freed_memory`` changes: page faults, time and peak RSS per training step.
 
-    python benchmarks/page_faults.py [--precision fp32]   # with and without, alternating
+    python -m benchmarks.page_faults [--precision fp32]   # with and without, alternating
 
 Each setting runs in its own process (the allocator setting is process-wide): 8 training steps
 of the spec network at batch 2, 128x128x64, in ``--precision``, channels-last; prints JSON
@@ -20,7 +20,6 @@ REPO = Path(__file__).resolve().parent.parent
 STEPS = """
 import json, resource, sys, time
 import torch
-sys.path.insert(0, {repo!r})
 from app.runtime.allocator import reuse_freed_memory
 from app.runtime.inferers import resolve_precision
 from nets.cnn3d import CNN3D
@@ -42,8 +41,8 @@ for _ in range(int(sys.argv[2])):
     seconds.append(round(time.perf_counter() - t0, 3))
     faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0)
 peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-print(json.dumps({{"applied": applied, "bf16": bf16, "faults": faults, "seconds": seconds,
-                  "peak_rss_mb": round(peak)}}))
+print(json.dumps({"applied": applied, "bf16": bf16, "faults": faults, "seconds": seconds,
+                  "peak_rss_mb": round(peak)}))
 """
 
 
@@ -55,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16"))
     args = parser.parse_args(argv)
-    code = STEPS.format(repo=str(REPO))
+    code = STEPS
     results: dict[str, list] = {"off": [], "on": []}
     for _ in range(args.rounds):
         for mode in ("off", "on"):
@@ -64,6 +63,7 @@ def main(argv: list[str] | None = None) -> int:
                 capture_output=True,
                 text=True,
                 check=True,
+                cwd=REPO,  # the child imports this checkout's app (python -c: the folder is on its path)
             ).stdout
             results[mode].append(json.loads(out.strip().splitlines()[-1]))
     print(json.dumps(results, indent=1))

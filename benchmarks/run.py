@@ -1,8 +1,8 @@
 """Benchmarks, side by side in one run: writes benchmarks/results.json and docs/benchmarks.md.
 
-    python benchmarks/run.py                      # every section; about 15 minutes on 2 CPU cores
-    python benchmarks/run.py --only b             # the network beside Keras (make bench-reference)
-    python benchmarks/run.py --only e --out DIR   # the GPU epoch, results in DIR/results.json
+    python -m benchmarks.run                      # every section; about 15 minutes on 2 CPU cores
+    python -m benchmarks.run --only b             # the network beside Keras (make bench-reference)
+    python -m benchmarks.run --only e --out DIR   # the GPU epoch, results in DIR/results.json
 
 (a) preprocessing per MosMed-sized scan (512x512x40 int16 .nii.gz, LAS): ours vs the reference
     pipeline (scipy clip/scale, ndimage.rotate(90, reshape=False), ndimage.zoom(order=1)),
@@ -46,7 +46,6 @@ from scipy import ndimage
 from variants import VARIANTS
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
 
 
 def reference_process_scan(path: str) -> np.ndarray:
@@ -137,14 +136,18 @@ def run_json(cmd: list[str]) -> dict:
 def bench_network(steps: int, rounds: int, keras_python: Path) -> dict:
     """(b) and (c): each variant in its own process, alternating over ``rounds``; Keras too when
     its environment exists. Medians over rounds; ratios app default / peer."""
-    here = str(REPO / "benchmarks")
     runs: dict[str, list[dict]] = {}
     for _ in range(rounds):
         for variant in VARIANTS:
-            cmd = [sys.executable, f"{here}/variants.py", variant, "--steps", str(steps)]
+            cmd = [sys.executable, "-m", "benchmarks.variants", variant, "--steps", str(steps)]
             runs.setdefault(variant, []).append(run_json(cmd))
         if keras_python.exists():
-            cmd = [str(keras_python), f"{here}/keras_reference.py", "--steps", str(steps)]
+            cmd = [
+                str(keras_python),
+                str(REPO / "benchmarks" / "keras_reference.py"),
+                "--steps",
+                str(steps),
+            ]
             runs.setdefault("keras", []).append(run_json(cmd))
 
     def median(variant: str, key: str) -> float:
@@ -406,7 +409,7 @@ def main(argv: list[str] | None = None) -> int:
     results.update(
         machine=machine(),
         cpu=cpu(),
-        command=f"python benchmarks/run.py {' '.join(argv if argv is not None else sys.argv[1:])}".strip(),
+        command=f"python -m benchmarks.run {' '.join(argv if argv is not None else sys.argv[1:])}".strip(),
         benchmark_seconds=time.perf_counter() - started,
     )
     results_path.write_text(json.dumps(results, indent=1))
@@ -580,7 +583,7 @@ What "ours" is:
   and glibc told to keep freed memory (`reuse_freed_memory`: without it every 30-60 MB
   activation is a fresh `mmap` whose pages fault again each step). The slab path's outputs and
   gradients equal the plain path in float64 (`tests/test_nets.py`); bfloat16's accuracy is in
-  `docs/training.md` (*Precision*).
+  `studies/log.md` (*Precision*).
 - (f) `app.infer` reads and preprocesses the next scans in a background thread while the network
   classifies the current ones.
 - (d) per scan over `none`: the cached volume is 4 MB (128x128x64 float32). With few scans the

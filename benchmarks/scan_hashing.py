@@ -1,6 +1,6 @@
 """What checking a test set's independence by content costs (issue 31).
 
-    python benchmarks/scan_hashing.py --scans 4 --shape 512 512 64
+    python -m benchmarks.scan_hashing --scans 4 --shape 512 512 64
 
 ``app.evaluate`` hashes each test scan once (``app.data.datalist.scan_sha256``) and compares
 the hashes with those the model recorded at training time; the training scans are never
@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import platform
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -22,9 +21,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from app.data.datalist import scan_sha256  # noqa: E402
+from app.data.datalist import scan_sha256
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,6 +1,6 @@
 """Inference over a folder of many small scans: peak memory and steady throughput.
 
-    /usr/bin/time -v python benchmarks/soak_infer.py --scans 1000
+    /usr/bin/time -v python -m benchmarks.soak_infer --scans 1000
 
 Writes N small generated scans, trains nothing (a random model of the spec's shape), runs
 `app.infer` in this process and prints per-scan seconds for the first and last tenth of the

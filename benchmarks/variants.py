@@ -1,6 +1,6 @@
 """One way of running the spec network, timed in a process of its own (for benchmarks/run.py).
 
-    python benchmarks/variants.py default --steps 5 --calls 8    # prints one JSON line
+    python -m benchmarks.variants default --steps 5 --calls 8    # prints one JSON line
 
 Variants:
     plain    a plain fp32 PyTorch port (conv -> ReLU -> pool -> BN, contiguous memory, glibc's
@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import sys
 import time
 from pathlib import Path
 
@@ -30,7 +29,6 @@ import torch
 from torch import nn
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
 
 VARIANTS = ("plain", "default", "fp32")
 

@@ -113,7 +113,7 @@ def test_near_perfect_models_get_intervals_that_keep_their_coverage(true_auc, pe
     """Where perfect separation is common (19%, 12%, 13% of sets in these cells), the 95%
     interval still holds the true AUC in at least 93% of 1,000 simulated sets (binormal; it
     held it in 0.77, 0.85 and 0.84 of 2,000 when a separated set got [0.9625, 1] at 10 per
-    class: issue 31; benchmarks/auc_interval_coverage.py measures the whole table)."""
+    class: issue 31; studies/auc_interval_coverage.py measures the whole table)."""
     rng = np.random.default_rng(int(1000 * true_auc) + per_class)
     d = math.sqrt(2) * norm.ppf(true_auc)
     labels = np.r_[np.ones(per_class, int), np.zeros(per_class, int)]

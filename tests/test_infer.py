@@ -4,14 +4,13 @@ import csv
 import gzip
 import json
 import shutil
-import sys
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from conftest import REPO, TINY_SETTINGS, ct_volume, nifti, synth_dataset
+from conftest import TINY_SETTINGS, ct_volume, nifti, synth_dataset
 
 from app.infer import main as infer_main
 from app.inference.checkpoints import load_checkpoint
@@ -729,21 +728,12 @@ def test_sentence_carries_the_warnings():
     assert "[warning" not in Prediction("b.nii.gz", 0.25, "normal").sentence()
 
 
-def _qc_corpus():
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("qc_corpus", REPO / "benchmarks" / "qc_corpus.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["qc_corpus"] = module  # its dataclass looks its module up
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_qc_corpus_no_chest_ct_called_not_chest_every_other_input_caught(real_ct, tmp_path):
     """docs/reliability.md's table: on the labelled corpus (the shared real files, generated
     scans, inputs made from the real chest CT), no chest CT is warned "not a chest CT?" or
     refused, every non-chest CT is warned or refused, every non-HU input is refused as such."""
-    qc = _qc_corpus()
+    from testdata import qc_corpus as qc
+
     rows = qc.run_checks(qc.build(real_ct.parent.parent, tmp_path))
     assert len(rows) == 32  # the README and docs/reliability.md quote the corpus size
     for row in rows:

@@ -11,46 +11,8 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
+from testdata.chest_variants import SIDES, chest, cut_box, dice, extent, heart_crop
 from transforms.lung import CropToLungsd, find_lungs, lung_box, lung_mask
-
-
-def _dice(a: np.ndarray, b: np.ndarray) -> float:
-    return float(2 * (a & b).sum() / max(int(a.sum() + b.sum()), 1))
-
-
-def _chest(real_ct, zoom: float = 1.0) -> tuple[np.ndarray, tuple[float, float, float]]:
-    """The shared whole-chest CT (COPDGene, 64 x 64 x 79, 4.2 x 4.2 x 4.0 mm) in RAS, as
-    float32 HU and its spacing; ``zoom`` > 1 resamples it finer in plane (linear)."""
-    import nibabel as nib
-
-    img = nib.as_closest_canonical(nib.load(real_ct / "cip_ct-64_chest.nii.gz"))
-    volume = np.asarray(img.dataobj, dtype=np.float32)
-    spacing = tuple(float(s) for s in img.header.get_zooms()[:3])
-    if zoom != 1.0:
-        volume = ndimage.zoom(volume, (zoom, zoom, 1), order=1)
-        spacing = (spacing[0] / zoom, spacing[1] / zoom, spacing[2])
-    return volume, spacing  # type: ignore[return-value]
-
-
-def _extent(mask: np.ndarray, axis: int) -> tuple[int, int]:
-    inside = np.flatnonzero(mask.any(axis=tuple(a for a in range(3) if a != axis)))
-    return int(inside[0]), int(inside[-1]) + 1
-
-
-#: RAS: x grows to the patient's left, y to the front, z to the head
-SIDES = {"right": (0, 0), "left": (0, 1), "back": (1, 0), "front": (1, 1), "base": (2, 0),
-         "apex": (2, 1)}  # fmt: skip
-
-
-def _cut(mask: np.ndarray, side: str, share: float) -> tuple[slice, slice, slice]:
-    """The box a scanner's field of view leaves when it cuts ``share`` of the lungs' extent
-    off ``side``."""
-    axis, end = SIDES[side]
-    low, high = _extent(mask, axis)
-    cut = int(round(share * (high - low)))
-    box = [slice(None)] * 3
-    box[axis] = slice(0, high - cut) if end else slice(low + cut, None)
-    return tuple(box)  # type: ignore[return-value]
 
 
 @pytest.mark.parametrize("share", [0.1, 0.25, 0.4])
@@ -59,10 +21,10 @@ def test_the_mask_of_a_cropped_real_chest_is_the_full_masks_crop(real_ct, side, 
     """Cut 10-40 % of the lungs' extent off each side of a real chest CT: inside the crop, its
     mask is the full scan's (Dice >= 0.95; 0.97-1.00 seen). The mask that took air meeting a
     slice's edge for the air around the body scored 0.15-0.63 on the front, back and sides."""
-    volume, spacing = _chest(real_ct)
+    volume, spacing = chest(real_ct)
     full = lung_mask(volume, spacing=spacing)
-    box = _cut(full, side, share)
-    assert _dice(lung_mask(volume[box], spacing=spacing), full[box]) >= 0.95
+    box = cut_box(full, side, share)
+    assert dice(lung_mask(volume[box], spacing=spacing), full[box]) >= 0.95
 
 
 @pytest.mark.parametrize("seed", [0, 1])
@@ -78,16 +40,8 @@ def test_the_mask_of_a_cropped_generated_chest_is_the_full_masks_crop(side, seed
         full = lung_mask(volume, spacing=spacing)
         # the generator's storage is not RAS, but a cut is a cut whichever side it is named
         for share in (0.15, 0.35):
-            box = _cut(full, side, share)
-            assert _dice(lung_mask(volume[box], spacing=spacing), full[box]) >= 0.95
-
-
-def _heart_crop(volume: np.ndarray, full: np.ndarray) -> tuple[slice, slice, slice]:
-    """A reconstruction centred on the heart: a quarter of the lungs' width off each side,
-    a tenth off the front and back, as the issue's two contrast CTs."""
-    (x0, x1), (y0, y1) = _extent(full, 0), _extent(full, 1)
-    dx, dy = (x1 - x0) // 4, (y1 - y0) // 10
-    return slice(x0 + dx, x1 - dx), slice(y0 + dy, y1 - dy), slice(None)
+            box = cut_box(full, side, share)
+            assert dice(lung_mask(volume[box], spacing=spacing), full[box]) >= 0.95
 
 
 def test_a_field_of_view_that_cuts_both_lungs_is_a_chest_whose_mask_is_doubted(real_ct):
@@ -96,12 +50,12 @@ def test_a_field_of_view_that_cuts_both_lungs_is_a_chest_whose_mask_is_doubted(r
     the mask is still the full scan's."""
     from app.runtime.scanqc import check_values
 
-    volume, spacing = _chest(real_ct)
+    volume, spacing = chest(real_ct)
     full = lung_mask(volume, spacing=spacing)
-    box = _heart_crop(volume, full)
+    box = heart_crop(volume, full)
     cropped = volume[box]
     lungs = find_lungs(cropped, spacing=spacing)
-    assert _dice(lungs.mask, full[box]) >= 0.95
+    assert dice(lungs.mask, full[box]) >= 0.95
     warnings = check_values(cropped, np.diag([*spacing, 1.0]))
     assert not any("not a chest CT?" in w for w in warnings), warnings
     assert any("the field of view cuts the lungs" in w for w in warnings), warnings
@@ -117,7 +71,7 @@ def test_a_field_of_view_that_cuts_both_lungs_is_a_chest_whose_mask_is_doubted(r
 def test_a_reconstruction_padded_beyond_its_circle_keeps_the_lungs_it_cuts(real_ct):
     """Scanners pad what lies outside a small reconstruction's circle with -2000 or -3024:
     that padding is neither air nor body, and a lung the circle cuts stays lung."""
-    volume, spacing = _chest(real_ct)
+    volume, spacing = chest(real_ct)
     full = lung_mask(volume, spacing=spacing)
     x, y = np.mgrid[: volume.shape[0], : volume.shape[1]]
     outside = (x - 31.5) ** 2 + (y - 33.5) ** 2 > 26.0**2  # cuts both lungs' sides
@@ -127,27 +81,27 @@ def test_a_reconstruction_padded_beyond_its_circle_keeps_the_lungs_it_cuts(real_
     inside = ~outside[..., None] & np.ones(volume.shape, bool)
     mask = lung_mask(padded, spacing=spacing)
     assert not (mask & ~inside).any()
-    assert _dice(mask & inside, full & inside) >= 0.95
+    assert dice(mask & inside, full & inside) >= 0.95
 
 
 @pytest.mark.parametrize("slice_mm", [1.0, 2.0, 8.0, 10.0])
 def test_thin_and_thick_slices(real_ct, slice_mm):
     """The scan resampled to 1-10 mm slices: its mask is the full mask resampled (Dice >= 0.9)."""
-    volume, spacing = _chest(real_ct)
+    volume, spacing = chest(real_ct)
     full = lung_mask(volume, spacing=spacing)
     factor = spacing[2] / slice_mm
     resampled = ndimage.zoom(volume, (1, 1, factor), order=1)
     expected = ndimage.zoom(full.astype(np.uint8), (1, 1, factor), order=0).astype(bool)
     mask = lung_mask(resampled, spacing=(spacing[0], spacing[1], slice_mm))
-    assert _dice(mask, expected) >= 0.9
+    assert dice(mask, expected) >= 0.9
 
 
 @pytest.mark.parametrize("scale", [0.55, 0.75, 1.3, 1.6])
-def test_a_childs_and_a_large_adults_chest(real_ct, scale):
+def test_a_childs_and_a_large_adultschest(real_ct, scale):
     """The chest shrunk in plane (a child's, in the same field of view: more air around it) or
     grown (a large adult's, the field of view now cutting the body and the lungs): the mask is
     the full mask scaled (Dice >= 0.9)."""
-    volume, spacing = _chest(real_ct, zoom=2.0)
+    volume, spacing = chest(real_ct, zoom=2.0)
     full = lung_mask(volume, spacing=spacing)
     scaled = ndimage.zoom(volume, (scale, scale, 1), order=1, cval=-1000.0)
     expected = ndimage.zoom(full.astype(np.uint8), (scale, scale, 1), order=0).astype(bool)
@@ -160,27 +114,27 @@ def test_a_childs_and_a_large_adults_chest(real_ct, scale):
         start = [(s - n) // 2 for s in scaled.shape[:2]]
         box = (slice(start[0], start[0] + n), slice(start[1], start[1] + n), slice(None))
         scaled, expected = scaled[box], expected[box]
-    assert _dice(lung_mask(scaled, spacing=spacing), expected) >= 0.9
+    assert dice(lung_mask(scaled, spacing=spacing), expected) >= 0.9
 
 
 def test_emphysema_and_contrast_leave_the_mask(real_ct):
     """Lung below -850 HU made nearly air (-990, emphysema), and everything above 100 HU made
     300 HU brighter (contrast in vessels and heart): the mask stays the full scan's."""
-    volume, spacing = _chest(real_ct)
+    volume, spacing = chest(real_ct)
     full = lung_mask(volume, spacing=spacing)
     rng = np.random.default_rng(0)
     emphysema = volume.copy()
     holes = full & (volume < -850)
     emphysema[holes] = -990.0 + rng.normal(0, 10, int(holes.sum()))
-    assert _dice(lung_mask(emphysema, spacing=spacing), full) >= 0.95
+    assert dice(lung_mask(emphysema, spacing=spacing), full) >= 0.95
     contrast = np.where(volume > 100, volume + 300, volume)
-    assert _dice(lung_mask(contrast, spacing=spacing), full) >= 0.98
+    assert dice(lung_mask(contrast, spacing=spacing), full) >= 0.98
 
 
 def _consolidate(volume: np.ndarray, full: np.ndarray, spacing, radius_mm: float) -> np.ndarray:
     """A consolidation (+30 HU) filling the lung within ``radius_mm`` of a point on the right
     lung's lateral pleura, in the middle slice: its voxels."""
-    z = int(np.mean(_extent(full, 2)))
+    z = int(np.mean(extent(full, 2)))
     xs, ys = np.nonzero(full[:, :, z])
     right = xs < volume.shape[0] // 2
     y = int(np.median(ys[right]))
@@ -196,7 +150,7 @@ def _consolidate(volume: np.ndarray, full: np.ndarray, spacing, radius_mm: float
 def test_a_consolidation_at_the_pleura_stays_inside_the_mask_and_the_crop(real_ct, radius_mm):
     """Dense findings where the lung meets the chest wall: >= 90 % of them inside the mask, all
     inside the crop's box."""
-    volume, spacing = _chest(real_ct, zoom=3.0)  # 1.4-mm pixels
+    volume, spacing = chest(real_ct, zoom=3.0)  # 1.4-mm pixels
     full = lung_mask(volume, spacing=spacing)
     lesion = _consolidate(volume, full, spacing, radius_mm)
     assert lesion.sum() > 100
@@ -212,7 +166,7 @@ def test_a_consolidation_at_the_pleura_stays_inside_the_mask_and_the_crop(real_c
 def test_a_large_consolidation_stays_inside_the_crop(real_ct):
     """A 40-mm consolidation at the pleura: the mask may lose it (it is no longer air), the
     crop does not (the box is mirrored about the body's centre)."""
-    volume, spacing = _chest(real_ct, zoom=2.0)
+    volume, spacing = chest(real_ct, zoom=2.0)
     full = lung_mask(volume, spacing=spacing)
     lesion = _consolidate(volume, full, spacing, 40.0)
     sick = np.where(lesion, 30.0, volume).astype(np.float32)
@@ -227,7 +181,7 @@ def test_one_lung_lost_is_doubted_and_the_scan_stays_whole(real_ct):
     complete consolidation): the mask is doubted, the crop keeps the whole scan."""
     from monai.data import MetaTensor
 
-    volume, spacing = _chest(real_ct)
+    volume, spacing = chest(real_ct)
     full = lung_mask(volume, spacing=spacing)
     right = full.copy()
     right[volume.shape[0] // 2 :] = False
@@ -271,7 +225,7 @@ def test_the_mask_against_totalsegmentators_lungs(real_ct):
     assert (mask & reference).sum() >= 0.95 * reference.sum()
     labels, _ = ndimage.label(mask)
     touching = np.unique(labels[mask & reference])
-    assert _dice(np.isin(labels, touching[touching > 0]), reference) >= 0.95
+    assert dice(np.isin(labels, touching[touching > 0]), reference) >= 0.95
     big = reference.sum(axis=(0, 1)) >= 100
     assert mask.any(axis=(0, 1))[big].all()
 
@@ -286,9 +240,9 @@ def test_lungs_in_few_slices_are_doubted_and_the_scan_stays_whole(real_ct):
     and the crop keeps the whole scan rather than a box around a sliver."""
     from monai.data import MetaTensor
 
-    volume, spacing = _chest(real_ct)
+    volume, spacing = chest(real_ct)
     full = lung_mask(volume, spacing=spacing)
-    low = _extent(full, 2)[0]
+    low = extent(full, 2)[0]
     below = np.repeat(volume[:, :, :1], 40, axis=2)  # abdomen-like: the lowest slice, no lung
     bases = np.ascontiguousarray(np.concatenate([below, volume[:, :, low : low + 12]], axis=2))
     doubts = find_lungs(bases, spacing=spacing).doubts()
@@ -303,7 +257,7 @@ def test_a_header_no_ct_has_costs_no_more_than_one_without_spacing(real_ct, spac
     a spacing (a 350-mm field of view), not on a one-cell grid or with a disc of 1e9 voxels."""
     import time
 
-    volume, _ = _chest(real_ct)
+    volume, _ = chest(real_ct)
     start = time.perf_counter()
     mask = lung_mask(volume, spacing=spacing)
     assert time.perf_counter() - start < 20

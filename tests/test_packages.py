@@ -230,14 +230,41 @@ def test_the_architecture_page_names_what_exists():
 THIRD_PARTY = ("monai.transforms", "ignite.engine")
 
 
+def _pages() -> list[Path]:
+    """The README, docs/, and the studies' and benchmarks' READMEs and log."""
+    folders = ("docs", "studies", "benchmarks")
+    return [REPO / "README.md", *(p for f in folders for p in sorted((REPO / f).glob("*.md")))]
+
+
+def test_the_docs_cite_commands_and_scripts_that_exist():
+    """Every ``python -m benchmarks.NAME`` / ``studies.NAME`` / ``testdata.NAME`` and every
+    ``benchmarks/``, ``studies/``, ``testdata/`` file the pages name exists (they moved apart
+    in issue 32), and no page runs a script by its path any more."""
+    import re
+
+    missing, cited = [], 0
+    for page in _pages():
+        text = page.read_text()
+        for package, name in re.findall(r"python -m (benchmarks|studies|testdata)\.(\w+)", text):
+            cited += 1
+            if name != "NAME" and not (REPO / package / f"{name}.py").is_file():
+                missing.append(f"{page.name}: python -m {package}.{name}")
+        for path in re.findall(r"\b((?:benchmarks|studies|testdata)/\w+\.(?:py|sh|md))", text):
+            cited += 1
+            if not (REPO / path).is_file():
+                missing.append(f"{page.name}: {path}")
+        assert not re.search(r"python3? (benchmarks|studies|testdata)/\w+\.py", text), page.name
+    assert missing == []
+    assert cited >= 30
+
+
 def test_the_docs_cite_tests_that_exist():
     """Every ``tests/FILE.py::test`` (and each ``::test`` after it on the same line) the README
     and docs/ cite is a test of that file."""
     import re
 
-    pages = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
     missing, cited = [], 0
-    for page in pages:
+    for page in _pages():
         for line in page.read_text().splitlines():
             current = None
             for path, name in re.findall(r"`(tests/\w+\.py)?::(\w+)", line):

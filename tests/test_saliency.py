@@ -77,7 +77,7 @@ def test_generated_lesion_masks_mark_the_findings_and_change_no_scan(tmp_path):
 def test_app_infer_writes_saliency_nifti_on_the_input_grid_and_pointing_game(tmp_path, checkpoint):
     """--saliency: saliency/NAME.nii.gz shares the input's affine and shape, and equals (carried
     to the network's grid) the montage's overlay; the pointing game runs on the generator's
-    lesion masks (a tiny set: the figure itself is docs/training.md's)."""
+    lesion masks (a tiny set: the figure itself is studies/log.md's)."""
     from app.data.cli import main as data_main
     from app.infer import main as infer_main
     from app.inference.classifier import Classifier

@@ -1,42 +1,26 @@
-"""benchmarks/third_scans.py: the held-out generator the learning studies test on. Its figures
+"""testdata/third_scans.py: the held-out generator the learning studies test on. Its figures
 mean something only if its scans are what it says: LPS chests whose lungs the app finds, the
 patient's back where the header says, findings inside the lungs and denser than them."""
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 import pytest
 
+from testdata import third_scans as third
 from transforms.lung import lung_mask
 
-REPO = Path(__file__).resolve().parents[1]
 
-
-@pytest.fixture(scope="module")
-def third():
-    spec = importlib.util.spec_from_file_location(
-        "third_scans", REPO / "benchmarks" / "third_scans.py"
-    )
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def _write(third, out: Path, monkeypatch, *extra: str) -> None:
-    monkeypatch.setattr(sys, "argv", ["third_scans.py", str(out), "--per-class", "1", *extra])
-    third.main()
+def _write(out: Path, *extra: str) -> None:
+    assert third.main([str(out), "--per-class", "1", *extra]) == 0
 
 
 @pytest.mark.parametrize("strength", ["0", "1"])
-def test_third_generator_writes_lps_chests_with_findings_in_the_lungs(
-    third, tmp_path, monkeypatch, strength
-):
-    _write(third, tmp_path / "a", monkeypatch, "--seed", "3", "--confounded", strength)
+def test_third_generator_writes_lps_chests_with_findings_in_the_lungs(tmp_path, strength):
+    _write(tmp_path / "a", "--seed", "3", "--confounded", strength)
     normal = nib.load(tmp_path / "a" / "CT-0" / "t3_0_000.nii.gz")
     abnormal = nib.load(tmp_path / "a" / "CT-23" / "t3_1_000.nii.gz")
     mask_img = nib.load(tmp_path / "a" / "masks" / "t3_1_000.nii.gz")
@@ -61,10 +45,10 @@ def test_third_generator_writes_lps_chests_with_findings_in_the_lungs(
     assert np.median(hu[lesion]) > np.median(hu[lungs & ~lesion]) + 50
 
 
-def test_third_generator_is_seeded(third, tmp_path, monkeypatch):
-    _write(third, tmp_path / "a", monkeypatch, "--seed", "5")
-    _write(third, tmp_path / "b", monkeypatch, "--seed", "5")
-    _write(third, tmp_path / "c", monkeypatch, "--seed", "6")
+def test_third_generator_is_seeded(tmp_path):
+    _write(tmp_path / "a", "--seed", "5")
+    _write(tmp_path / "b", "--seed", "5")
+    _write(tmp_path / "c", "--seed", "6")
     a = np.asarray(nib.load(tmp_path / "a" / "CT-23" / "t5_1_000.nii.gz").dataobj)
     b = np.asarray(nib.load(tmp_path / "b" / "CT-23" / "t5_1_000.nii.gz").dataobj)
     c = np.asarray(nib.load(tmp_path / "c" / "CT-23" / "t6_1_000.nii.gz").dataobj)
@@ -72,13 +56,13 @@ def test_third_generator_is_seeded(third, tmp_path, monkeypatch):
     assert not np.array_equal(a, c)
 
 
-def test_the_lung_mask_trusts_every_generators_chests(third, tmp_path, monkeypatch):
+def test_the_lung_mask_trusts_every_generators_chests(tmp_path):
     """The lung mask's doubts (the crop then keeps the whole scan) on none of the held-out
     generator's chests: its body meets the image's sides, and the air between its back and the
     table is enclosed by body and table (the table, a thin piece, encloses no lung)."""
     from transforms.lung import find_lungs
 
-    _write(third, tmp_path / "a", monkeypatch, "--seed", "5", "--per-class", "2",
+    _write(tmp_path / "a", "--seed", "5", "--per-class", "2",
            "--confounded", "1")  # fmt: skip
     for path in sorted((tmp_path / "a").glob("CT-*/*.nii.gz")):
         img = nib.as_closest_canonical(nib.load(path))

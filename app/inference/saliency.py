@@ -145,7 +145,7 @@ def saliency_map(
     ``gradient`` (the default): the positive part of the gradient of the abnormal logit with
     respect to each input voxel (the voxels whose brightening raises it), smoothed by a
     Gaussian of :data:`SALIENCY_SIGMA` voxels: on generated scans its maximum lies in a
-    lesion on every tested abnormal scan for the small-data recipe (docs/training.md).
+    lesion on every tested abnormal scan for the small-data recipe (studies/log.md).
     ``gradcam``: MONAI's Grad-CAM of conv block ``block`` (default the last), which the
     network's few-voxel last blocks make coarse.
     """

@@ -11,7 +11,7 @@ keeps its peak memory until it exits, which is what a training or inference proc
 a float32 training step of the reference network at batch 2 went from over 100,000 page faults to
 none and from 1.47 s to 1.21-1.27 s, for a peak RSS of about 930 MB instead of 755 MB (the
 heap holds blocks that PyTorch's 64-byte-aligned requests cannot always reuse at once):
-``python benchmarks/page_faults.py --precision fp32``, figures in the README.
+``python -m benchmarks.page_faults --precision fp32``, figures in the README.
 """
 
 from __future__ import annotations

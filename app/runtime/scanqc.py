@@ -350,7 +350,7 @@ def check_values(volume: np.ndarray, affine: np.ndarray | None = None) -> list[s
 def lung_warnings(volume: np.ndarray, affine: np.ndarray) -> list[str]:
     """The lung mask's doubts (``transforms.lung.Lungs.doubts``) on the volume's axial slices
     (the voxel axis closest to the world's S/I axis): "little or no lung ... not a chest CT?"
-    (measured on ``benchmarks/qc_corpus.py``: ``docs/reliability.md``), a field of view that cuts
+    (measured on ``testdata/qc_corpus.py``: ``docs/reliability.md``), a field of view that cuts
     the lungs, one side with little lung."""
     vol = np.asarray(volume)
     vol = vol.reshape(vol.shape[-3:]) if vol.ndim == 4 and vol.shape[0] == 1 else vol

@@ -51,7 +51,7 @@ def resolve(source: str) -> tuple[Path, str]:
             raise InitWeightsError(
                 f"--init {GENERATED}: the packaged weights {path.name} (or their record) are "
                 "missing from this install; rebuild them with `python -m app.pretrain` "
-                "(docs/training.md)"
+                "(studies/log.md, Pretraining)"
             )
         digest = sha256_of(path)
         try:

@@ -1,6 +1,6 @@
 """Coverage of app.evaluate's 95% ROC-AUC interval, simulated (issue 31).
 
-    python benchmarks/auc_interval_coverage.py --sets 2000 --out auc_coverage.json
+    python -m studies.auc_interval_coverage --sets 2000 --out auc_coverage.json
 
 Binormal equal-variance scores (negatives N(0, 1), positives N(d, 1), true AUC Phi(d / sqrt 2)),
 ``--sets`` sets per cell of true AUC x scans per class. Each set's interval from
@@ -15,15 +15,12 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import sys
 from pathlib import Path
 
 import numpy as np
 from scipy.stats import norm
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from app.evaluation.metrics import auc_with_ci, delong_auc  # noqa: E402
+from app.evaluation.metrics import auc_with_ci, delong_auc
 
 
 def before(value: float, positive: np.ndarray, negative: np.ndarray) -> tuple[float, float]:

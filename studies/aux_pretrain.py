@@ -1,6 +1,6 @@
 """Pretraining with a lesion-segmentation loss beside the classification (a study, not a feature).
 
-    python benchmarks/aux_pretrain.py OUT [--per-class 800] [--epochs 12] [--seg-weight 1]
+    python -m studies.aux_pretrain OUT [--per-class 800] [--epochs 12] [--seg-weight 1]
 
 The same 1,600 generated scans as ``python -m app.pretrain`` (``configs/pretrain.yaml``: each
 scan's settings drawn from the same seeds), with the generator's lesion masks. The mask travels

@@ -1,6 +1,6 @@
 """Another scanner: train on one acquisition, classify new scans acquired otherwise (issue 30).
 
-    python benchmarks/acquisition_shift.py --out /tmp/shift            # ~30 min, 2 CPU cores
+    python -m studies.acquisition_shift --out /tmp/shift            # ~30 min, 2 CPU cores
 
 Trains ``--recipe small-data`` on generated scans of one acquisition (128 x 128 in-plane, pixels
 of 2.4-3.6 mm, 40 slices of 8 mm, LAS storage: the demo's), then runs ``python -m app.evaluate``
@@ -18,8 +18,8 @@ Every test set holds the same ``--per-class`` patients per class, so the rows di
 the acquisition. With ``--run RUN --test DIR``, no training: the edits of :data:`EDITS`
 (resampled slices and pixels, a smaller field of view, other storage, noise, a sharper kernel)
 are applied to the scans of an existing test set (e.g. the held-out generator's,
-``benchmarks/operating_point.py`` writes one and trains on its kind) and ``RUN`` evaluates each. Results go to ``OUT/shift.json`` and ``OUT/shift.md`` as each row finishes (a
-rerun skips the rows it has); ``docs/training.md`` shows them.
+``studies/operating_point.py`` writes one and trains on its kind) and ``RUN`` evaluates each. Results go to ``OUT/shift.json`` and ``OUT/shift.md`` as each row finishes (a
+rerun skips the rows it has); ``studies/log.md`` shows them.
 """
 
 from __future__ import annotations
@@ -240,7 +240,7 @@ def _shift_existing(run: Path, source: Path, out: Path, log: Path) -> None:
 def _evaluate(what: str, test: Path, run: Path, evaluated: Path, log: Path) -> dict:
     """``python -m app.evaluate`` of ``test`` with ``run``: its metrics, and the best accuracy
     any threshold reaches on those scans."""
-    from operating_point import best_accuracy  # benchmarks/operating_point.py, beside this one
+    from studies.operating_point import best_accuracy
 
     start = time.perf_counter()
     _run(["-m", "app.evaluate", "--data", str(test), "--checkpoint", str(run), "--output",

@@ -1,11 +1,11 @@
 """Does bfloat16 training change accuracy? The demo trained with fp32 and bf16, several seeds.
 
-    python benchmarks/precision_seeds.py --seeds 0 1 2       # about 25 minutes on 2 CPU cores
+    python -m studies.precision_seeds --seeds 0 1 2       # about 25 minutes on 2 CPU cores
 
 Runs ``python -m app.train --demo --seed S --precision P`` for each seed and precision (runs in
 ``--output``/P-S) and prints, per run, the kept model's epoch (best validation accuracy, as
 ``best_model.pt``), its validation accuracy and ROC-AUC, and the mean +- sd over seeds per
-precision. ``docs/training.md`` (*Precision*) has the figures.
+precision. ``studies/log.md`` (*Precision*) has the figures.
 """
 
 from __future__ import annotations

@@ -1,13 +1,13 @@
 """Write a copy of a dataset with each lung's smooth background subtracted (a study, not a feature).
 
-    python benchmarks/flatten_lungs.py SRC DST [--sigma-mm 20]
+    python -m studies.flatten_lungs SRC DST [--sigma-mm 20]
 
 Each lung voxel (``transforms.lung.lung_mask``) becomes its HU minus a robust local background
 plus -850 HU (``transforms.lung.flatten_lungs``, what ``lung_flatten_mm`` does inside the
 preprocessing): the normalised Gaussian convolution (``--sigma-mm``) of the lung's HU over the
 mask, computed again without the voxels more than 80 HU above the first estimate (findings and
 vessels). Dependent density and expiration vanish; local findings stay. Folders and names are
-kept (``masks/`` is skipped); int16 NIfTI with the source's affine. docs/training.md, "A
+kept (``masks/`` is skipped); int16 NIfTI with the source's affine. studies/log.md, "A
 generator the project had never seen", has what the recipe and the density baseline did on it.
 """
 

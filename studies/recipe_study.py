@@ -1,7 +1,7 @@
 """Which small-data recipe? Each candidate change cross-validated on the same folds.
 
     python -m app.data synth /tmp/cv60 --per-class 60 --shape 128 128 40 --seed 0
-    python benchmarks/recipe_study.py --data /tmp/cv60 --out /tmp/study     # ~50 min, 2 CPU cores
+    python -m studies.recipe_study --data /tmp/cv60 --out /tmp/study     # ~50 min, 2 CPU cores
 
 Every choice runs ``python -m app.train --recipe small-data --folds 3 --seed 0 --set ...`` in
 ``OUT/NAME`` (the same seed gives every choice the same three folds, so the choices are compared
@@ -9,7 +9,7 @@ fold by fold), then reads its ``cv_summary.json`` (the kept epoch of each fold: 
 ROC-AUC and accuracy) and ``oof_predictions.csv`` (one ROC-AUC over all out-of-fold
 predictions). A choice whose ``cv_summary.json`` exists is not rerun. ``--only`` picks choices;
 ``--base`` adds settings to every choice (e.g. the chosen recipe, to try one change more). The
-table goes to ``OUT/study.md`` and ``OUT/study.json``; ``docs/training.md`` shows the figures.
+table goes to ``OUT/study.md`` and ``OUT/study.json``; ``studies/log.md`` shows the figures.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Scans from a generator that shares no code with ``app.data.synth``: a check on overfitting to it.
 
-    python benchmarks/foreign_scans.py OUT --per-class 60 --seed 0 [--confounded]
+    python -m testdata.foreign_scans OUT --per-class 60 --seed 0 [--confounded]
 
 The pretrained network and the recipe were chosen on the project's own generator; a recipe tuned
 to one generator can fail on another. This one is written apart from it, on purpose different in
@@ -13,7 +13,7 @@ class), many blurred vessels (partial volume at their edges falls in the ground-
 expiration (the whole lung +0..+150 HU) and blur.
 
 Writes ``OUT/CT-0`` (normal), ``OUT/CT-23`` (abnormal) and ``OUT/masks`` (each abnormal scan's
-lesion mask, for ``benchmarks/pointing.py``).
+lesion mask, for ``studies/pointing.py``).
 """
 
 from __future__ import annotations
@@ -24,6 +24,8 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 from scipy import ndimage
+
+from testdata.writer import write_labelled
 
 SHAPE = (128, 128, 48)
 SPACING = (2.5, 2.5, 6.0)
@@ -162,7 +164,7 @@ def visibility(seed: int, scans: int = 20) -> None:
         )
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("out", type=Path)
     p.add_argument("--per-class", type=int, default=60)
@@ -186,31 +188,33 @@ def main() -> None:
         help="write nothing; print how visible the findings of the first 20 abnormal scans are "
         "at strengths 0, 0.5 and 1 (voxels more than 100 HU above their own lung)",
     )
-    args = p.parse_args()
+    args = p.parse_args(argv)
     which = tuple(args.only.split(","))
     if not set(which) <= set(CONFOUNDERS):
         p.error(f"--only: choose from {', '.join(CONFOUNDERS)}")
     if args.visibility:
         visibility(args.seed)
-        return
-    affine = np.diag([*SPACING, 1.0])
-    for label, folder in ((0, "CT-0"), (1, "CT-23")):
-        (args.out / folder).mkdir(parents=True, exist_ok=True)
-        for i in range(args.per_class):
-            rng = np.random.default_rng([args.seed, label, i, 7331])
-            vol, mask = scan(rng, bool(label), args.confounded, which=which)
-            stored = np.clip(np.round(vol + 1024), 0, 4095).astype(np.uint16)
-            img = nib.Nifti1Image(stored, affine)
-            img.header.set_slope_inter(1.0, -1024.0)
-            name = f"f{args.seed}_{label}_{i:03d}.nii.gz"
-            nib.save(img, str(args.out / folder / name))
-            if label:
-                (args.out / "masks").mkdir(exist_ok=True)
-                nib.save(
-                    nib.Nifti1Image(mask.astype(np.uint8), affine), str(args.out / "masks" / name)
-                )
-    print(f"wrote {2 * args.per_class} scans to {args.out}")
+        return 0
+    written = write_labelled(
+        args.out,
+        args.per_class,
+        lambda rng, abnormal: scan(rng, abnormal, args.confounded, which=which),
+        _stored,
+        [args.seed, 7331],
+        f"f{args.seed}",
+    )
+    print(f"wrote {written} scans to {args.out}")
+    return 0
+
+
+def _stored(volume: np.ndarray) -> nib.Nifti1Image:
+    """uint16 with a rescale slope and intercept (HU = stored - 1024), RAS."""
+    img = nib.Nifti1Image(
+        np.clip(np.round(volume + 1024), 0, 4095).astype(np.uint16), np.diag([*SPACING, 1.0])
+    )
+    img.header.set_slope_inter(1.0, -1024.0)
+    return img
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

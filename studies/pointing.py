@@ -1,7 +1,7 @@
 """Does the model look where the findings are? The pointing game on generated abnormal scans.
 
     python -m app.data synth T --per-class 60 --shape 96 96 32 --seed 100 --difficulty 0.7 --masks
-    python benchmarks/pointing.py --checkpoint RUN/fold-0 --data T [--method gradient|gradcam]
+    python -m studies.pointing --checkpoint RUN/fold-0 --data T [--method gradient|gradcam]
 
 For each abnormal scan of ``T/CT-23`` with its lesion mask in ``T/masks``: the saliency map of one
 network (``app.inference.saliency.saliency_map``: the smoothed input gradient, or with
@@ -15,14 +15,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
 
 
 def main() -> None:

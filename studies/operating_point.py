@@ -1,9 +1,9 @@
 """Labels a clinician can act on: a single model's own threshold against 0.5 and against the best
 any threshold reaches, on new scans (issue 30).
 
-    python benchmarks/operating_point.py --out /tmp/op            # ~12 min, 2 CPU cores
+    python -m studies.operating_point --out /tmp/op            # ~12 min, 2 CPU cores
 
-For each training seed: ``benchmarks/third_scans.py`` writes 120 training scans (the held-out
+For each training seed: ``testdata/third_scans.py`` writes 120 training scans (the held-out
 generator; ``--confounded`` its strength) and 60 new ones (another seed range),
 ``python -m app.train --recipe small-data`` trains (its end chooses the temperature and
 threshold on the validation split), and ``python -m app.evaluate`` scores the new scans twice:
@@ -52,7 +52,7 @@ def main(argv: list[str] | None = None) -> None:
     log = out / "log.txt"
     results_path = out / "operating_point.json"
     results = json.loads(results_path.read_text()) if results_path.is_file() else {}
-    third = str(REPO / "benchmarks" / "third_scans.py")
+    third = "-m", "testdata.third_scans"
     strength = ["--confounded", str(args.confounded)]
     for seed in args.seeds:
         key = f"seed {seed}"
@@ -60,9 +60,9 @@ def main(argv: list[str] | None = None) -> None:
             continue
         train, test, run = out / f"train{seed}", out / f"test{seed}", out / f"run{seed}"
         if not train.is_dir():
-            _run([third, str(train), "--per-class", "60", "--seed", str(seed), *strength], log)
+            _run([*third, str(train), "--per-class", "60", "--seed", str(seed), *strength], log)
         if not test.is_dir():
-            _run([third, str(test), "--per-class", "30", "--seed", str(seed + 100), *strength],
+            _run([*third, str(test), "--per-class", "30", "--seed", str(seed + 100), *strength],
                  log)  # fmt: skip
         if not (run / "best_model.pt").is_file():
             _run(["-m", "app.train", "--data", str(train), "--recipe", "small-data", "--output",

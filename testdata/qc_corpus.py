@@ -1,6 +1,6 @@
 """The input checks as a classifier: a labelled corpus of scans, and what each check says of each.
 
-    python benchmarks/qc_corpus.py --shared ../shared --work /tmp/qc [--markdown]
+    python -m testdata.qc_corpus --shared ../shared --work /tmp/qc [--markdown]
 
 The corpus: the shared real files (chest CT as NIfTI, LAS NIfTI and a DICOM series; an
 abdomen-pelvis CT and its upper-abdomen crop; a head CT angiogram stored as uint8 with a slope; a
@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import shutil
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,7 +26,6 @@ import nibabel as nib
 import numpy as np
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
 
 
 @dataclass

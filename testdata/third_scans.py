@@ -1,7 +1,7 @@
 """A third generator, for tests only: shares no code with ``app.data.synth`` or
-``benchmarks/foreign_scans.py`` and differs from both in what it draws and how it stores it.
+``testdata/foreign_scans.py`` and differs from both in what it draws and how it stores it.
 
-    python benchmarks/third_scans.py OUT --per-class 30 --seed 0 [--confounded [S]]
+    python -m testdata.third_scans OUT --per-class 30 --seed 0 [--confounded [S]]
 
 Written after the recipe and its pretraining were chosen, and used for nothing but tests: a
 recipe that improved on the foreign generator because that generator informed it shows here
@@ -16,7 +16,7 @@ gravity-dependent density decaying from the lung's posterior edge (up to +300 HU
 plate-like dense bands at the bases, more vessel trees, expiration (+0..+120 HU) and blur.
 
 Writes ``OUT/CT-0`` (normal), ``OUT/CT-23`` (abnormal) and ``OUT/masks`` (lesion masks, on
-the scan's grid, for ``benchmarks/pointing.py``).
+the scan's grid, for ``studies/pointing.py``).
 """
 
 from __future__ import annotations
@@ -27,6 +27,8 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 from scipy import ndimage
+
+from testdata.writer import write_labelled
 
 SHAPE = (144, 144, 44)
 SPACING = (2.2, 2.2, 5.0)
@@ -200,7 +202,13 @@ def scan(rng: np.random.Generator, abnormal: bool, s: float) -> tuple[np.ndarray
     return vol, mask
 
 
-def main() -> None:
+def _stored(volume: np.ndarray) -> nib.Nifti1Image:
+    """int16 HU in LPS: the array's first two axes run to the patient's left and back."""
+    affine = np.diag([-SPACING[0], -SPACING[1], SPACING[2], 1.0])
+    return nib.Nifti1Image(np.clip(np.round(volume), -1024, 3071).astype(np.int16), affine)
+
+
+def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("out", type=Path)
     p.add_argument("--per-class", type=int, default=30)
@@ -213,25 +221,18 @@ def main() -> None:
         const=1.0,
         help="strength of the confounders, 0..1 (alone: 1)",
     )
-    args = p.parse_args()
-    affine = np.diag([-SPACING[0], -SPACING[1], SPACING[2], 1.0])
-    for label, folder in ((0, "CT-0"), (1, "CT-23")):
-        (args.out / folder).mkdir(parents=True, exist_ok=True)
-        for i in range(args.per_class):
-            rng = np.random.default_rng([args.seed, label, i, 4242])
-            vol, mask = scan(rng, bool(label), args.confounded)
-            # LPS: the array's first two axes run to the patient's left and back
-            stored = np.clip(np.round(vol), -1024, 3071).astype(np.int16)
-            name = f"t{args.seed}_{label}_{i:03d}.nii.gz"
-            nib.save(nib.Nifti1Image(stored, affine), str(args.out / folder / name))
-            if label:
-                (args.out / "masks").mkdir(exist_ok=True)
-                nib.save(
-                    nib.Nifti1Image(mask.astype(np.uint8), affine),
-                    str(args.out / "masks" / name),
-                )
-    print(f"wrote {2 * args.per_class} scans to {args.out}")
+    args = p.parse_args(argv)
+    written = write_labelled(
+        args.out,
+        args.per_class,
+        lambda rng, abnormal: scan(rng, abnormal, args.confounded),
+        _stored,
+        [args.seed, 4242],
+        f"t{args.seed}",
+    )
+    print(f"wrote {written} scans to {args.out}")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

@@ -1,6 +1,6 @@
 """The lung mask on real CT as it is acquired: the table in ``docs/reliability.md``.
 
-    python benchmarks/lung_mask_real.py --shared ../shared [--old /tmp/old_lung.py]
+    python -m studies.lung_mask_real --shared ../shared [--old /tmp/old_lung.py]
 
 Against two references no one here drew: the real whole-chest CT's own mask (the mask of a
 cropped, padded, resampled or rescaled copy must be the full mask treated the same way: Dice),
@@ -15,32 +15,27 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-import sys
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 from scipy import ndimage
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO / "tests"))
-
-import test_lung_mask as cases  # noqa: E402  (the tests' variants, one definition)
-
-from transforms.lung import lung_mask  # noqa: E402
+from testdata import chest_variants
+from transforms.lung import lung_mask
 
 
 def _variants(real: Path, mask_fn) -> list[tuple[str, np.ndarray, tuple, np.ndarray]]:
     """(name, volume, spacing, the full scan's mask by ``mask_fn`` treated as the volume was):
     each mask is scored against its own full-scan mask (does it hold when the scan changes?)."""
-    volume, spacing = cases._chest(real)
+    volume, spacing = chest_variants.chest(real)
     full = mask_fn(volume, spacing=spacing)
     out = []
-    for side in cases.SIDES:
+    for side in chest_variants.SIDES:
         for share in (0.1, 0.25, 0.4):
-            box = cases._cut(full, side, share)
+            box = chest_variants.cut_box(full, side, share)
             out.append((f"{side} cut by {share:.0%}", volume[box], spacing, full[box]))
-    box = cases._heart_crop(volume, full)
+    box = chest_variants.heart_crop(volume, full)
     out.append(("around the heart (both sides cut 25 %)", volume[box], spacing, full[box]))
     x, y = np.mgrid[: volume.shape[0], : volume.shape[1]]
     outside = np.broadcast_to(
@@ -68,7 +63,7 @@ def _variants(real: Path, mask_fn) -> list[tuple[str, np.ndarray, tuple, np.ndar
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--shared", type=Path, default=REPO.parent / "shared")
+    parser.add_argument("--shared", type=Path, default=Path("..") / "shared")
     parser.add_argument("--old", type=Path, default=None)
     args = parser.parse_args(argv)
     real = args.shared / "data" / "real-ct"
@@ -88,7 +83,7 @@ def main(argv: list[str] | None = None) -> None:
     table: dict[str, list[float]] = {}
     for mask_fn in masks.values():
         for name, volume, spacing, expected in _variants(real, mask_fn):
-            score = cases._dice(mask_fn(volume, spacing=spacing), expected)
+            score = chest_variants.dice(mask_fn(volume, spacing=spacing), expected)
             table.setdefault(name, []).append(score)
     for name, scores in table.items():
         print(f"| {name} | " + " | ".join(f"{s:.3f}" for s in scores) + " |")
@@ -108,8 +103,8 @@ def main(argv: list[str] | None = None) -> None:
         colon = int((mask & (seg == 20)).sum())
         ref_slices = reference.any(axis=(0, 1))
         figures = {
-            "Dice, whole mask": f"{cases._dice(mask, reference):.3f}",
-            "Dice, the mask's pieces that touch the reference lungs": f"{cases._dice(own, reference):.3f}",
+            "Dice, whole mask": f"{chest_variants.dice(mask, reference):.3f}",
+            "Dice, the mask's pieces that touch the reference lungs": f"{chest_variants.dice(own, reference):.3f}",
             "reference lung voxels found": f"{(mask & reference).sum() / reference.sum():.3f}",
             "mask voxels in the colon (label 20: its gas)": f"{colon:,} of {int(mask.sum()):,}",
             "slices with lung: reference / mask": f"{int(ref_slices.sum())} / {int(mask.any(axis=(0, 1)).sum())}",

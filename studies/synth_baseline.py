@@ -1,7 +1,7 @@
 """How well does mean lung HU alone separate the generated classes? (ROC-AUC of that threshold.)
 
-    python benchmarks/synth_baseline.py --per-class 100            # MosMed size, 200 scans
-    python benchmarks/synth_baseline.py --per-class 100 --shape 128 128 40
+    python -m studies.synth_baseline --per-class 100            # MosMed size, 200 scans
+    python -m studies.synth_baseline --per-class 100 --shape 128 128 40
 
 A low AUC means a model must find where the opacities are, not just how dense the lungs are.
 """

@@ -1,6 +1,6 @@
 """Does bfloat16 inference change accuracy? fp32 and bf16 predictions of one model, side by side.
 
-    python benchmarks/precision.py --checkpoint runs/demo --per-class 60
+    python -m studies.precision --checkpoint runs/demo --per-class 60
 
 Generates ``--per-class`` new scans per class (a seed the model never saw, default difficulty),
 classifies them with ``--precision fp32`` (the CPU default) and ``--precision bf16``, and prints
@@ -11,12 +11,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import tempfile
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
 
 
 def roc_auc(probs: list[float], labels: list[int]) -> float:
