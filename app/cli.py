@@ -103,7 +103,7 @@ def add_reading_options(parser: argparse.ArgumentParser, defaults: dict[str, Any
 
 def add_precision_option(parser: argparse.ArgumentParser, default: str | None = None) -> None:
     """``--precision auto|fp32|bf16|fp16``, as configs/common.yaml's ``precision``."""
-    from app.runtime.inferers import PRECISIONS
+    from app.runtime import PRECISIONS
 
     parser.add_argument(
         "--precision",

@@ -15,7 +15,7 @@ import argparse
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from app.cli import (
     add_device_option,
@@ -28,16 +28,22 @@ from app.cli import (
 from app.config import parse_set_options
 from app.errors import ConfigError, CTClassifyError
 from app.run_folder import CV_SUMMARY
-from app.training.workflow import (
-    DEMO_RECIPE,
-    Interrupted,
-    TrainResult,
-    recipe_file,
-    recipes,
-    train,
-)
+from app.training.recipes import DEMO_RECIPE, recipe_file, recipes
+
+if TYPE_CHECKING:
+    from app.training.workflow import TrainResult, train
 
 __all__ = ["TrainResult", "build_parser", "main", "overrides_from_args", "train"]
+
+
+def __getattr__(name: str) -> Any:
+    """``train`` and ``TrainResult`` (``app.training.workflow``), imported when first used: the
+    command line's ``--help`` loads neither PyTorch nor MONAI (tests/test_cli.py checks it)."""
+    if name in ("train", "TrainResult"):
+        from app.training import workflow
+
+        return getattr(workflow, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -178,6 +184,8 @@ T = TypeVar("T")
 def _attempt(call: Callable[[], T], stopped_hint: str = "") -> tuple[T | None, int]:
     """``(result, 0)``, or ``(None, exit status)`` with the error printed (``app.errors``: 2
     for refused settings, data or files, 130 for a signal, 1 for any other error of the app)."""
+    from app.training.workflow import Interrupted  # the work, loaded once the arguments parsed
+
     try:
         return call(), 0
     except Interrupted as exc:
@@ -194,6 +202,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if args.folds is not None or args.fold is not None:
         return _cross_validate(args)
+    from app.training.workflow import train
+
     result, code = _attempt(
         lambda: train(
             args.data,

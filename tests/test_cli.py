@@ -149,3 +149,29 @@ def test_every_command_line_refuses_a_missing_input_with_status_2(tmp_path, caps
     err = capsys.readouterr().err.strip().splitlines()
     assert err and all(line.startswith("error: ") for line in err), err
     assert not out.exists() or not any(out.iterdir())
+
+
+@pytest.mark.parametrize(
+    "command", ["app.train", "app.infer", "app.evaluate", "app.export", "app.data", "app.pretrain"]
+)
+def test_help_loads_neither_torch_nor_monai(command):
+    """The reason the command lines import their work lazily, tested: ``--help`` answers
+    without importing PyTorch or MONAI (seconds on a cold disk), in a fresh process."""
+    import subprocess
+    import sys
+
+    probe = (
+        "import runpy, sys\n"
+        f"sys.argv = [{command!r}, '--help']\n"
+        "try:\n"
+        f"    runpy.run_module({command!r}, run_name='__main__')\n"
+        "except SystemExit:\n"
+        "    pass\n"
+        "heavy = sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'monai'))\n"
+        "print('HEAVY', heavy[:5])\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, timeout=120, check=False
+    )
+    assert "usage:" in proc.stdout, proc.stderr[-2000:]
+    assert "HEAVY []" in proc.stdout, proc.stdout[-500:]

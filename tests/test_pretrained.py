@@ -98,7 +98,7 @@ def test_the_shipped_weights_fit_the_small_data_recipe():
     """nets/weights/generated.pt: its digest is the recorded one, it loads without unpickling
     objects, holds finite weights, and starts the small-data recipe's network."""
     from app.config import load_config
-    from app.training.workflow import recipe_file
+    from app.training.recipes import recipe_file
 
     weights, record = pretrained.packaged_weights()
     assert json.loads(record.read_text())["sha256"] == pretrained.sha256_of(weights)
@@ -161,7 +161,7 @@ def test_pretrain_writes_weights_that_start_a_recipe_run(tmp_path, monkeypatch):
     assert len(list((work / "data").rglob("*.nii.gz"))) == 6
     monkeypatch.setattr(pretrained, "packaged_weights", lambda: (weights, record))
     from app.config import load_config
-    from app.training.workflow import recipe_file
+    from app.training.recipes import recipe_file
 
     parser = load_config("train.yaml", recipe_file("small-data"), overrides=tiny["settings"])
     settings = {k: parser.get_parsed_content(k) for k in pretrained.ARCHITECTURE}

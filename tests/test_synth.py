@@ -226,7 +226,7 @@ def test_synth_cli_refuses_a_worker_count_below_one(tmp_path, capsys):
 @pytest.mark.parametrize("progress", [False, True])
 def test_demo_data_generation_respects_no_progress(tmp_path, monkeypatch, capfd, progress):
     """`app.train --demo --no-progress` printed the data generation's progress bar anyway."""
-    from app.training.workflow import DEMO_CONFIG, demo_dataset
+    from app.training.recipes import DEMO_CONFIG, demo_dataset
 
     configs = tmp_path / "configs"
     (configs / DEMO_CONFIG).parent.mkdir(parents=True)

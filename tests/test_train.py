@@ -188,7 +188,7 @@ def test_recipe_is_read_after_train_yaml_and_kept_on_resume(
     """--recipe small-data trains with configs/recipes/small-data.yaml on top (the demo's
     recipe); a resume keeps it; a recipe name from the run folder is data: an unknown one is
     refused, never read as a path."""
-    from app.training.workflow import recipe_file, recipes
+    from app.training.recipes import recipe_file, recipes
 
     assert "small-data" in recipes() and recipe_file("small-data") == "recipes/small-data.yaml"
     run = tmp_path / "run"

@@ -238,7 +238,7 @@ def write_split(
 ) -> None:
     """Write a MONAI datalist JSON (``training``, ``validation``), atomically, with ``record``:
     how the split was made (seed, folds, fold, train_fraction, dataset_dir), which a resume
-    must reproduce (:func:`app.training.workflow.check_recorded_split`), and ``base``: the
+    must reproduce (:func:`app.training.resume_guard.check_recorded_split`), and ``base``: the
     working folder relative paths were given in (:func:`app.readback.read_split` resolves them
     against it, wherever the file is read from)."""
     import os

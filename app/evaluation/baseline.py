@@ -12,9 +12,12 @@ from __future__ import annotations
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from app.run_folder import SPLIT, fold_dirs
 
 #: 50-HU bins of the lung histogram
 BIN_EDGES = np.arange(-1000.0, 201.0, 50.0)
@@ -129,3 +132,84 @@ class DensityBaseline:
         if ok.any():
             out[ok] = self.model.predict_proba(features[ok])[:, 1]
         return out
+
+
+def training_scans(checkpoint: Path) -> list[dict[str, Any]] | None:
+    """The scans the model at ``checkpoint`` trained on (its run's ``split.json`` training
+    part, relative paths resolved against the folder the training ran in; for a
+    cross-validation folder every scan of its folds), as ``{image, label}``; None when no split
+    is recorded (a bundle, a bare checkpoint file)."""
+    from app.readback import read_split
+
+    folder = checkpoint if checkpoint.is_dir() else checkpoint.parent
+    if (folder / SPLIT).is_file():
+        return read_split(folder / SPLIT)["training"]
+    folds = fold_dirs(folder)
+    if folds and (folds[0] / SPLIT).is_file():  # each fold's split holds every scan
+        split = read_split(folds[0] / SPLIT)
+        return split["training"] + split["validation"]
+    return None
+
+
+class NoBaseline(Exception):
+    """Why the density baseline could not be fitted or compared (said in metrics.json)."""
+
+
+def baseline_figures(
+    checkpoint: Path,
+    rows: list[dict[str, Any]],
+    confidence: float,
+    progress: bool,
+) -> dict[str, Any]:
+    """The density baseline (``app.evaluation.baseline``) fitted on the model's own training
+    scans, on the classified test scans: its ROC-AUC with its interval and the model's paired
+    difference (DeLong).
+
+    Raises:
+        NoBaseline: the training scans are not recorded or not found, or too few to fit.
+    """
+    from app.evaluation.metrics import auc_with_ci, paired_auc_difference
+
+    train = training_scans(checkpoint)
+    if not train:
+        raise NoBaseline(
+            "the model's training scans are not recorded (no split.json beside the checkpoint: "
+            "a bundle or a checkpoint copied out of its run folder)"
+        )
+    present = [t for t in train if Path(t["image"]).exists()]
+    if not present:
+        raise NoBaseline(
+            f"none of the model's {len(train)} training scans is found (e.g. "
+            f"{train[0]['image']}): moved or deleted"
+        )
+    try:
+        baseline = DensityBaseline.fit(
+            [t["image"] for t in present], [t["label"] for t in present], progress=progress
+        )
+    except ValueError as exc:
+        raise NoBaseline(f"it cannot be fitted on the training scans ({str(exc)[:200]})") from None
+    for r in rows:
+        r["prob_baseline"] = ""
+    ok = [r for r in rows if r["prob_abnormal"] != ""]
+    probs = baseline.predict([r["path"] for r in ok], progress=progress)
+    both = np.isfinite(probs)
+    labels = np.array([int(r["true_label"]) for r in ok])[both]
+    model = np.array([float(r["prob_abnormal"]) for r in ok])[both]
+    for r, p in zip(ok, probs, strict=True):
+        r["prob_baseline"] = "" if not np.isfinite(p) else round(float(p), 6)
+    if len(set(labels.tolist())) < 2:
+        raise NoBaseline("it read the test scans of one class only")
+    difference = paired_auc_difference(model, probs[both], labels, confidence)
+    return {
+        "what": "lung-density features + logistic regression (app.evaluation.baseline)",
+        "trained_on": baseline.scans,
+        "scans": int(both.sum()),
+        "roc_auc": auc_with_ci(probs[both], labels, confidence),
+        "difference": difference,
+        "verdict": (
+            "the model beats its density baseline"
+            if difference.low > 0
+            else "the model does NOT beat its density baseline (the difference's interval "
+            "reaches 0 or below)"
+        ),
+    }

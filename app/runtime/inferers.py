@@ -6,7 +6,7 @@ from typing import Any
 
 import torch
 
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+from . import PRECISIONS
 
 
 def cpu_flags() -> set[str]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from typing import Any
 
 import ignite.distributed as idist
@@ -36,3 +37,27 @@ def join_process_group(backend: str, device: Any) -> None:
     if device.type == "cuda":
         torch.cuda.set_device(device)
     dist.init_process_group(backend=backend)
+
+
+def init_process_group(config_dir: Path, device: str | None = None) -> None:
+    """Join the process group before any file work, with the backend and device
+    multi_gpu_train.yaml chooses (``device``: a ``--device`` override)."""
+    from app.config import load_config
+
+    parser = load_config(
+        "train.yaml",
+        "multi_gpu_train.yaml",
+        overrides={"device": device} if device else None,
+        config_dir=config_dir,
+    )
+    join_process_group(parser.get_parsed_content("backend"), parser.get_parsed_content("device"))
+
+
+def leave_process_group() -> None:
+    import contextlib
+
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        with contextlib.suppress(Exception):
+            dist.destroy_process_group()

@@ -36,7 +36,7 @@ def _angles(value: Any) -> list[float]:
 
 
 def _checks() -> dict[str, Callable[[Any], Any]]:
-    from app.runtime.inferers import PRECISIONS
+    from app.runtime import PRECISIONS
     from app.training.datasets import CACHE_MODES
     from app.training.schedules import LR_SCHEDULES
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import os
 import platform
 import subprocess
 import sys
@@ -27,16 +26,24 @@ from app.run_folder import (
     FINISHED,
     METRICS_CSV,
     OVERRIDES,
-    SPLIT,
     TRAIN_LOG,
     mark_finished,
 )
-
-DEMO_CONFIG = "demo.yaml"
-#: named training recipes: configs/recipes/NAME.yaml, read after train.yaml (--recipe NAME)
-RECIPES_DIR = "recipes"
-#: the recipe --demo trains with
-DEMO_RECIPE = "small-data"
+from app.training.distributed import (
+    init_process_group,
+    launched_distributed,
+    leave_process_group,
+    rank,
+)
+from app.training.recipes import DEMO_CONFIG, DEMO_RECIPE, RECIPES_DIR, demo_dataset, recipe_file
+from app.training.resume_guard import (
+    check_recorded_settings,
+    check_recorded_split,
+    finished_reason,
+    prepare_run_dir,
+    read_saved_overrides,
+)
+from app.training.settings import check_combination, check_settings
 
 
 @dataclass
@@ -53,36 +60,6 @@ class TrainResult:
     def best_val_acc(self) -> float | None:
         values = [r["val_acc"] for r in self.metrics if r.get("val_acc") is not None]
         return max(values) if values else None
-
-
-def demo_dataset(config_dir: Path = CONFIG_DIR, progress: bool = True) -> Path:
-    """The generated demo dataset, made on first use in the user's cache folder (a progress bar
-    with ``progress``)."""
-    from monai.bundle import ConfigParser
-
-    from app.data.synth import write_dataset
-
-    spec = ConfigParser.load_config_files(str(config_dir / DEMO_CONFIG))["demo_data"]
-    cache = Path(os.environ.get("CTCLASSIFY_CACHE", Path.home() / ".cache" / "ctclassify"))
-    shape = spec.get("shape")
-    name = f"demo-{spec['per_class']}x2-seed{spec['seed']}-" + (
-        "x".join(map(str, shape)) if shape else "mosmed"
-    )
-    root = cache / name
-    marker = root / ".complete"
-    if not marker.exists():
-        print(f"generating the demo dataset in {root} (once)", flush=True)
-        write_dataset(
-            root,
-            int(spec["per_class"]),
-            tuple(shape) if shape else None,
-            seed=int(spec["seed"]),
-            difficulty=spec.get("difficulty"),
-            progress=progress,
-            workers=os.cpu_count() or 1,
-        )
-        marker.write_text(json.dumps(spec))
-    return root
 
 
 def _environment(device: str) -> dict[str, Any]:
@@ -127,27 +104,6 @@ def _log_to_file(path: Path) -> logging.Handler:
     return handler
 
 
-def prepare_run_dir(output: Path, resume: bool, overwrite: bool) -> None:
-    """Refuse to touch an existing run folder unless asked to resume or overwrite it."""
-    from app.run_folder import latest_checkpoint, remove_own_folder
-
-    if output.exists() and not output.is_dir():
-        raise ConfigError(f"--output {output} is a file, not a folder")
-    exists = output.exists() and any(output.iterdir())
-    if resume:
-        if latest_checkpoint(output) is None:
-            raise ConfigError(
-                f"--resume: {output} holds no last_checkpoint_epoch=*.pt to resume from"
-            )
-    elif exists:
-        if not overwrite:
-            raise ConfigError(
-                f"run folder {output} exists; add --resume to continue it, --overwrite to replace "
-                "it, or choose another --output"
-            )
-        remove_own_folder(output, "run")
-
-
 def train(
     data: str | Path | None = None,
     output: str | Path | None = None,
@@ -183,8 +139,6 @@ def train(
         >>> result.metrics[-1]["val_auc"]  # doctest: +SKIP
     """
     import transforms  # noqa: F401  (quiets MONAI's optional-decoder notices)
-    from app.training.distributed import rank
-    from app.training.settings import check_settings
 
     config_dir = Path(config_dir)
     overrides = check_settings(overrides or {}, "app.train")  # before anything is made
@@ -239,7 +193,6 @@ def _checkpoint_epoch(output: Path) -> int | None:
 
 def _check_combination(names: list[str], settings: dict[str, Any], config_dir: Path) -> None:
     """The run's settings that depend on each other (:func:`app.training.settings.check_combination`)."""
-    from app.training.settings import check_combination
 
     parser = load_config(*names, overrides=settings, config_dir=config_dir)
     check_combination(
@@ -247,114 +200,7 @@ def _check_combination(names: list[str], settings: dict[str, Any], config_dir: P
     )
 
 
-def check_recorded_settings(
-    output: Path, names: list[str], settings: dict[str, Any], config_dir: Path
-) -> None:
-    """Refuse a resume whose settings would change one its last checkpoint records
-    (``run_info``: the network, preprocessing, threshold, class names, seed, batch size,
-    learning rate): the checkpoints it writes would describe another model than the weights
-    they hold, and ``best_model.pt`` yet another.
-
-    Raises:
-        ConfigError: naming each setting that differs, recorded and now.
-    """
-    import torch
-
-    from app.run_folder import latest_checkpoint
-
-    last = latest_checkpoint(output)
-    if last is None:
-        return
-    try:
-        recorded = torch.load(last, map_location="cpu", weights_only=True).get("run_info") or {}
-    except Exception:  # the resume itself reports an unusable checkpoint
-        return
-    parser = load_config(*names, overrides=settings, config_dir=config_dir)
-    wanted = parser.get("run_info#settings") or {}
-    differs = []
-    for key, ref in wanted.items():
-        if ref != f"@{key}" or key not in recorded or key == "dataset_dir":
-            continue  # derived records (training data, init weights); data: the split's check
-        now = parser.get_parsed_content(key)
-        if json.dumps(now, sort_keys=True, default=str) != json.dumps(
-            recorded[key], sort_keys=True, default=str
-        ) and not _same_number(now, recorded[key]):
-            differs.append(f"{key} {json.dumps(recorded[key])[:60]} (recorded) vs "
-                           f"{json.dumps(now, default=str)[:60]} (now)")  # fmt: skip
-    if differs:
-        raise ConfigError(
-            f"--resume: {output}'s checkpoints record settings these would change "
-            f"({'; '.join(differs)}): resume with the recorded settings, or start a new run"
-        )
-
-
-def _same_number(a: Any, b: Any) -> bool:
-    """Equal as numbers or lists of numbers (1 and 1.0; [1, 2] and (1, 2))."""
-    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
-        return len(a) == len(b) and all(_same_number(x, y) for x, y in zip(a, b, strict=True))
-    numbers = (int, float)
-    return (
-        isinstance(a, numbers) and isinstance(b, numbers)
-        and not isinstance(a, bool) and not isinstance(b, bool) and float(a) == float(b)
-    )  # fmt: skip
-
-
-def check_recorded_split(
-    output: Path, names: list[str], settings: dict[str, Any], config_dir: Path
-) -> None:
-    """Refuse to resume ``output`` on another split than the one it trained on: its
-    ``split.json`` records the seed, folds, fold, train fraction and data; the split these
-    settings make now must be the recorded one, scan for scan.
-
-    Raises:
-        ConfigError: the recorded split is missing or unreadable, or differs (the message names
-            what differs: seed, folds, fold, train fraction, data folder, scans added/removed).
-    """
-    from app.readback import SPLIT_RECORD, ReadBackError, read_split
-
-    path = output / SPLIT
-    if not path.is_file():
-        raise ReadBackError(
-            f"--resume: {path} is missing: the split the run trained on is unknown, so a resume "
-            "could validate on scans it trained on; start a new run"
-        )
-    recorded = read_split(path)
-    parser = load_config(*names, overrides=settings, config_dir=config_dir)
-    now = {key: parser.get_parsed_content(key) for key in SPLIT_RECORD}
-    now["dataset_dir"] = str(now["dataset_dir"])
-    differs = []
-    if recorded["record"] is not None:
-        for key, value in recorded["record"].items():
-            if key == "dataset_dir":
-                if Path(value).resolve() != Path(now[key]).resolve():
-                    differs.append(f"data {value} (recorded) vs {now[key]} (now)")
-            elif value != now[key]:
-                differs.append(f"{key} {value} (recorded) vs {now[key]} (now)")
-    if not differs:
-        split = parser.get_parsed_content("split")
-
-        def pairs(items: list[Any]) -> set[tuple[str, int]]:
-            return {(str(Path(str(i["image"])).resolve()), int(i["label"])) for i in items}
-
-        before = pairs(recorded["training"]) | pairs(recorded["validation"])
-        after = pairs(split["training"]) | pairs(split["validation"])
-        if before != after:
-            differs.append(
-                f"the data changed: {len(after - before)} scans added, {len(before - after)} "
-                "removed or relabelled"
-            )
-        elif pairs(split["validation"]) != pairs(recorded["validation"]):
-            differs.append("the validation scans differ from the recorded ones")
-    if differs:
-        raise ConfigError(
-            f"--resume: {output} trained on the split recorded in {path}; these settings make "
-            f"another ({'; '.join(differs)}), which would validate on scans it trained on: "
-            "resume with the recorded settings, or start a new run"
-        )
-
-
 def _output_folder(output: str | Path | None) -> Path:
-    from app.training.distributed import launched_distributed
 
     if output is None and launched_distributed():
         raise ConfigError("multi-process training needs --output (every rank must use the same)")
@@ -374,10 +220,8 @@ def _prepare(
     on rank 0 while the other ranks wait."""
     import torch
 
-    from app.training.distributed import launched_distributed, rank
-
     if launched_distributed():
-        _init_process_group(config_dir, overrides.get("device"))
+        init_process_group(config_dir, overrides.get("device"))
     if rank() == 0:
         prepare_run_dir(output, resume, overwrite)
         if demo:
@@ -398,7 +242,6 @@ def _run_settings(
 ) -> tuple[list[str], dict[str, Any]]:
     """The config files to read and the overrides on top: a resumed run's own, then the data,
     then this call's ``overrides``."""
-    from app.training.distributed import launched_distributed
 
     settings: dict[str, Any] = {}
     if resume and (output / OVERRIDES).exists():
@@ -423,19 +266,6 @@ def _run_settings(
     return names, settings
 
 
-def recipes(config_dir: Path = CONFIG_DIR) -> list[str]:
-    """The recipe names: configs/recipes/*.yaml."""
-    return sorted(p.stem for p in (Path(config_dir) / RECIPES_DIR).glob("*.yaml"))
-
-
-def recipe_file(name: str, config_dir: Path = CONFIG_DIR) -> str:
-    """``recipes/NAME.yaml`` for a known recipe; a ConfigError naming the known ones else."""
-    known = recipes(config_dir)
-    if name not in known:
-        raise ConfigError(f"no recipe {name!r}: choose one of {', '.join(known) or 'none'}")
-    return f"{RECIPES_DIR}/{name}.yaml"
-
-
 def _check_data(settings: dict[str, Any]) -> None:
     """Refuse missing data, a missing GPU or a malformed dataset before the run folder exists."""
     import torch
@@ -458,7 +288,6 @@ def _check_data(settings: dict[str, Any]) -> None:
 def _record_settings(output: Path, settings: dict[str, Any], names: list[str]) -> None:
     """``overrides.json``: what ``--resume`` rebuilds the run from (rank 0 writes it)."""
     from app.runtime.files import atomic_write_text
-    from app.training.distributed import rank
 
     output.mkdir(parents=True, exist_ok=True)
     if rank() == 0:
@@ -488,8 +317,6 @@ def _run_workflow(
     """Build the training workflow from the configs and run it to its end (or a signal)."""
     from monai.bundle import ConfigWorkflow
 
-    from app.training.distributed import rank
-
     lead = rank() == 0
     log_handler = _log_to_file(output / TRAIN_LOG) if lead else logging.NullHandler()
     quiet = _DropMessages("Not all config files are in")  # a recipe lives in configs/recipes/,
@@ -517,7 +344,7 @@ def _run_workflow(
             workflow.finalize()  # every rank stopped after the same iteration: meet, tear down
             raise
         except BaseException:
-            _leave_process_group()  # no barrier: the other ranks may never reach it
+            leave_process_group()  # no barrier: the other ranks may never reach it
             raise
         workflow.finalize()
     except RuntimeError as exc:  # MONAI's config parser wraps what a component raised
@@ -546,7 +373,6 @@ def _log_start(output: Path, parser: Any, resume: bool) -> None:
     import torch
 
     from app.run_folder import latest_checkpoint
-    from app.training.distributed import launched_distributed, rank
 
     log = logging.getLogger("app.train")
     if launched_distributed():
@@ -587,83 +413,6 @@ def _user_error(exc: BaseException) -> CTClassifyError | None:
             return current
         seen.add(id(current))
         current = current.__cause__ or current.__context__
-    return None
-
-
-#: the config expressions ``--device`` writes into overrides.json itself
-DEVICE_EXPRESSIONS = {f"$torch.device('{d}')" for d in ("cpu", "cuda")}
-
-
-def read_saved_overrides(
-    path: Path, given: dict[str, Any], config_dir: Path = CONFIG_DIR
-) -> dict[str, Any]:
-    """A run folder's ``overrides.json`` for ``--resume``, read as data.
-
-    The file comes from a folder, which may come from someone else: every key must be one of
-    app.train's settings (``app.training.settings.SETTING_CHECKS``: never an id path such as
-    ``loss#_target_`` nor a config internal such as ``is_not_rank0``), every value inside its
-    range and free of config syntax, unless it is an expression ``--device`` writes, or the
-    same key and value are given again on this command line (``given``); a place to write to
-    (``cache_dir``) only when given again.
-    """
-    from app.readback import check_overrides, read_json
-    from app.training.settings import SETTING_CHECKS, WRITE_PATHS
-
-    saved = read_json(path, 1 << 20)
-    if isinstance(saved, dict):
-        saved.pop("output_dir", None)  # older files recorded it; --output says where the run is
-    return check_overrides(
-        saved,
-        path,
-        {**SETTING_CHECKS, "device": _device_value},
-        given,
-        {"device": DEVICE_EXPRESSIONS},
-        WRITE_PATHS,
-    )
-
-
-def _device_value(value: Any) -> str:
-    raise ValueError(f"one of {', '.join(sorted(DEVICE_EXPRESSIONS))}, got {value!r}"[:200])
-
-
-def finished_reason(
-    output: Path, settings: dict[str, Any], names: list[str], config_dir: Path
-) -> str | None:
-    """Why the run in ``output`` has nothing left to do with these settings, or ``None``.
-
-    Finished: its last checkpoint reached the requested ``epochs``, or early stopping ended it
-    and ``patience`` was not raised since. Read from the checkpoint's trainer state alone.
-    """
-    import torch
-
-    from app.run_folder import latest_checkpoint
-    from app.training.handlers.early_stopping import STATE_KEY
-
-    last = latest_checkpoint(output)
-    if last is None:
-        return None
-    wanted: dict[str, Any] = {k: settings[k] for k in ("epochs", "patience") if k in settings}
-    parser = load_config(*names, overrides=wanted, config_dir=config_dir)
-    epochs = int(parser.get_parsed_content("epochs"))
-    patience = int(parser.get_parsed_content("patience"))
-    try:
-        trainer = torch.load(last, map_location="cpu", weights_only=True)["trainer"]
-        # ignite stores the iteration (or the epoch) of the trainer
-        epoch = int(
-            trainer["epoch"]
-            if "epoch" in trainer
-            else int(trainer["iteration"]) // max(int(trainer["epoch_length"]), 1)
-        )
-    except (KeyError, TypeError, ValueError, RuntimeError, OSError):
-        return None  # the resume itself reports an unusable checkpoint
-    if epoch >= epochs:
-        return f"it reached epoch {epoch} of {epochs}; raise --epochs to train on"
-    stopper = trainer.get(STATE_KEY) or {}
-    if int(stopper.get("counter", 0)) >= patience:
-        return (
-            f"early stopping ended it at epoch {epoch} ({stopper.get('counter')} epochs without a "
-            f"better validation accuracy, patience {patience}); raise --patience to train on"
-        )
     return None
 
 
@@ -711,27 +460,3 @@ def _stop_on_signals(trainer: Any, output: Path) -> Iterator[None]:
         raise Interrupted(
             f"stopped by {signal.Signals(received[0]).name}; {kept}: continue with --resume"
         )
-
-
-def _init_process_group(config_dir: Path, device: str | None = None) -> None:
-    """Join the process group before any file work, with the backend and device
-    multi_gpu_train.yaml chooses (``device``: a ``--device`` override)."""
-    from app.training.distributed import join_process_group
-
-    parser = load_config(
-        "train.yaml",
-        "multi_gpu_train.yaml",
-        overrides={"device": device} if device else None,
-        config_dir=config_dir,
-    )
-    join_process_group(parser.get_parsed_content("backend"), parser.get_parsed_content("device"))
-
-
-def _leave_process_group() -> None:
-    import contextlib
-
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        with contextlib.suppress(Exception):
-            dist.destroy_process_group()
