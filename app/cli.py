@@ -12,6 +12,7 @@ from typing import Any
 
 from app.config import CONFIG_DIR
 from app.errors import EXIT_INTERRUPTED, CTClassifyError
+from app.runtime import PRECISIONS
 
 
 def fail(exc: CTClassifyError) -> int:
@@ -103,7 +104,6 @@ def add_reading_options(parser: argparse.ArgumentParser, defaults: dict[str, Any
 
 def add_precision_option(parser: argparse.ArgumentParser, default: str | None = None) -> None:
     """``--precision auto|fp32|bf16|fp16``, as configs/common.yaml's ``precision``."""
-    from app.runtime import PRECISIONS
 
     parser.add_argument(
         "--precision",

@@ -6,6 +6,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from app.errors import ConfigError
+
 if TYPE_CHECKING:  # monai is heavy to import: command-line --help stays fast without it
     from monai.bundle import ConfigParser
 
@@ -46,8 +48,6 @@ def load_config(
 def parse_set_options(pairs: Sequence[str]) -> dict[str, Any]:
     """Turn ``["id=value", ...]`` into overrides; values are read as YAML (``3``, ``[1, 2]``...)."""
     import yaml
-
-    from app.errors import ConfigError
 
     overrides: dict[str, Any] = {}
     for pair in pairs:

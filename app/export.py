@@ -19,6 +19,8 @@ import sys
 from pathlib import Path
 
 from app.bundle.export import export_bundle
+from app.cli import fail
+from app.errors import CTClassifyError
 
 __all__ = ["build_parser", "export_bundle", "main"]
 
@@ -39,8 +41,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from app.cli import fail
-    from app.errors import CTClassifyError
 
     try:
         out = export_bundle(

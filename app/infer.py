@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import datetime as dt
 import hashlib
 import re
 import sys
@@ -31,7 +32,11 @@ from app.cli import (
     show_progress,
 )
 from app.errors import CTClassifyError, UsageError
+from app.inference.report import write_report
+from app.plots import plot_montage
+from app.runtime.allocator import reuse_freed_memory
 from app.runtime.scanqc import Limits, TrainingContext
+from app.runtime.scans import find_inputs
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -144,7 +149,6 @@ def output_folder(args: argparse.Namespace) -> Path:
 
 def load_model(args: argparse.Namespace) -> Any:
     from app.inference.classifier import Classifier
-    from app.runtime.allocator import reuse_freed_memory
 
     limits = Limits() if args.max_voxels is None else Limits(max_voxels=args.max_voxels)
     clf = Classifier.load(
@@ -161,7 +165,6 @@ def load_model(args: argparse.Namespace) -> Any:
 
 
 def find_scan_inputs(folder: Path) -> list[Any]:
-    from app.runtime.scans import find_inputs
 
     inputs = find_inputs(folder)
     if not inputs:
@@ -226,7 +229,6 @@ def draw_pictures(
     clf: Any, pred: Any, out: Path, args: argparse.Namespace, images: dict[str, dict[str, Path]]
 ) -> None:
     """The report's montage and the saliency montage of one prediction, as asked."""
-    from app.plots import plot_montage
 
     image = getattr(pred, "image", None)
     if image is None:
@@ -271,7 +273,6 @@ def report(
     generated: bool = False,
 ) -> Path:
     """OUT/report.html, with the pictures of scans classified by an earlier, interrupted run."""
-    from app.inference.report import write_report
 
     for r in rows:
         name = safe_name(r["path"])
@@ -280,7 +281,6 @@ def report(
             candidate = out / folder_name / f"{name}.png"
             if kind not in pics and candidate.is_file():
                 pics[kind] = candidate
-    import datetime as dt
 
     date = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
     return write_report(rows, out, images, model=model, date=date, generated=generated)

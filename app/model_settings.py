@@ -10,6 +10,7 @@ the tree, then checks every known field's type, length and range, and returns ne
 
 from __future__ import annotations
 
+import json
 import math
 import re
 from collections.abc import Callable, Mapping
@@ -461,7 +462,6 @@ def read_bundle_settings(bundle_root: str | Path, max_bytes: int = 1 << 20) -> A
 def read_scan_hashes(path: Path) -> Any:
     """The ``scan_sha256`` record in a bundle's ``configs/training_scans.json`` (checked by
     :func:`validate_settings` with the rest); a link is refused."""
-    import json
 
     if path.is_symlink():
         raise ValueError(f"{path} is a symbolic link: links are never followed")

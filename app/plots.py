@@ -2,20 +2,21 @@
 
 from __future__ import annotations
 
+import base64
+import html
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from app.run_folder import VALIDATION_LABELS
+from app.run_folder import VALIDATION_LABELS, kept_row
+from app.runtime.files import atomic_write
 
 
 def embedded_png(path: Path | None, alt: str, zoom: bool = False) -> str:
     """``<img>`` holding the PNG at ``path`` (base64: a report is one self-contained file); with
     ``zoom`` a click shows it at full size (CSS focus, no script). "" when there is no file."""
-    import base64
-    import html
 
     if path is None or not path.is_file():
         return ""
@@ -34,7 +35,6 @@ def _pyplot() -> Any:
 
 
 def _save(fig: Any, path: str | Path) -> None:
-    from app.runtime.files import atomic_write
 
     atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", bbox_inches="tight"))
 
@@ -47,7 +47,6 @@ def plot_curves(rows: Sequence[Mapping[str, Any]], path: str | Path) -> None:
     from matplotlib.ticker import MaxNLocator
 
     epochs = [int(r["epoch"]) for r in rows]
-    from app.run_folder import kept_row
 
     kept = kept_row(rows)
     fig, axes = plt.subplots(1, 3, figsize=(16, 4))
@@ -143,7 +142,6 @@ def plot_montage(
 def plot_cv_curves(folds: Sequence[Sequence[Mapping[str, Any]]], path: str | Path) -> None:
     """Cross-validation: each fold's validation ROC-AUC and accuracy per epoch, overlaid, the
     kept epoch (best validation accuracy) marked."""
-    from app.run_folder import kept_row
 
     plt = _pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharex=True)

@@ -21,8 +21,12 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from app import train
 from app.cli import add_progress_option, show_progress
 from app.config import CONFIG_DIR
+from app.data.download import sha256_of
+from app.model_settings import MODEL_SETTINGS
+from app.run_folder import BEST_MODEL, METRICS_JSON, SPLIT
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -77,10 +81,7 @@ def export_weights(run: Path, out: Path, record: dict[str, Any]) -> Path:
     record ``out/generated.json`` with the file's SHA-256."""
     import torch
 
-    from app.data.download import sha256_of
     from app.inference.checkpoints import load_checkpoint
-    from app.model_settings import MODEL_SETTINGS
-    from app.run_folder import BEST_MODEL
     from app.training.pretrained import GENERATED
 
     state, settings = load_checkpoint(run / BEST_MODEL)
@@ -111,8 +112,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from app import train
-    from app.run_folder import METRICS_JSON, SPLIT
 
     settings = pretrain_settings()
     if args.per_class is not None:

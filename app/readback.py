@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
 from app.errors import ConfigError
+from app.model_settings import find_config_syntax
 
 #: larger files are not ones the app writes (a 1,110-scan split.json is about 150 KB)
 MAX_JSON_BYTES = 16 * 1024**2
@@ -42,7 +44,6 @@ def read_json(path: str | Path, max_bytes: int = MAX_JSON_BYTES) -> Any:
 
 
 def _syntax(value: Any, where: str) -> str | None:
-    from app.model_settings import find_config_syntax
 
     return find_config_syntax(value, where)
 
@@ -325,7 +326,6 @@ def read_split(path: str | Path) -> dict[str, Any]:
     written before they were recorded). Relative image paths, and the record's
     ``dataset_dir``, come back resolved against ``base``: the files they named when recorded,
     wherever the split is read from."""
-    import os
 
     split = _check_fields(
         read_json(path),
@@ -346,7 +346,6 @@ def read_split(path: str | Path) -> dict[str, Any]:
 
 
 def _absolute(value: Any) -> str:
-    import os
 
     text = _text(4096)(value)
     if "\0" in text or not os.path.isabs(text):

@@ -7,6 +7,9 @@ from __future__ import annotations
 
 import csv
 import fnmatch
+import json
+import math
+import re
 import shutil
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
@@ -14,6 +17,8 @@ from typing import Any
 
 from app.config import METADATA
 from app.errors import ConfigError
+from app.readback import ReadBackError, read_finished
+from app.runtime.files import atomic_write_text
 
 #: prefix of the resumable checkpoint saved after every epoch (``last_checkpoint_epoch=N.pt``)
 LAST_PREFIX = "last"
@@ -140,10 +145,6 @@ def read_metrics(path: str | Path) -> list[dict[str, Any]]:
     whole number from 1, every other value a finite number or empty, at most 100,000 rows and
     16 MB; anything else is a :class:`app.readback.ReadBackError` naming the file, row and column.
     """
-    import math
-    import re
-
-    from app.readback import ReadBackError
 
     path = Path(path)
     if not path.exists():
@@ -209,9 +210,6 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
 
 def mark_finished(run_dir: str | Path, epoch: int, reason: str) -> None:
     """Record that the run in ``run_dir`` ended at ``epoch`` (:data:`FINISHED`)."""
-    import json
-
-    from app.runtime.files import atomic_write_text
 
     atomic_write_text(
         Path(run_dir) / FINISHED, json.dumps({"epoch": int(epoch), "reason": str(reason)[:400]})
@@ -221,7 +219,6 @@ def mark_finished(run_dir: str | Path, epoch: int, reason: str) -> None:
 def is_finished(run_dir: str | Path) -> bool:
     """Whether the run's record says its training ended; its :data:`FINISHED` file is checked
     as data (a malformed one is refused, naming the file)."""
-    from app.readback import read_finished
 
     path = Path(run_dir) / FINISHED
     if not path.is_file():

@@ -27,7 +27,10 @@ from app.cli import (
 )
 from app.config import parse_set_options
 from app.errors import ConfigError, CTClassifyError
-from app.run_folder import CV_SUMMARY
+from app.inference.model_card import ModelCard
+from app.model_settings import SettingsError, validate_settings
+from app.readback import read_cv_summary
+from app.run_folder import BEST_MODEL, CV_SUMMARY, kept_row, validation_figures
 from app.training.recipes import DEMO_RECIPE, recipe_file, recipes
 
 if TYPE_CHECKING:
@@ -224,7 +227,6 @@ def main(argv: list[str] | None = None) -> int:
     if result.already_finished:
         print(f"{result.run_dir} is already finished: {result.already_finished}. Nothing changed.")
         return 0
-    from app.run_folder import kept_row, validation_figures
 
     kept = kept_row(result.metrics)
     if kept is not None:
@@ -244,9 +246,6 @@ def main(argv: list[str] | None = None) -> int:
 def _operating_point(run: Path) -> str | None:
     """The kept model's threshold line, as app.infer's model card prints it."""
     from app.inference.checkpoints import CheckpointError, load_checkpoint
-    from app.inference.model_card import ModelCard
-    from app.model_settings import SettingsError, validate_settings
-    from app.run_folder import BEST_MODEL
 
     try:
         settings = validate_settings(load_checkpoint(run / BEST_MODEL)[1], str(run / BEST_MODEL))
@@ -289,7 +288,6 @@ def _cross_validate(args: argparse.Namespace) -> int:
     print(f"cross-validation: {result.output} ({result.folds} folds)")
     for name, stat in result.summary["mean_sd"].items():
         print(f"  {name:<16} {stat['mean']:.3f} +- {stat['sd']:.3f}")
-    from app.readback import read_cv_summary
 
     base = read_cv_summary(result.output / CV_SUMMARY)["baseline"]
     if base:

@@ -10,14 +10,25 @@ import subprocess
 import sys
 import tempfile
 import warnings
+import zipfile
+from importlib.metadata import PackageNotFoundError, distribution, version
 from pathlib import Path
 from typing import Any
 
 import yaml
 
 from app.config import CONFIG_DIR, METADATA, TRAINING_SCANS
+from app.errors import ConfigError
 from app.model_settings import MODEL_SETTINGS, shareable, validate_settings
-from app.run_folder import BUNDLE_MARKER
+from app.run_folder import (
+    BUNDLE_MARKER,
+    CV_CALIBRATION,
+    METRICS_CSV,
+    check_own_folder,
+    kept_row,
+    read_metrics,
+)
+from app.runtime.files import atomic_write, atomic_write_text
 
 REPO = Path(__file__).resolve().parents[2]
 #: this project's packages that travel in the bundle's scripts/ (whole packages: a new module
@@ -82,7 +93,6 @@ BUNDLE_REQUIRES = ("nibabel", "pytorch-ignite", "pyyaml", "fire", "scipy", "pydi
 
 
 def _installed(name: str) -> str:
-    from importlib.metadata import PackageNotFoundError, version
 
     try:
         return version(name).split("+")[0]
@@ -139,7 +149,6 @@ def _metadata(settings: dict[str, Any], metrics: list[dict[str, Any]]) -> dict[s
         "(H. Zunair)."
     )
     meta["data_source"] = f"Trained on {_training_data(settings)}."
-    from app.run_folder import kept_row
 
     best = kept_row(metrics)
     if best is not None:
@@ -235,7 +244,6 @@ def export_bundle(
     """
     from app.inference.checkpoints import resolve_checkpoint
     from app.inference.classifier import Classifier
-    from app.run_folder import CV_CALIBRATION, METRICS_CSV, read_metrics
 
     final = Path(output)
     archive = final.with_name(final.name + ".zip")
@@ -293,9 +301,6 @@ def is_own_bundle(folder: Path) -> bool:
 
 def _check_zip_target(archive: Path, overwrite: bool) -> None:
     """``--zip`` never replaces an existing file silently, nor one it did not write."""
-    import zipfile
-
-    from app.errors import ConfigError
 
     if not (archive.exists() or archive.is_symlink()):
         return
@@ -318,8 +323,6 @@ def _check_zip_target(archive: Path, overwrite: bool) -> None:
 def _check_target(final: Path, overwrite: bool) -> None:
     """Refuse a file, an existing folder without ``--overwrite``, and any folder that is not a
     bundle (before any work: a foreign folder is never replaced)."""
-    from app.errors import ConfigError
-    from app.run_folder import check_own_folder
 
     if final.is_symlink():
         raise ConfigError(f"--output {final} is a symbolic link: links are never followed")
@@ -349,7 +352,6 @@ def _write_code(work: Path) -> None:
 
 def _license_text() -> str:
     """The project's licence: the repository's LICENSE, or the installed package's copy."""
-    from importlib.metadata import PackageNotFoundError, distribution
 
     if (REPO / "LICENSE").is_file():
         return (REPO / "LICENSE").read_text()
@@ -367,7 +369,6 @@ def _license_text() -> str:
 def _write_configs_and_docs(
     work: Path, settings: dict[str, Any], metrics: list[dict[str, Any]], source: Path
 ) -> None:
-    from app.runtime.files import atomic_write_text
 
     atomic_write_text(
         work / "configs" / "inference.yaml",
@@ -405,8 +406,6 @@ def _write_models(work: Path, network: Any, settings: dict[str, Any], onnx: bool
     """models/: the state dict, TorchScript made by MONAI inside the bundle (which proves the
     bundle works without this app), and ONNX."""
     import torch
-
-    from app.runtime.files import atomic_write
 
     state = {k: v.detach().clone() for k, v in network.state_dict().items()}
     atomic_write(work / "models" / "model.pt", lambda tmp: torch.save(state, tmp))

@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 from app.cli import add_progress_option, config_values, count, fail, show_progress
+from app.errors import CTClassifyError
 
 DEFAULT_ROOT = Path("data")
 #: the generator's settings of strength 0 to 1, with what each adds (in both classes alike)
@@ -99,7 +100,6 @@ def _add_synth_parser(sy: argparse.ArgumentParser) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from app.errors import CTClassifyError
 
     try:
         if args.command == "download":

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
+import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -11,6 +13,7 @@ from typing import Any
 import numpy as np
 
 from app.errors import DataError
+from app.runtime.files import atomic_write_text
 from app.runtime.scans import is_scan_name
 
 #: MosMedData's class folders: CT-0 is normal; CT-1..CT-4 (and the example's CT-23) abnormal.
@@ -77,7 +80,6 @@ def refuse_duplicates(items: Sequence[Item], source: str, names: Sequence[str]) 
     Raises:
         DataError: naming both entries, and whether they also carry two classes.
     """
-    import os
 
     seen: dict[str, int] = {}
     for i, item in enumerate(items):
@@ -241,9 +243,6 @@ def write_split(
     must reproduce (:func:`app.training.resume_guard.check_recorded_split`), and ``base``: the
     working folder relative paths were given in (:func:`app.readback.read_split` resolves them
     against it, wherever the file is read from)."""
-    import os
-
-    from app.runtime.files import atomic_write_text
 
     content: dict[str, Any] = {"training": list(train), "validation": list(val)}
     content["base"] = os.getcwd()
@@ -305,8 +304,6 @@ def scan_sha256(path: str | Path | object) -> str:
     """The SHA-256 of a scan's content: of a file's bytes, or for a folder (a DICOM series) of
     its files' names and hashes in name order; :data:`UNREADABLE` when it cannot be read. The
     same for a copy, a hard link or a symbolic link, wherever it lies."""
-    import hashlib
-    import os
 
     def of_file(file: str) -> str:
         digest = hashlib.sha256()
@@ -337,8 +334,6 @@ def content_digest(
     relative to ``source`` (its name when outside it), label and the SHA-256 of its bytes, in
     path order. What a shared bundle records instead of the data's absolute path. ``hashes``:
     the scans' :func:`scan_sha256`, when known (otherwise each scan is read)."""
-    import hashlib
-    import os
 
     base = Path(source) if Path(source).is_dir() else Path(source).parent
     if hashes is None:

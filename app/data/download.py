@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
+import stat
 import urllib.error
 import urllib.request
 import zipfile
@@ -129,7 +130,6 @@ def safe_extract(archive: Path, target: Path, limits: ZipLimits = ZipLimits()) -
     ``target`` (absolute paths, ``..``), be a symbolic link or special file, or make the archive
     exceed ``limits`` (members, inflated bytes, inflation ratio). ``zipfile`` stops each member
     at its declared size and checks its CRC, so the declared sizes bound what is written."""
-    import stat
 
     target = target.resolve()
     try:

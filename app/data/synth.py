@@ -10,7 +10,9 @@ the classes only partly, so a model has to learn where the opacities are.
 
 from __future__ import annotations
 
+import gzip
 import os
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,7 +20,9 @@ from typing import Any
 import nibabel as nib
 import numpy as np
 from scipy import ndimage
+from tqdm import tqdm
 
+from app.cli import config_values
 from app.runtime.scanqc import GENERATED_DESCRIP, is_generated  # noqa: F401  (one place: the bundle checks it too)
 
 CLASS_FOLDERS = {0: "CT-0", 1: "CT-23"}
@@ -59,7 +63,6 @@ def _ellipse(
 def synth_defaults() -> dict[str, Any]:
     """The generator's defaults (``configs/synth.yaml``): ``per_class``, ``seed``,
     ``difficulty``, ``confounders``, ``shift``, ``hila``, ``trees``."""
-    from app.cli import config_values
 
     return dict(config_values("synth.yaml")["synth"])
 
@@ -212,7 +215,6 @@ def _add_vessel_trees(
     side at mid-height and grows outwards in 3D, splitting into thinner branches (radius 1.5-4
     mm at the root, x0.7 per generation, 4 generations); a voxel's share of vessel is the
     fraction of it inside the tube (a one-voxel ramp at the rim: partial volume)."""
-    from scipy import ndimage
 
     if not lungs.any():
         return
@@ -475,7 +477,6 @@ def save_scan(scan: SynthScan, path: str | Path) -> None:
 
 
 def _save_atomically(image: nib.Nifti1Image, path: Path) -> None:
-    import gzip
 
     data = image.to_bytes()
     if path.name.endswith(".gz"):
@@ -530,9 +531,6 @@ def write_dataset(
     many processes (at most the CPU cores): each scan has its
     own seed, so the files are the same as with one.
     """
-    from concurrent.futures import ProcessPoolExecutor
-
-    from tqdm import tqdm
 
     out = Path(out)
     for folder_name in (*CLASS_FOLDERS.values(), "masks"):  # what a killed run left

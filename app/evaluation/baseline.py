@@ -17,6 +17,9 @@ from typing import Any
 
 import numpy as np
 
+from app.cli import config_values
+from app.evaluation.metrics import auc_with_ci, paired_auc_difference
+from app.readback import read_split
 from app.run_folder import SPLIT, fold_dirs
 
 #: 50-HU bins of the lung histogram
@@ -63,7 +66,6 @@ def scan_features(
     from monai.transforms import Compose, EnsureChannelFirstd, LoadImaged, Orientationd
     from tqdm import tqdm
 
-    from app.cli import config_values
     from transforms.dicom import DicomSeriesReader
     from transforms.readers import FastNiftiReader
 
@@ -139,7 +141,6 @@ def training_scans(checkpoint: Path) -> list[dict[str, Any]] | None:
     part, relative paths resolved against the folder the training ran in; for a
     cross-validation folder every scan of its folds), as ``{image, label}``; None when no split
     is recorded (a bundle, a bare checkpoint file)."""
-    from app.readback import read_split
 
     folder = checkpoint if checkpoint.is_dir() else checkpoint.parent
     if (folder / SPLIT).is_file():
@@ -168,7 +169,6 @@ def baseline_figures(
     Raises:
         NoBaseline: the training scans are not recorded or not found, or too few to fit.
     """
-    from app.evaluation.metrics import auc_with_ci, paired_auc_difference
 
     train = training_scans(checkpoint)
     if not train:

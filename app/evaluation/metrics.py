@@ -18,6 +18,8 @@ from typing import Any
 
 import numpy as np
 
+from app.cli import config_values
+
 
 @dataclass(frozen=True)
 class Estimate:
@@ -89,7 +91,6 @@ def evaluation_settings() -> dict[str, Any]:
     """The defaults of every function here and of ``app.evaluate``: ``confidence``, ``auc_ci``,
     ``bootstrap_resamples``, ``bootstrap_seed`` (``configs/evaluate.yaml``, ``evaluation``) and
     ``threshold`` (``configs/common.yaml``)."""
-    from app.cli import config_values
 
     values = dict(config_values("evaluate.yaml")["evaluation"])
     values["threshold"] = config_values("common.yaml")["threshold"]

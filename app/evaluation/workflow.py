@@ -13,6 +13,7 @@ import datetime as dt
 import io
 import json
 import math
+import os
 import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -21,11 +22,30 @@ from typing import Any, cast
 import numpy as np
 
 from app.cli import config_values
+from app.data.datalist import UNREADABLE, find_items, scan_sha256
 from app.errors import EXIT_REFUSED, CTClassifyError, UsageError
 from app.evaluation.baseline import NoBaseline, baseline_figures
-from app.evaluation.metrics import BinaryMetrics, Estimate, binary_metrics, ensemble_figures
-from app.evaluation.plots import CALIBRATION_PNG, CONFUSION_PNG, ROC_PNG
+from app.evaluation.metrics import (
+    BinaryMetrics,
+    Estimate,
+    binary_metrics,
+    ensemble_figures,
+    evaluation_settings,
+)
+from app.evaluation.plots import (
+    CALIBRATION_PNG,
+    CONFUSION_PNG,
+    ROC_PNG,
+    plot_calibration,
+    plot_confusion,
+    plot_roc,
+)
+from app.evaluation.report import write_report
+from app.model_settings import split_hashes
+from app.readback import read_split
 from app.run_folder import METRICS_JSON, REPORT_HTML, SPLIT, fold_dirs, fold_number
+from app.runtime.files import atomic_write_text
+from app.runtime.scanqc import TrainingContext
 from app.runtime.writer import PREDICTIONS_CSV
 
 __all__ = [
@@ -50,7 +70,6 @@ class EvaluationError(CTClassifyError):
 def _recorded_splits(checkpoint: Path) -> list[tuple[str, dict[str, Any]]]:
     """The ``split.json`` of the run folder at ``checkpoint``, or of each fold of a
     cross-validation folder, as ``(prefix, split)``: none for a bundle or a bare file."""
-    from app.readback import read_split
 
     folder = checkpoint if checkpoint.is_dir() else checkpoint.parent
     splits = [("", folder / SPLIT)]
@@ -78,10 +97,6 @@ def check_independence(
     copies, hard links and moved files are found), and by path, against its run folder's
     ``split.json`` (relative paths resolved against the folder the training ran in). Reads each
     test scan once; the training scans are never re-read."""
-    import os
-
-    from app.data.datalist import UNREADABLE, scan_sha256
-    from app.model_settings import split_hashes
 
     used: dict[str, str] = {}
     for prefix, split in _recorded_splits(checkpoint):
@@ -116,7 +131,6 @@ def evaluate_defaults() -> dict[str, Any]:
     """``app.evaluate``'s defaults: ``batch_size`` and ``num_workers`` (``common.yaml``, as
     ``app.infer``), then ``evaluate.yaml``'s ``evaluation`` and the threshold
     (:func:`app.evaluation.metrics.evaluation_settings`)."""
-    from app.evaluation.metrics import evaluation_settings
 
     return {**config_values("common.yaml"), **evaluation_settings()}
 
@@ -253,7 +267,6 @@ def evaluate(
             run folders' ``split.json``), unless ``allow_overlap``.
         EvaluationError: no scan could be classified, or those classified are of one class.
     """
-    from app.data.datalist import find_items
     from app.inference.classifier import Classifier
 
     settings = _settings(batch_size, workers, n_resamples, seed, auc_ci, threshold)
@@ -389,7 +402,6 @@ def _figures(
 
 def _model_record(clf: Any, tta: bool) -> dict[str, Any]:
     """What metrics.json says of the model."""
-    from app.runtime.scanqc import TrainingContext
 
     return {
         **clf.identity(),
@@ -441,9 +453,6 @@ def _classify(
 
 
 def _write(result: Evaluation, out: Path, class_names: list[str]) -> dict[str, Path]:
-    from app.evaluation.plots import plot_calibration, plot_confusion, plot_roc
-    from app.evaluation.report import write_report
-    from app.runtime.files import atomic_write_text
 
     out.mkdir(parents=True, exist_ok=True)
     ok = [r for r in result.predictions if r["prob_abnormal"] != ""]

@@ -3,15 +3,17 @@ network its settings describe (one model, or a cross-validation folder's folds a
 
 from __future__ import annotations
 
+import pickle
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from app.config import METADATA
+from app.config import METADATA, load_config
 from app.errors import EXIT_REFUSED, ConfigError, CTClassifyError
 from app.model_settings import MODEL_SETTINGS, SettingsError, validate_settings
+from app.readback import ReadBackError, read_calibration, read_cv_summary
 from app.run_folder import (
     BEST_MODEL,
     CV_CALIBRATION,
@@ -60,7 +62,6 @@ def resolve_checkpoint(path: str | Path | None, runs_dir: str | Path = "runs") -
 
 def load_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """(network state dict, run settings) from a checkpoint, without unpickling any object."""
-    import pickle
 
     path = Path(path)
     try:
@@ -179,7 +180,6 @@ def load_cv_ensemble(folder: Path) -> tuple[MeanProbabilityEnsemble, dict[str, A
     """A cross-validation folder (``app.train --folds K``) as one network, the mean of the fold
     models' temperature-scaled probabilities, with settings whose threshold is the one chosen
     out of fold (on the same scale) and whose ``ensemble`` records members and temperature."""
-    from app.readback import ReadBackError, read_calibration
 
     try:
         calibration = read_calibration(folder / CV_CALIBRATION)
@@ -220,7 +220,6 @@ def load_cv_ensemble(folder: Path) -> tuple[MeanProbabilityEnsemble, dict[str, A
 def build_network(settings: dict[str, Any]) -> torch.nn.Module:
     """The network its settings describe: inference.yaml's ``network_def`` with the model's
     settings, or, with ``ensemble``, that many of them averaged (an exported CV ensemble)."""
-    from app.config import load_config
 
     overrides = {k: settings[k] for k in MODEL_SETTINGS}
 
@@ -236,7 +235,6 @@ def build_network(settings: dict[str, Any]) -> torch.nn.Module:
 
 def cv_means(folder: Path) -> dict[str, Any] | None:
     """The folds' mean validation metrics from ``cv_summary.json`` (no epoch: several)."""
-    from app.readback import ReadBackError, read_cv_summary
 
     if not (folder / CV_SUMMARY).is_file():
         return None

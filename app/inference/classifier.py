@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from app.config import load_config
 from app.errors import ConfigError
 from app.inference.checkpoints import (
     CheckpointError,
@@ -30,6 +31,7 @@ from app.inference.checkpoints import (
 )
 from app.inference.model_card import ModelCard
 from app.inference.reading import ScanPreparer, as_input, prepared_batches
+from app.inference.saliency import saliency_map
 from app.model_settings import MODEL_SETTINGS, SettingsError, validate_settings
 from app.run_folder import CV_CALIBRATION
 from app.runtime.inferers import PRECISIONS, resolve_precision
@@ -100,7 +102,6 @@ class Classifier:
         checkpoint: Path | None = None,
         precision: str = "auto",
     ) -> None:
-        from app.config import load_config
 
         if precision not in PRECISIONS:
             raise ConfigError(
@@ -155,7 +156,6 @@ class Classifier:
         precision: str = "auto",
     ) -> Classifier:
         """Rebuild the model from a checkpoint file, run folder, exported bundle, or the newest run."""
-        import transforms  # noqa: F401  (quiets MONAI's optional-decoder notices)
 
         if checkpoint is not None and (Path(checkpoint) / CV_CALIBRATION).is_file():
             return cls.load_ensemble(Path(checkpoint), device, threshold, limits, precision)
@@ -298,6 +298,5 @@ class Classifier:
         """Where the model looks, for one preprocessed (C, x, y, z) volume: a map of the input's
         grid in [0, 1] (:func:`app.inference.saliency.saliency_map`: ``gradient``, the smoothed
         positive input gradient of the abnormal logit, or ``gradcam`` of conv block ``block``)."""
-        from app.inference.saliency import saliency_map
 
         return saliency_map(self.network, image, self.device, method, block)

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from app.run_folder import VALIDATION_LABELS, validation_figures
+from app.run_folder import VALIDATION_LABELS, fold_dirs, validation_figures
 
 #: below these a validation figure is called "little better than chance" (accuracy, ROC-AUC) or
 #: a class is never found (sensitivity, specificity)
@@ -27,7 +27,6 @@ def ensemble_digest(folder: Path) -> str:
     """The content digest of a cross-validation ensemble: SHA-256 over each fold's
     ``best_model.pt`` SHA-256 (in fold order) and its ``cv_calibration.json``, so predictions
     written by one ensemble are never continued by another in the same folder."""
-    from app.run_folder import fold_dirs
 
     folds = fold_dirs(folder)
     parts = [f"{p.name}:{_file_sha256(p / 'best_model.pt')}" for p in folds]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +23,6 @@ MODEL_NAME = "model.json"
 
 def _spread(text: str) -> float | None:
     """``tta_spread`` read back: a number in [0, 0.5], else ``None`` (a file is data)."""
-    import math
 
     try:
         value = float(text)
@@ -35,7 +35,6 @@ def is_complete_row(row: dict[str, str]) -> bool:
     """Whether a ``predictions.csv`` row read back is a whole result: a path, a finite
     probability in [0, 1], a short plain label, a number of seconds (or empty) and fold
     probabilities that parse (or empty)."""
-    import math
 
     try:
         prob = float(row["prob_abnormal"])

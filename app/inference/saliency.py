@@ -4,11 +4,15 @@ lesions (the pointing game)."""
 
 from __future__ import annotations
 
+import gzip
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+from app.errors import ConfigError
+from app.runtime.files import atomic_write
 
 if TYPE_CHECKING:
     import torch
@@ -73,11 +77,8 @@ def write_saliency_nifti(
     lung_crop: bool = False,
 ) -> Path:
     """:func:`to_input_grid`, written as float32 NIfTI with the scan's affine (atomically)."""
-    import gzip
 
     import nibabel as nib
-
-    from app.runtime.files import atomic_write
 
     data, affine = to_input_grid(saliency, scan_path, axcodes, lung_crop)
     image = nib.Nifti1Image(data, affine)
@@ -150,8 +151,6 @@ def saliency_map(
     network's few-voxel last blocks make coarse.
     """
     import torch
-
-    from app.errors import ConfigError
 
     if not hasattr(network, "features"):
         raise ConfigError("saliency needs one network: run it with one fold's model")

@@ -8,6 +8,7 @@ exported bundle's ``monai.bundle run`` run the same checks (:mod:`.screen`).
 from __future__ import annotations
 
 import gzip
+import importlib
 import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -259,7 +260,6 @@ def transforms_module(name: str) -> Any:
     """``transforms.NAME``: this project's package beside this one in a bundle
     (``scripts.transforms``), the installed ``transforms`` in the app. The DICOM reader and the
     lung mask live there once, for the checks, the preprocessing and the baseline alike."""
-    import importlib
 
     try:
         return importlib.import_module(f"..transforms.{name}", __package__)

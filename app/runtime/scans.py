@@ -7,6 +7,7 @@ run`` (:func:`find_scans`) all use it.
 from __future__ import annotations
 
 import os
+import stat
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -77,7 +78,6 @@ def _dicom_series(folder: Path, files: list[Path]) -> tuple[list[ScanInput], lis
 def _not_regular(path: Path) -> str:
     """Why ``path`` is not read as a file (a named pipe, socket or device: reading it could
     block forever or never end), or ``""`` for a regular file (or a link to one)."""
-    import stat
 
     try:
         mode = path.stat().st_mode

@@ -7,7 +7,9 @@ warnings, and one bad file never stops the others.
 
 from __future__ import annotations
 
+import gzip
 import time
+import zlib
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -53,8 +55,6 @@ def root_cause(exc: BaseException) -> BaseException:
 
 def describe(exc: BaseException) -> str:
     """One line for an unexpected reader error, naming the usual causes."""
-    import gzip
-    import zlib
 
     chain = [exc, *(e for e in (exc.__cause__, exc.__context__) if e is not None)]
     for e in chain:

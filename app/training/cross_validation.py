@@ -16,14 +16,24 @@ import json
 import math
 import shutil
 import statistics
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from app.errors import DataError
-from app.evaluation.metrics import fit_temperature, logits_of, nll
+from app.evaluation.baseline import DensityBaseline, scan_features
+from app.evaluation.metrics import (
+    auc_with_ci,
+    expected_calibration_error,
+    fit_temperature,
+    logits_of,
+    nll,
+    paired_auc_difference,
+)
+from app.plots import plot_cv_curves
+from app.readback import read_split
 from app.run_folder import (
     CV_CALIBRATION,
     CV_SUMMARY,
@@ -32,7 +42,11 @@ from app.run_folder import (
     fold_dir,
     fold_dirs,
     is_finished,
+    kept_row,
+    latest_checkpoint,
+    read_metrics,
 )
+from app.runtime.files import atomic_write_text
 
 #: the kept epoch's validation figures in the summary
 SUMMARY_METRICS = ("val_acc", "val_auc", "val_sensitivity", "val_specificity", "val_loss")
@@ -66,7 +80,6 @@ def cross_validate(
     ``output/fold-k``, then, once every fold is finished, write the summary, out-of-fold
     predictions and calibration. A fold folder with a checkpoint is resumed (a finished fold is
     left as it is); ``overwrite`` retrains every fold asked for."""
-    from app.run_folder import latest_checkpoint
     from app.training.workflow import train
 
     if folds < 2:
@@ -114,7 +127,6 @@ def cross_validate(
 def _check_existing_folds(out: Path, folds: int) -> None:
     """Refuse a cross-validation folder made with another number of folds: its folds' split
     records say how many; a fold folder beyond K is another K's too."""
-    from app.readback import read_split
 
     if not out.is_dir():
         return
@@ -137,7 +149,6 @@ def _check_existing_folds(out: Path, folds: int) -> None:
 
 def _kept_epoch(run: Path) -> dict[str, Any]:
     """The epoch ``best_model.pt`` holds: the first with the best validation accuracy."""
-    from app.run_folder import kept_row, read_metrics
 
     best = kept_row(read_metrics(run / METRICS_CSV))
     if best is None:
@@ -146,9 +157,6 @@ def _kept_epoch(run: Path) -> dict[str, Any]:
 
 
 def write_summary(out: Path, runs: list[Path]) -> dict[str, Any]:
-    from app.plots import plot_cv_curves
-    from app.run_folder import read_metrics
-    from app.runtime.files import atomic_write_text
 
     per_fold = [{"fold": k, **_kept_epoch(run)} for k, run in enumerate(runs)]
     stats: dict[str, dict[str, float]] = {}
@@ -176,7 +184,6 @@ def write_summary(out: Path, runs: list[Path]) -> dict[str, Any]:
 def out_of_fold(runs: list[Path]) -> list[dict[str, Any]]:
     """Each validation scan of each fold, predicted by that fold's best model."""
     from app.inference.classifier import Classifier
-    from app.readback import read_split
 
     rows = []
     for k, run in enumerate(runs):
@@ -218,8 +225,6 @@ def choose_threshold(
 def write_out_of_fold(
     out: Path, runs: list[Path], target_sensitivity: float | None = None
 ) -> dict[str, Any]:
-    from app.evaluation.metrics import expected_calibration_error
-    from app.runtime.files import atomic_write_text
 
     rows = out_of_fold(runs)
     buf = io.StringIO()
@@ -269,10 +274,6 @@ def baseline_out_of_fold(rows: list[dict[str, Any]]) -> dict[str, Any] | None:
     """The density baseline (``app.evaluation.baseline``) cross-validated on the same folds:
     for each fold, fitted on the other folds' scans and applied to its own; its out-of-fold
     ROC-AUC and the CNN's, and their paired difference (DeLong), on the scans both scored."""
-    from dataclasses import asdict
-
-    from app.evaluation.baseline import DensityBaseline, scan_features
-    from app.evaluation.metrics import auc_with_ci, paired_auc_difference
 
     features = scan_features([str(r["path"]) for r in rows])
     labels = np.array([int(r["label"]) for r in rows])

@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 from typing import Any
 
 import ignite.distributed as idist
+import torch
+import torch.distributed as dist
+
+from app.config import load_config
 
 
 def launched_distributed() -> bool:
@@ -16,7 +21,6 @@ def launched_distributed() -> bool:
 
 def rank() -> int:
     """This process's rank: from the process group when there is one, else from the launcher."""
-    import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():
         return int(idist.get_rank())
@@ -28,8 +32,6 @@ def join_process_group(backend: str, device: Any) -> None:
     first: NCCL's first collective call needs it. The one place that initialises the group:
     ``app.train`` calls it before it touches the run folder, ``multi_gpu_train.yaml``'s
     ``initialize`` for ``monai.bundle run``."""
-    import torch
-    import torch.distributed as dist
 
     if dist.is_initialized():
         return
@@ -42,7 +44,6 @@ def join_process_group(backend: str, device: Any) -> None:
 def init_process_group(config_dir: Path, device: str | None = None) -> None:
     """Join the process group before any file work, with the backend and device
     multi_gpu_train.yaml chooses (``device``: a ``--device`` override)."""
-    from app.config import load_config
 
     parser = load_config(
         "train.yaml",
@@ -54,9 +55,6 @@ def init_process_group(config_dir: Path, device: str | None = None) -> None:
 
 
 def leave_process_group() -> None:
-    import contextlib
-
-    import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():
         with contextlib.suppress(Exception):

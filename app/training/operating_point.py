@@ -19,7 +19,10 @@ from typing import Any
 
 import numpy as np
 
+from app.evaluation.metrics import fit_temperature, logits_of, wilson
+from app.readback import read_split
 from app.run_folder import BEST_MODEL, OPERATING_POINT, SPLIT
+from app.runtime.files import atomic_write, atomic_write_text
 
 #: fewer validation scans of a class than this choose no threshold (Youden's J on 5 scans a
 #: class moves by 0.1 with one scan)
@@ -52,7 +55,6 @@ def choose(probs: np.ndarray, labels: np.ndarray) -> dict[str, Any]:
     """Temperature, threshold (raw and on the scaled probability) and what they gave on the
     scans they were chosen on; ``chosen`` False (threshold 0.5, temperature 1) when a class has
     fewer than :data:`MIN_PER_CLASS` scans."""
-    from app.evaluation.metrics import fit_temperature, logits_of, wilson
 
     probs, labels = np.asarray(probs, float), np.asarray(labels, int)
     normal, abnormal = int((labels == 0).sum()), int((labels == 1).sum())
@@ -95,8 +97,6 @@ def record_operating_point(run: Path) -> dict[str, Any]:
 
     from app.inference.checkpoints import load_model, pick_device
     from app.inference.classifier import Classifier
-    from app.readback import read_split
-    from app.runtime.files import atomic_write, atomic_write_text
 
     items = read_split(run / SPLIT)["validation"]
     network, settings = load_model(run / BEST_MODEL)

@@ -18,6 +18,7 @@ import torch
 
 from app.data.download import sha256_of
 from app.errors import ConfigError
+from app.inference.checkpoints import CheckpointError, load_checkpoint
 from app.run_folder import BEST_MODEL
 
 logger = logging.getLogger(__name__)
@@ -104,7 +105,6 @@ def initialize_network(
     """
     if not source:
         return network
-    from app.inference.checkpoints import CheckpointError, load_checkpoint
 
     path, _ = resolve(source)
     try:

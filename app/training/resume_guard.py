@@ -11,12 +11,12 @@ from typing import Any
 
 from app.config import CONFIG_DIR, load_config
 from app.errors import ConfigError
-from app.run_folder import SPLIT
+from app.readback import SPLIT_RECORD, ReadBackError, check_overrides, read_json, read_split
+from app.run_folder import SPLIT, latest_checkpoint, remove_own_folder
 
 
 def prepare_run_dir(output: Path, resume: bool, overwrite: bool) -> None:
     """Refuse to touch an existing run folder unless asked to resume or overwrite it."""
-    from app.run_folder import latest_checkpoint, remove_own_folder
 
     if output.exists() and not output.is_dir():
         raise ConfigError(f"--output {output} is a file, not a folder")
@@ -47,8 +47,6 @@ def check_recorded_settings(
         ConfigError: naming each setting that differs, recorded and now.
     """
     import torch
-
-    from app.run_folder import latest_checkpoint
 
     last = latest_checkpoint(output)
     if last is None:
@@ -98,7 +96,6 @@ def check_recorded_split(
         ConfigError: the recorded split is missing or unreadable, or differs (the message names
             what differs: seed, folds, fold, train fraction, data folder, scans added/removed).
     """
-    from app.readback import SPLIT_RECORD, ReadBackError, read_split
 
     path = output / SPLIT
     if not path.is_file():
@@ -157,7 +154,6 @@ def read_saved_overrides(
     same key and value are given again on this command line (``given``); a place to write to
     (``cache_dir``) only when given again.
     """
-    from app.readback import check_overrides, read_json
     from app.training.settings import SETTING_CHECKS, WRITE_PATHS
 
     saved = read_json(path, 1 << 20)
@@ -187,7 +183,6 @@ def finished_reason(
     """
     import torch
 
-    from app.run_folder import latest_checkpoint
     from app.training.handlers.early_stopping import STATE_KEY
 
     last = latest_checkpoint(output)

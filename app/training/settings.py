@@ -14,6 +14,10 @@ from typing import Any
 
 from app.errors import ConfigError
 from app.model_settings import FIELDS, _bool, _float, _int, _list, _path_text
+from app.runtime import PRECISIONS
+from app.training.datasets import CACHE_MODES
+from app.training.schedules import LR_SCHEDULES
+from nets.cnn3d import min_spatial_size
 
 
 def _choice(*options: str) -> Callable[[Any], str]:
@@ -36,10 +40,6 @@ def _angles(value: Any) -> list[float]:
 
 
 def _checks() -> dict[str, Callable[[Any], Any]]:
-    from app.runtime import PRECISIONS
-    from app.training.datasets import CACHE_MODES
-    from app.training.schedules import LR_SCHEDULES
-
     model = {k: FIELDS[k] for k in (
         "spatial_size", "hu_window", "axcodes", "in_channels", "filters", "dense_units",
         "dropout", "bn_eps", "bn_momentum", "norm", "pooling", "lung_crop", "lung_only",
@@ -120,7 +120,6 @@ def check_combination(values: Mapping[str, Any]) -> None:
     Raises:
         ConfigError: naming the settings.
     """
-    from nets.cnn3d import min_spatial_size
 
     blocks = len(values["filters"])
     smallest = min_spatial_size(blocks)

@@ -9,15 +9,24 @@ import contextlib
 import json
 import logging
 import platform
+import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import ignite
+import monai
+import numpy
+import torch
+from monai.bundle import ConfigWorkflow
+
 from app.config import CONFIG_DIR, METADATA, config_files, load_config
+from app.data.datalist import find_items
 from app.errors import EXIT_INTERRUPTED, ConfigError, CTClassifyError, DataError
 from app.run_folder import (
     BEST_MODEL,
@@ -27,8 +36,12 @@ from app.run_folder import (
     METRICS_CSV,
     OVERRIDES,
     TRAIN_LOG,
+    last_checkpoints,
+    latest_checkpoint,
     mark_finished,
+    read_metrics,
 )
+from app.runtime.files import atomic_write_text
 from app.training.distributed import (
     init_process_group,
     launched_distributed,
@@ -63,10 +76,6 @@ class TrainResult:
 
 
 def _environment(device: str) -> dict[str, Any]:
-    import ignite
-    import monai
-    import numpy
-    import torch
 
     try:
         commit = (
@@ -138,7 +147,6 @@ def train(
         >>> result = train("data/synth", "runs/try", overrides={"epochs": 2})  # doctest: +SKIP
         >>> result.metrics[-1]["val_auc"]  # doctest: +SKIP
     """
-    import transforms  # noqa: F401  (quiets MONAI's optional-decoder notices)
 
     config_dir = Path(config_dir)
     overrides = check_settings(overrides or {}, "app.train")  # before anything is made
@@ -185,7 +193,6 @@ def train(
 
 def _checkpoint_epoch(output: Path) -> int | None:
     """The epoch of the run's newest resumable checkpoint."""
-    from app.run_folder import last_checkpoints
 
     found = last_checkpoints(output)
     return max(found)[0] if found else None
@@ -218,7 +225,6 @@ def _prepare(
 ) -> None:
     """Join the process group (under torchrun), check the run folder and make the demo data,
     on rank 0 while the other ranks wait."""
-    import torch
 
     if launched_distributed():
         init_process_group(config_dir, overrides.get("device"))
@@ -268,9 +274,6 @@ def _run_settings(
 
 def _check_data(settings: dict[str, Any]) -> None:
     """Refuse missing data, a missing GPU or a malformed dataset before the run folder exists."""
-    import torch
-
-    from app.data.datalist import find_items
 
     dataset_dir = Path(str(settings["dataset_dir"]))
     if not dataset_dir.exists():
@@ -287,7 +290,6 @@ def _check_data(settings: dict[str, Any]) -> None:
 
 def _record_settings(output: Path, settings: dict[str, Any], names: list[str]) -> None:
     """``overrides.json``: what ``--resume`` rebuilds the run from (rank 0 writes it)."""
-    from app.runtime.files import atomic_write_text
 
     output.mkdir(parents=True, exist_ok=True)
     if rank() == 0:
@@ -315,7 +317,6 @@ def _run_workflow(
     output: Path, names: list[str], settings: dict[str, Any], *, resume: bool, config_dir: Path
 ) -> None:
     """Build the training workflow from the configs and run it to its end (or a signal)."""
-    from monai.bundle import ConfigWorkflow
 
     lead = rank() == 0
     log_handler = _log_to_file(output / TRAIN_LOG) if lead else logging.NullHandler()
@@ -360,7 +361,6 @@ def _run_workflow(
 
 def _record_run(output: Path, parser: Any) -> None:
     """The resolved config and the environment, beside the run's results."""
-    from app.runtime.files import atomic_write_text
 
     parser.export_config_file(parser.get(), str(output / CONFIG_RECORD), indent=1)
     atomic_write_text(
@@ -370,9 +370,6 @@ def _record_run(output: Path, parser: Any) -> None:
 
 
 def _log_start(output: Path, parser: Any, resume: bool) -> None:
-    import torch
-
-    from app.run_folder import latest_checkpoint
 
     log = logging.getLogger("app.train")
     if launched_distributed():
@@ -393,7 +390,6 @@ def _log_start(output: Path, parser: Any, resume: bool) -> None:
 
 
 def _result(output: Path, already_finished: str | None = None) -> TrainResult:
-    from app.run_folder import read_metrics
 
     best = output / BEST_MODEL
     return TrainResult(
@@ -429,10 +425,6 @@ def _stop_on_signals(trainer: Any, output: Path) -> Iterator[None]:
     The newest checkpoint holds the last epoch written (every epoch on a CPU; within the write
     budget on a fast GPU); ``--resume`` continues from there.
     """
-    import signal
-    import threading
-
-    from app.run_folder import latest_checkpoint
 
     received: list[int] = []
 

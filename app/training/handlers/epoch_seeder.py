@@ -5,6 +5,7 @@ from __future__ import annotations
 import random
 from typing import Any
 
+import ignite.distributed as idist
 import numpy as np
 import torch
 from ignite.engine import Engine, Events
@@ -30,7 +31,6 @@ class EpochSeeder:
         engine.add_event_handler(Events.EPOCH_STARTED, self)
 
     def __call__(self, engine: Engine) -> None:
-        import ignite.distributed as idist
 
         # ranks draw different augmentations; the DistributedSampler shuffles by epoch itself
         epoch_seed = (self.seed * 1_000_003 + engine.state.epoch * 7919 + idist.get_rank()) % (

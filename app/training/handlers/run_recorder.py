@@ -13,6 +13,7 @@ from typing import Any
 
 from ignite.engine import Engine, Events
 
+from app.plots import plot_curves
 from app.run_folder import CURVES, METRICS_CSV, METRICS_JSON, MONTAGE, read_metrics
 from app.runtime.files import atomic_write_text
 from app.training.handlers.write_budget import WriteBudget, is_final_epoch
@@ -118,7 +119,6 @@ class RunRecorder:
             writer.writerow({k: "" if r.get(k) is None else r[k] for k in self.columns})
         atomic_write_text(self.output_dir / METRICS_CSV, buf.getvalue())
         atomic_write_text(self.output_dir / METRICS_JSON, json.dumps(self.rows, indent=1))
-        from app.plots import plot_curves
 
         plot_curves(self.rows, self.output_dir / CURVES)
 
