@@ -174,8 +174,6 @@ class ConvBlock3D(nn.Sequential):
         bn_momentum: float = 0.01,
         slab_bytes: int = 16 * 2**20,
         norm: str = "batch",
-        pooling: str = "avg",
-        density_bins: int = 0,
     ) -> None:
         super().__init__()
         self.conv = nn.Conv3d(in_channels, out_channels, kernel_size=3)

@@ -229,3 +229,22 @@ def rows(run: Path) -> list[dict[str, str]]:
 
 
 VAL = ("val_loss", "val_acc", "val_auc", "val_sensitivity", "val_specificity")
+
+
+def bundle_run_args(scans: Path, output: Path, *extra: str) -> list[str]:
+    """``python -m monai.bundle run`` of an exported bundle, as its docs/README.md gives it (run
+    inside the bundle folder): one spelling for every test that runs a bundle."""
+    return [
+        "run",
+        "--config_file",
+        "configs/inference.yaml",
+        "--meta_file",
+        "configs/metadata.json",
+        "--bundle_root",
+        ".",
+        "--dataset_dir",
+        str(scans),
+        "--output_dir",
+        str(output),
+        *extra,
+    ]

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import require_module, synth_dataset
+from conftest import bundle_run_args, require_module, synth_dataset
 from monai.bundle import ConfigWorkflow
 
 from app.bundle.export import monai_bundle
@@ -269,19 +269,7 @@ def test_exported_bundle_runs_with_monai_alone(tmp_path, real_ct):
             "models/model.pt",
             *meta_args,
         ],
-        [
-            "run",
-            "--config_file",
-            "configs/inference.yaml",
-            "--meta_file",
-            "configs/metadata.json",
-            "--bundle_root",
-            ".",
-            "--dataset_dir",
-            str(scans),
-            "--output_dir",
-            str(tmp_path / "bundle_out"),
-        ],
+        bundle_run_args(scans, tmp_path / "bundle_out"),
     ]
     for args in commands:
         proc = monai_bundle(args, cwd=bundle, env=env, timeout=300)
@@ -629,12 +617,7 @@ def test_recipe_choices_travel_with_the_export(tmp_path):
     flatten = [line for f in (bundle / "configs").glob("*.yaml") for line in f.read_text().splitlines()
                if line.startswith("lung_flatten_mm:")]  # fmt: skip
     assert flatten and all(float(line.split(":")[1].split("#")[0]) == 20.0 for line in flatten)
-    proc = monai_bundle(
-        ["run", "--config_file", "configs/inference.yaml", "--meta_file", "configs/metadata.json",
-         "--bundle_root", ".", "--dataset_dir", str(scans), "--output_dir", str(tmp_path / "b"),
-         "--precision", "fp32"],
-        cwd=bundle,
-    )  # fmt: skip
+    proc = monai_bundle(bundle_run_args(scans, tmp_path / "b", "--precision", "fp32"), cwd=bundle)
     assert proc.returncode == 0, proc.stderr[-2000:]
     args = [str(scans), "--checkpoint", str(ckpt), "--output", str(tmp_path / "a")]
     assert infer_main([*args, "--precision", "fp32", "--device", "cpu", "--no-progress"]) == 0

@@ -6,7 +6,7 @@ import json
 
 import numpy as np
 import pytest
-from conftest import synth_dataset
+from conftest import bundle_run_args, synth_dataset
 
 from app.data.datalist import find_items, make_split
 from app.errors import DataError
@@ -265,23 +265,9 @@ def test_cross_validation_exports_as_one_bundle_that_equals_app_infer(cv_data, t
     (blocker / "sitecustomize.py").write_text(BLOCKER)
     env = {**os.environ, "PYTHONPATH": f"{blocker}{os.pathsep}{bundle}"}
     proc = monai_bundle(
-        [
-            "run",
-            "--config_file",
-            "configs/inference.yaml",
-            "--meta_file",
-            "configs/metadata.json",
-            "--bundle_root",
-            ".",
-            "--dataset_dir",
-            str(cv_data),
-            "--output_dir",
-            str(tmp_path / "B"),
-            "--precision",
-            "fp32",
-            "--device",
-            "$torch.device('cpu')",
-        ],
+        bundle_run_args(
+            cv_data, tmp_path / "B", "--precision", "fp32", "--device", "$torch.device('cpu')"
+        ),
         cwd=bundle,
         env=env,
     )

@@ -104,6 +104,44 @@ def test_no_import_cycle_in_the_app():
             visit(name, [])
 
 
+#: the app's layers from the bottom up (docs/architecture.md's table): a module imports only
+#: from its own layer and those below it
+LAYERS = (
+    ("app.runtime",),
+    ("app", "app.errors", "app.config", "app.cli", "app.run_folder", "app.model_settings",
+     "app.readback", "app.plots"),
+    ("app.data",),
+    ("app.inference",),
+    ("app.evaluation",),
+    ("app.training",),
+    ("app.bundle",),
+)  # fmt: skip
+COMMAND_LINES = ("app.train", "app.infer", "app.evaluate", "app.export", "app.pretrain",
+                 "app.data.cli", "app.data.__main__")  # fmt: skip
+
+
+def _layer(name: str) -> int:
+    if name in COMMAND_LINES:
+        return len(LAYERS)
+    for i, members in enumerate(LAYERS):
+        if name in members or any(name.startswith(m + ".") for m in members if m != "app"):
+            return i
+    raise AssertionError(f"{name} is in no layer of docs/architecture.md")
+
+
+def test_every_import_goes_down_the_layers():
+    """The layers of docs/architecture.md, held: no module imports from a layer above its own
+    (the exporter beside the runtime made app/bundle both the bottom and the top)."""
+    modules = _app_modules()
+    upward = [
+        f"{name} -> {other}"
+        for name, path in modules.items()
+        for other in sorted(_app_imports(name, path, modules))
+        if _layer(other) > _layer(name)
+    ]
+    assert upward == []
+
+
 def test_the_exporter_is_imported_by_the_export_command_alone():
     """``app/bundle/`` holds the exporter; the runtime a bundle carries is ``app.runtime``."""
     modules = _app_modules()
@@ -177,6 +215,19 @@ def test_no_function_is_longer_than_80_lines():
     """A reader holds a function in mind: the long ones are split into named steps."""
     assert _functions_longer_than(80) == []
     assert _functions_longer_than(70)  # the walk finds functions at all
+
+
+def test_the_architecture_page_names_every_module():
+    """The other way round: every module of the app, nets and transforms is on the page."""
+    text = (REPO / "docs" / "architecture.md").read_text()
+    modules = [
+        p.relative_to(REPO).as_posix()
+        for root in ("app", "nets", "transforms")
+        for p in sorted((REPO / root).rglob("*.py"))
+        if p.name not in ("__init__.py", "__main__.py")
+    ]
+    assert len(modules) > 50
+    assert [m for m in modules if f"`{m}`" not in text] == []
 
 
 def test_the_architecture_page_names_what_exists():

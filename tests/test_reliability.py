@@ -48,7 +48,8 @@ SMALL = [
 
 
 @pytest.fixture(scope="module")
-def tiny_data(tmp_path_factory) -> Path:
+def kill_data(tmp_path_factory) -> Path:
+    """Fewer, thinner scans than conftest's ``tiny_data``: the kill loops run many epochs."""
     return synth_dataset(tmp_path_factory.mktemp("data") / "d", 6, (48, 48, 12))
 
 
@@ -73,10 +74,10 @@ def epochs_in(run: Path) -> list[str]:
 
 
 @pytest.mark.slow
-def test_sigkill_at_random_moments_then_resume(tiny_data, tmp_path):
+def test_sigkill_at_random_moments_then_resume(kill_data, tmp_path):
     run = tmp_path / "run"
     rng = random.Random(0)
-    base = train_command(tiny_data, run, "--epochs", "60", "--patience", "100")
+    base = train_command(kill_data, run, "--epochs", "60", "--patience", "100")
     kills = 0
     while kills < 10:
         mode = "--resume" if latest_checkpoint(run) is not None else "--overwrite"
@@ -98,9 +99,9 @@ def test_sigkill_at_random_moments_then_resume(tiny_data, tmp_path):
 
 
 @pytest.mark.slow
-def test_sigterm_stops_after_saving(tiny_data, tmp_path):
+def test_sigterm_stops_after_saving(kill_data, tmp_path):
     run = tmp_path / "run"
-    base = train_command(tiny_data, run, "--epochs", "200")
+    base = train_command(kill_data, run, "--epochs", "200")
     proc = subprocess.Popen(base, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 120
     while latest_checkpoint(run) is None and time.time() < deadline:

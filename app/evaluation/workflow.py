@@ -464,7 +464,7 @@ def _write(result: Evaluation, out: Path, class_names: list[str]) -> dict[str, P
     writer.writerows(result.predictions)
     atomic_write_text(out / PREDICTIONS_CSV, buf.getvalue())
     summary = result.summary()
-    atomic_write_text(out / METRICS_JSON, json.dumps(summary, indent=1, default=_plain))
+    atomic_write_text(out / METRICS_JSON, json.dumps(summary, indent=1, default=_json_default))
     plot_roc(probs, labels, result.metrics, out / ROC_PNG)
     temperature = (result.calibration or {}).get("temperature")
     plot_calibration(probs, labels, result.metrics, out / CALIBRATION_PNG, temperature=temperature)
@@ -473,7 +473,8 @@ def _write(result: Evaluation, out: Path, class_names: list[str]) -> dict[str, P
     return {name: out / name for name in FILES}
 
 
-def _plain(value: Any) -> Any:
+def _json_default(value: Any) -> Any:
+    """``json.dumps``'s ``default``: a path as its text; anything else is refused."""
     if isinstance(value, Path):
         return str(value)
     raise TypeError(f"not JSON: {type(value).__name__}")

@@ -31,19 +31,19 @@ def _item_hash(item: Any) -> bytes:
     return hashlib.sha1(stamp.encode()).hexdigest().encode()
 
 
-def _plain(value: Any, depth: int = 0) -> Any:
+def _stable_value(value: Any, depth: int = 0) -> Any:
     """``value`` as JSON-ready plain data that is the same in every process: no ``repr()`` of
     objects (it holds memory addresses), only their type names and plain attributes."""
     if value is None or isinstance(value, (bool, int, float, str)):
         return value
     if isinstance(value, enum.Enum):
-        return _plain(value.value, depth)
+        return _stable_value(value.value, depth)
     if isinstance(value, (list, tuple)):
-        return [_plain(v, depth + 1) for v in value]
+        return [_stable_value(v, depth + 1) for v in value]
     if isinstance(value, dict):
-        return {str(k): _plain(v, depth + 1) for k, v in sorted(value.items(), key=str)}
+        return {str(k): _stable_value(v, depth + 1) for k, v in sorted(value.items(), key=str)}
     if isinstance(value, np.ndarray) and value.size <= 64:
-        return _plain(value.tolist(), depth)
+        return _stable_value(value.tolist(), depth)
     if isinstance(value, (np.generic, np.dtype, torch.dtype, torch.device)):
         return str(value)
     kind = type(value)
@@ -53,7 +53,7 @@ def _plain(value: Any, depth: int = 0) -> Any:
     if depth >= 4 or not hasattr(value, "__dict__"):
         return name
     fields = {
-        k: _plain(v, depth + 1)
+        k: _stable_value(v, depth + 1)
         for k, v in sorted(vars(value).items())
         if not k.startswith("__") and k not in ("R", "_rand_state", "filenames")  # run-time state
     }
@@ -70,7 +70,7 @@ def settings_key(transform: Compose) -> str:
     for t in transform.transforms:
         if getattr(t, "R", None) is not None:  # random transforms are not cached
             break
-        parts.append(_plain(t))
+        parts.append(_stable_value(t))
     return hashlib.sha1(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:12]
 
 
