@@ -27,10 +27,8 @@ from app.cli import (
 )
 from app.config import parse_set_options
 from app.errors import ConfigError, CTClassifyError
-from app.inference.model_card import ModelCard
-from app.model_settings import SettingsError, validate_settings
 from app.readback import read_cv_summary
-from app.run_folder import BEST_MODEL, CV_SUMMARY, kept_row, validation_figures
+from app.run_folder import CV_SUMMARY
 from app.training.recipes import DEMO_RECIPE, recipe_file, recipes
 
 if TYPE_CHECKING:
@@ -224,37 +222,9 @@ def main(argv: list[str] | None = None) -> int:
 
     if rank() != 0:
         return 0
-    if result.already_finished:
-        print(f"{result.run_dir} is already finished: {result.already_finished}. Nothing changed.")
-        return 0
-
-    kept = kept_row(result.metrics)
-    if kept is not None:
-        figures = validation_figures(kept)
-        print(
-            f"kept model: {result.best_checkpoint} (epoch {kept['epoch']}: validation {figures}; "
-            "the epoch was chosen on this validation split, so these figures are optimistic: "
-            "measure the model on new scans with python -m app.evaluate)"
-        )
-    point = _operating_point(result.run_dir)
-    if point:
-        print(point)
-    print(f"run folder: {result.run_dir} ({len(result.metrics)} epochs; metrics.csv, curves.png)")
+    for line in result.summary_lines():
+        print(line)
     return 0
-
-
-def _operating_point(run: Path) -> str | None:
-    """The kept model's threshold line, as app.infer's model card prints it."""
-    from app.inference.checkpoints import CheckpointError, load_checkpoint
-
-    try:
-        settings = validate_settings(load_checkpoint(run / BEST_MODEL)[1], str(run / BEST_MODEL))
-    except (CheckpointError, SettingsError, OSError):
-        return None
-    if "operating_point" not in settings:
-        return None
-    card = ModelCard(settings, run / BEST_MODEL, settings["threshold"], [])
-    return card.threshold_line()
 
 
 def _cross_validate(args: argparse.Namespace) -> int:

@@ -196,7 +196,13 @@ def montage_titles(monkeypatch) -> list[str]:
         titles.append(kwargs.get("title") or "")
         return original(volume, path, *args, **kwargs)
 
-    monkeypatch.setattr(app.plots, "plot_montage", recording)
+    import app.inference.folder
+    import app.training.handlers.run_recorder
+
+    # every module that draws montages, by the name it imported
+    for module in (app.plots, app.inference.folder, app.training.handlers.run_recorder):
+        if getattr(module, "plot_montage", None) is original:
+            monkeypatch.setattr(module, "plot_montage", recording)
     return titles
 
 

@@ -148,10 +148,11 @@ def test_pretrain_writes_weights_that_start_a_recipe_run(tmp_path, monkeypatch):
     SHA-256 of the file, no folder of this machine); the weights load as --init generated; a
     second run reuses the data and the finished run and writes the same record."""
     from app import pretrain
+    from app.training import pretraining
 
-    tiny = {**pretrain.pretrain_settings(), "per_class": 3, "in_plane": [48],
+    tiny = {**pretraining.pretrain_settings(), "per_class": 3, "in_plane": [48],
             "slices": [12, 12], "epochs": 1}  # fmt: skip
-    monkeypatch.setattr(pretrain, "pretrain_settings", lambda: dict(tiny))
+    monkeypatch.setattr(pretraining, "pretrain_settings", lambda: dict(tiny))
     work, out = tmp_path / "work", tmp_path / "weights"
     assert pretrain.main(["--work", str(work), "--out", str(out), "--no-progress"]) == 0
     weights, record = out / "generated.pt", out / "generated.json"

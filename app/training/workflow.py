@@ -28,6 +28,9 @@ from monai.bundle import ConfigWorkflow
 from app.config import CONFIG_DIR, METADATA, config_files, load_config
 from app.data.datalist import find_items
 from app.errors import EXIT_INTERRUPTED, ConfigError, CTClassifyError, DataError
+from app.inference.checkpoints import CheckpointError, load_checkpoint
+from app.inference.model_card import ModelCard
+from app.model_settings import SettingsError, validate_settings
 from app.run_folder import (
     BEST_MODEL,
     CONFIG_RECORD,
@@ -36,10 +39,12 @@ from app.run_folder import (
     METRICS_CSV,
     OVERRIDES,
     TRAIN_LOG,
+    kept_row,
     last_checkpoints,
     latest_checkpoint,
     mark_finished,
     read_metrics,
+    validation_figures,
 )
 from app.runtime.files import atomic_write_text
 from app.training.distributed import (
@@ -73,6 +78,41 @@ class TrainResult:
     def best_val_acc(self) -> float | None:
         values = [r["val_acc"] for r in self.metrics if r.get("val_acc") is not None]
         return max(values) if values else None
+
+    def summary_lines(self) -> list[str]:
+        """What the end of a run prints: the kept model and its validation figures (optimistic,
+        and said so), its threshold line, the run folder."""
+        if self.already_finished:
+            return [
+                f"{self.run_dir} is already finished: {self.already_finished}. Nothing changed."
+            ]
+        lines = []
+        kept = kept_row(self.metrics)
+        if kept is not None:
+            lines.append(
+                f"kept model: {self.best_checkpoint} (epoch {kept['epoch']}: validation "
+                f"{validation_figures(kept)}; the epoch was chosen on this validation split, so "
+                "these figures are optimistic: measure the model on new scans with python -m "
+                "app.evaluate)"
+            )
+        point = _operating_point_line(self.run_dir)
+        if point:
+            lines.append(point)
+        lines.append(
+            f"run folder: {self.run_dir} ({len(self.metrics)} epochs; metrics.csv, curves.png)"
+        )
+        return lines
+
+
+def _operating_point_line(run: Path) -> str | None:
+    """The kept model's threshold line, as app.infer's model card prints it."""
+    try:
+        settings = validate_settings(load_checkpoint(run / BEST_MODEL)[1], str(run / BEST_MODEL))
+    except (CheckpointError, SettingsError, OSError):
+        return None
+    if "operating_point" not in settings:
+        return None
+    return ModelCard(settings, run / BEST_MODEL, settings["threshold"], []).threshold_line()
 
 
 def _environment(device: str) -> dict[str, Any]:

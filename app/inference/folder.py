@@ -1,0 +1,217 @@
+"""Classify a folder: the work behind ``python -m app.infer`` (which parses, calls and prints).
+
+:func:`classify_folder` finds every input under a folder, classifies those its output folder
+does not hold yet (one fsync'd row and one console line each, resumable), draws the report's
+montages and the saliency maps as asked, and writes the report.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import hashlib
+import re
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from tqdm import tqdm
+
+from app.errors import UsageError
+from app.inference.classifier import Classifier, Prediction
+from app.inference.predictions import PredictionLog
+from app.inference.report import write_report
+from app.inference.saliency import write_saliency_nifti
+from app.plots import plot_montage
+from app.runtime.scanqc import TrainingContext
+from app.runtime.scans import ScanInput, find_inputs
+
+__all__ = ["FolderOptions", "FolderResult", "classify_folder", "safe_name"]
+
+
+@dataclass
+class FolderOptions:
+    """How a folder is classified (``app.infer``'s options)."""
+
+    batch_size: int = 1
+    workers: int = 0
+    overwrite: bool = False
+    saliency: bool = False
+    report: bool = False
+    progress: bool = True
+    #: the model was chosen by the user (``--checkpoint``), not the newest run
+    chosen: bool = True
+
+
+@dataclass
+class FolderResult:
+    """What :func:`classify_folder` wrote."""
+
+    rows: list[dict[str, str]]
+    csv_path: Path
+    report_path: Path | None = None
+    images: dict[str, dict[str, Path]] = field(default_factory=dict)
+
+    @property
+    def failed(self) -> list[dict[str, str]]:
+        return [r for r in self.rows if r["error"]]
+
+
+def safe_name(key: str) -> str:
+    """A file name for an input's pictures: its name, made safe, and a hash of its whole key."""
+    stem = re.sub(r"[^A-Za-z0-9._-]+", "_", Path(key).name)[:60]
+    return f"{stem}-{hashlib.sha1(key.encode()).hexdigest()[:8]}"
+
+
+def find_scan_inputs(folder: Path) -> list[ScanInput]:
+    """Every input under ``folder``; a folder without any is refused."""
+    inputs = find_inputs(folder)
+    if not inputs:
+        raise UsageError(f"no .nii/.nii.gz file or DICOM series under {folder}")
+    return inputs
+
+
+def open_log(out: Path, clf: Classifier, overwrite: bool) -> PredictionLog:
+    """The output folder's predictions log, for this model (test-time augmentation apart)."""
+    identity = clf.identity()
+    if clf.tta:  # predictions with and without test-time augmentation differ: never mixed
+        identity["tta"] = "left-right flip"
+    return PredictionLog(out, overwrite=overwrite, model=identity)
+
+
+def _say(line: str) -> None:
+    print(line, flush=True)
+
+
+def classify_folder(
+    clf: Classifier,
+    folder: Path,
+    out: Path,
+    options: FolderOptions,
+    say: Callable[[str], None] = _say,
+) -> FolderResult:
+    """Classify every input under ``folder`` not yet in ``out`` with ``clf``: the model line
+    and its caveats, one line per input, the montages and saliency maps as asked, the report.
+
+    Raises:
+        UsageError: no input under ``folder``.
+        OutputFolderError: ``out`` holds the predictions of another model.
+        OSError: the output cannot be written (the finished rows are on disk already).
+    """
+    inputs = find_scan_inputs(folder)
+    log = open_log(out, clf, overwrite=options.overwrite)
+    _announce(clf, options.chosen, inputs, log, say)
+    images: dict[str, dict[str, Path]] = {}
+    _classify(clf, inputs, log, out, options, images)
+    result = FolderResult(log.rows, log.csv_path, images=images)
+    if options.report:
+        generated = TrainingContext.from_settings(clf.settings).generated
+        result.report_path = report(log.rows, out, images, clf.describe(), generated)
+    return result
+
+
+def _announce(
+    clf: Classifier,
+    chosen: bool,
+    inputs: list[ScanInput],
+    log: PredictionLog,
+    say: Callable[[str], None],
+) -> None:
+    """The model line, its caveats, and how much of the folder is done."""
+    default = "" if chosen else " (the newest run under runs/: choose with --checkpoint)"
+    say(f"model: {clf.describe()}; device {clf.device}{default}")
+    for note in clf.caveats():
+        say(f"warning: {note}")
+    retried = f" ({len(log.retried)} that failed before are retried)" if log.retried else ""
+    done = sum(1 for s in inputs if s.key in log.done)
+    say(f"{len(inputs)} inputs, {done} already in {log.csv_path}{retried}")
+
+
+def _classify(
+    clf: Classifier,
+    inputs: list[ScanInput],
+    log: PredictionLog,
+    out: Path,
+    options: FolderOptions,
+    images: dict[str, dict[str, Path]],
+) -> None:
+    """Classify the inputs not yet in ``log``, one fsync'd row and one console line each."""
+    todo = [s for s in inputs if s.key not in log.done]
+    bar = tqdm(total=len(todo), unit="scan", disable=not options.progress, file=sys.stderr)
+    try:
+        for pred in clf.predict_many(
+            todo,
+            batch_size=options.batch_size,
+            workers=options.workers,
+            keep_images=options.saliency or options.report,
+        ):
+            _draw_pictures(clf, pred, out, options, images)
+            log.append(pred)
+            bar.write(pred.sentence())
+            bar.update(1)
+    finally:
+        bar.close()
+        with contextlib.suppress(OSError):
+            log.write_json()
+        log.close()
+
+
+def _draw_pictures(
+    clf: Classifier,
+    pred: Prediction,
+    out: Path,
+    options: FolderOptions,
+    images: dict[str, dict[str, Path]],
+) -> None:
+    """The report's montage and the saliency montage of one prediction, as asked."""
+    image = getattr(pred, "image", None)
+    if image is None or pred.prob_abnormal is None:
+        return
+    name = safe_name(pred.path)
+    pics = images.setdefault(pred.path, {})
+    if options.report:
+        pics["montage"] = out / "montages" / f"{name}.png"
+        title = (
+            f"{Path(pred.path).name}: P(abnormal) {100 * pred.prob_abnormal:.2f}% -> {pred.label}"
+        )
+        plot_montage(image.numpy(), pics["montage"], rows=2, columns=5, title=title)
+    if options.saliency:
+        pics["saliency"] = out / "saliency" / f"{name}.png"
+        # one colour scale for every scan: the map (its maximum 1) times P(abnormal), so a
+        # scan the model finds normal does not glow
+        overlay = clf.saliency(image) * float(pred.prob_abnormal)
+        plot_montage(
+            image.numpy(),
+            pics["saliency"],
+            overlay=overlay,
+            title=f"{Path(pred.path).name}: saliency x P(abnormal) = {pred.prob_abnormal:.3f}: "
+            "the model's attention, not a finding",
+        )
+        if str(pred.path).endswith((".nii", ".nii.gz")):  # on the scan's own grid, for a viewer
+            write_saliency_nifti(
+                overlay,
+                pred.path,
+                out / "saliency" / f"{name}.nii.gz",
+                axcodes=str(clf.settings["axcodes"]),
+                lung_crop=bool(clf.settings.get("lung_crop")),
+            )
+
+
+def report(
+    rows: list[dict[str, str]],
+    out: Path,
+    images: dict[str, dict[str, Path]],
+    model: str = "",
+    generated: bool = False,
+) -> Path:
+    """OUT/report.html, with the pictures of scans classified by an earlier, interrupted run."""
+    for r in rows:
+        name = safe_name(r["path"])
+        pics = images.setdefault(r["path"], {})
+        for kind, folder_name in (("montage", "montages"), ("saliency", "saliency")):
+            candidate = out / folder_name / f"{name}.png"
+            if kind not in pics and candidate.is_file():
+                pics[kind] = candidate
+    date = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+    return write_report(rows, out, images, model=model, date=date, generated=generated)
