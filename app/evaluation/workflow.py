@@ -17,7 +17,7 @@ import os
 import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 
@@ -47,6 +47,9 @@ from app.run_folder import METRICS_JSON, REPORT_HTML, SPLIT, fold_dirs, fold_num
 from app.runtime.files import atomic_write_text
 from app.runtime.scanqc import TrainingContext
 from app.runtime.writer import PREDICTIONS_CSV
+
+if TYPE_CHECKING:  # the classifier loads PyTorch: app.evaluate's --help must not
+    from app.inference.classifier import Classifier
 
 __all__ = [
     "Evaluation",
@@ -342,7 +345,7 @@ def _settings(
     return settings
 
 
-def _independence(clf: Any, paths: list[str], allow_overlap: bool) -> Independence:
+def _independence(clf: Classifier, paths: list[str], allow_overlap: bool) -> Independence:
     """Whether the test scans are new to the model (:func:`check_independence`); test scans it
     trained or validated on are refused unless ``allow_overlap``."""
     independence = check_independence(clf.settings, Path(str(clf.checkpoint)), paths)
@@ -376,7 +379,7 @@ def _classified(rows: list[dict[str, Any]], class_names: list[str]) -> list[dict
 
 
 def _figures(
-    clf: Any, ok: list[dict[str, Any]], settings: dict[str, Any]
+    clf: Classifier, ok: list[dict[str, Any]], settings: dict[str, Any]
 ) -> tuple[BinaryMetrics, list[dict[str, Any]], dict[str, Any] | None]:
     """The metrics of the classified rows, and for an ensemble its folds' and calibration."""
     labels = np.array([int(r["true_label"]) for r in ok])
@@ -400,7 +403,7 @@ def _figures(
     return metrics, folds, calibration
 
 
-def _model_record(clf: Any, tta: bool) -> dict[str, Any]:
+def _model_record(clf: Classifier, tta: bool) -> dict[str, Any]:
     """What metrics.json says of the model."""
 
     return {
@@ -414,7 +417,7 @@ def _model_record(clf: Any, tta: bool) -> dict[str, Any]:
 
 
 def _classify(
-    clf: Any,
+    clf: Classifier,
     paths: list[str],
     labels: list[int],
     batch_size: int,
@@ -432,15 +435,16 @@ def _classify(
             clf.predict_many(paths, batch_size=batch_size, workers=workers),
             strict=True,
         ):
-            ok = pred.prob_abnormal is not None
-            predicted = int(pred.prob_abnormal >= clf.threshold) if ok else ""
-            row = {
+            prob = pred.prob_abnormal
+            ok = prob is not None
+            predicted = int(prob >= clf.threshold) if prob is not None else None
+            row: dict[str, Any] = {
                 "path": path,
                 "true_label": label,
                 "true_name": names[label],
-                "prob_abnormal": pred.prob_abnormal if ok else "",
-                "predicted": predicted,
-                "predicted_name": names[predicted] if ok else "",
+                "prob_abnormal": prob if ok else "",
+                "predicted": "" if predicted is None else predicted,
+                "predicted_name": "" if predicted is None else names[predicted],
                 "error": pred.error or "",
             }
             if clf.tta:  # the spread across the scan and its mirror: an uncertainty

@@ -23,7 +23,8 @@ import ignite
 import monai
 import numpy
 import torch
-from monai.bundle import ConfigWorkflow
+from ignite.engine import Engine
+from monai.bundle import ConfigParser, ConfigWorkflow
 
 from app.config import CONFIG_DIR, METADATA, config_files, load_config
 from app.data.datalist import find_items
@@ -399,7 +400,7 @@ def _run_workflow(
         log_handler.close()
 
 
-def _record_run(output: Path, parser: Any) -> None:
+def _record_run(output: Path, parser: ConfigParser) -> None:
     """The resolved config and the environment, beside the run's results."""
 
     parser.export_config_file(parser.get(), str(output / CONFIG_RECORD), indent=1)
@@ -409,7 +410,7 @@ def _record_run(output: Path, parser: Any) -> None:
     )
 
 
-def _log_start(output: Path, parser: Any, resume: bool) -> None:
+def _log_start(output: Path, parser: ConfigParser, resume: bool) -> None:
 
     log = logging.getLogger("app.train")
     if launched_distributed():
@@ -459,7 +460,7 @@ class Interrupted(CTClassifyError):
 
 
 @contextlib.contextmanager
-def _stop_on_signals(trainer: Any, output: Path) -> Iterator[None]:
+def _stop_on_signals(trainer: Engine, output: Path) -> Iterator[None]:
     """SIGINT/SIGTERM end the run after the current iteration instead of killing it mid-write.
 
     The newest checkpoint holds the last epoch written (every epoch on a CPU; within the write
