@@ -69,6 +69,13 @@ def build_parser() -> argparse.ArgumentParser:
         "between them goes to the tta_spread column as an uncertainty",
     )
     p.add_argument(
+        "--dicom-sr",
+        type=Path,
+        metavar="DIR",
+        help="write a DICOM Structured Report (Comprehensive 3D SR, TID 1500) per classified "
+        "DICOM series into DIR: P(abnormal), the label, the model; same study, new series",
+    )
+    p.add_argument(
         "--report",
         action="store_true",
         help="write OUT/report.html (a row per scan) with each scan's montage in OUT/montages/",
@@ -101,6 +108,7 @@ def main(argv: list[str] | None = None) -> int:
         report=args.report,
         progress=show_progress(args.no_progress),
         chosen=bool(args.checkpoint),
+        dicom_sr=args.dicom_sr,
     )
     out = args.output
     try:

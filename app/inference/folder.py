@@ -8,6 +8,7 @@ montages and the saliency maps as asked, and writes the report.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import datetime as dt
 import hashlib
 import re
@@ -20,9 +21,11 @@ from tqdm import tqdm
 
 from app.errors import UsageError
 from app.inference.classifier import Classifier, Prediction
+from app.inference.dicom_sr import write_dicom_sr
 from app.inference.predictions import PredictionLog
 from app.inference.report import write_report
 from app.inference.saliency import write_saliency_nifti
+from app.model_settings import shareable
 from app.plots import plot_montage
 from app.runtime.scanqc import TrainingContext
 from app.runtime.scans import ScanInput, find_inputs
@@ -42,6 +45,8 @@ class FolderOptions:
     progress: bool = True
     #: the model was chosen by the user (``--checkpoint``), not the newest run
     chosen: bool = True
+    #: a folder for one DICOM SR per classified DICOM series (``--dicom-sr``); None: none
+    dicom_sr: Path | None = None
 
 
 @dataclass
@@ -103,7 +108,9 @@ def classify_folder(
     log = open_log(out, clf, overwrite=options.overwrite)
     _announce(clf, options.chosen, inputs, log, say)
     images: dict[str, dict[str, Path]] = {}
-    _classify(clf, inputs, log, out, options, images)
+    reports = _classify(clf, inputs, log, out, options, images)
+    if options.dicom_sr is not None:
+        _say_reports(reports, options.dicom_sr, say)
     result = FolderResult(log.rows, log.csv_path, images=images)
     if options.report:
         generated = TrainingContext.from_settings(clf.settings).generated
@@ -135,9 +142,12 @@ def _classify(
     out: Path,
     options: FolderOptions,
     images: dict[str, dict[str, Path]],
-) -> None:
-    """Classify the inputs not yet in ``log``, one fsync'd row and one console line each."""
+) -> dict[str, list[str]]:
+    """Classify the inputs not yet in ``log``, one fsync'd row and one console line each (and a
+    DICOM SR for each classified series, as asked); returns how the SRs went."""
     todo = [s for s in inputs if s.key not in log.done]
+    by_key = {s.key: s for s in todo}
+    reports: dict[str, list[str]] = {"written": [], "nifti": [], "failed": []}
     bar = tqdm(total=len(todo), unit="scan", disable=not options.progress, file=sys.stderr)
     try:
         for pred in clf.predict_many(
@@ -149,12 +159,60 @@ def _classify(
             _draw_pictures(clf, pred, out, options, images)
             log.append(pred)
             bar.write(pred.sentence())
+            if options.dicom_sr is not None and pred.prob_abnormal is not None:
+                _write_report(clf, pred, by_key[pred.path], options.dicom_sr, reports, bar.write)
             bar.update(1)
     finally:
         bar.close()
         with contextlib.suppress(OSError):
             log.write_json()
         log.close()
+    return reports
+
+
+def _write_report(
+    clf: Classifier,
+    pred: Prediction,
+    scan: ScanInput,
+    folder: Path,
+    reports: dict[str, list[str]],
+    say: Callable[[str], None],
+) -> None:
+    """The DICOM SR of one classified input: a series gets one, a NIfTI file none (it belongs to
+    no DICOM study); a series whose SR cannot be made says why and the folder goes on."""
+    if scan.kind != "dicom":
+        reports["nifti"].append(scan.key)
+        return
+    # what a PACS keeps: the model by name and digest, no folder of this machine
+    card = dataclasses.replace(
+        clf.card,
+        settings=shareable(clf.card.settings),
+        checkpoint=Path(Path(str(clf.checkpoint)).name),
+    )
+    model = {**clf.identity(), "description": card.describe()}
+    try:
+        write_dicom_sr(
+            scan.files,
+            float(str(pred.prob_abnormal)),
+            str(pred.label),
+            pred.warnings,
+            model,
+            folder / f"{safe_name(scan.key)}.dcm",
+        )
+    except Exception as exc:  # a source header highdicom refuses: that scan's SR only
+        reports["failed"].append(scan.key)
+        say(f"{scan.key}: no DICOM SR: {type(exc).__name__}: {str(exc)[:200]}")
+        return
+    reports["written"].append(scan.key)
+
+
+def _say_reports(reports: dict[str, list[str]], folder: Path, say: Callable[[str], None]) -> None:
+    line = f"DICOM SR: {len(reports['written'])} written to {folder}"
+    if reports["nifti"]:
+        line += f"; none for {len(reports['nifti'])} NIfTI inputs: they belong to no DICOM study"
+    if reports["failed"]:
+        line += f"; {len(reports['failed'])} could not be made (said above)"
+    say(line)
 
 
 def _draw_pictures(
