@@ -39,7 +39,25 @@ def build_parser() -> argparse.ArgumentParser:
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("folder", type=Path, help="folder of scans (searched recursively), or one scan")
+    p.add_argument(
+        "folder",
+        type=Path,
+        nargs="?",
+        help="folder of scans (searched recursively), or one scan (or --from-pacs)",
+    )
+    p.add_argument(
+        "--from-pacs",
+        metavar="AE@HOST:PORT",
+        help="retrieve the CT series of --study from this DICOM peer (C-FIND, C-GET) into "
+        "OUT/retrieved/ and classify them",
+    )
+    p.add_argument("--study", metavar="UID", help="with --from-pacs: the Study Instance UID")
+    p.add_argument(
+        "--send-sr",
+        action="store_true",
+        help="with --from-pacs: store each series' DICOM SR back to the peer (C-STORE), in its "
+        "study (implies --dicom-sr OUT/sr unless given)",
+    )
     p.add_argument(
         "--checkpoint", help="run folder, checkpoint file or exported bundle (default: newest run)"
     )
@@ -112,7 +130,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     out = args.output
     try:
-        out = output_folder(args)
+        if args.send_sr and not args.from_pacs:
+            raise UsageError("--send-sr needs --from-pacs (the peer to store the reports to)")
+        if args.from_pacs:
+            out, folder, peer = _retrieve(args, options)
+        else:
+            out, folder, peer = output_folder(args), args.folder, None
         clf = load_model(args)
         if args.saliency and clf.folds:
             raise UsageError(
@@ -120,8 +143,9 @@ def main(argv: list[str] | None = None) -> int:
                 f"of {clf.folds} fold models: pass one fold's folder (e.g. "
                 f"{fold_dir(str(args.checkpoint), 0)}) for its saliency"
             )
-        result = classify_folder(clf, args.folder, out, options)
-    except CTClassifyError as exc:  # UsageError, CheckpointError, OutputFolderError: 2
+        result = classify_folder(clf, folder, out, options)
+        problems = _send_reports(peer, options) if args.send_sr else []
+    except CTClassifyError as exc:  # UsageError, CheckpointError, OutputFolderError, PacsError: 2
         return fail(exc)
     except OSError as exc:  # e.g. a full disk: finished rows are on disk already
         print(
@@ -130,9 +154,41 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 1
+    for line in problems:
+        print(f"error: {line}", file=sys.stderr)
     if result.report_path is not None:
         print(f"report: {result.report_path}")
-    return summarise(result, clf.class_names)
+    return max(summarise(result, clf.class_names), 1 if problems else 0)
+
+
+def _retrieve(args: argparse.Namespace, options: Any) -> tuple[Path, Path, Any]:
+    """--from-pacs: the CT series of --study, retrieved into OUT/retrieved/ (OUT defaults to
+    outputs/pacs-<study>); with --send-sr the SRs go to --dicom-sr or OUT/sr."""
+    from app.inference.pacs import check_uid, parse_peer, retrieve_study
+
+    if args.folder is not None:
+        raise UsageError("give a folder or --from-pacs, not both")
+    if not args.study:
+        raise UsageError("--from-pacs needs --study UID")
+    peer = parse_peer(args.from_pacs)
+    study = check_uid(args.study)
+    out: Path = args.output or Path("outputs") / f"pacs-{study}"
+    retrieved = out / "retrieved" / study
+    folders = retrieve_study(peer, study, retrieved)
+    print(f"retrieved {len(folders)} CT series of study {study} from {peer} into {retrieved}")
+    if args.send_sr and options.dicom_sr is None:
+        options.dicom_sr = out / "sr"
+    return out, retrieved, peer
+
+
+def _send_reports(peer: Any, options: Any) -> list[str]:
+    """--send-sr: each SR of the output folder stored to the peer; what it refused."""
+    from app.inference.pacs import store_files
+
+    files = sorted(options.dicom_sr.glob("*.dcm")) if options.dicom_sr.is_dir() else []
+    problems = store_files(peer, files)
+    print(f"sent {len(files) - len(problems)} of {len(files)} DICOM SRs to {peer}")
+    return problems
 
 
 def summarise(result: Any, class_names: list[str]) -> int:
@@ -149,7 +205,9 @@ def summarise(result: Any, class_names: list[str]) -> int:
 
 def output_folder(args: argparse.Namespace) -> Path:
     """The output folder; refuses a missing input, a bad threshold, an output inside the input."""
-    folder: Path = args.folder
+    folder: Path | None = args.folder
+    if folder is None:
+        raise UsageError("give a folder of scans, or --from-pacs AE@HOST:PORT --study UID")
     if not folder.exists():
         raise UsageError(f"{folder} does not exist")
     if args.threshold is not None and not 0 <= args.threshold <= 1:

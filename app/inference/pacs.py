@@ -1,0 +1,192 @@
+"""A PACS round trip with DICOM networking (pynetdicom): find a study's CT series (C-FIND),
+retrieve them (C-GET: no storage server of our own to open), and store results back (C-STORE).
+
+``python -m app.infer --from-pacs AE@HOST:PORT --study UID`` retrieves into the output folder,
+classifies as a folder, and with ``--send-sr`` stores each series' DICOM SR back into the study.
+Every failure is one line naming the peer and what it said; a retrieve writes each file
+atomically, so an interrupted one leaves whole files only and a rerun completes it.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pydicom import dcmread
+from pydicom.dataset import Dataset
+from pynetdicom import AE, build_role, evt
+from pynetdicom.association import Association
+from pynetdicom.sop_class import (  # type: ignore[attr-defined]
+    Comprehensive3DSRStorage,
+    CTImageStorage,
+    EnhancedCTImageStorage,
+    StudyRootQueryRetrieveInformationModelFind,
+    StudyRootQueryRetrieveInformationModelGet,
+)
+
+from app.errors import EXIT_REFUSED, CTClassifyError, UsageError
+from app.runtime.files import atomic_write
+
+__all__ = ["CALLING_AET", "PacsError", "Peer", "parse_peer", "retrieve_study", "store_files"]
+
+#: the application entity title this app calls the PACS with
+CALLING_AET = "CTCLASSIFY"
+#: the CT storage classes a retrieve accepts (each series is stored by one of them)
+CT_STORAGE = (CTImageStorage, EnhancedCTImageStorage)
+_UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
+
+
+class PacsError(CTClassifyError):
+    """The PACS cannot be reached, or refused or failed a request (exit status 2)."""
+
+    exit_status = EXIT_REFUSED
+
+
+@dataclass(frozen=True)
+class Peer:
+    """A DICOM peer: its application entity title, host and port."""
+
+    aet: str
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        return f"{self.aet}@{self.host}:{self.port}"
+
+
+def parse_peer(text: str) -> Peer:
+    """``AE@HOST:PORT`` as a :class:`Peer`.
+
+    Raises:
+        UsageError: not of that form, an AE title beyond 16 characters, a port outside 1-65535.
+    """
+    match = re.fullmatch(r"([^@\\\s]{1,16})@([A-Za-z0-9.\-:\[\]]+):([0-9]{1,5})", text)
+    if match is None or not 0 < int(match.group(3)) < 65536:
+        raise UsageError(
+            f"--from-pacs expects AE@HOST:PORT (e.g. ORTHANC@127.0.0.1:4242), got {text!r}"
+        )
+    return Peer(match.group(1), match.group(2).strip("[]"), int(match.group(3)))
+
+
+def check_uid(uid: str) -> str:
+    if not (0 < len(uid) <= 64 and _UID.match(uid)):
+        raise UsageError(f"--study expects a Study Instance UID (digits and dots), got {uid!r}")
+    return uid
+
+
+@contextmanager
+def _associate(peer: Peer, ae: AE, timeout: float) -> Iterator[Association]:
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout
+    assoc = ae.associate(peer.host, peer.port, ae_title=peer.aet)
+    if not assoc.is_established:
+        raise PacsError(
+            f"cannot open a DICOM association with {peer} (refused, or nothing listens there)"
+        )
+    try:
+        yield assoc
+    finally:
+        if assoc.is_established:
+            assoc.release()
+
+
+def find_ct_series(peer: Peer, study_uid: str, timeout: float = 30.0) -> list[str]:
+    """The Series Instance UIDs of the study's CT series (C-FIND at the series level)."""
+    ae = AE(ae_title=CALLING_AET)
+    ae.add_requested_context(StudyRootQueryRetrieveInformationModelFind)
+    query = Dataset()
+    query.QueryRetrieveLevel = "SERIES"
+    query.StudyInstanceUID = check_uid(study_uid)
+    query.SeriesInstanceUID = ""
+    query.Modality = ""
+    found = []
+    with _associate(peer, ae, timeout) as assoc:
+        for status, identifier in assoc.send_c_find(
+            query, StudyRootQueryRetrieveInformationModelFind
+        ):
+            if status is None:
+                raise PacsError(f"{peer} did not answer the C-FIND in {timeout:g} s")
+            if status.Status in (0xFF00, 0xFF01) and identifier is not None:
+                if str(identifier.get("Modality", "")) == "CT":
+                    found.append(str(identifier.SeriesInstanceUID))
+            elif status.Status != 0x0000:
+                raise PacsError(f"{peer} refused the C-FIND (status 0x{status.Status:04X})")
+    return sorted(set(found))
+
+
+def retrieve_study(peer: Peer, study_uid: str, dest: Path, timeout: float = 60.0) -> list[Path]:
+    """Retrieve each CT series of the study into ``dest/SERIES_UID/`` (C-GET), one file per
+    instance, each written atomically. Returns the series folders.
+
+    Raises:
+        PacsError: the peer cannot be reached, finds no CT series, or a retrieve fails.
+    """
+    series = find_ct_series(peer, study_uid, timeout)
+    if not series:
+        raise PacsError(f"{peer} holds no CT series of study {study_uid}")
+    folders = []
+    for uid in series:
+        folder = dest / uid
+        _get_series(peer, study_uid, uid, folder, timeout)
+        folders.append(folder)
+    return folders
+
+
+def _get_series(peer: Peer, study_uid: str, series_uid: str, folder: Path, timeout: float) -> None:
+    def store(event: evt.Event) -> int:
+        ds = event.dataset
+        ds.file_meta = event.file_meta
+        name = re.sub(r"[^0-9.]", "_", str(ds.SOPInstanceUID))[:64] + ".dcm"
+        atomic_write(folder / name, lambda tmp: ds.save_as(tmp, enforce_file_format=True))
+        return 0x0000
+
+    ae = AE(ae_title=CALLING_AET)
+    ae.add_requested_context(StudyRootQueryRetrieveInformationModelGet)
+    for storage in CT_STORAGE:
+        ae.add_requested_context(storage)
+    roles: list[Any] = [build_role(storage, scp_role=True) for storage in CT_STORAGE]
+    query = Dataset()
+    query.QueryRetrieveLevel = "SERIES"
+    query.StudyInstanceUID = study_uid
+    query.SeriesInstanceUID = series_uid
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout
+    assoc = ae.associate(
+        peer.host, peer.port, ae_title=peer.aet, ext_neg=roles,
+        evt_handlers=[(evt.EVT_C_STORE, store)],
+    )  # fmt: skip
+    if not assoc.is_established:
+        raise PacsError(f"cannot open a DICOM association with {peer} to retrieve {series_uid}")
+    try:
+        last = None
+        for status, _ in assoc.send_c_get(query, StudyRootQueryRetrieveInformationModelGet):
+            if status is None:
+                raise PacsError(f"{peer} stopped answering the C-GET of series {series_uid}")
+            last = status
+        if last is not None and last.Status not in (0x0000, 0xFF00):
+            failed = int(last.get("NumberOfFailedSuboperations", 0) or 0)
+            raise PacsError(
+                f"{peer} could not send all of series {series_uid} (status "
+                f"0x{last.Status:04X}, {failed} instances failed): rerun to complete it"
+            )
+    finally:
+        if assoc.is_established:
+            assoc.release()
+
+
+def store_files(peer: Peer, files: list[Path], timeout: float = 60.0) -> list[str]:
+    """C-STORE each DICOM SR file to ``peer``; returns one line per file the peer refused."""
+    if not files:
+        return []
+    ae = AE(ae_title=CALLING_AET)
+    ae.add_requested_context(Comprehensive3DSRStorage)
+    problems = []
+    with _associate(peer, ae, timeout) as assoc:
+        for path in files:
+            status = assoc.send_c_store(dcmread(path))
+            if status is None or status.Status != 0x0000:
+                code = "no answer" if status is None else f"status 0x{status.Status:04X}"
+                problems.append(f"{path.name}: {peer} did not store it ({code})")
+    return problems

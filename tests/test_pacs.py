@@ -1,0 +1,141 @@
+"""A PACS round trip against a real DICOM server (issue 33): Orthanc (the Debian package CI
+installs), started here on loopback ports with a throwaway configuration and stopped after,
+loaded with the shared real DICOM series. ``app.infer --from-pacs`` finds and retrieves the
+study's CT series, classifies them, and ``--send-sr`` stores the SR back: Orthanc then holds it
+in the same study."""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+import socket
+import subprocess
+import time
+import urllib.request
+from pathlib import Path
+
+import pydicom
+import pytest
+from conftest import SHARED, in_ci, require_shared
+
+from app.infer import main as infer_main
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _http(port: int, path: str, data: bytes | None = None) -> object:
+    request = urllib.request.Request(f"http://127.0.0.1:{port}{path}", data=data)
+    with urllib.request.urlopen(request, timeout=10) as response:  # noqa: S310 (loopback only)
+        return json.loads(response.read() or b"null")
+
+
+@pytest.fixture(scope="module")
+def series() -> list[Path]:
+    return sorted(require_shared(SHARED / "data" / "real-ct" / "cip_ct-64_dicom").iterdir())
+
+
+@pytest.fixture(scope="module")
+def orthanc(tmp_path_factory, series):
+    """A real Orthanc on two free loopback ports, holding the real series; stopped after."""
+    binary = shutil.which("Orthanc")
+    if binary is None:
+        if in_ci():
+            pytest.fail("Orthanc is missing in CI: .ci/run installs the Debian package orthanc")
+        pytest.skip("Orthanc (Debian package orthanc) is not installed here")
+    work = tmp_path_factory.mktemp("orthanc")
+    http, dicom = _free_port(), _free_port()
+    config = {
+        "Name": "ctclassify-test", "StorageDirectory": str(work / "db"),
+        "IndexDirectory": str(work / "db"), "HttpPort": http, "DicomPort": dicom,
+        "DicomAet": "ORTHANC", "RemoteAccessAllowed": False, "AuthenticationEnabled": False,
+        "DicomCheckCalledAet": False, "DicomAlwaysAllowEcho": True, "DicomAlwaysAllowStore": True,
+        "DicomAlwaysAllowFind": True, "DicomAlwaysAllowGet": True, "Plugins": [],
+    }  # fmt: skip
+    (work / "orthanc.json").write_text(json.dumps(config))
+    log = (work / "orthanc.log").open("w")
+    server = subprocess.Popen([binary, str(work / "orthanc.json")], stdout=log, stderr=log)
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                _http(http, "/system")
+                break
+            except OSError:
+                if time.monotonic() > deadline or server.poll() is not None:
+                    pytest.fail(
+                        f"Orthanc did not start: {(work / 'orthanc.log').read_text()[-2000:]}"
+                    )
+                time.sleep(0.2)
+        for path in series:
+            _http(http, "/instances", path.read_bytes())
+        yield {"http": http, "dicom": dicom}
+    finally:
+        server.terminate()
+        try:
+            server.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            server.kill()
+        log.close()
+
+
+def test_a_study_retrieved_classified_and_its_sr_stored_back(orthanc, series, checkpoint, tmp_path):
+    study = str(pydicom.dcmread(series[0], stop_before_pixels=True).StudyInstanceUID)
+    source = str(pydicom.dcmread(series[0], stop_before_pixels=True).SeriesInstanceUID)
+    out = tmp_path / "out"
+    args = ["--from-pacs", f"ORTHANC@127.0.0.1:{orthanc['dicom']}", "--study", study,
+            "--send-sr", "--checkpoint", str(checkpoint), "--output", str(out), "--device", "cpu",
+            "--no-progress"]  # fmt: skip
+    assert infer_main(args) == 0
+    retrieved = sorted((out / "retrieved" / study / source).glob("*.dcm"))
+    assert len(retrieved) == len(series)
+    with (out / "predictions.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 1 and rows[0]["prob_abnormal"] and not rows[0]["error"]
+    # Orthanc holds the SR now, in the same study, beside the CT series
+    studies = _http(orthanc["http"], "/studies")
+    assert isinstance(studies, list) and len(studies) == 1
+    modalities = sorted(
+        _http(orthanc["http"], f"/series/{s}")["MainDicomTags"]["Modality"]  # type: ignore[index]
+        for s in _http(orthanc["http"], f"/studies/{studies[0]}")["Series"]  # type: ignore[index]
+    )
+    assert modalities == ["CT", "SR"]
+
+
+def test_a_peer_that_does_not_answer_is_one_line(tmp_path, checkpoint, capsys):
+    args = ["--from-pacs", f"NOBODY@127.0.0.1:{_free_port()}", "--study", "1.2.3",
+            "--checkpoint", str(checkpoint), "--output", str(tmp_path / "o"), "--no-progress"]  # fmt: skip
+    assert infer_main(args) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: cannot open a DICOM association with NOBODY@127.0.0.1")
+    assert len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize(
+    "args, says",
+    [
+        (["--from-pacs", "no-port", "--study", "1.2"], "AE@HOST:PORT"),
+        (["--from-pacs", "A@127.0.0.1:104", "--study", "1.2; rm -rf /"], "Study Instance UID"),
+        (["--from-pacs", "A@127.0.0.1:104"], "--study"),
+        (["--send-sr", "somewhere"], "--send-sr needs --from-pacs"),
+    ],
+)
+def test_pacs_options_are_checked_before_any_network(tmp_path, checkpoint, capsys, args, says):
+    if args[0] == "--send-sr":
+        (tmp_path / "somewhere").mkdir()
+        args = [str(tmp_path / "somewhere"), "--send-sr"]
+    full = [
+        *args,
+        "--checkpoint",
+        str(checkpoint),
+        "--output",
+        str(tmp_path / "o"),
+        "--no-progress",
+    ]
+    code = infer_main(full)
+    err = capsys.readouterr().err
+    assert code == 2 and says in err, err
