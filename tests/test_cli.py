@@ -152,7 +152,16 @@ def test_every_command_line_refuses_a_missing_input_with_status_2(tmp_path, caps
 
 
 @pytest.mark.parametrize(
-    "command", ["app.train", "app.infer", "app.evaluate", "app.export", "app.data", "app.pretrain"]
+    "command",
+    [
+        "app.train",
+        "app.infer",
+        "app.evaluate",
+        "app.export",
+        "app.data",
+        "app.pretrain",
+        "app.serve",
+    ],
 )
 def test_help_loads_neither_torch_nor_monai(command):
     """The reason the command lines import their work lazily, tested: ``--help`` answers

@@ -117,7 +117,7 @@ LAYERS = (
     ("app.bundle",),
 )  # fmt: skip
 COMMAND_LINES = ("app.train", "app.infer", "app.evaluate", "app.export", "app.pretrain",
-                 "app.data.cli", "app.data.__main__")  # fmt: skip
+                 "app.serve", "app.data.cli", "app.data.__main__")  # fmt: skip
 
 
 def _layer(name: str) -> int:
