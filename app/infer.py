@@ -13,6 +13,7 @@ inputs, an unusable checkpoint, or an output folder of another model.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -143,7 +144,13 @@ def main(argv: list[str] | None = None) -> int:
                 f"of {clf.folds} fold models: pass one fold's folder (e.g. "
                 f"{fold_dir(str(args.checkpoint), 0)}) for its saliency"
             )
-        result = classify_folder(clf, folder, out, options)
+        world, rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
+        if world > 1:  # one process of a torchrun job: its share, then rank 0 joins the parts
+            result = _classify_share(clf, folder, out, options, rank, world)
+            if result is None:
+                return 0
+        else:
+            result = classify_folder(clf, folder, out, options)
         problems = _send_reports(peer, options) if args.send_sr else []
     except CTClassifyError as exc:  # UsageError, CheckpointError, OutputFolderError, PacsError: 2
         return fail(exc)
@@ -159,6 +166,27 @@ def main(argv: list[str] | None = None) -> int:
     if result.report_path is not None:
         print(f"report: {result.report_path}")
     return max(summarise(result, clf.class_names), 1 if problems else 0)
+
+
+def _classify_share(clf: Any, folder: Path, out: Path, options: Any, rank: int, world: int) -> Any:
+    """Under torchrun: this rank's share of the inputs into OUT/ranks/rank-K (resumable as any
+    output folder), marked done; rank 0 then joins every part into OUT (None on the others)."""
+    from app.inference.folder import RANK_DONE, classify_folder, merge_ranks, rank_folder
+
+    if options.report or options.saliency:
+        raise UsageError(
+            "--report and --saliency draw per process: run them without torchrun (a rerun over "
+            "the same output folder classifies nothing again and draws them)"
+        )
+    part = rank_folder(out, rank)
+    (part / RANK_DONE).unlink(missing_ok=True)
+    options.shard = (rank, world)
+    options.progress = options.progress and rank == 0
+    classify_folder(clf, folder, part, options)
+    (part / RANK_DONE).write_text("done\n")
+    if rank != 0:
+        return None
+    return merge_ranks(clf, out, world, overwrite=options.overwrite)
 
 
 def _retrieve(args: argparse.Namespace, options: Any) -> tuple[Path, Path, Any]:
@@ -224,9 +252,15 @@ def load_model(args: argparse.Namespace) -> Any:
     from app.inference.classifier import Classifier
 
     limits = Limits() if args.max_voxels is None else Limits(max_voxels=args.max_voxels)
+    device = args.device
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and device != "cpu":
+        import torch  # under torchrun each process takes its LOCAL_RANK's GPU, as training does
+
+        if torch.cuda.is_available():
+            device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
     clf = Classifier.load(
         args.checkpoint,
-        device=args.device,
+        device=device,
         threshold=args.threshold,
         limits=limits,
         precision=args.precision,

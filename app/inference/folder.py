@@ -8,6 +8,7 @@ montages and the saliency maps as asked, and writes the report.
 from __future__ import annotations
 
 import contextlib
+import csv
 import dataclasses
 import datetime as dt
 import hashlib
@@ -29,6 +30,7 @@ from app.model_settings import shareable
 from app.plots import plot_montage
 from app.runtime.scanqc import TrainingContext
 from app.runtime.scans import ScanInput, find_inputs
+from app.runtime.writer import PREDICTIONS_CSV
 
 __all__ = ["FolderOptions", "FolderResult", "classify_folder", "safe_name"]
 
@@ -47,6 +49,9 @@ class FolderOptions:
     chosen: bool = True
     #: a folder for one DICOM SR per classified DICOM series (``--dicom-sr``); None: none
     dicom_sr: Path | None = None
+    #: ``(rank, world)``: classify every world-th input from the rank-th (one process of a
+    #: ``torchrun`` job: :func:`merge_ranks` joins the parts); None: every input
+    shard: tuple[int, int] | None = None
 
 
 @dataclass
@@ -85,6 +90,48 @@ def open_log(out: Path, clf: Classifier, overwrite: bool) -> PredictionLog:
     return PredictionLog(out, overwrite=overwrite, model=identity)
 
 
+#: where each process of a torchrun job writes its part of an output folder
+RANKS_DIR = "ranks"
+#: a part's mark: the process classified all of its share
+RANK_DONE = ".done"
+
+
+def rank_folder(out: Path, rank: int) -> Path:
+    return out / RANKS_DIR / f"rank-{rank}"
+
+
+def merge_ranks(
+    clf: Classifier, out: Path, world: int, overwrite: bool, wait_s: float = 86_400.0
+) -> FolderResult:
+    """Rank 0 of a torchrun job, after its own share: wait (polling the shared output folder,
+    never a collective) until every rank marked its part done, then write ``out``'s
+    predictions.csv and .json from the parts, rows in input order: the files one process writes.
+
+    Raises:
+        UsageError: a rank did not finish within ``wait_s`` (rerun the same command: each part
+            resumes where it stopped).
+    """
+    import time
+
+    deadline = time.monotonic() + wait_s
+    parts = [rank_folder(out, r) for r in range(world)]
+    while not all((p / RANK_DONE).is_file() for p in parts):
+        if time.monotonic() > deadline:
+            missing = [p.name for p in parts if not (p / RANK_DONE).is_file()]
+            raise UsageError(f"{', '.join(missing)} did not finish: run the same command again")
+        time.sleep(0.5)
+    rows: list[dict[str, str]] = []
+    for part in parts:  # every row, failed ones too, as the part wrote them
+        with (part / PREDICTIONS_CSV).open(newline="") as f:
+            rows += [r for r in csv.DictReader(f) if r.get("path")]
+    log = open_log(out, clf, overwrite=True)
+    for row in sorted(rows, key=lambda r: r["path"]):
+        log.append_row(row)
+    log.write_json()
+    log.close()
+    return FolderResult(log.rows, log.csv_path)
+
+
 def _say(line: str) -> None:
     print(line, flush=True)
 
@@ -105,6 +152,9 @@ def classify_folder(
         OSError: the output cannot be written (the finished rows are on disk already).
     """
     inputs = find_scan_inputs(folder)
+    if options.shard is not None:
+        rank, world = options.shard
+        inputs = inputs[rank::world]
     log = open_log(out, clf, overwrite=options.overwrite)
     _announce(clf, options.chosen, inputs, log, say)
     images: dict[str, dict[str, Path]] = {}

@@ -149,6 +149,10 @@ class PredictionLog:
             )
         )
 
+    def append_row(self, row: dict[str, str]) -> None:
+        """A row another log wrote (one rank's part of a folder), as it is."""
+        self._csv.append({k: row.get(k, "") for k in row})
+
     def write_json(self) -> None:
         rows: list[dict[str, Any]] = []
         for r in self.rows:
