@@ -53,6 +53,12 @@ def build_parser() -> argparse.ArgumentParser:
         "OUT/retrieved/ and classify them",
     )
     p.add_argument("--study", metavar="UID", help="with --from-pacs: the Study Instance UID")
+    p.add_argument("--patient", metavar="ID", help="with --from-pacs: every study of a Patient ID")
+    p.add_argument(
+        "--dates",
+        metavar="FROM-TO",
+        help="with --from-pacs: studies in a date range, YYYYMMDD-YYYYMMDD (either end open)",
+    )
     p.add_argument(
         "--send-sr",
         action="store_true",
@@ -190,20 +196,35 @@ def _classify_share(clf: Any, folder: Path, out: Path, options: Any, rank: int, 
 
 
 def _retrieve(args: argparse.Namespace, options: Any) -> tuple[Path, Path, Any]:
-    """--from-pacs: the CT series of --study, retrieved into OUT/retrieved/ (OUT defaults to
-    outputs/pacs-<study>); with --send-sr the SRs go to --dicom-sr or OUT/sr."""
-    from app.inference.pacs import check_uid, parse_peer, retrieve_study
+    """--from-pacs: the CT series of --study (or of every study --patient and --dates find),
+    retrieved into OUT/retrieved/STUDY/ (OUT defaults to outputs/pacs-<study or query>); with
+    --send-sr the SRs go to --dicom-sr or OUT/sr."""
+    from app.inference.pacs import (
+        PacsError,
+        check_uid,
+        find_studies,
+        parse_peer,
+        retrieve_study,
+    )
 
     if args.folder is not None:
         raise UsageError("give a folder or --from-pacs, not both")
-    if not args.study:
-        raise UsageError("--from-pacs needs --study UID")
+    if not (args.study or args.patient or args.dates):
+        raise UsageError("--from-pacs needs --study UID, or --patient ID and/or --dates FROM-TO")
     peer = parse_peer(args.from_pacs)
-    study = check_uid(args.study)
-    out: Path = args.output or Path("outputs") / f"pacs-{study}"
-    retrieved = out / "retrieved" / study
-    folders = retrieve_study(peer, study, retrieved)
-    print(f"retrieved {len(folders)} CT series of study {study} from {peer} into {retrieved}")
+    if args.study:
+        studies, name = [check_uid(args.study)], args.study
+    else:
+        studies = find_studies(peer, args.patient, args.dates)
+        name = "query"
+        if not studies:
+            raise PacsError(f"{peer} holds no study for that query")
+        print(f"{len(studies)} studies found on {peer}")
+    out: Path = args.output or Path("outputs") / f"pacs-{name}"
+    retrieved = out / "retrieved"
+    for study in studies:
+        folders = retrieve_study(peer, study, retrieved / study)
+        print(f"retrieved {len(folders)} CT series of study {study} from {peer} into {retrieved}")
     if args.send_sr and options.dicom_sr is None:
         options.dicom_sr = out / "sr"
     return out, retrieved, peer

@@ -106,6 +106,21 @@ def test_a_study_retrieved_classified_and_its_sr_stored_back(orthanc, series, ch
     assert modalities == ["CT", "SR"]
 
 
+def test_studies_found_by_patient_and_date_range(orthanc, series, checkpoint, tmp_path, capsys):
+    """--patient and --dates query the peer (C-FIND at the study level) for the studies to
+    retrieve; a range that holds none is one line, exit 2."""
+    header = pydicom.dcmread(series[0], stop_before_pixels=True)
+    peer = f"ORTHANC@127.0.0.1:{orthanc['dicom']}"
+    common = ["--checkpoint", str(checkpoint), "--device", "cpu", "--no-progress"]
+    query = ["--patient", str(header.PatientID), "--dates", f"{header.StudyDate}-"]
+    assert infer_main(["--from-pacs", peer, *query, "--output", str(tmp_path / "a"), *common]) == 0
+    assert "1 studies found" in capsys.readouterr().out
+    assert (tmp_path / "a" / "retrieved" / str(header.StudyInstanceUID)).is_dir()
+    empty = ["--dates", "19000101-19000102", "--output", str(tmp_path / "b")]
+    assert infer_main(["--from-pacs", peer, *empty, *common]) == 2
+    assert "holds no study for that query" in capsys.readouterr().err
+
+
 def test_a_peer_that_does_not_answer_is_one_line(tmp_path, checkpoint, capsys):
     args = ["--from-pacs", f"NOBODY@127.0.0.1:{_free_port()}", "--study", "1.2.3",
             "--checkpoint", str(checkpoint), "--output", str(tmp_path / "o"), "--no-progress"]  # fmt: skip
@@ -121,6 +136,7 @@ def test_a_peer_that_does_not_answer_is_one_line(tmp_path, checkpoint, capsys):
         (["--from-pacs", "no-port", "--study", "1.2"], "AE@HOST:PORT"),
         (["--from-pacs", "A@127.0.0.1:104", "--study", "1.2; rm -rf /"], "Study Instance UID"),
         (["--from-pacs", "A@127.0.0.1:104"], "--study"),
+        (["--from-pacs", "A@127.0.0.1:104", "--dates", "2006"], "YYYYMMDD"),
         (["--send-sr", "somewhere"], "--send-sr needs --from-pacs"),
     ],
 )

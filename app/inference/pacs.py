@@ -93,6 +93,43 @@ def _associate(peer: Peer, ae: AE, timeout: float) -> Iterator[Association]:
             assoc.release()
 
 
+def check_dates(text: str) -> str:
+    """A DICOM date range ``YYYYMMDD-YYYYMMDD`` (either end may be left open) or one date."""
+    if not re.fullmatch(r"([0-9]{8})?-?([0-9]{8})?", text) or text in ("", "-"):
+        raise UsageError(f"--dates expects YYYYMMDD-YYYYMMDD (either end open), got {text!r}")
+    return text
+
+
+def find_studies(
+    peer: Peer, patient: str | None = None, dates: str | None = None, timeout: float = 30.0
+) -> list[str]:
+    """The Study Instance UIDs the peer holds for ``patient`` (a Patient ID) and/or ``dates`` (a
+    StudyDate range), by C-FIND at the study level; at most 1,000."""
+    if patient is not None and not (0 < len(patient) <= 64 and patient.isprintable()):
+        raise UsageError(f"--patient expects a Patient ID, got {patient[:80]!r}")
+    query = Dataset()
+    query.QueryRetrieveLevel = "STUDY"
+    query.StudyInstanceUID = ""
+    query.PatientID = patient or ""
+    query.StudyDate = check_dates(dates) if dates else ""
+    ae = AE(ae_title=CALLING_AET)
+    ae.add_requested_context(StudyRootQueryRetrieveInformationModelFind)
+    found: list[str] = []
+    with _associate(peer, ae, timeout) as assoc:
+        for status, identifier in assoc.send_c_find(
+            query, StudyRootQueryRetrieveInformationModelFind
+        ):
+            if status is None:
+                raise PacsError(f"{peer} did not answer the C-FIND in {timeout:g} s")
+            if status.Status in (0xFF00, 0xFF01) and identifier is not None:
+                found.append(check_uid(str(identifier.StudyInstanceUID)))
+            elif status.Status != 0x0000:
+                raise PacsError(f"{peer} refused the C-FIND (status 0x{status.Status:04X})")
+            if len(found) > 1000:
+                raise PacsError(f"{peer} holds more than 1,000 studies for that query: narrow it")
+    return sorted(set(found))
+
+
 def find_ct_series(peer: Peer, study_uid: str, timeout: float = 30.0) -> list[str]:
     """The Series Instance UIDs of the study's CT series (C-FIND at the series level)."""
     ae = AE(ae_title=CALLING_AET)
