@@ -6,6 +6,7 @@ in the same study."""
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import shutil
@@ -39,23 +40,25 @@ def series() -> list[Path]:
     return sorted(require_shared(SHARED / "data" / "real-ct" / "cip_ct-64_dicom").iterdir())
 
 
-@pytest.fixture(scope="module")
-def orthanc(tmp_path_factory, series):
-    """A real Orthanc on two free loopback ports, holding the real series; stopped after."""
+@contextlib.contextmanager
+def _orthanc(work: Path, series: list[Path], allow_store: bool = True):
+    """A real Orthanc on two free loopback ports, holding the real series; stopped after.
+    ``allow_store`` False: it refuses C-STORE from any peer (its REST API still loads it)."""
     binary = shutil.which("Orthanc")
     if binary is None:
         if in_ci():
             pytest.fail("Orthanc is missing in CI: .ci/run installs the Debian package orthanc")
         pytest.skip("Orthanc (Debian package orthanc) is not installed here")
-    work = tmp_path_factory.mktemp("orthanc")
     http, dicom = _free_port(), _free_port()
     config = {
         "Name": "ctclassify-test", "StorageDirectory": str(work / "db"),
         "IndexDirectory": str(work / "db"), "HttpPort": http, "DicomPort": dicom,
         "DicomAet": "ORTHANC", "RemoteAccessAllowed": False, "AuthenticationEnabled": False,
-        "DicomCheckCalledAet": False, "DicomAlwaysAllowEcho": True, "DicomAlwaysAllowStore": True,
-        "DicomAlwaysAllowFind": True, "DicomAlwaysAllowGet": True, "Plugins": [],
+        "DicomCheckCalledAet": False, "DicomAlwaysAllowEcho": True,
+        "DicomAlwaysAllowStore": allow_store, "DicomAlwaysAllowFind": True,
+        "DicomAlwaysAllowGet": True, "Plugins": [],
     }  # fmt: skip
+    work.mkdir(parents=True, exist_ok=True)
     (work / "orthanc.json").write_text(json.dumps(config))
     log = (work / "orthanc.log").open("w")
     server = subprocess.Popen([binary, str(work / "orthanc.json")], stdout=log, stderr=log)
@@ -81,6 +84,12 @@ def orthanc(tmp_path_factory, series):
         except subprocess.TimeoutExpired:
             server.kill()
         log.close()
+
+
+@pytest.fixture(scope="module")
+def orthanc(tmp_path_factory, series):
+    with _orthanc(tmp_path_factory.mktemp("orthanc"), series) as ports:
+        yield ports
 
 
 def test_a_study_retrieved_classified_and_its_sr_stored_back(orthanc, series, checkpoint, tmp_path):
@@ -119,6 +128,26 @@ def test_studies_found_by_patient_and_date_range(orthanc, series, checkpoint, tm
     empty = ["--dates", "19000101-19000102", "--output", str(tmp_path / "b")]
     assert infer_main(["--from-pacs", peer, *empty, *common]) == 2
     assert "holds no study for that query" in capsys.readouterr().err
+
+
+def test_a_refused_store_is_a_line_per_report_and_a_rerun_sends_again(
+    series, checkpoint, tmp_path, capsys
+):
+    """A PACS that refuses C-STORE: the scans are classified and their rows kept; each SR it
+    refused is an error line, exit 1; nothing else is lost."""
+    study = str(pydicom.dcmread(series[0], stop_before_pixels=True).StudyInstanceUID)
+    with _orthanc(tmp_path / "orthanc", series, allow_store=False) as ports:
+        args = ["--from-pacs", f"ORTHANC@127.0.0.1:{ports['dicom']}", "--study", study,
+                "--send-sr", "--checkpoint", str(checkpoint), "--output", str(tmp_path / "o"),
+                "--device", "cpu", "--no-progress"]  # fmt: skip
+        code = infer_main(args)
+        captured = capsys.readouterr()
+        assert code in (1, 2), captured.err
+        assert "ORTHANC@127.0.0.1" in captured.err and "Traceback" not in captured.err
+        with (tmp_path / "o" / "predictions.csv").open() as f:
+            assert [r["error"] for r in csv.DictReader(f)] == [""]
+        assert len(list((tmp_path / "o" / "sr").glob("*.dcm"))) == 1
+        assert len(_http(ports["http"], "/series")) == 1  # type: ignore[arg-type]
 
 
 def test_a_peer_that_does_not_answer_is_one_line(tmp_path, checkpoint, capsys):

@@ -119,12 +119,13 @@ def find_studies(
         for status, identifier in assoc.send_c_find(
             query, StudyRootQueryRetrieveInformationModelFind
         ):
-            if status is None:
+            code = getattr(status, "Status", None)
+            if code is None:
                 raise PacsError(f"{peer} did not answer the C-FIND in {timeout:g} s")
-            if status.Status in (0xFF00, 0xFF01) and identifier is not None:
+            if code in (0xFF00, 0xFF01) and identifier is not None:
                 found.append(check_uid(str(identifier.StudyInstanceUID)))
-            elif status.Status != 0x0000:
-                raise PacsError(f"{peer} refused the C-FIND (status 0x{status.Status:04X})")
+            elif code != 0x0000:
+                raise PacsError(f"{peer} refused the C-FIND (status 0x{code:04X})")
             if len(found) > 1000:
                 raise PacsError(f"{peer} holds more than 1,000 studies for that query: narrow it")
     return sorted(set(found))
@@ -144,13 +145,14 @@ def find_ct_series(peer: Peer, study_uid: str, timeout: float = 30.0) -> list[st
         for status, identifier in assoc.send_c_find(
             query, StudyRootQueryRetrieveInformationModelFind
         ):
-            if status is None:
+            code = getattr(status, "Status", None)
+            if code is None:
                 raise PacsError(f"{peer} did not answer the C-FIND in {timeout:g} s")
-            if status.Status in (0xFF00, 0xFF01) and identifier is not None:
+            if code in (0xFF00, 0xFF01) and identifier is not None:
                 if str(identifier.get("Modality", "")) == "CT":
                     found.append(str(identifier.SeriesInstanceUID))
-            elif status.Status != 0x0000:
-                raise PacsError(f"{peer} refused the C-FIND (status 0x{status.Status:04X})")
+            elif code != 0x0000:
+                raise PacsError(f"{peer} refused the C-FIND (status 0x{code:04X})")
     return sorted(set(found))
 
 
@@ -199,7 +201,7 @@ def _get_series(peer: Peer, study_uid: str, series_uid: str, folder: Path, timeo
     try:
         last = None
         for status, _ in assoc.send_c_get(query, StudyRootQueryRetrieveInformationModelGet):
-            if status is None:
+            if getattr(status, "Status", None) is None:
                 raise PacsError(f"{peer} stopped answering the C-GET of series {series_uid}")
             last = status
         if last is not None and last.Status not in (0x0000, 0xFF00):
@@ -222,8 +224,12 @@ def store_files(peer: Peer, files: list[Path], timeout: float = 60.0) -> list[st
     problems = []
     with _associate(peer, ae, timeout) as assoc:
         for path in files:
+            if not assoc.is_established:  # the peer aborted: the rest are not stored either
+                problems.append(f"{path.name}: {peer} closed the association before it")
+                continue
             status = assoc.send_c_store(dcmread(path))
-            if status is None or status.Status != 0x0000:
-                code = "no answer" if status is None else f"status 0x{status.Status:04X}"
-                problems.append(f"{path.name}: {peer} did not store it ({code})")
+            code = getattr(status, "Status", None)  # an empty answer: refused or aborted
+            if code != 0x0000:
+                said = "no status" if code is None else f"status 0x{code:04X}"
+                problems.append(f"{path.name}: {peer} did not store it ({said})")
     return problems
