@@ -254,3 +254,21 @@ def bundle_run_args(scans: Path, output: Path, *extra: str) -> list[str]:
         str(output),
         *extra,
     ]
+
+
+def free_port() -> int:
+    """A TCP port nothing listens on at the moment, on the loopback interface."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def torchrun(processes: int = 2) -> list[str]:
+    """torchrun with ``processes`` local processes and a new free port (a rendezvous may still
+    hold its own)."""
+    import sys
+
+    return [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={processes}",
+            f"--master_port={free_port()}"]  # fmt: skip

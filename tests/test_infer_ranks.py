@@ -6,22 +6,12 @@ A part cut short (a killed rank) is completed by running the same command again.
 from __future__ import annotations
 
 import csv
-import socket
 import subprocess
-import sys
 from pathlib import Path
 
-from conftest import REPO, ct_volume, nifti
+from conftest import REPO, ct_volume, nifti, torchrun
 
 from app.infer import main as infer_main
-
-
-def _torchrun() -> list[str]:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-            f"--master_port={port}"]  # fmt: skip
 
 
 def _rows(out: Path) -> list[dict[str, str]]:
@@ -39,7 +29,7 @@ def test_two_processes_write_the_file_one_process_writes_and_resume(tmp_path, ch
     common = ["--checkpoint", str(checkpoint), "--device", "cpu", "--no-progress"]
     assert infer_main([str(scans), "--output", str(single), *common]) == 1  # one failed input
     ranked = tmp_path / "ranked"
-    command = [*_torchrun(), "-m", "app.infer", str(scans), "--output", str(ranked), *common]
+    command = [*torchrun(), "-m", "app.infer", str(scans), "--output", str(ranked), *common]
 
     def run() -> subprocess.CompletedProcess[str]:
         return subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300)

@@ -10,7 +10,6 @@ import contextlib
 import csv
 import json
 import shutil
-import socket
 import subprocess
 import time
 import urllib.request
@@ -18,15 +17,9 @@ from pathlib import Path
 
 import pydicom
 import pytest
-from conftest import SHARED, in_ci, require_shared
+from conftest import SHARED, free_port, in_ci, require_shared
 
 from app.infer import main as infer_main
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _http(port: int, path: str, data: bytes | None = None) -> object:
@@ -49,7 +42,7 @@ def _orthanc(work: Path, series: list[Path], allow_store: bool = True):
         if in_ci():
             pytest.fail("Orthanc is missing in CI: .ci/run installs the Debian package orthanc")
         pytest.skip("Orthanc (Debian package orthanc) is not installed here")
-    http, dicom = _free_port(), _free_port()
+    http, dicom = free_port(), free_port()
     config = {
         "Name": "ctclassify-test", "StorageDirectory": str(work / "db"),
         "IndexDirectory": str(work / "db"), "HttpPort": http, "DicomPort": dicom,
@@ -151,7 +144,7 @@ def test_a_refused_store_is_a_line_per_report_and_a_rerun_sends_again(
 
 
 def test_a_peer_that_does_not_answer_is_one_line(tmp_path, checkpoint, capsys):
-    args = ["--from-pacs", f"NOBODY@127.0.0.1:{_free_port()}", "--study", "1.2.3",
+    args = ["--from-pacs", f"NOBODY@127.0.0.1:{free_port()}", "--study", "1.2.3",
             "--checkpoint", str(checkpoint), "--output", str(tmp_path / "o"), "--no-progress"]  # fmt: skip
     assert infer_main(args) == 2
     err = capsys.readouterr().err

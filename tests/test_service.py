@@ -8,7 +8,6 @@ import csv
 import io
 import json
 import os
-import socket
 import subprocess
 import sys
 import threading
@@ -19,15 +18,9 @@ import zipfile
 from pathlib import Path
 
 import pytest
-from conftest import SHARED, require_shared
+from conftest import SHARED, free_port, require_shared
 
 from app.infer import main as infer_main
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _call(port: int, path: str, body: bytes | None = None) -> tuple[int, dict, dict]:
@@ -47,7 +40,7 @@ def real() -> Path:
 @pytest.fixture(scope="module")
 def service(checkpoint, tmp_path_factory):
     """app.serve on a free port: one inference at a time, no queue, bodies up to 8 MB."""
-    port = _free_port()
+    port = free_port()
     log = (tmp_path_factory.mktemp("serve") / "serve.log").open("w")
     server = subprocess.Popen(
         [sys.executable, "-m", "app.serve", "--checkpoint", str(checkpoint), "--port", str(port),

@@ -6,29 +6,14 @@ import json
 
 import pytest
 import torch
-from conftest import TINY, rows
+from conftest import TINY, rows, torchrun
 
 
 @pytest.mark.slow
 def test_two_process_gloo_training(tiny_data, tmp_path):
     """torchrun with 2 CPU processes (gloo): DDP, distributed sampler, reduced metrics, rank-0 files."""
     import os
-    import socket
     import subprocess
-    import sys
-
-    def torchrun() -> list[str]:
-        """torchrun with 2 processes and a new free port (a rendezvous may still hold its own)."""
-        with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
-            port = sock.getsockname()[1]
-        return [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--nproc_per_node=2",
-            f"--master_port={port}",
-        ]
 
     run = tmp_path / "ddp"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
