@@ -9,6 +9,7 @@ atomically, so an interrupted one leaves whole files only and a rerun completes 
 
 from __future__ import annotations
 
+import logging
 import re
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -35,6 +36,12 @@ __all__ = ["CALLING_AET", "PacsError", "Peer", "parse_peer", "retrieve_study", "
 
 #: the application entity title this app calls the PACS with
 CALLING_AET = "CTCLASSIFY"
+# pynetdicom logs each refused connection and abort at ERROR on the root logger's handlers (two
+# extra lines on the console, or a logging traceback where those handlers' stream is closed):
+# every failure here is our own one line, naming the peer
+_NETWORK_LOG = logging.getLogger("pynetdicom")
+_NETWORK_LOG.addHandler(logging.NullHandler())
+_NETWORK_LOG.propagate = False
 #: the CT storage classes a retrieve accepts (each series is stored by one of them)
 CT_STORAGE = (CTImageStorage, EnhancedCTImageStorage)
 _UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
