@@ -34,18 +34,8 @@ from app.runtime.allocator import reuse_freed_memory
 from app.runtime.scanqc import Limits
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="python -m app.infer",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    p.add_argument(
-        "folder",
-        type=Path,
-        nargs="?",
-        help="folder of scans (searched recursively), or one scan (or --from-pacs)",
-    )
+def _add_pacs_options(p: argparse.ArgumentParser) -> None:
+    """--from-pacs and what goes with it (app.inference.pacs)."""
     p.add_argument(
         "--from-pacs",
         metavar="AE@HOST:PORT",
@@ -65,6 +55,21 @@ def build_parser() -> argparse.ArgumentParser:
         help="with --from-pacs: store each series' DICOM SR back to the peer (C-STORE), in its "
         "study (implies --dicom-sr OUT/sr unless given)",
     )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m app.infer",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument(
+        "folder",
+        type=Path,
+        nargs="?",
+        help="folder of scans (searched recursively), or one scan (or --from-pacs)",
+    )
+    _add_pacs_options(p)
     p.add_argument(
         "--checkpoint", help="run folder, checkpoint file or exported bundle (default: newest run)"
     )

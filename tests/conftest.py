@@ -15,6 +15,20 @@ REAL_CT = SHARED / "data" / "real-ct"
 REFERENCE = SHARED / "data" / "reference"
 
 
+@pytest.fixture(autouse=True)
+def _root_logging_restored():
+    """Each test starts with the root logger as the previous one found it: a workflow applies
+    configs/logging.conf (an INFO handler on the sys.stdout of its moment, which pytest closes
+    after that test), and a later test's INFO lines would end in a logging traceback."""
+    import logging
+
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    yield
+    root.handlers[:] = handlers
+    root.setLevel(level)
+
+
 def require_shared(path: Path) -> Path:
     """Return ``path``; skip (outside CI) when the team's shared data is absent, fail in CI."""
     if path.exists():
