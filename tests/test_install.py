@@ -6,6 +6,7 @@ package data."""
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -27,8 +28,19 @@ def _run(args: list[str], cwd: Path, env: dict[str, str] | None = None, timeout:
 def installed(tmp_path_factory) -> Path:
     """A fresh virtual environment with the project's wheel and its dependencies."""
     tmp = tmp_path_factory.mktemp("install")
+    # built from a copy of the sources: a build/ folder an earlier build left in the checkout
+    # would put its stale files into the wheel
+    source = tmp / "src"
+    top = {".git", "build", "dist", "runs", "outputs", "data", ".cache"}
+
+    def skipped(folder: str, names: list[str]) -> set[str]:
+        at_top = Path(folder) == REPO
+        return {n for n in names if (at_top and (n in top or n.startswith(".venv")))
+                or n.endswith(".egg-info") or n == "__pycache__"}  # fmt: skip
+
+    shutil.copytree(REPO, source, ignore=skipped)
     wheel = _run(
-        [sys.executable, "-m", "pip", "wheel", "--no-deps", "-w", str(tmp), str(REPO)], tmp
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "-w", str(tmp), str(source)], tmp
     )
     assert wheel.returncode == 0, wheel.stderr[-2000:]
     env = tmp / "env"
