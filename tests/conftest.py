@@ -3,6 +3,7 @@ from __future__ import annotations
 import csv
 import os
 from pathlib import Path
+from typing import Any
 
 import nibabel as nib
 import numpy as np
@@ -286,3 +287,15 @@ def torchrun(processes: int = 2) -> list[str]:
 
     return [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={processes}",
             f"--master_port={free_port()}"]  # fmt: skip
+
+
+def stop_server(process: Any) -> None:
+    """Stop a server a test started: SIGTERM, then SIGKILL after 15 s."""
+    import subprocess
+
+    process.terminate()
+    try:
+        process.wait(timeout=15)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait(timeout=15)

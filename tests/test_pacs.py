@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pydicom
 import pytest
-from conftest import SHARED, free_port, in_ci, require_shared
+from conftest import SHARED, free_port, in_ci, require_shared, stop_server
 
 from app.infer import main as infer_main
 
@@ -71,11 +71,7 @@ def _orthanc(work: Path, series: list[Path], allow_store: bool = True):
             _http(http, "/instances", path.read_bytes())
         yield {"http": http, "dicom": dicom}
     finally:
-        server.terminate()
-        try:
-            server.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            server.kill()
+        stop_server(server)
         log.close()
 
 

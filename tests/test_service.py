@@ -18,7 +18,7 @@ import zipfile
 from pathlib import Path
 
 import pytest
-from conftest import SHARED, free_port, require_shared
+from conftest import SHARED, free_port, require_shared, stop_server
 
 from app.infer import main as infer_main
 
@@ -60,11 +60,7 @@ def service(checkpoint, tmp_path_factory):
             time.sleep(0.3)
         yield port
     finally:
-        server.terminate()
-        try:
-            server.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            server.kill()
+        stop_server(server)
         log.close()
 
 

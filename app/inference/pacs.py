@@ -119,9 +119,18 @@ def find_studies(
     query.StudyInstanceUID = ""
     query.PatientID = patient or ""
     query.StudyDate = check_dates(dates) if dates else ""
+    found: list[str] = []
+    for identifier in _find(peer, query, timeout):
+        found.append(check_uid(str(identifier.StudyInstanceUID)))
+        if len(found) > 1000:
+            raise PacsError(f"{peer} holds more than 1,000 studies for that query: narrow it")
+    return sorted(set(found))
+
+
+def _find(peer: Peer, query: Dataset, timeout: float) -> Iterator[Dataset]:
+    """Each match of a C-FIND (Study Root model) at ``peer``."""
     ae = AE(ae_title=CALLING_AET)
     ae.add_requested_context(StudyRootQueryRetrieveInformationModelFind)
-    found: list[str] = []
     with _associate(peer, ae, timeout) as assoc:
         for status, identifier in assoc.send_c_find(
             query, StudyRootQueryRetrieveInformationModelFind
@@ -130,36 +139,23 @@ def find_studies(
             if code is None:
                 raise PacsError(f"{peer} did not answer the C-FIND in {timeout:g} s")
             if code in (0xFF00, 0xFF01) and identifier is not None:
-                found.append(check_uid(str(identifier.StudyInstanceUID)))
+                yield identifier
             elif code != 0x0000:
                 raise PacsError(f"{peer} refused the C-FIND (status 0x{code:04X})")
-            if len(found) > 1000:
-                raise PacsError(f"{peer} holds more than 1,000 studies for that query: narrow it")
-    return sorted(set(found))
 
 
 def find_ct_series(peer: Peer, study_uid: str, timeout: float = 30.0) -> list[str]:
     """The Series Instance UIDs of the study's CT series (C-FIND at the series level)."""
-    ae = AE(ae_title=CALLING_AET)
-    ae.add_requested_context(StudyRootQueryRetrieveInformationModelFind)
     query = Dataset()
     query.QueryRetrieveLevel = "SERIES"
     query.StudyInstanceUID = check_uid(study_uid)
     query.SeriesInstanceUID = ""
     query.Modality = ""
-    found = []
-    with _associate(peer, ae, timeout) as assoc:
-        for status, identifier in assoc.send_c_find(
-            query, StudyRootQueryRetrieveInformationModelFind
-        ):
-            code = getattr(status, "Status", None)
-            if code is None:
-                raise PacsError(f"{peer} did not answer the C-FIND in {timeout:g} s")
-            if code in (0xFF00, 0xFF01) and identifier is not None:
-                if str(identifier.get("Modality", "")) == "CT":
-                    found.append(str(identifier.SeriesInstanceUID))
-            elif code != 0x0000:
-                raise PacsError(f"{peer} refused the C-FIND (status 0x{code:04X})")
+    found = [
+        str(identifier.SeriesInstanceUID)
+        for identifier in _find(peer, query, timeout)
+        if str(identifier.get("Modality", "")) == "CT"
+    ]
     return sorted(set(found))
 
 
