@@ -18,14 +18,11 @@ lesion mask, for ``studies/pointing.py``).
 
 from __future__ import annotations
 
-import argparse
-from pathlib import Path
-
 import nibabel as nib
 import numpy as np
 from scipy import ndimage
 
-from testdata.writer import write_labelled
+from testdata.writer import generator_parser, write_labelled
 
 SHAPE = (128, 128, 48)
 SPACING = (2.5, 2.5, 6.0)
@@ -165,18 +162,7 @@ def visibility(seed: int, scans: int = 20) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("out", type=Path)
-    p.add_argument("--per-class", type=int, default=60)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument(
-        "--confounded",
-        type=float,
-        default=0.0,
-        nargs="?",
-        const=1.0,
-        help="strength of the confounders, 0..1 (alone: 1)",
-    )
+    p = generator_parser(__doc__, per_class=60)
     p.add_argument(
         "--only",
         default=",".join(CONFOUNDERS),

@@ -21,14 +21,11 @@ the scan's grid, for ``studies/pointing.py``).
 
 from __future__ import annotations
 
-import argparse
-from pathlib import Path
-
 import nibabel as nib
 import numpy as np
 from scipy import ndimage
 
-from testdata.writer import write_labelled
+from testdata.writer import generator_parser, write_labelled
 
 SHAPE = (144, 144, 44)
 SPACING = (2.2, 2.2, 5.0)
@@ -209,18 +206,7 @@ def _stored(volume: np.ndarray) -> nib.Nifti1Image:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("out", type=Path)
-    p.add_argument("--per-class", type=int, default=30)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument(
-        "--confounded",
-        type=float,
-        default=0.0,
-        nargs="?",
-        const=1.0,
-        help="strength of the confounders, 0..1 (alone: 1)",
-    )
+    p = generator_parser(__doc__, per_class=30)
     args = p.parse_args(argv)
     written = write_labelled(
         args.out,

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import argparse
 from collections.abc import Callable
 from pathlib import Path
 
@@ -37,3 +38,22 @@ def write_labelled(
                 masks = nib.Nifti1Image(mask.astype(np.uint8), image.affine)
                 nib.save(masks, str(out / "masks" / name))
     return 2 * per_class
+
+
+def generator_parser(description: str, per_class: int) -> argparse.ArgumentParser:
+    """The options both generators take: OUT, --per-class, --seed, --confounded [S]."""
+    p = argparse.ArgumentParser(
+        description=description, formatter_class=argparse.RawTextHelpFormatter
+    )
+    p.add_argument("out", type=Path)
+    p.add_argument("--per-class", type=int, default=per_class)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--confounded",
+        type=float,
+        default=0.0,
+        nargs="?",
+        const=1.0,
+        help="strength of the confounders, 0..1 (alone: 1)",
+    )
+    return p

@@ -47,6 +47,18 @@ def cv_folder(data, tmp_path_factory) -> Path:
     return out
 
 
+def resume_with(trained: Path, tmp_path: Path, payload: dict, capsys) -> tuple:
+    """A copy of ``trained`` whose overrides.json gained ``payload``, resumed: (run folder,
+    its files before, exit status, stderr)."""
+    run = tmp_path / "R"
+    shutil.copytree(trained, run)
+    saved = json.loads((run / "overrides.json").read_text())
+    (run / "overrides.json").write_text(json.dumps({**saved, **payload}))
+    before = snapshot(run)
+    code = train_main(["--output", str(run), "--resume", "--epochs", "2", *SMALL])
+    return run, before, code, capsys.readouterr().err
+
+
 def snapshot(folder: Path) -> dict[str, bytes]:
     return {str(p.relative_to(folder)): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
 
@@ -84,13 +96,7 @@ def test_resume_refuses_every_hostile_key_and_value_in_overrides(
     value, a wrong type: --resume exits 2 naming the file and key; nothing runs or changes."""
     CANARY.unlink(missing_ok=True)
     OUTSIDE.unlink(missing_ok=True)
-    run = tmp_path / "R"
-    shutil.copytree(trained, run)
-    saved = json.loads((run / "overrides.json").read_text())
-    (run / "overrides.json").write_text(json.dumps({**saved, **payload}))
-    before = snapshot(run)
-    code = train_main(["--output", str(run), "--resume", "--epochs", "2", *SMALL])
-    err = capsys.readouterr().err
+    run, before, code, err = resume_with(trained, tmp_path, payload, capsys)
     assert code == 2, err
     key = next(iter(payload))
     assert "overrides.json" in err and key.split("#")[0].split("::")[0] in err
@@ -351,13 +357,7 @@ def test_resume_refuses_values_that_would_steer_the_run_in_one_line(
     one error line naming the key (exit 2), never a traceback; nothing written anywhere."""
     outside = Path("/tmp/ctclassify-outside-cache")
     shutil.rmtree(outside, ignore_errors=True)
-    run = tmp_path / "R"
-    shutil.copytree(trained, run)
-    saved = json.loads((run / "overrides.json").read_text())
-    (run / "overrides.json").write_text(json.dumps({**saved, **payload}))
-    before = snapshot(run)
-    code = train_main(["--output", str(run), "--resume", "--epochs", "2", *SMALL])
-    err = capsys.readouterr().err
+    run, before, code, err = resume_with(trained, tmp_path, payload, capsys)
     assert code == 2, err
     assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
     assert key in err
