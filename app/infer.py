@@ -35,12 +35,13 @@ from app.runtime.scanqc import Limits
 
 
 def _add_pacs_options(p: argparse.ArgumentParser) -> None:
-    """--from-pacs and what goes with it (app.inference.pacs)."""
+    """--from-pacs and what goes with it (app.inference.pacs, app.inference.dicomweb)."""
     p.add_argument(
         "--from-pacs",
-        metavar="AE@HOST:PORT",
-        help="retrieve the CT series of --study from this DICOM peer (C-FIND, C-GET) into "
-        "OUT/retrieved/ and classify them",
+        metavar="AE@HOST:PORT|URL",
+        help="retrieve the CT series of --study from this DICOM peer (C-FIND, C-GET) or "
+        "DICOMweb root (http://HOST:PORT/dicom-web: QIDO-RS, WADO-RS) into OUT/retrieved/ and "
+        "classify them",
     )
     p.add_argument("--study", metavar="UID", help="with --from-pacs: the Study Instance UID")
     p.add_argument("--patient", metavar="ID", help="with --from-pacs: every study of a Patient ID")
@@ -52,7 +53,8 @@ def _add_pacs_options(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--send-sr",
         action="store_true",
-        help="with --from-pacs: store each series' DICOM SR back to the peer (C-STORE), in its "
+        help="with --from-pacs: store each series' DICOM SR back to the peer (C-STORE or "
+        "STOW-RS), in its "
         "study (implies --dicom-sr OUT/sr unless given)",
     )
 
@@ -204,23 +206,19 @@ def _retrieve(args: argparse.Namespace, options: Any) -> tuple[Path, Path, Any]:
     """--from-pacs: the CT series of --study (or of every study --patient and --dates find),
     retrieved into OUT/retrieved/STUDY/ (OUT defaults to outputs/pacs-<study or query>); with
     --send-sr the SRs go to --dicom-sr or OUT/sr."""
-    from app.inference.pacs import (
-        PacsError,
-        check_uid,
-        find_studies,
-        parse_peer,
-        retrieve_study,
-    )
+    from app.inference.dicomweb import is_web_address, parse_web_peer
+    from app.inference.pacs import PacsError, check_uid, parse_peer, retrieve_study
 
     if args.folder is not None:
         raise UsageError("give a folder or --from-pacs, not both")
     if not (args.study or args.patient or args.dates):
         raise UsageError("--from-pacs needs --study UID, or --patient ID and/or --dates FROM-TO")
-    peer = parse_peer(args.from_pacs)
+    web = is_web_address(args.from_pacs)
+    peer = parse_web_peer(args.from_pacs) if web else parse_peer(args.from_pacs)
     if args.study:
         studies, name = [check_uid(args.study)], args.study
     else:
-        studies = find_studies(peer, args.patient, args.dates)
+        studies = peer.studies(args.patient, args.dates)
         name = "query"
         if not studies:
             raise PacsError(f"{peer} holds no study for that query")
@@ -228,8 +226,13 @@ def _retrieve(args: argparse.Namespace, options: Any) -> tuple[Path, Path, Any]:
     out: Path = args.output or Path("outputs") / f"pacs-{name}"
     retrieved = out / "retrieved"
     for study in studies:
-        folders = retrieve_study(peer, study, retrieved / study)
-        print(f"retrieved {len(folders)} CT series of study {study} from {peer} into {retrieved}")
+        got = retrieve_study(peer, study, retrieved / study)
+        options.unavailable.update(got.failed)
+        missing = f"; {len(got.failed)} could not be (failed rows say why)" if got.failed else ""
+        print(
+            f"retrieved {len(got.folders)} CT series of study {study} from {peer} into "
+            f"{retrieved}{missing}"
+        )
     if args.send_sr and options.dicom_sr is None:
         options.dicom_sr = out / "sr"
     return out, retrieved, peer
@@ -237,10 +240,8 @@ def _retrieve(args: argparse.Namespace, options: Any) -> tuple[Path, Path, Any]:
 
 def _send_reports(peer: Any, options: Any) -> list[str]:
     """--send-sr: each SR of the output folder stored to the peer; what it refused."""
-    from app.inference.pacs import store_files
-
     files = sorted(options.dicom_sr.glob("*.dcm")) if options.dicom_sr.is_dir() else []
-    problems = store_files(peer, files)
+    problems: list[str] = peer.store(files) if files else []
     print(f"sent {len(files) - len(problems)} of {len(files)} DICOM SRs to {peer}")
     return problems
 

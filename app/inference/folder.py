@@ -52,6 +52,9 @@ class FolderOptions:
     #: ``(rank, world)``: classify every world-th input from the rank-th (one process of a
     #: ``torchrun`` job: :func:`merge_ranks` joins the parts); None: every input
     shard: tuple[int, int] | None = None
+    #: inputs that could not be fetched (``--from-pacs``: a series the peer did not send
+    #: whole), each the key its scan would have with the reason: a failed row each
+    unavailable: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass
@@ -151,12 +154,16 @@ def classify_folder(
         OutputFolderError: ``out`` holds the predictions of another model.
         OSError: the output cannot be written (the finished rows are on disk already).
     """
-    inputs = find_scan_inputs(folder)
+    inputs = find_inputs(folder) if options.unavailable else find_scan_inputs(folder)
     if options.shard is not None:
         rank, world = options.shard
         inputs = inputs[rank::world]
     log = open_log(out, clf, overwrite=options.overwrite)
     _announce(clf, options.chosen, inputs, log, say)
+    for key, reason in options.unavailable.items():  # a failed row each, retried by a rerun
+        if key not in log.done:
+            log.append(Prediction(key, None, None, error=reason))
+            say(f"{key}: error: {reason}")
     images: dict[str, dict[str, Path]] = {}
     reports = _classify(clf, inputs, log, out, options, images)
     if options.dicom_sr is not None:

@@ -4,18 +4,20 @@ retrieve them (C-GET: no storage server of our own to open), and store results b
 ``python -m app.infer --from-pacs AE@HOST:PORT --study UID`` retrieves into the output folder,
 classifies as a folder, and with ``--send-sr`` stores each series' DICOM SR back into the study.
 Every failure is one line naming the peer and what it said; a retrieve writes each file
-atomically, so an interrupted one leaves whole files only and a rerun completes it.
+atomically into a hidden folder until its series is whole, so an interrupted retrieve leaves
+whole files out of the scan finder's sight, its series is a failed row, and a rerun completes it.
 """
 
 from __future__ import annotations
 
 import logging
 import re
+import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from pydicom import dcmread
 from pydicom.dataset import Dataset
@@ -32,7 +34,18 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
 from app.errors import EXIT_REFUSED, CTClassifyError, UsageError
 from app.runtime.files import atomic_write
 
-__all__ = ["CALLING_AET", "PacsError", "Peer", "parse_peer", "retrieve_study", "store_files"]
+__all__ = [
+    "CALLING_AET",
+    "INCOMPLETE_DIR",
+    "Archive",
+    "PacsError",
+    "Peer",
+    "Retrieved",
+    "parse_peer",
+    "retrieve_study",
+    "save_instance",
+    "store_files",
+]
 
 #: the application entity title this app calls the PACS with
 CALLING_AET = "CTCLASSIFY"
@@ -63,6 +76,35 @@ class Peer:
 
     def __str__(self) -> str:
         return f"{self.aet}@{self.host}:{self.port}"
+
+    def studies(self, patient: str | None, dates: str | None, timeout: float = 30.0) -> list[str]:
+        return find_studies(self, patient, dates, timeout)
+
+    def ct_series(self, study_uid: str, timeout: float = 30.0) -> dict[str, int | None]:
+        return find_ct_series(self, study_uid, timeout)
+
+    def get_series(self, study_uid: str, series_uid: str, folder: Path, timeout: float) -> None:
+        _get_series(self, study_uid, series_uid, folder, timeout)
+
+    def store(self, files: list[Path], timeout: float = 60.0) -> list[str]:
+        return store_files(self, files, timeout)
+
+
+class Archive(Protocol):
+    """What a round trip needs of an image archive: :class:`Peer` (DICOM networking) and
+    ``app.inference.dicomweb.WebPeer`` (DICOMweb) each offer it."""
+
+    def studies(self, patient: str | None, dates: str | None, timeout: float = 30.0) -> list[str]:
+        """The Study Instance UIDs held for a Patient ID and/or StudyDate range."""
+
+    def ct_series(self, study_uid: str, timeout: float = 30.0) -> dict[str, int | None]:
+        """Each CT series of the study, with the number of instances held (None: not said)."""
+
+    def get_series(self, study_uid: str, series_uid: str, folder: Path, timeout: float) -> None:
+        """Write each instance of the series into ``folder``, each file atomically."""
+
+    def store(self, files: list[Path], timeout: float = 60.0) -> list[str]:
+        """Store each DICOM file; one line per file refused."""
 
 
 def parse_peer(text: str) -> Peer:
@@ -144,45 +186,104 @@ def _find(peer: Peer, query: Dataset, timeout: float) -> Iterator[Dataset]:
                 raise PacsError(f"{peer} refused the C-FIND (status 0x{code:04X})")
 
 
-def find_ct_series(peer: Peer, study_uid: str, timeout: float = 30.0) -> list[str]:
-    """The Series Instance UIDs of the study's CT series (C-FIND at the series level)."""
+def find_ct_series(peer: Peer, study_uid: str, timeout: float = 30.0) -> dict[str, int | None]:
+    """The study's CT series (C-FIND at the series level): each Series Instance UID with the
+    number of instances the peer holds of it (None where it does not say)."""
     query = Dataset()
     query.QueryRetrieveLevel = "SERIES"
     query.StudyInstanceUID = check_uid(study_uid)
     query.SeriesInstanceUID = ""
     query.Modality = ""
-    found = [
-        str(identifier.SeriesInstanceUID)
-        for identifier in _find(peer, query, timeout)
-        if str(identifier.get("Modality", "")) == "CT"
-    ]
-    return sorted(set(found))
+    query.NumberOfSeriesRelatedInstances = ""
+    found: dict[str, int | None] = {}
+    for identifier in _find(peer, query, timeout):
+        if str(identifier.get("Modality", "")) != "CT":
+            continue
+        count = str(identifier.get("NumberOfSeriesRelatedInstances", "") or "")
+        found[str(identifier.SeriesInstanceUID)] = int(count) if count.isdigit() else None
+    return dict(sorted(found.items()))
 
 
-def retrieve_study(peer: Peer, study_uid: str, dest: Path, timeout: float = 60.0) -> list[Path]:
+#: where a series is retrieved before it is whole (a hidden folder: the scan finder skips it,
+#: so a half-retrieved series is never classified; a rerun continues into it)
+INCOMPLETE_DIR = ".incomplete"
+
+
+@dataclass
+class Retrieved:
+    """What :func:`retrieve_study` brought: the whole series' folders, and each series it could
+    not bring whole (its would-be folder, as the scan finder names it, with the reason)."""
+
+    folders: list[Path]
+    failed: dict[str, str]
+
+
+def retrieve_study(peer: Archive, study_uid: str, dest: Path, timeout: float = 60.0) -> Retrieved:
     """Retrieve each CT series of the study into ``dest/SERIES_UID/`` (C-GET), one file per
-    instance, each written atomically. Returns the series folders.
+    instance, each written atomically. A series goes to ``dest/.incomplete/`` first and moves
+    to its folder once the peer sent every instance it holds of it; one already whole is not
+    retrieved again. A series that fails (the peer stops, refuses or sends less than it holds)
+    is left where it was and named in :attr:`Retrieved.failed`: a rerun completes it.
 
     Raises:
-        PacsError: the peer cannot be reached, finds no CT series, or a retrieve fails.
+        PacsError: the peer cannot be reached or holds no CT series of the study.
     """
-    series = find_ct_series(peer, study_uid, timeout)
+    series = peer.ct_series(study_uid, timeout)
     if not series:
         raise PacsError(f"{peer} holds no CT series of study {study_uid}")
-    folders = []
-    for uid in series:
+    result = Retrieved([], {})
+    for uid, expected in series.items():
         folder = dest / uid
-        _get_series(peer, study_uid, uid, folder, timeout)
-        folders.append(folder)
-    return folders
+        try:
+            _retrieve_series(peer, study_uid, uid, folder, expected, timeout)
+        except PacsError as exc:
+            result.failed[str(folder)] = str(exc)
+            continue
+        result.folders.append(folder)
+    return result
+
+
+def save_instance(ds: Dataset, folder: Path) -> Path:
+    """One retrieved instance, written atomically as ``folder/SOP_INSTANCE_UID.dcm`` (its UID
+    made a safe file name: it is the peer's data)."""
+    path = folder / (re.sub(r"[^0-9.]", "_", str(ds.SOPInstanceUID))[:64] + ".dcm")
+    atomic_write(path, lambda tmp: ds.save_as(tmp, enforce_file_format=True))
+    return path
+
+
+def _instances(folder: Path) -> int:
+    return sum(1 for p in folder.glob("*.dcm")) if folder.is_dir() else 0
+
+
+def _retrieve_series(
+    peer: Archive, study_uid: str, uid: str, folder: Path, expected: int | None, timeout: float
+) -> None:
+    if expected is not None and _instances(folder) >= expected:
+        return  # whole already (a rerun)
+    work = folder.parent / INCOMPLETE_DIR / folder.name
+    work.parent.mkdir(parents=True, exist_ok=True)
+    if folder.is_dir():  # the peer holds more of it now: continue it out of sight
+        if work.exists():
+            shutil.rmtree(work)
+        folder.rename(work)
+    peer.get_series(study_uid, uid, work, timeout)
+    got = _instances(work)
+    if got == 0 or (expected is not None and got < expected):
+        raise PacsError(
+            f"series {uid} arrived incomplete from {peer}: {got} of "
+            f"{expected if expected is not None else 'its'} instances; rerun to complete it"
+        )
+    work.rename(folder)
 
 
 def _get_series(peer: Peer, study_uid: str, series_uid: str, folder: Path, timeout: float) -> None:
     def store(event: evt.Event) -> int:
         ds = event.dataset
         ds.file_meta = event.file_meta
-        name = re.sub(r"[^0-9.]", "_", str(ds.SOPInstanceUID))[:64] + ".dcm"
-        atomic_write(folder / name, lambda tmp: ds.save_as(tmp, enforce_file_format=True))
+        try:
+            save_instance(ds, folder)
+        except (OSError, ValueError, AttributeError):  # e.g. a full disk: the peer counts it
+            return 0xA700
         return 0x0000
 
     ae = AE(ae_title=CALLING_AET)
@@ -205,7 +306,10 @@ def _get_series(peer: Peer, study_uid: str, series_uid: str, folder: Path, timeo
         last = None
         for status, _ in assoc.send_c_get(query, StudyRootQueryRetrieveInformationModelGet):
             if getattr(status, "Status", None) is None:
-                raise PacsError(f"{peer} stopped answering the C-GET of series {series_uid}")
+                raise PacsError(
+                    f"{peer} stopped answering the C-GET of series {series_uid}; the instances "
+                    "it sent are kept, rerun to complete it"
+                )
             last = status
         if last is not None and last.Status not in (0x0000, 0xFF00):
             failed = int(last.get("NumberOfFailedSuboperations", 0) or 0)
