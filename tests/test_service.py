@@ -21,6 +21,13 @@ import pytest
 from conftest import SHARED, free_port, require_shared, stop_server
 
 from app.infer import main as infer_main
+from benchmarks.service_load import (
+    hostile_bodies,
+    resident_mb,
+    send_load,
+    start_service,
+    zip_series,
+)
 
 
 def _call(port: int, path: str, body: bytes | None = None) -> tuple[int, dict, dict]:
@@ -64,14 +71,6 @@ def service(checkpoint, tmp_path_factory):
         log.close()
 
 
-def _zip(folder: Path) -> bytes:
-    buf = io.BytesIO()
-    with zipfile.ZipFile(buf, "w") as z:
-        for f in sorted(folder.iterdir()):
-            z.write(f, f"series/{f.name}")
-    return buf.getvalue()
-
-
 def test_the_answer_is_app_infers_row(service, real, checkpoint, tmp_path):
     """A NIfTI file and a zipped DICOM series: the probability, label and warnings app.infer
     writes for the same scans; the model card names the checkpoint's digest."""
@@ -86,7 +85,7 @@ def test_the_answer_is_app_infers_row(service, real, checkpoint, tmp_path):
     with (tmp_path / "out" / "predictions.csv").open() as f:
         rows = {Path(r["path"]).name: r for r in csv.DictReader(f)}
     bodies = {"chest.nii.gz": (scans / "chest.nii.gz").read_bytes(),
-              "series": _zip(scans / "series")}  # fmt: skip
+              "series": zip_series(scans / "series")}  # fmt: skip
     for name, body in bodies.items():
         status, answer, _ = _call(service, "/predict", body)
         assert status == 200, answer
@@ -171,3 +170,81 @@ def test_beyond_its_slots_the_service_says_busy_with_retry_after(service, real):
     assert statuses.count(200) >= 1 and statuses.count(503) >= 1, statuses
     assert set(statuses) <= {200, 503}
     assert all(h.get("retry-after") or h.get("Retry-After") for s, h in results if s == 503)
+
+
+@pytest.fixture(scope="module")
+def infer_rows(real, checkpoint, tmp_path_factory) -> dict[str, dict[str, str]]:
+    """app.infer's rows for the shared chest CT as NIfTI and as a DICOM series."""
+    work = tmp_path_factory.mktemp("rows")
+    (work / "scans" / "series").mkdir(parents=True)
+    (work / "scans" / "chest.nii.gz").write_bytes((real / "cip_ct-64_chest.nii.gz").read_bytes())
+    for f in (real / "cip_ct-64_dicom").iterdir():
+        (work / "scans" / "series" / f.name).write_bytes(f.read_bytes())
+    args = [str(work / "scans"), "--checkpoint", str(checkpoint), "--output", str(work / "out"),
+            "--device", "cpu", "--no-progress"]  # fmt: skip
+    assert infer_main(args) == 0
+    with (work / "out" / "predictions.csv").open() as f:
+        return {Path(r["path"]).name: r for r in csv.DictReader(f)}
+
+
+def test_saliency_in_the_answer_is_app_infers(service, real, infer_rows, tmp_path):
+    """?saliency=true adds the montage (PNG) and, for a NIfTI upload, the map on the scan's own
+    grid (NIfTI: its shape and affine), base64; the row is the same as without it. A DICOM
+    series gets the PNG and no NIfTI (null)."""
+    import base64
+    import gzip
+
+    import nibabel as nib
+
+    body = (real / "cip_ct-64_chest.nii.gz").read_bytes()
+    status, answer, _ = _call(service, "/predict?saliency=true", body)
+    assert status == 200, answer
+    assert abs(answer["prob_abnormal"] - float(infer_rows["chest.nii.gz"]["prob_abnormal"])) < 1e-6
+    assert base64.b64decode(answer["saliency"]["png"]).startswith(b"\x89PNG\r\n")
+    (tmp_path / "map.nii").write_bytes(
+        gzip.decompress(base64.b64decode(answer["saliency"]["nifti"]))
+    )
+    saliency, scan = nib.load(tmp_path / "map.nii"), nib.load(real / "cip_ct-64_chest.nii.gz")
+    assert saliency.shape == scan.shape and (saliency.affine == scan.affine).all()
+    assert saliency.get_fdata().min() >= 0 and 0 < saliency.get_fdata().max() <= 1
+    status, answer, _ = _call(
+        service, "/predict?saliency=true", zip_series(real / "cip_ct-64_dicom")
+    )
+    assert status == 200 and answer["saliency"]["nifti"] is None
+    assert base64.b64decode(answer["saliency"]["png"]).startswith(b"\x89PNG")
+    status, plain, _ = _call(service, "/predict", body)
+    assert status == 200 and "saliency" not in plain
+
+
+@pytest.mark.slow
+def test_under_load_every_good_request_is_answered_and_every_bad_one_refused(
+    real, checkpoint, infer_rows, tmp_path
+):
+    """200 requests from 8 concurrent httpx clients on a service with two slots: the NIfTI scan,
+    the same scan as a zipped series, and every fifth a hostile body. Each good request gets
+    app.infer's probability, each hostile one a 4xx with one line; the server answers /health
+    afterwards and its resident memory grew by less than 200 MiB over the load."""
+    port = free_port()
+    server = start_service(checkpoint, port, tmp_path / "serve.log",
+                           "--max-concurrent", "2", "--max-queue", "8")  # fmt: skip
+    try:
+        bodies = {"chest.nii.gz": (real / "cip_ct-64_chest.nii.gz").read_bytes(),
+                  "series": zip_series(real / "cip_ct-64_dicom"), **hostile_bodies()}  # fmt: skip
+        hostile = list(hostile_bodies())
+        order = [hostile[i // 5 % 3] if i % 5 == 4 else ("chest.nii.gz", "series")[i % 2]
+                 for i in range(200)]  # fmt: skip
+        send_load(port, bodies, ["chest.nii.gz", "series"] * 4, 8)  # warm-up
+        before = resident_mb(server.pid)
+        answers = send_load(port, bodies, order, 8)
+        after = resident_mb(server.pid)
+        assert _call(port, "/health")[0] == 200 and server.poll() is None
+    finally:
+        stop_server(server)
+    assert len(answers) == 200
+    for a in answers:
+        if a.name in hostile:
+            assert 400 <= a.status < 500 and a.body["error"] and "\n" not in a.body["error"], a
+        else:
+            assert a.status == 200, a
+            assert abs(a.body["prob_abnormal"] - float(infer_rows[a.name]["prob_abnormal"])) < 1e-6
+    assert after - before < 200, f"resident memory {before:.0f} -> {after:.0f} MiB"

@@ -32,7 +32,7 @@ from app.runtime.scanqc import TrainingContext
 from app.runtime.scans import ScanInput, find_inputs
 from app.runtime.writer import PREDICTIONS_CSV
 
-__all__ = ["FolderOptions", "FolderResult", "classify_folder", "safe_name"]
+__all__ = ["FolderOptions", "FolderResult", "classify_folder", "safe_name", "write_saliency"]
 
 
 @dataclass
@@ -292,25 +292,35 @@ def _draw_pictures(
         )
         plot_montage(image.numpy(), pics["montage"], rows=2, columns=5, title=title)
     if options.saliency:
-        pics["saliency"] = out / "saliency" / f"{name}.png"
-        # one colour scale for every scan: the map (its maximum 1) times P(abnormal), so a
-        # scan the model finds normal does not glow
-        overlay = clf.saliency(image) * float(pred.prob_abnormal)
-        plot_montage(
-            image.numpy(),
-            pics["saliency"],
-            overlay=overlay,
-            title=f"{Path(pred.path).name}: saliency x P(abnormal) = {pred.prob_abnormal:.3f}: "
-            "the model's attention, not a finding",
+        pics.update(write_saliency(clf, pred, out / "saliency", name))
+
+
+def write_saliency(clf: Classifier, pred: Prediction, folder: Path, name: str) -> dict[str, Path]:
+    """The saliency of one classified prediction (kept image): ``folder/NAME.png``, a montage
+    of the map over the scan, and for a NIfTI input ``folder/NAME.nii.gz``, the map on the
+    scan's own grid (for a viewer); their paths as ``saliency`` and ``saliency_nifti``."""
+    image = pred.image  # type: ignore[attr-defined]
+    prob = float(str(pred.prob_abnormal))
+    written = {"saliency": folder / f"{name}.png"}
+    # one colour scale for every scan: the map (its maximum 1) times P(abnormal), so a scan
+    # the model finds normal does not glow
+    overlay = clf.saliency(image) * prob
+    plot_montage(
+        image.numpy(),
+        written["saliency"],
+        overlay=overlay,
+        title=f"{Path(pred.path).name}: saliency x P(abnormal) = {prob:.3f}: "
+        "the model's attention, not a finding",
+    )
+    if str(pred.path).endswith((".nii", ".nii.gz")):  # on the scan's own grid, for a viewer
+        written["saliency_nifti"] = write_saliency_nifti(
+            overlay,
+            pred.path,
+            folder / f"{name}.nii.gz",
+            axcodes=str(clf.settings["axcodes"]),
+            lung_crop=bool(clf.settings.get("lung_crop")),
         )
-        if str(pred.path).endswith((".nii", ".nii.gz")):  # on the scan's own grid, for a viewer
-            write_saliency_nifti(
-                overlay,
-                pred.path,
-                out / "saliency" / f"{name}.nii.gz",
-                axcodes=str(clf.settings["axcodes"]),
-                lung_crop=bool(clf.settings.get("lung_crop")),
-            )
+    return written
 
 
 def report(

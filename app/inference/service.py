@@ -3,7 +3,9 @@
 ``POST /predict`` takes the scan as the request body: a NIfTI file (``.nii`` or ``.nii.gz``)
 or a zip of one DICOM series, recognised by their first bytes. It answers with the row
 ``app.infer`` writes for that scan (``prob_abnormal``, ``label``, ``threshold``, ``warnings``,
-``error``). ``GET /health`` says the service is up; ``GET /model`` is the model card.
+``error``); ``POST /predict?saliency=true`` adds ``saliency``: the montage ``app.infer
+--saliency`` draws (PNG) and, for a NIfTI upload, the map on the scan's grid (NIfTI), each
+base64-encoded. ``GET /health`` says the service is up; ``GET /model`` is the model card.
 
 Bounded whatever a client sends: the body's size (413 beyond it, read no further), a zip's
 members (count, unpacked size, no path outside its folder, no links), the work at once (a slot
@@ -15,11 +17,13 @@ the event loop.
 from __future__ import annotations
 
 import asyncio
+import base64
 import shutil
 import tempfile
 import zipfile
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path, PurePosixPath
 from typing import Any
 
@@ -27,6 +31,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 
 from app.inference.classifier import Classifier, Prediction
+from app.inference.folder import write_saliency
 
 __all__ = ["ServiceLimits", "UploadError", "create_app"]
 
@@ -115,6 +120,23 @@ def _row(pred: Prediction, threshold: float) -> dict[str, Any]:
     }
 
 
+def _classify(clf: Classifier, scan: Path, saliency: Path | None) -> dict[str, Any]:
+    """One scan's row; with ``saliency`` (a folder for the files) its saliency, base64."""
+    if saliency is None:
+        return _row(clf.predict(scan), clf.threshold)
+    pred = next(clf.predict_many([scan], keep_images=True))
+    row = _row(pred, clf.threshold)
+    if pred.prob_abnormal is not None:
+        written = write_saliency(clf, pred, saliency, "scan")
+        row["saliency"] = {
+            "png": base64.b64encode(written["saliency"].read_bytes()).decode(),
+            "nifti": base64.b64encode(written["saliency_nifti"].read_bytes()).decode()
+            if "saliency_nifti" in written
+            else None,
+        }
+    return row
+
+
 async def _read_body(request: Request, path: Path, limit: int) -> bytes:
     """The body into ``path``, refused (413) past ``limit`` bytes without reading further;
     returns its first bytes."""
@@ -153,7 +175,7 @@ def create_app(clf: Classifier, limits: ServiceLimits = ServiceLimits()) -> Fast
     async def model() -> dict[str, Any]:
         return model_card()
 
-    async def classify(request: Request, folder: Path) -> JSONResponse:
+    async def classify(request: Request, folder: Path, saliency: bool) -> JSONResponse:
         body = folder / "upload"
         head = await _read_body(request, body, limits.max_upload_bytes)
         kind = _kind(head)
@@ -163,12 +185,18 @@ def create_app(clf: Classifier, limits: ServiceLimits = ServiceLimits()) -> Fast
             scan = body.rename(folder / f"scan.{kind}")  # a broken file: the reader says why
         async with slots:
             loop = asyncio.get_running_loop()
-            pred = await loop.run_in_executor(workers, clf.predict, scan)
-        row = _row(pred, clf.threshold)
-        return JSONResponse(row, status_code=200 if pred.error is None else 422)
+            work = partial(_classify, clf, scan, folder / "saliency" if saliency else None)
+            row = await loop.run_in_executor(workers, work)
+        return JSONResponse(row, status_code=200 if row["error"] is None else 422)
 
     @app.post("/predict")
-    async def predict(request: Request) -> JSONResponse:
+    async def predict(request: Request, saliency: bool = False) -> JSONResponse:
+        if saliency and clf.folds:
+            return JSONResponse(
+                {"error": f"saliency needs one network; this service runs an ensemble of "
+                 f"{clf.folds} fold models"},
+                status_code=400,
+            )  # fmt: skip
         if state["admitted"] >= limits.max_concurrent + limits.max_queue:
             return JSONResponse(
                 {"error": "busy: every inference slot and queue place is taken; retry later"},
@@ -178,7 +206,9 @@ def create_app(clf: Classifier, limits: ServiceLimits = ServiceLimits()) -> Fast
         state["admitted"] += 1
         try:
             with tempfile.TemporaryDirectory(prefix="ctclassify-upload-") as tmp:
-                return await asyncio.wait_for(classify(request, Path(tmp)), limits.timeout_s)
+                return await asyncio.wait_for(
+                    classify(request, Path(tmp), saliency), limits.timeout_s
+                )
         except UploadError as exc:
             return JSONResponse({"error": str(exc)}, status_code=exc.status)
         except (OSError, EOFError) as exc:
