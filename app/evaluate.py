@@ -97,6 +97,24 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def scan_warning_lines(counts: dict[str, int], n: int, generated_model: bool) -> list[str]:
+    """What the console says of the test scans' warnings (app.infer gives them per scan)."""
+    lines = []
+    if counts.get("far_spacing"):
+        lines.append(
+            f"{counts['far_spacing']} of {n} test scans have voxel spacing far from the training "
+            "scans': the figures below may not hold for them (predictions.csv names them)"
+        )
+    if generated_model and counts.get("real_on_generated_model"):
+        lines.append(
+            f"{counts['real_on_generated_model']} of {n} test scans are real CT given to a model "
+            "trained on generated scans: its figures on them mean little"
+        )
+    if counts.get("warned") and not lines:
+        lines.append(f"{counts['warned']} of {n} test scans carry warnings (predictions.csv)")
+    return lines
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
@@ -133,6 +151,8 @@ def main(argv: list[str] | None = None) -> int:
         f"{m.n} scans ({m.n_positive} abnormal, {m.n_negative} normal), {result.failed} failed; "
         f"threshold {m.threshold:g}; {int(100 * m.confidence)}% confidence intervals"
     )
+    for line in scan_warning_lines(result.scan_warnings, m.n, bool(result.model.get("generated"))):
+        print(f"warning: {line}")
     for row in result.table():
         ci = "" if math.isnan(row["ci_low"]) else f" ({row['ci_low']:.3f} to {row['ci_high']:.3f})"
         print(f"  {row['metric']:<24} {row['value']:.3f}{ci}")

@@ -34,9 +34,13 @@ def _pyplot() -> Any:
     return plt
 
 
-def _save(fig: Any, path: str | Path) -> None:
-
-    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", bbox_inches="tight"))
+def _save(fig: Any, path: str | Path, title: str | None = None) -> None:
+    """The figure as PNG, atomically; ``title`` also in the PNG's Title text chunk (what the
+    picture says, for a reader that cannot see it)."""
+    meta = {"Title": title} if title else None
+    atomic_write(
+        path, lambda tmp: fig.savefig(tmp, format="png", bbox_inches="tight", metadata=meta)
+    )
 
 
 def plot_curves(rows: Sequence[Mapping[str, Any]], path: str | Path) -> None:
@@ -93,6 +97,10 @@ def plot_curves(rows: Sequence[Mapping[str, Any]], path: str | Path) -> None:
     plt.close(fig)
 
 
+#: overlay values below it are left undrawn (a map scaled by a small probability shows nothing)
+OVERLAY_FLOOR = 0.05
+
+
 def plot_montage(
     volume: np.ndarray,
     path: str | Path,
@@ -116,8 +124,9 @@ def plot_montage(
         # the reference's 90-degree rotation makes axis 0 the rows: anterior up, patient right
         # on the left, as radiologists read axial slices
         ax.imshow(volume[:, :, z], cmap="gray", vmin=0, vmax=1)
-        if overlay is not None:
-            heat = ax.imshow(np.asarray(overlay)[..., z], cmap="jet", alpha=0.35, vmin=0, vmax=1)
+        if overlay is not None:  # below OVERLAY_FLOOR nothing is drawn: no wash over the scan
+            shown = np.ma.masked_less(np.asarray(overlay)[..., z], OVERLAY_FLOOR)
+            heat = ax.imshow(shown, cmap="jet", alpha=0.35, vmin=0, vmax=1)
         ax.text(0.03, 0.97, f"z {z}", color="yellow", fontsize=7, va="top", transform=ax.transAxes)
         if i == 0:  # orientation letters on the first slice
             for x, y, letter in (
@@ -135,7 +144,7 @@ def plot_montage(
         bar.set_label("saliency x P(abnormal): attention, not a finding", fontsize=8)
     if title:
         fig.suptitle(title, fontsize=10)
-    _save(fig, path)
+    _save(fig, path, title)
     plt.close(fig)
 
 

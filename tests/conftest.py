@@ -299,3 +299,17 @@ def stop_server(process: Any) -> None:
     except subprocess.TimeoutExpired:
         process.kill()
         process.wait(timeout=15)
+
+
+@pytest.fixture(scope="session")
+def generated_model(tmp_path_factory) -> Path:
+    """A model trained by app.train on generated scans (as the demo's is), 1 epoch."""
+    from app.train import main as train_main
+
+    root = tmp_path_factory.mktemp("gen")
+    data = synth_dataset(root / "data", 4, (64, 64, 16), seed=2)
+    run = root / "run"
+    options = ["--epochs", "1", "--spatial-size", "48", "48", "48", "--device", "cpu"]
+    options += ["--set", "filters=[4, 4, 8, 8]", "--set", "dense_units=8", "--no-progress"]
+    assert train_main(["--data", str(data), "--output", str(run), *options]) == 0
+    return run

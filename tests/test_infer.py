@@ -306,8 +306,11 @@ def test_report_renders_in_headless_chromium(tmp_path, generated_model, real_ct)
     test = synth_dataset(tmp_path / "test", 3, (64, 64, 16), seed=77)
     evaluate(test, generated_model, tmp_path / "E", device="cpu", n_resamples=200)
     rgb = _screenshot(chromium, tmp_path / "E" / "report.html", tmp_path)
-    rows = _banner_rows(rgb)
-    assert len(rows) >= 10 and rows.min() < 300, (len(rows), rows[:5])
+    # generated test scans too: no red banner about real scans, a note that the figures
+    # describe generated scans (issue 35)
+    assert len(_banner_rows(rgb)) == 0
+    page = (tmp_path / "E" / "report.html").read_text()
+    assert "these test scans are generated too" in page and "mean little" not in page
     assert rgb.mean(axis=2).std() > 10
 
 
@@ -324,22 +327,6 @@ def test_bf16_precision_stays_close_to_fp32(real_ct, checkpoint):
 
 
 # --- what the model is and where it does not apply -------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def generated_model(tmp_path_factory) -> Path:
-    """A model trained by app.train on generated scans (as the demo's is), 1 epoch."""
-    from conftest import synth_dataset
-
-    from app.train import main as train_main
-
-    root = tmp_path_factory.mktemp("gen")
-    data = synth_dataset(root / "data", 4, (64, 64, 16), seed=2)
-    run = root / "run"
-    options = ["--epochs", "1", "--spatial-size", "48", "48", "48", "--device", "cpu"]
-    options += ["--set", "filters=[4, 4, 8, 8]", "--set", "dense_units=8", "--no-progress"]
-    assert train_main(["--data", str(data), "--output", str(run), *options]) == 0
-    return run
 
 
 def test_generated_data_model_on_real_scans_says_so(real_ct, tmp_path, generated_model, capsys):

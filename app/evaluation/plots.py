@@ -30,16 +30,41 @@ def plot_roc(probs: np.ndarray, labels: np.ndarray, m: BinaryMetrics, path: str 
             "o",
             color="C3",
             ms=8,
+            clip_on=False,  # at a corner (a perfect split) the whole dot, not a quarter
+            zorder=5,
             label=f"threshold {m.threshold:g}: sensitivity {m.sensitivity.value:.2f}, "
             f"specificity {m.specificity.value:.2f}",
         )
     ax.plot([0, 1], [0, 1], ls="--", color="0.6", lw=1, label="chance")
-    ax.set(xlabel="1 - specificity", ylabel="sensitivity", xlim=(0, 1), ylim=(0, 1.01))
+    ax.set(xlabel="1 - specificity", ylabel="sensitivity", xlim=(-0.02, 1.02), ylim=(-0.02, 1.02))
     ax.set_title(f"ROC on {m.n} scans ({m.n_positive} abnormal, {m.n_negative} normal)")
     ax.legend(loc="lower right", fontsize=8)
     ax.grid(alpha=0.3)
     _save(fig, path)
     plt.close(fig)
+
+
+#: a calibration bin with fewer scans is drawn apart (its fraction is 0 or 1 by chance)
+CALIBRATION_MIN_SCANS = 5
+
+
+def calibration_points(
+    probs: np.ndarray, labels: np.ndarray, bins: int = 10
+) -> list[dict[str, float | int]]:
+    """Per bin of predicted probability (the bins ``expected_calibration_error`` uses): the
+    scans in it, their mean predicted probability and the observed fraction abnormal."""
+    probs, labels = np.asarray(probs, dtype=float), np.asarray(labels, dtype=float)
+    which = np.minimum((probs * bins).astype(int), bins - 1)
+    points: list[dict[str, float | int]] = []
+    for b in range(bins):
+        inside = which == b
+        n = int(inside.sum())
+        points.append({
+            "bin": b, "scans": n,
+            "mean_prob": float(probs[inside].mean()) if n else (b + 0.5) / bins,
+            "observed": float(labels[inside].mean()) if n else float("nan"),
+        })  # fmt: skip
+    return points
 
 
 def plot_calibration(
@@ -58,17 +83,22 @@ def plot_calibration(
     fig, (ax, hist) = plt.subplots(
         2, 1, figsize=(5, 6), gridspec_kw={"height_ratios": [3, 1]}, sharex=True
     )
-    which = np.minimum((np.asarray(probs) * bins).astype(int), bins - 1)
-    centres, observed, counts = [], [], []
-    for b in range(bins):
-        inside = which == b
-        counts.append(int(inside.sum()))
-        if inside.any():
-            centres.append(float(np.mean(probs[inside])))
-            observed.append(float(np.mean(labels[inside])))
+    points = calibration_points(probs, labels, bins)
+    counts = [p["scans"] for p in points]
     ax.plot([0, 1], [0, 1], ls="--", color="0.6", lw=1, label="perfect calibration")
-    ax.plot(centres, observed, "o-", color="C0", label=f"model (ECE {m.ece:.3f})")
-    ax.set(ylabel="observed fraction abnormal", xlim=(0, 1), ylim=(0, 1))
+    solid = [p for p in points if p["scans"] >= CALIBRATION_MIN_SCANS]
+    sparse = [p for p in points if 0 < p["scans"] < CALIBRATION_MIN_SCANS]
+    ax.plot([p["mean_prob"] for p in solid], [p["observed"] for p in solid], "o-", color="C0",
+            label=f"model (ECE {m.ece:.3f})")  # fmt: skip
+    if sparse:  # a bin of one scan reads 0 or 1: shown, not joined, its count beside it
+        ax.plot([p["mean_prob"] for p in sparse], [p["observed"] for p in sparse], "o",
+                mfc="none", color="C0", label=f"bins of fewer than {CALIBRATION_MIN_SCANS} "
+                "scans (not joined: too few to read)")  # fmt: skip
+    for p in points:
+        if p["scans"]:
+            ax.annotate(f"n={p['scans']}", (p["mean_prob"], p["observed"]), fontsize=7,
+                        xytext=(4, -10), textcoords="offset points", color="0.3")  # fmt: skip
+    ax.set(ylabel="observed fraction abnormal", xlim=(0, 1), ylim=(-0.03, 1.03))
     scaling = (
         f"after temperature scaling (T = {temperature:.3g})"
         if temperature is not None

@@ -134,9 +134,21 @@ def _banners(summary: dict[str, Any]) -> str:
             f"cannot be checked: {html.escape(how.removeprefix('unknown: '))}.</p>"
         )
     if summary["model"].get("generated"):
+        real = (summary.get("scan_warnings") or {}).get("real_on_generated_model", 0)
         banner += (
             "<p class=banner>The model was trained on generated scans (app.data synth), not on "
-            "real CT: its figures on real scans would mean little.</p>"
+            f"real CT: {real} of these test scans are real CT, and its figures on them mean "
+            "little.</p>"
+            if real
+            else "<p class=note>The model was trained on generated scans (app.data synth), and "
+            "these test scans are generated too: these figures describe generated scans; on real "
+            "CT it would do otherwise.</p>"
+        )
+    far = (summary.get("scan_warnings") or {}).get("far_spacing", 0)
+    if far:
+        banner += (
+            f"<p class=note>{far} test scans have voxel spacing far from the training scans': the "
+            "figures may not hold for them (their rows say so).</p>"
         )
     return banner
 
@@ -164,6 +176,7 @@ td, th {{ border: 1px solid #ccc; padding: 0.3em 0.6em; }}
 tr.wrong {{ background: #fde8e8; }} img {{ max-width: 32%; margin-right: 1%; }}
 dt {{ font-weight: bold; }} dd {{ margin: 0 0 0.5em 0; }}
 .banner {{ background: #b00020; color: white; padding: 0.6em; font-weight: bold; }}
+.note {{ background: #fff3cd; border-left: 6px solid #b26a00; padding: 0.6em; }}
 </style></head><body>
 <h1>Evaluation</h1>
 {_banners(summary)}

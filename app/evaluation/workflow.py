@@ -45,7 +45,7 @@ from app.model_settings import split_hashes
 from app.readback import read_split
 from app.run_folder import METRICS_JSON, REPORT_HTML, SPLIT, fold_dirs, fold_number
 from app.runtime.files import atomic_write_text
-from app.runtime.scanqc import TrainingContext
+from app.runtime.scanqc import FAR_SPACING, GENERATED_WARNING, TrainingContext
 from app.runtime.writer import PREDICTIONS_CSV
 
 if TYPE_CHECKING:  # the classifier loads PyTorch: app.evaluate's --help must not
@@ -180,6 +180,17 @@ class Evaluation:
             return False
         return "unknown" if self.independence is None else self.independence.status
 
+    @property
+    def scan_warnings(self) -> dict[str, int]:
+        """How many test scans carry warnings: any, voxel spacing far from the training scans',
+        real CT given to a model of generated scans (``real_on_generated_model``)."""
+        said = [str(r.get("warnings") or "") for r in self.predictions if r["prob_abnormal"] != ""]
+        return {
+            "warned": sum(1 for w in said if w),
+            "far_spacing": sum(1 for w in said if FAR_SPACING in w),
+            "real_on_generated_model": sum(1 for w in said if GENERATED_WARNING in w),
+        }
+
     def table(self) -> list[dict[str, Any]]:
         """One row per metric (value, CI, method): ``pandas.DataFrame(evaluation.table())``.
         An ensemble adds ``fold K roc_auc`` rows, and ``nll``, ``brier`` and ``ece`` ``before
@@ -225,6 +236,7 @@ class Evaluation:
             },
             "calibration": self.calibration,
             "baseline_note": self.baseline_note,
+            "scan_warnings": self.scan_warnings,
         }
 
 
@@ -446,6 +458,7 @@ def _classify(
                 "predicted": "" if predicted is None else predicted,
                 "predicted_name": "" if predicted is None else names[predicted],
                 "error": pred.error or "",
+                "warnings": "; ".join(pred.warnings),  # as app.infer writes them
             }
             if clf.tta:  # the spread across the scan and its mirror: an uncertainty
                 row["tta_spread"] = pred.tta_spread if ok and pred.tta_spread is not None else ""

@@ -278,7 +278,8 @@ class Classifier:
                     path=r["path"],
                     prob_abnormal=None if prob is None else round(float(prob), 6),
                     label=r.get("label"),
-                    warnings=r["warnings"],
+                    # a failed scan: its reason only (warnings speak of an output it lacks)
+                    warnings=r["warnings"] if r["error"] is None else [],
                     error=r["error"],
                     seconds=round(r["seconds"], 3),
                     fold_probs=None if folds is None else [round(float(f), 6) for f in folds],

@@ -32,7 +32,14 @@ from app.runtime.scanqc import TrainingContext
 from app.runtime.scans import ScanInput, find_inputs
 from app.runtime.writer import PREDICTIONS_CSV
 
-__all__ = ["FolderOptions", "FolderResult", "classify_folder", "safe_name", "write_saliency"]
+__all__ = [
+    "FolderOptions",
+    "FolderResult",
+    "classify_folder",
+    "picture_names",
+    "safe_name",
+    "write_saliency",
+]
 
 
 @dataclass
@@ -72,9 +79,27 @@ class FolderResult:
 
 
 def safe_name(key: str) -> str:
-    """A file name for an input's pictures: its name, made safe, and a hash of its whole key."""
-    stem = re.sub(r"[^A-Za-z0-9._-]+", "_", Path(key).name)[:60]
-    return f"{stem}-{hashlib.sha1(key.encode()).hexdigest()[:8]}"
+    """A file name for an input's pictures: its name without ``.nii``/``.nii.gz``, made safe
+    (a series chosen by ``FOLDER#UID``: the folder's name and the UID)."""
+    folder, _, uid = key.partition("#")
+    stem = re.sub(r"\.nii(\.gz)?$", "", Path(folder).name)
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", f"{stem}_{uid}" if uid else stem)[:80] or "scan"
+
+
+def picture_names(keys: list[str]) -> dict[str, str]:
+    """Each input's file name for its pictures and report: :func:`safe_name`, and where two
+    inputs of the folder share one (``a/scan.nii.gz`` and ``b/scan.nii.gz``), a hash of the
+    whole key after it, for those two only."""
+    stems = {key: safe_name(key) for key in keys}
+    count: dict[str, int] = {}
+    for stem in stems.values():
+        count[stem.lower()] = count.get(stem.lower(), 0) + 1  # case-insensitive file systems
+    return {
+        key: stem
+        if count[stem.lower()] == 1
+        else f"{stem}-{hashlib.sha1(key.encode()).hexdigest()[:8]}"
+        for key, stem in stems.items()
+    }
 
 
 def find_scan_inputs(folder: Path) -> list[ScanInput]:
@@ -155,6 +180,7 @@ def classify_folder(
         OSError: the output cannot be written (the finished rows are on disk already).
     """
     inputs = find_inputs(folder) if options.unavailable else find_scan_inputs(folder)
+    names = picture_names([s.key for s in inputs])
     if options.shard is not None:
         rank, world = options.shard
         inputs = inputs[rank::world]
@@ -165,13 +191,13 @@ def classify_folder(
             log.append(Prediction(key, None, None, error=reason))
             say(f"{key}: error: {reason}")
     images: dict[str, dict[str, Path]] = {}
-    reports = _classify(clf, inputs, log, out, options, images)
+    reports = _classify(clf, inputs, log, out, options, images, names)
     if options.dicom_sr is not None:
         _say_reports(reports, options.dicom_sr, say)
     result = FolderResult(log.rows, log.csv_path, images=images)
     if options.report:
         generated = TrainingContext.from_settings(clf.settings).generated
-        result.report_path = report(log.rows, out, images, clf.describe(), generated)
+        result.report_path = report(log.rows, out, images, clf.describe(), generated, names)
     return result
 
 
@@ -199,6 +225,7 @@ def _classify(
     out: Path,
     options: FolderOptions,
     images: dict[str, dict[str, Path]],
+    names: dict[str, str],
 ) -> dict[str, list[str]]:
     """Classify the inputs not yet in ``log``, one fsync'd row and one console line each (and a
     DICOM SR for each classified series, as asked); returns how the SRs went."""
@@ -213,11 +240,12 @@ def _classify(
             workers=options.workers,
             keep_images=options.saliency or options.report,
         ):
-            _draw_pictures(clf, pred, out, options, images)
+            _draw_pictures(clf, pred, out, options, images, names[pred.path])
             log.append(pred)
             bar.write(pred.sentence())
             if options.dicom_sr is not None and pred.prob_abnormal is not None:
-                _write_report(clf, pred, by_key[pred.path], options.dicom_sr, reports, bar.write)
+                sr = options.dicom_sr / f"{names[pred.path]}.dcm"
+                _write_report(clf, pred, by_key[pred.path], sr, reports, bar.write)
             bar.update(1)
     finally:
         bar.close()
@@ -231,7 +259,7 @@ def _write_report(
     clf: Classifier,
     pred: Prediction,
     scan: ScanInput,
-    folder: Path,
+    path: Path,
     reports: dict[str, list[str]],
     say: Callable[[str], None],
 ) -> None:
@@ -254,7 +282,7 @@ def _write_report(
             str(pred.label),
             pred.warnings,
             model,
-            folder / f"{safe_name(scan.key)}.dcm",
+            path,
         )
     except Exception as exc:  # a source header highdicom refuses: that scan's SR only
         reports["failed"].append(scan.key)
@@ -278,48 +306,59 @@ def _draw_pictures(
     out: Path,
     options: FolderOptions,
     images: dict[str, dict[str, Path]],
+    name: str,
 ) -> None:
     """The report's montage and the saliency montage of one prediction, as asked."""
     image = getattr(pred, "image", None)
     if image is None or pred.prob_abnormal is None:
         return
-    name = safe_name(pred.path)
     pics = images.setdefault(pred.path, {})
     if options.report:
         pics["montage"] = out / "montages" / f"{name}.png"
         title = (
             f"{Path(pred.path).name}: P(abnormal) {100 * pred.prob_abnormal:.2f}% -> {pred.label}"
         )
+        if pred.warnings:  # what the row says of the scan, on its picture too
+            title += "\n" + "\n".join(f"warning: {_short(w)}" for w in pred.warnings)
         plot_montage(image.numpy(), pics["montage"], rows=2, columns=5, title=title)
     if options.saliency:
         pics.update(write_saliency(clf, pred, out / "saliency", name))
 
 
+def _short(text: str, limit: int = 110) -> str:
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 def write_saliency(clf: Classifier, pred: Prediction, folder: Path, name: str) -> dict[str, Path]:
     """The saliency of one classified prediction (kept image): ``folder/NAME.png``, a montage
-    of the map over the scan, and for a NIfTI input ``folder/NAME.nii.gz``, the map on the
-    scan's own grid (for a viewer); their paths as ``saliency`` and ``saliency_nifti``."""
+    of the map over the scan, and ``folder/NAME.nii.gz``, the map on the scan's own grid (a
+    NIfTI file's or a DICOM series', for a viewer); their paths as ``saliency`` and
+    ``saliency_nifti``.
+
+    One colour scale for every scan: the map (its maximum 1) times P(abnormal), drawn where it
+    reaches :data:`app.plots.OVERLAY_FLOOR`. A scan called normal thus shows little or no colour,
+    and its picture says why: what the map shows is what would raise P(abnormal), and here
+    nothing raised it far."""
     image = pred.image  # type: ignore[attr-defined]
     prob = float(str(pred.prob_abnormal))
     written = {"saliency": folder / f"{name}.png"}
-    # one colour scale for every scan: the map (its maximum 1) times P(abnormal), so a scan
-    # the model finds normal does not glow
     overlay = clf.saliency(image) * prob
-    plot_montage(
-        image.numpy(),
-        written["saliency"],
-        overlay=overlay,
-        title=f"{Path(pred.path).name}: saliency x P(abnormal) = {prob:.3f}: "
-        "the model's attention, not a finding",
-    )
-    if str(pred.path).endswith((".nii", ".nii.gz")):  # on the scan's own grid, for a viewer
-        written["saliency_nifti"] = write_saliency_nifti(
-            overlay,
-            pred.path,
-            folder / f"{name}.nii.gz",
-            axcodes=str(clf.settings["axcodes"]),
-            lung_crop=bool(clf.settings.get("lung_crop")),
+    title = f"{Path(pred.path).name}: saliency x P(abnormal) = {prob:.3f}: "
+    if pred.label == clf.class_names[0]:
+        title += (
+            f"called {pred.label}: the map is scaled by P(abnormal), so little or no colour: "
+            "no region raised it far"
         )
+    else:
+        title += f"called {pred.label}: the model's attention, not a finding"
+    plot_montage(image.numpy(), written["saliency"], overlay=overlay, title=title)
+    written["saliency_nifti"] = write_saliency_nifti(
+        overlay,
+        pred.path,
+        folder / f"{name}.nii.gz",
+        axcodes=str(clf.settings["axcodes"]),
+        lung_crop=bool(clf.settings.get("lung_crop")),
+    )
     return written
 
 
@@ -329,10 +368,11 @@ def report(
     images: dict[str, dict[str, Path]],
     model: str = "",
     generated: bool = False,
+    names: dict[str, str] | None = None,
 ) -> Path:
     """OUT/report.html, with the pictures of scans classified by an earlier, interrupted run."""
     for r in rows:
-        name = safe_name(r["path"])
+        name = (names or {}).get(r["path"]) or safe_name(r["path"])
         pics = images.setdefault(r["path"], {})
         for kind, folder_name in (("montage", "montages"), ("saliency", "saliency")):
             candidate = out / folder_name / f"{name}.png"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import html
+import os
 from pathlib import Path
 
 from app.plots import embedded_png
@@ -25,6 +26,7 @@ def write_report(
     warnings or error, a montage thumbnail and the saliency overlay when one was computed (a
     click shows either at full size)."""
     body = []
+    base = _common_folder([r["path"] for r in rows])
     for r in rows:
         prob = r.get("prob_abnormal") or ""
         pct = f"{100 * float(prob):.2f}%" if prob else ""  # as the console prints it
@@ -33,13 +35,18 @@ def write_report(
             spread = " / ".join(f"{100 * f:.1f}" for f in folds)
             pct += f'<br><small title="each fold model, %">folds {spread}</small>'
         label = r.get("label") or ""
-        status = "error" if r.get("error") else ("warn" if r.get("warnings") else "ok")
-        note = html.escape(r.get("error") or r.get("warnings") or "")
+        if r.get("error"):  # marked as failed, not only by its reason
+            status, mark = "error", '<td class="failed">failed</td>'
+            note = f"<b>error:</b> {html.escape(r['error'])}"
+        else:
+            status = "warn" if r.get("warnings") else "ok"
+            mark = f'<td class="{html.escape(label)}">{html.escape(label)}</td>'
+            note = html.escape(r.get("warnings") or "").replace("; ", "<br>")
         pics = images.get(r["path"], {})
         body.append(
-            f'<tr class="{status}"><td class="path">{html.escape(r["path"])}</td>'
-            f'<td class="num">{pct}</td><td class="{html.escape(label)}">{html.escape(label)}</td>'
-            f"<td>{note}</td><td>{embedded_png(pics.get('montage'), 'montage', zoom=True)}</td>"
+            f'<tr class="{status}">{_path_cell(r["path"], base)}<td class="num">{pct}</td>'
+            f"{mark}<td>{note}</td>"
+            f"<td>{embedded_png(pics.get('montage'), 'montage', zoom=True)}</td>"
             f"<td>{embedded_png(pics.get('saliency'), 'saliency', zoom=True)}</td></tr>"
         )
     classified = sum(1 for r in rows if r.get("prob_abnormal"))
@@ -64,7 +71,9 @@ td.normal {{ color: #1b5e20; font-weight: 600; }}
 tr.error td {{ background: #fdecea; }}
 tr.warn td {{ background: #fff8e1; }}
 .banner {{ background: #b00020; color: white; padding: 0.6em; font-weight: 600; }}
-td.path {{ font-family: monospace; word-break: break-all; max-width: 28em; }}
+td.path {{ min-width: 14em; max-width: 24em; overflow-wrap: anywhere; }}
+td.path small {{ font-family: monospace; color: #555; }}
+td.failed {{ color: white; background: #b00020 !important; font-weight: 600; }}
 img {{ max-width: 360px; cursor: zoom-in; }}
 img:focus {{ max-width: 95vw; width: 1400px; cursor: zoom-out; position: relative; z-index: 1;
   box-shadow: 0 0 1em #0006; background: white; }}
@@ -72,7 +81,7 @@ img:focus {{ max-width: 95vw; width: 1400px; cursor: zoom-out; position: relativ
 <h1>ctclassify: chest CT classification</h1>
 {banner}
 <p><b>Model:</b> {html.escape(model) or "not recorded"}<br><b>Date:</b> {html.escape(date)}</p>
-<p>{len(rows)} inputs: {classified} classified ({abnormal} abnormal, {classified - abnormal} normal),
+<p>{len(rows)} inputs{f" under <code>{html.escape(base)}</code>" if base else ""}: {classified} classified ({abnormal} abnormal, {classified - abnormal} normal),
 {failed} could not be classified. Research use only, not for diagnosis.</p>
 <table><thead><tr><th>scan</th><th>P(abnormal)</th><th>label</th><th>warnings / error</th>
 <th>montage</th><th>saliency</th></tr></thead><tbody>
@@ -82,3 +91,24 @@ img:focus {{ max-width: 95vw; width: 1400px; cursor: zoom-out; position: relativ
     path = out_dir / REPORT_HTML
     atomic_write_text(path, page)
     return path
+
+
+def _common_folder(paths: list[str]) -> str:
+    """The folder every input lies under ("" when none is shared), said once above the table."""
+    folders = [os.path.dirname(p.partition("#")[0]) for p in paths]
+    try:
+        return os.path.commonpath(folders) if folders else ""
+    except ValueError:  # absolute and relative paths mixed
+        return ""
+
+
+def _path_cell(path: str, base: str) -> str:
+    """The scan's name, its folder below ``base`` under it (a break allowed after each
+    ``/``), the whole path as the cell's tooltip."""
+    shown = os.path.relpath(path, base) if base else path
+    folder, name = os.path.split(shown)
+    where = html.escape(folder + "/").replace("/", "/<wbr>") if folder else ""
+    return (
+        f'<td class="path" title="{html.escape(path)}"><b>{html.escape(name)}</b>'
+        f"{f'<br><small>{where}</small>' if where else ''}</td>"
+    )

@@ -30,7 +30,7 @@ def to_input_grid(
     lung_crop: bool = False,
 ) -> tuple[np.ndarray, np.ndarray]:
     """``(map, affine)`` of a (x, y, z) map of the preprocessed volume (made with ``axcodes``,
-    the model's orientation setting) on the NIfTI scan's own
+    the model's orientation setting) on the scan's own (a NIfTI file's or DICOM series')
     voxel grid: the preprocessing's geometry undone step by step (the 90-degree axial turn, the
     corner-aligned trilinear resize, the lung crop, the reorientation to ``axcodes``); zero
     outside the crop."""
@@ -39,8 +39,7 @@ def to_input_grid(
     import torch.nn.functional as F
     from nibabel.orientations import apply_orientation, axcodes2ornt, io_orientation, ornt_transform
 
-    img = nib.load(str(scan_path))
-    img = nib.funcs.squeeze_image(img)
+    img = nib.funcs.squeeze_image(scan_image(scan_path))
     stored = io_orientation(img.affine)
     target = axcodes2ornt(tuple(axcodes))
     shape = img.shape[:3]
@@ -67,6 +66,22 @@ def to_input_grid(
     oriented[start[0] : end[0], start[1] : end[1], start[2] : end[2]] = resized
     back = apply_orientation(oriented, ornt_transform(target, stored))
     return np.ascontiguousarray(back, dtype=np.float32), img.affine
+
+
+def scan_image(scan: str | Path) -> Any:
+    """A scan as a nibabel image: a NIfTI file as stored; a DICOM series (a folder or
+    ``FOLDER#SeriesUID``) as the app's reader gives it to the preprocessing (column, row, slice
+    in position order, its RAS affine), so a map carried back lies on the series in a viewer."""
+    import nibabel as nib
+
+    name = str(scan)
+    if name.endswith((".nii", ".nii.gz")):
+        return nib.load(name)
+    from transforms.dicom import DicomSeriesReader
+
+    reader = DicomSeriesReader()
+    volume, meta = reader.get_data(reader.read(name))
+    return nib.Nifti1Image(volume, meta["affine"])
 
 
 def write_saliency_nifti(

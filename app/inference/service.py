@@ -4,7 +4,8 @@
 or a zip of one DICOM series, recognised by their first bytes. It answers with the row
 ``app.infer`` writes for that scan (``prob_abnormal``, ``label``, ``threshold``, ``warnings``,
 ``error``); ``POST /predict?saliency=true`` adds ``saliency``: the montage ``app.infer
---saliency`` draws (PNG) and, for a NIfTI upload, the map on the scan's grid (NIfTI), each
+--saliency`` draws (PNG) and the map on the scan's own grid (NIfTI; a DICOM series' as the
+app reads it), each
 base64-encoded. ``GET /health`` says the service is up; ``GET /model`` is the model card.
 
 Bounded whatever a client sends: the body's size (413 beyond it, read no further), a zip's
@@ -130,9 +131,7 @@ def _classify(clf: Classifier, scan: Path, saliency: Path | None) -> dict[str, A
         written = write_saliency(clf, pred, saliency, "scan")
         row["saliency"] = {
             "png": base64.b64encode(written["saliency"].read_bytes()).decode(),
-            "nifti": base64.b64encode(written["saliency_nifti"].read_bytes()).decode()
-            if "saliency_nifti" in written
-            else None,
+            "nifti": base64.b64encode(written["saliency_nifti"].read_bytes()).decode(),
         }
     return row
 

@@ -86,6 +86,8 @@ class TrainingContext:
 
 #: how far (as a factor) a scan's spacing may lie outside the training scans' before a warning
 SPACING_FACTOR = 2.0
+#: the words of that warning (app.evaluate counts the test scans that carry it)
+FAR_SPACING = "is far from the training scans'"
 GENERATED_WARNING = (
     "the model was trained on generated scans (app.data synth), not on real CT: its output on "
     "this scan means little"
@@ -112,8 +114,7 @@ def training_warnings(
                 for a, b in zip(training.spacing_min, training.spacing_max, strict=True)
             )
             warnings.append(
-                f"voxel spacing {' x '.join(f'{z:.3g}' for z in mine)} mm is far from the "
-                f"training scans' ({seen} mm)"
+                f"voxel spacing {' x '.join(f'{z:.3g}' for z in mine)} mm {FAR_SPACING} ({seen} mm)"
             )
     return warnings
 

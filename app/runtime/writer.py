@@ -41,12 +41,13 @@ def prediction_row(
     tta_spread: float | None = None,
 ) -> dict[str, str]:
     """One row of ``predictions.csv`` (probabilities to 6 decimals; empty fields for what is not
-    known)."""
+    known). A failed row carries its reason and no warnings: they speak of an output it does not
+    have."""
     return {
         "path": str(path),
         "prob_abnormal": "" if prob is None else f"{float(prob):.6f}",
         "label": label or "",
-        "warnings": "; ".join(warnings),
+        "warnings": "" if error else "; ".join(warnings),
         "error": error or "",
         "seconds": "" if seconds is None else f"{float(seconds):.3f}",
         "fold_probs": "" if fold_probs is None else ";".join(f"{float(p):.6f}" for p in fold_probs),
