@@ -704,3 +704,64 @@ def test_the_bundle_and_app_infer_give_the_same_rows_on_a_hostile_folder(
     assert by_name["series"][1] == "" and by_name["series"][0]  # classified, not "not found"
     assert "named pipe" in by_name["b.nii.gz"][1]
     assert by_name["f.nii.gz"][0] and "spacing" in by_name["f.nii.gz"][2]
+
+
+def test_the_bundle_prints_a_line_per_scan_and_its_readme_says_what_its_config_does(
+    tmp_path, real_ct, checkpoint
+):
+    """An exported bundle's console (issue 35): the line app.infer prints for each scan, a DICOM
+    series included, and no line per reader MONAI tried before the one that read it. Its
+    docs/README.md says each preprocessing step its inference.yaml runs: the lung crop and the
+    flattening where the model has them, not where it has not."""
+    from conftest import TINY_SETTINGS
+
+    scans = tmp_path / "scans"
+    scans.mkdir()
+    shutil.copy(real_ct / "cip_ct-64_chest.nii.gz", scans / "chest.nii.gz")
+    shutil.copytree(real_ct / "cip_ct-64_dicom", scans / "series")
+    (scans / "empty.nii.gz").write_bytes(b"")
+    bundle = tmp_path / "bundle"
+    assert export_main(["--checkpoint", str(checkpoint), "--output", str(bundle)]) == 0
+    readme = (bundle / "docs" / "README.md").read_text()
+    assert "reorient to LAS" in readme and "crop to the lungs" not in readme
+    proc = monai_bundle(bundle_run_args(scans, tmp_path / "b"), cwd=bundle)
+    assert proc.returncode == 1, proc.stderr[-2000:]  # the empty file failed
+    assert "unable to load" not in proc.stdout + proc.stderr
+    args = [str(scans), "--checkpoint", str(checkpoint), "--output", str(tmp_path / "a")]
+    infer_main([*args, "--device", "cpu", "--no-progress"])
+    with (tmp_path / "a" / "predictions.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    printed = proc.stdout.splitlines()
+    for row in rows:  # the same words, for the same path as the bundle was given it
+        name = Path(row["path"]).name
+        ours = [line for line in printed if line.startswith(str(scans / name) + ":")]
+        assert len(ours) == 1, (name, printed[-10:])
+        if row["error"]:
+            assert ours[0].endswith(f": error: {row['error']}")
+        else:
+            assert f"{100 * float(row['prob_abnormal']):.2f} percent that it is abnormal" in ours[0]
+    flat = tmp_path / "flat.pt"
+    data = torch.load(checkpoint, weights_only=True)
+    recipe = {"lung_crop": True, "lung_flatten_mm": 20.0}
+    torch.save({**data, "run_info": {**TINY_SETTINGS, **recipe}}, flat)
+    assert export_main(["--checkpoint", str(flat), "--output", str(tmp_path / "fb")]) == 0
+    readme = " ".join((tmp_path / "fb" / "docs" / "README.md").read_text().split())
+    assert "crop to the lungs' bounding box" in readme
+    assert "a Gaussian of 20 mm" in readme
+    assert readme.index("crop to the lungs") < readme.index("clip HU") < readme.index("resize")
+
+
+def test_export_warns_nothing_a_user_must_read_past(tmp_path, checkpoint, capfd):
+    """app.export under warnings made errors (issue 35: 105 deprecation warnings buried the test
+    summary, the ONNX export's among them): PyTorch's current ONNX exporter, and nothing of
+    its own on the console but the bundle's line."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", DeprecationWarning)
+        warnings.filterwarnings("ignore", "`torch.jit", DeprecationWarning)  # MONAI's own use
+        assert export_main(["--checkpoint", str(checkpoint), "--output", str(tmp_path / "b")]) == 0
+    captured = capfd.readouterr()
+    assert "torchvision is not installed" not in captured.err
+    assert "Warning" not in captured.err, captured.err[-2000:]
+    assert not (tmp_path / "b" / "models" / "model.onnx.data").exists()  # one file

@@ -43,6 +43,20 @@ def test_choose_takes_youdens_j_and_fits_a_temperature():
     assert point["scans"] == 80 and point["normal"] == point["abnormal"] == 40
 
 
+def test_a_perfectly_separated_split_keeps_a_threshold_that_labels_its_scans():
+    """A validation split the model separates perfectly (what tests/test_readme.py's run met):
+    the fitted temperature would fall to its bound (0.05) and the threshold, rounded to 4
+    decimals, to 0: every scan called abnormal. Now the threshold labels those scans as the cut
+    does, and no temperature below 1 is taken."""
+    labels = np.repeat([0, 1], 12)
+    raw_logits = np.r_[np.linspace(-16, -3, 12), np.linspace(2, 9, 12)]
+    point = choose(1 / (1 + np.exp(-raw_logits)), labels)
+    assert point["chosen"] and point["temperature"] >= 1.0 and 0 < point["threshold"] < 1
+    scaled = 1 / (1 + np.exp(-raw_logits / point["temperature"]))
+    assert ((scaled >= point["threshold"]) == labels.astype(bool)).all()
+    assert "separates perfectly" in point["method"]
+
+
 def test_the_cut_is_the_middle_of_the_best_ones():
     """Perfectly separated scores (normal logits up to -1, abnormal from 3): the cut is 1,
     halfway, not 3 (the lowest abnormal score, where the highest best cut sits); of two equally

@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import copy
 import json
+import logging
 import shutil
 import subprocess
 import sys
 import tempfile
+import textwrap
 import warnings
 import zipfile
 from importlib.metadata import PackageNotFoundError, distribution, version
@@ -98,6 +100,44 @@ def _installed(name: str) -> str:
         return version(name).split("+")[0]
     except PackageNotFoundError:
         return "unknown"
+
+
+def preprocessing_text(settings: dict[str, Any]) -> str:
+    """The bundle README's preprocessing paragraph, step by step from the same settings that
+    ``configs/inference.yaml``'s ``preprocessing`` is built with (``transforms.presets``'
+    order): what the config does is what the README says."""
+    steps = [f"reorient to {settings['axcodes']}"]
+    flatten = float(settings.get("lung_flatten_mm") or 0.0)
+    if settings.get("lung_crop"):
+        steps.append(
+            "crop to the lungs' bounding box (the app's lung mask; the whole scan where the mask "
+            "is in doubt, which the scan's warnings then say)"
+        )
+    if settings.get("lung_only"):
+        steps.append("set every voxel outside the lungs (the mask dilated by 2 voxels) to air")
+    if flatten:
+        steps.append(
+            f"subtract from each lung voxel its lung's smooth background (a Gaussian of "
+            f"{flatten:g} mm), so dependent density and expiration vanish and local findings stay"
+        )
+    steps += [
+        f"clip HU to {settings['hu_window']} and scale to [0, 1]",
+        f"resize (trilinear, corners aligned) to {settings['spatial_size']}",
+        "rotate 90 degrees in the axial plane",
+    ]
+    shape = ", ".join(str(v) for v in settings["spatial_size"])
+    text = (
+        "Preprocessing (`preprocessing` in `configs/inference.yaml`): "
+        + "; ".join(steps)
+        + f": the network sees a float32 tensor of shape (1, {shape})"
+    )
+    bins = int(settings.get("density_bins") or 0)
+    if bins:
+        text += (
+            f", and its density branch a {bins}-bin histogram of that tensor's intensities "
+            "(read out beside the convolutions)"
+        )
+    return textwrap.fill(text + ".", width=96)
 
 
 def _architecture(settings: dict[str, Any]) -> str:
@@ -190,11 +230,8 @@ One CT volume in Hounsfield units (a NIfTI file, or a folder holding one DICOM s
 orientation. Each input is checked first, as `python -m app.infer` checks it: what is not CT in
 Hounsfield units (a mask, a normalised or 8-bit volume), an unreadable file or an inconsistent
 DICOM series is a failed row with its reason, never a probability; the rest are classified,
-with warnings (little or no lung, few slices, spacing unlike the training scans'). Preprocessing
-(`preprocessing` in `configs/inference.yaml`): reorient to {settings["axcodes"]}, clip HU to
-{settings["hu_window"]} and scale to [0, 1], rotate 90 degrees in the axial plane, resize
-(trilinear, corners aligned) to {settings["spatial_size"]}: the network sees a float32 tensor of
-shape (1, {", ".join(str(s) for s in settings["spatial_size"])}).
+with warnings (little or no lung, few slices, spacing unlike the training scans').
+{preprocessing_text(settings)}
 
 ## Output
 `pred`: the probability of "abnormal" (sigmoid of one logit); label "abnormal" at or above
@@ -418,16 +455,26 @@ def _write_models(work: Path, network: Any, settings: dict[str, Any], onnx: bool
     if onnx:
         size = [int(s) for s in settings["spatial_size"]]
         example = torch.zeros(1, int(settings["in_channels"]), *size)
-        # the trace warns where Python branches on shapes (the input checks, the CPU slabs):
-        # understood, the exported graph takes the plain path; the test compares the outputs
-        with torch.no_grad(), warnings.catch_warnings():
-            warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
-            torch.onnx.export(
-                network,
-                (example,),
-                str(work / "models" / "model.onnx"),
-                input_names=["image"],
-                output_names=["pred"],
-                dynamic_axes={"image": {0: "batch"}, "pred": {0: "batch"}},
-                dynamo=False,
-            )
+        batch = torch.export.Dim("batch", min=1, max=4096)
+        # PyTorch's current exporter (torch.export, then onnxscript); what it says on the way
+        # is its own: torchvision's operators it skips (log lines), a pytree deprecation inside
+        # torch; the test compares the ONNX outputs with the network's
+        registration = logging.getLogger("torch.onnx._internal.exporter._registration")
+        level = registration.level
+        registration.setLevel(logging.ERROR)
+        try:
+            with torch.no_grad(), warnings.catch_warnings():
+                warnings.simplefilter("ignore", (DeprecationWarning, FutureWarning))
+                torch.onnx.export(
+                    network,
+                    (example,),
+                    str(work / "models" / "model.onnx"),
+                    input_names=["image"],
+                    output_names=["pred"],
+                    dynamic_shapes=({0: batch},),
+                    dynamo=True,
+                    external_data=False,  # one file: the weights inside model.onnx
+                    verbose=False,
+                )
+        finally:
+            registration.setLevel(level)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import gzip
 import os
+import sys
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -514,7 +515,7 @@ def write_dataset(
     shape: tuple[int, int, int] | None = None,
     seed: int = 0,
     difficulty: float | None = None,
-    progress: bool = True,
+    progress: bool | None = None,
     masks: bool = False,
     confounders: float = 0.0,
     shift: float = 0.0,
@@ -529,7 +530,8 @@ def write_dataset(
     interrupted run completes when run again; a ``.complete`` marker records the settings.
     ``difficulty`` ``None``: :func:`synth_defaults`'s. ``workers`` > 1 generates in that
     many processes (at most the CPU cores): each scan has its
-    own seed, so the files are the same as with one.
+    own seed, so the files are the same as with one. ``progress`` ``None``: a bar on a
+    terminal only (none in a log or a notebook).
     """
 
     out = Path(out)
@@ -560,7 +562,7 @@ def write_dataset(
             items.append({"image": str(path), "label": label})
     bar = tqdm(
         total=len(items), initial=len(items) - len(todo), desc=f"synth {out}", unit="scan",
-        disable=not progress,
+        disable=not (sys.stderr.isatty() if progress is None else progress),
     )  # fmt: skip
     with bar:
         workers = min(workers, len(todo), os.cpu_count() or 1)

@@ -37,6 +37,7 @@ from app.run_folder import CV_CALIBRATION
 from app.runtime.inferers import PRECISIONS, resolve_precision
 from app.runtime.scanqc import Limits, TrainingContext
 from app.runtime.scans import ScanInput
+from app.runtime.writer import sentence
 from nets.ensemble import MeanProbabilityEnsemble
 from transforms.augment import LEFT_RIGHT_DIM
 
@@ -66,14 +67,7 @@ class Prediction:
 
     def sentence(self) -> str:
         """The reference's console line, for both classes, with the scan's QC warnings."""
-        if self.prob_abnormal is None:
-            return f"{self.path}: error: {self.error}"
-        p = self.prob_abnormal
-        note = f"  [warning: {'; '.join(self.warnings)}]" if self.warnings else ""
-        return (
-            f"{self.path}: This model is {100 * (1 - p):.2f} percent confident that CT scan is normal "
-            f"and {100 * p:.2f} percent that it is abnormal -> {self.label}{note}"
-        )
+        return sentence(self.path, self.prob_abnormal, self.label, self.warnings, self.error)
 
 
 class Classifier:

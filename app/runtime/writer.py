@@ -55,6 +55,20 @@ def prediction_row(
     }
 
 
+def sentence(
+    path: str, prob: float | None, label: str | None, warnings: Sequence[str], error: str | None
+) -> str:
+    """One input's console line, the reference's words for both classes with the scan's
+    warnings, or its error: what ``app.infer`` and an exported bundle print per scan."""
+    if prob is None:
+        return f"{path}: error: {error}"
+    note = f"  [warning: {'; '.join(warnings)}]" if warnings else ""
+    return (
+        f"{path}: This model is {100 * (1 - prob):.2f} percent confident that CT scan is normal "
+        f"and {100 * prob:.2f} percent that it is abnormal -> {label}{note}"
+    )
+
+
 def parse_fold_probs(text: str) -> list[float] | None:
     """The ``fold_probs`` field read back: a list of probabilities, or ``None`` when empty or
     not a list of numbers in [0, 1] (a hand-edited file is data, never trusted)."""
@@ -196,10 +210,12 @@ class PredictionWriter:
             warnings = [w for w in str(inputs.get("warnings") or "").split("; ") if w]
             if error:  # a failed scan with its reason, never a probability
                 self.csv.append(prediction_row(path, None, None, warnings, error=error))
+                print(sentence(path, None, None, [], error), flush=True)
                 self.failed += 1
                 continue
             label = self.class_names[int(float(item[self.pred_key]))]
             self.csv.append(prediction_row(path, prob, label, warnings=warnings))
+            print(sentence(path, round(prob, 6), label, warnings, None), flush=True)
             self.classified += 1
 
     def completed(self, engine: Any) -> None:

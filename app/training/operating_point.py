@@ -73,6 +73,9 @@ def choose(probs: np.ndarray, labels: np.ndarray) -> dict[str, Any]:
     logits = logits_of(probs)
     cut = youden_midpoint(logits, labels)
     temperature = fit_temperature(logits, labels)
+    separated = logits[labels == 1].min() > logits[labels == 0].max()
+    if separated:  # the likelihood keeps rising as T falls: the scans cannot bound a sharpening
+        temperature = max(temperature, 1.0)
     scaled = float(1 / (1 + math.exp(-cut / temperature)))
     called = logits >= cut
     sens = wilson(int((called & (labels == 1)).sum()), abnormal)
@@ -80,9 +83,11 @@ def choose(probs: np.ndarray, labels: np.ndarray) -> dict[str, Any]:
     return {
         **record,
         "chosen": True,
-        "method": "Youden's J (the middle of its best cuts) on the validation split",
-        # to 4 decimals, as the console prints P(abnormal) to 2 in percent
-        "threshold": round(scaled, 4),
+        "method": "Youden's J (the middle of its best cuts) on the validation split"
+        + (", which it separates perfectly (no temperature below 1)" if separated else ""),
+        # to 6 significant digits: a threshold near 0 or 1 stays itself (rounded to decimals,
+        # 4.5e-5 became 0, and every scan was called abnormal)
+        "threshold": float(f"{scaled:.6g}"),
         "temperature": float(temperature),
         "sensitivity": [sens.value, sens.low, sens.high],
         "specificity": [spec.value, spec.low, spec.high],

@@ -191,6 +191,8 @@ def train(
 
     config_dir = Path(config_dir)
     overrides = check_settings(overrides or {}, "app.train")  # before anything is made
+    if "progress" not in overrides and not sys.stderr.isatty():
+        overrides["progress"] = False  # a log or a notebook gets no redrawn bars (as app.train)
     output = _output_folder(output)
     _prepare(
         output,
