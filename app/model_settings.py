@@ -196,6 +196,15 @@ def _class_names(value: Any) -> list[str]:
     return names
 
 
+def _one_of(*options: str) -> Callable[[Any], str]:
+    def check(value: Any) -> str:
+        if value not in options:
+            raise ValueError(f"one of {', '.join(options)}, got {value!r}"[:200])
+        return str(value)
+
+    return check
+
+
 def _path_text(value: Any) -> str:
     if not isinstance(value, str) or len(value) > 4096 or any(ord(c) < 32 for c in value):
         raise ValueError(f"a path of at most 4,096 printable characters, got {value!r}"[:200])
@@ -390,6 +399,8 @@ FIELDS: dict[str, Callable[[Any], Any]] = {
     "seed": _int(-(2**63), 2**63 - 1),
     "batch_size": _int(1, 1_000_000),
     "learning_rate": _float(0.0, 10.0, open_low=True),
+    "class_weighting": _one_of("none", "pos_weight"),
+    "sampler": _one_of("shuffle", "weighted"),
     "dataset_dir": _path_text,
     "training_data": _training_data,
     "init_weights": _init_weights,

@@ -102,6 +102,17 @@ def _add_setting_options(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--seed", type=int, help=f"seed of split, initialisation and augmentation {default('seed')}"
     )
+    p.add_argument(
+        "--class-weighting",
+        choices=("none", "pos_weight"),
+        help="imbalanced cohorts: pos_weight weighs each class equally in the loss "
+        f"{default('class_weighting')}",
+    )
+    p.add_argument(
+        "--sampler",
+        choices=("shuffle", "weighted"),
+        help=f"imbalanced cohorts: weighted draws each class about equally often {default('sampler')}",
+    )
     add_device_option(
         p,
         "where to train (default auto: CUDA when there is a GPU; under torchrun each process "
@@ -161,6 +172,8 @@ def overrides_from_args(args: argparse.Namespace) -> dict[str, Any]:
         "precision": args.precision,
         "num_workers": args.workers,
         "init_weights": args.init,
+        "class_weighting": args.class_weighting,
+        "sampler": args.sampler,
     }
     out = {k: v for k, v in mapping.items() if v is not None}
     from app.training.distributed import launched_distributed

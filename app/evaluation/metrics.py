@@ -51,11 +51,18 @@ class BinaryMetrics:
     specificity: Estimate
     ppv: Estimate
     npv: Estimate
+    #: the mean of sensitivity and specificity: what accuracy means when the classes are unequal
+    balanced_accuracy: Estimate
+    #: area under the precision-recall curve (average precision), beside ROC-AUC for rare findings
+    pr_auc: Estimate
     brier: float
     ece: float
     confusion: dict[str, int] = field(default_factory=dict)
 
-    ESTIMATES = ("roc_auc", "accuracy", "sensitivity", "specificity", "ppv", "npv")
+    ESTIMATES = (
+        "roc_auc", "accuracy", "sensitivity", "specificity", "ppv", "npv", "balanced_accuracy",
+        "pr_auc",
+    )  # fmt: skip
 
     def rows(self) -> list[dict[str, Any]]:
         """One row per metric: ``metric, value, ci_low, ci_high, method`` (``pd.DataFrame(...)``)."""
@@ -288,6 +295,68 @@ def _separated(value: float, m: int, n: int, confidence: float, caveat: str) -> 
     return Estimate(value, low, high, EXACT_SEPARATION + caveat)
 
 
+def _balanced_statistic(positive: np.ndarray, negative: np.ndarray, axis: int = -1) -> np.ndarray:
+    """(sensitivity + specificity) / 2 of 0/1 "called right" flags, vectorised for scipy."""
+    return (np.mean(positive, axis=axis) + np.mean(negative, axis=axis)) / 2
+
+
+def _balanced_accuracy(
+    predicted: np.ndarray,
+    labels: np.ndarray,
+    confidence: float,
+    n_resamples: int | None,
+    seed: int | None,
+) -> Estimate:
+    """Balanced accuracy with a stratified bootstrap interval (each class resampled apart)."""
+    right_pos = (predicted[labels == 1] == 1).astype(float)
+    right_neg = (predicted[labels == 0] == 0).astype(float)
+    if not (len(right_pos) and len(right_neg)):
+        return Estimate(math.nan, math.nan, math.nan, "undefined: one class only")
+    value = float(_balanced_statistic(right_pos, right_neg))
+    resamples = int(_or_default(n_resamples, "bootstrap_resamples"))
+    low, high = _bootstrap_interval(
+        right_pos, right_neg, value, confidence, resamples,
+        int(_or_default(seed, "bootstrap_seed")), _balanced_statistic,
+    )  # fmt: skip
+    if low == high:  # every resample alike (all called right, say): Wilson's per class instead
+        sens, spec = (
+            wilson(int(right_pos.sum()), len(right_pos), confidence),
+            wilson(int(right_neg.sum()), len(right_neg), confidence),
+        )
+        return Estimate(value, (sens.low + spec.low) / 2, (sens.high + spec.high) / 2,
+                        "mean of the classes' Wilson intervals")  # fmt: skip
+    return Estimate(value, low, high, f"stratified bootstrap ({resamples})")
+
+
+def _pr_auc(
+    probs: np.ndarray,
+    labels: np.ndarray,
+    confidence: float,
+    n_resamples: int | None,
+    seed: int | None,
+) -> Estimate:
+    """Average precision (scikit-learn's area under the precision-recall curve) with a
+    stratified percentile bootstrap interval; chance is the share of abnormal scans."""
+    from sklearn.metrics import average_precision_score
+
+    positive, negative = probs[labels == 1], probs[labels == 0]
+    if not (len(positive) and len(negative)):
+        return Estimate(math.nan, math.nan, math.nan, "undefined: one class only")
+
+    def statistic(pos: np.ndarray, neg: np.ndarray) -> float:
+        scores = np.r_[pos, neg]
+        truth = np.r_[np.ones(len(pos)), np.zeros(len(neg))]
+        return float(average_precision_score(truth, scores))
+
+    value = statistic(positive, negative)
+    resamples = min(int(_or_default(n_resamples, "bootstrap_resamples")), 2000)
+    low, high = _bootstrap_interval(
+        positive, negative, value, confidence, resamples, int(_or_default(seed, "bootstrap_seed")),
+        statistic, vectorized=False,
+    )  # fmt: skip
+    return Estimate(value, low, high, f"stratified percentile bootstrap ({resamples})")
+
+
 def _bootstrap_interval(
     positive: np.ndarray,
     negative: np.ndarray,
@@ -295,19 +364,25 @@ def _bootstrap_interval(
     confidence: float,
     n_resamples: int,
     seed: int,
+    statistic: Any = None,
+    vectorized: bool = True,
 ) -> tuple[float, float]:
+    """A stratified bootstrap interval of ``statistic`` (default: ROC-AUC) over the two
+    classes' values, BCa where defined, else percentile."""
     from scipy.stats import bootstrap
+
+    statistic = _auc_statistic if statistic is None else statistic
 
     low = high = value
     if len(positive) > 1 and len(negative) > 1 and np.ptp(np.r_[positive, negative]) > 0:
         for kind in ("BCa", "percentile"):  # BCa is undefined when every resample is equal
             result = bootstrap(
                 (positive, negative),
-                _auc_statistic,
+                statistic,
                 n_resamples=n_resamples,
                 confidence_level=confidence,
-                method=kind,
-                vectorized=True,
+                method=kind if vectorized else "percentile",
+                vectorized=vectorized,
                 random_state=np.random.default_rng(seed),
             )
             low, high = (
@@ -372,6 +447,8 @@ def binary_metrics(
         specificity=wilson(tn, tn + fp, confidence),
         ppv=wilson(tp, tp + fp, confidence),
         npv=wilson(tn, tn + fn, confidence),
+        balanced_accuracy=_balanced_accuracy(predicted, labels, confidence, n_resamples, seed),
+        pr_auc=_pr_auc(probs, labels, confidence, n_resamples, seed),
         brier=float(brier_score_loss(labels, probs)) if n else math.nan,
         ece=expected_calibration_error(probs, labels),
         confusion={"tp": tp, "fp": fp, "tn": tn, "fn": fn},

@@ -14,19 +14,11 @@ from typing import Any
 
 from app.errors import ConfigError
 from app.model_settings import FIELDS, _bool, _float, _int, _list, _path_text
+from app.model_settings import _one_of as _choice
 from app.runtime import PRECISIONS
 from app.training.datasets import CACHE_MODES
 from app.training.schedules import LR_SCHEDULES
 from nets.cnn3d import min_spatial_size
-
-
-def _choice(*options: str) -> Callable[[Any], str]:
-    def check(value: Any) -> str:
-        if value not in options:
-            raise ValueError(f"one of {', '.join(options)}, got {value!r}"[:200])
-        return str(value)
-
-    return check
 
 
 def _text(value: Any) -> str:
@@ -44,7 +36,7 @@ def _checks() -> dict[str, Callable[[Any], Any]]:
         "spatial_size", "hu_window", "axcodes", "in_channels", "filters", "dense_units",
         "dropout", "bn_eps", "bn_momentum", "norm", "pooling", "lung_crop", "lung_only",
         "lung_flatten_mm", "density_bins", "threshold", "temperature", "class_names", "seed",
-        "learning_rate",
+        "learning_rate", "class_weighting", "sampler",
     )}  # fmt: skip
     return {
         **model,
