@@ -69,6 +69,11 @@ OPERATING_POINT = "operating_point.json"
 FINISHED = "finished.json"
 #: the training's log (``app.train`` copies every log line there)
 TRAIN_LOG = "train.log"
+#: ``--tracking mlflow``: the run's MLflow store, run name and id (``app.training.tracking``)
+TRACKING = "tracking.json"
+#: the default MLflow store, a SQLite database in the run folder, its artifacts beside it
+TRACKING_DB = "mlruns.db"
+TRACKING_ARTIFACTS = "mlartifacts"
 #: a cross-validation folder's fold runs: ``fold-0`` ... ``fold-{K-1}``
 FOLD_PREFIX = "fold-"
 #: what ``app.train`` writes into a run folder (``overrides.json`` first of all)
@@ -87,6 +92,10 @@ RUN_ENTRIES = (
     OPERATING_POINT,
     f"{LAST_PREFIX}_checkpoint_epoch=*.pt",
     "tensorboard",
+    TRACKING,
+    TRACKING_DB,
+    TRACKING_ARTIFACTS,
+    "config_*.json",  # the resolved config MONAI's tracking saves (and logs) at the start
     "tmp*",  # a save killed mid-write (ignite's atomic saver)
     ".*.tmp",  # an atomic write killed mid-write (app.runtime.files)
 )

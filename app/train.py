@@ -143,6 +143,13 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--resume", action="store_true", help="continue the run in --output")
     p.add_argument(
+        "--tracking",
+        choices=("mlflow",),
+        help="log the run to MLflow: parameters, the resolved config, per-epoch metrics, the "
+        "curves, the model card, the kept checkpoint (store: MLFLOW_TRACKING_URI, else "
+        "OUTPUT/mlruns.db); cross-validation: one run per fold under a parent run",
+    )
+    p.add_argument(
         "--folds",
         type=int,
         help="cross-validation: K stratified folds, each a run in OUTPUT/fold-k; finished folds "
@@ -227,6 +234,7 @@ def main(argv: list[str] | None = None) -> int:
             overwrite=args.overwrite,
             overrides=overrides_from_args(args),
             recipe=args.recipe,
+            tracking=args.tracking,
         )
     )
     if result is None:
@@ -257,6 +265,7 @@ def _cross_validate(args: argparse.Namespace) -> int:
             overrides=overrides_from_args(args),
             target_sensitivity=args.target_sensitivity,
             recipe=args.recipe,
+            tracking=args.tracking,
         ),
         stopped_hint="; continue with the same command",
     )

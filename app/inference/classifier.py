@@ -186,6 +186,11 @@ class Classifier:
     def caveats(self) -> list[str]:
         return self.card.caveats()
 
+    def card_json(self) -> dict[str, Any]:
+        """The model card as JSON-ready data: identity, description, caveats (``app.serve``'s
+        ``GET /model``, the model card a tracked run logs)."""
+        return {**self.identity(), "description": self.describe(), "caveats": self.caveats()}
+
     @property
     def folds(self) -> int:
         """How many fold models the model averages (0: one model, not an ensemble)."""

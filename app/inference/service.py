@@ -163,16 +163,13 @@ def create_app(clf: Classifier, limits: ServiceLimits = ServiceLimits()) -> Fast
     slots = asyncio.Semaphore(limits.max_concurrent)
     state = {"admitted": 0}
 
-    def model_card() -> dict[str, Any]:
-        return {**clf.identity(), "description": clf.describe(), "caveats": clf.caveats()}
-
     @app.get("/health")
     async def health() -> dict[str, str]:
         return {"status": "ok"}
 
     @app.get("/model")
     async def model() -> dict[str, Any]:
-        return model_card()
+        return clf.card_json()
 
     async def classify(request: Request, folder: Path, saliency: bool) -> JSONResponse:
         body = folder / "upload"

@@ -75,6 +75,7 @@ def cross_validate(
     overrides: dict[str, Any] | None = None,
     target_sensitivity: float | None = None,
     recipe: str | None = None,
+    tracking: str | None = None,
 ) -> CrossValidation:
     """Train fold ``only_fold`` (default: every fold not finished yet) of ``folds`` into
     ``output/fold-k``, then, once every fold is finished, write the summary, out-of-fold
@@ -95,6 +96,11 @@ def cross_validate(
     out.mkdir(parents=True, exist_ok=True)
     result = CrossValidation(out, folds, [fold_dir(out, k) for k in range(folds)])
     todo = range(folds) if only_fold is None else [only_fold]
+    parent = None
+    if tracking:  # one MLflow run per fold, under the folder's run
+        from app.training.tracking import open_parent
+
+        parent = open_parent(out)["run_id"]
     for k in todo:
         run = fold_dir(out, k)
         started = run.exists() and latest_checkpoint(run) is not None
@@ -109,6 +115,8 @@ def cross_validate(
                 overrides={**(overrides or {}), "folds": folds, "fold": k},
                 recipe=recipe,
                 operating_point=False,  # chosen out of fold for the folder (write_out_of_fold)
+                tracking=tracking,
+                tracking_parent=parent,
             )
         except BaseException:
             # a fold this call created and that saved no epoch leaves nothing behind
@@ -121,6 +129,10 @@ def cross_validate(
     if all(is_finished(d) for d in result.fold_dirs):
         result.summary = write_summary(out, result.fold_dirs)
         result.calibration = write_out_of_fold(out, result.fold_dirs, target_sensitivity)
+        if parent is not None:
+            from app.training.tracking import close_parent
+
+            close_parent(out, [out / CV_SUMMARY, out / CV_CALIBRATION])
     return result
 
 

@@ -165,6 +165,8 @@ def train(
     config_dir: str | Path = CONFIG_DIR,
     recipe: str | None = None,
     operating_point: bool = True,
+    tracking: str | None = None,
+    tracking_parent: str | None = None,
 ) -> TrainResult:
     """Train from the bundle configs; the Python entry behind ``python -m app.train``.
 
@@ -183,6 +185,9 @@ def train(
         operating_point: choose the kept model's temperature and threshold on its validation
             split and record them in its checkpoint (``app.training.operating_point``; a
             cross-validation fold leaves it to the folder's out-of-fold choice).
+        tracking: ``"mlflow"``: log the run to MLflow (``app.training.tracking``); a tracked
+            run resumed stays tracked, in the same MLflow run.
+        tracking_parent: the MLflow run id a cross-validation fold goes under.
 
     Example:
         >>> result = train("data/synth", "runs/try", overrides={"epochs": 2})  # doctest: +SKIP
@@ -224,14 +229,55 @@ def train(
     _record_settings(output, settings, names)
     if rank() == 0:
         (output / FINISHED).unlink(missing_ok=True)
-    _run_workflow(output, names, settings, resume=resume, config_dir=config_dir)
+    tracked = _tracking(output, tracking, tracking_parent, resume)
+    _run_workflow(output, names, settings, resume=resume, config_dir=config_dir, tracked=tracked)
     if rank() == 0:
-        if operating_point and (output / BEST_MODEL).is_file():
-            from app.training.operating_point import record_operating_point
-
-            record_operating_point(output)
-        mark_finished(output, _checkpoint_epoch(output) or 0, "training ended")
+        _after_training(output, operating_point, tracked is not None)
     return _result(output)
+
+
+def _after_training(output: Path, operating_point: bool, tracked: bool) -> None:
+    """Rank 0, once training ended: the operating point, the finished mark, the tracking's
+    artifacts."""
+    if operating_point and (output / BEST_MODEL).is_file():
+        from app.training.operating_point import record_operating_point
+
+        record_operating_point(output)
+    mark_finished(output, _checkpoint_epoch(output) or 0, "training ended")
+    if tracked:
+        _finish_tracking(output)
+
+
+def _tracking(
+    output: Path, tracking: str | None, parent: str | None, resume: bool
+) -> dict[str, Any] | None:
+    """MONAI's tracking settings for this run (None: not tracked); a resumed tracked run stays
+    tracked. Only rank 0 logs (MONAI's handlers are disabled on the others)."""
+    from app.run_folder import TRACKING
+    from app.training import tracking as mlflow_tracking
+
+    if tracking not in (None, "", *mlflow_tracking.TRACKERS):
+        raise ConfigError(f"--tracking must be one of {', '.join(mlflow_tracking.TRACKERS)}")
+    if not tracking and not (resume and (output / TRACKING).is_file()):
+        return None
+    uri = None
+    if parent:
+        record = mlflow_tracking.read_tracking(output.parent)
+        uri = None if record is None else record.get("uri")
+    settings, _ = mlflow_tracking.prepare(output, resume, uri=uri, parent_run_id=parent)
+    return settings
+
+
+def _finish_tracking(output: Path) -> None:
+    from app.inference.classifier import Classifier
+    from app.training import tracking as mlflow_tracking
+
+    card = (
+        Classifier.load(output, device="cpu").card_json()
+        if (output / BEST_MODEL).is_file()
+        else None
+    )
+    mlflow_tracking.finish(output, card)
 
 
 def _checkpoint_epoch(output: Path) -> int | None:
@@ -357,7 +403,13 @@ class _DropMessages(logging.Filter):
 
 
 def _run_workflow(
-    output: Path, names: list[str], settings: dict[str, Any], *, resume: bool, config_dir: Path
+    output: Path,
+    names: list[str],
+    settings: dict[str, Any],
+    *,
+    resume: bool,
+    config_dir: Path,
+    tracked: dict[str, Any] | None = None,
 ) -> None:
     """Build the training workflow from the configs and run it to its end (or a signal)."""
 
@@ -371,6 +423,7 @@ def _run_workflow(
             meta_file=str(config_dir / METADATA),
             logging_file=str(config_dir / "logging.conf"),
             workflow_type="train",
+            tracking=tracked,
             **settings,
             resume=resume,
         )
