@@ -93,3 +93,37 @@ def test_an_unknown_tracker_is_refused(data, tmp_path, capsys):
 
     with pytest.raises(Exception, match="--tracking must be one of"):
         train(data, tmp_path / "r", tracking="wandb", overrides={"epochs": 1})
+
+
+def test_the_repository_bundle_tracks_with_monai_bundle_run(data, tmp_path, monkeypatch):
+    """``python -m monai.bundle run ... --tracking configs/mlflow.json`` on the repository's
+    configs (the bundle's own way, the settings app.train uses): MONAI's handlers log the
+    epochs to OUTPUT/mlruns.db, read back here."""
+    import os
+    import subprocess
+    import sys
+
+    from app.config import CONFIG_DIR
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    out = tmp_path / "run"
+    files = f"['{CONFIG_DIR / 'common.yaml'}','{CONFIG_DIR / 'train.yaml'}']"
+    args = [sys.executable, "-m", "monai.bundle", "run", "--config_file", files,
+            "--meta_file", str(CONFIG_DIR / "metadata.json"),
+            "--tracking", str(CONFIG_DIR / "mlflow.json"),
+            "--dataset_dir", str(data), "--output_dir", str(out), "--epochs", "1",
+            "--spatial_size", "[48, 48, 48]", "--filters", "[4, 4, 8, 8]", "--dense_units", "8",
+            "--device", "$torch.device('cpu')", "--progress", "False"]  # fmt: skip
+    proc = subprocess.run(args, capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "PYTHONPATH": str(CONFIG_DIR.parent)})  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{out / 'mlruns.db'}")
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    assert len(runs) == 1
+    history = client.get_metric_history(runs[0].info.run_id, "val_acc")
+    assert [m.step for m in history] == [1]
+    with (out / "metrics.csv").open() as f:
+        (row,) = list(csv.DictReader(f))
+    assert history[0].value == pytest.approx(float(row["val_acc"]), abs=1e-6)

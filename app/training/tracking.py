@@ -35,6 +35,8 @@ __all__ = ["EXPERIMENT", "TRACKERS", "Tracking", "finish", "open_parent", "prepa
 TRACKERS = ("mlflow",)
 #: the MLflow experiment every run goes to
 EXPERIMENT = "ctclassify"
+#: the tracking settings (MONAI's format) in the configs folder
+MLFLOW_SETTINGS = "mlflow.json"
 
 
 class Tracking(dict):  # type: ignore[type-arg]
@@ -87,15 +89,19 @@ def read_tracking(output: Path) -> Tracking | None:
 
 
 def prepare(
-    output: Path, resume: bool, uri: str | None = None, parent_run_id: str | None = None
+    output: Path,
+    resume: bool,
+    config_dir: Path,
+    uri: str | None = None,
+    parent_run_id: str | None = None,
 ) -> tuple[dict[str, Any], Tracking]:
-    """The ``tracking`` argument of MONAI's ``ConfigWorkflow`` for this run, and its record.
+    """The ``tracking`` argument of MONAI's ``ConfigWorkflow`` for this run (``configs/mlflow.
+    json``, what ``monai.bundle run --tracking configs/mlflow.json`` reads, with this run's
+    store and name), and its record.
 
     A resumed run reuses its recorded store and run: the MLflow run is set running again, so
     MONAI's handlers (which skip finished runs) continue it.
     """
-    from monai.bundle.utils import DEFAULT_MLFLOW_SETTINGS
-
     record = read_tracking(output) if resume else None
     if record is None:
         record = Tracking(uri=uri or store_uri(output), run_name=_run_name(output))
@@ -109,12 +115,11 @@ def prepare(
             client.update_run(record["run_id"], status="RUNNING")
     output.mkdir(parents=True, exist_ok=True)
     atomic_write_text(output / TRACKING, json.dumps(dict(record), indent=1))
-    settings = json.loads(json.dumps(DEFAULT_MLFLOW_SETTINGS))  # a copy
-    configs = settings["configs"]
-    configs.update(
+    settings = json.loads((config_dir / MLFLOW_SETTINGS).read_text())
+    settings.pop("_comment", None)
+    settings["configs"].update(
         tracking_uri=record["uri"], experiment_name=EXPERIMENT, run_name=record["run_name"]
     )
-    configs["trainer"]["iteration_log"] = False  # per epoch: one row per epoch, as metrics.csv
     return settings, record
 
 

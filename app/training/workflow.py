@@ -229,7 +229,7 @@ def train(
     _record_settings(output, settings, names)
     if rank() == 0:
         (output / FINISHED).unlink(missing_ok=True)
-    tracked = _tracking(output, tracking, tracking_parent, resume)
+    tracked = _tracking(output, tracking, tracking_parent, resume, config_dir)
     _run_workflow(output, names, settings, resume=resume, config_dir=config_dir, tracked=tracked)
     if rank() == 0:
         _after_training(output, operating_point, tracked is not None)
@@ -249,7 +249,7 @@ def _after_training(output: Path, operating_point: bool, tracked: bool) -> None:
 
 
 def _tracking(
-    output: Path, tracking: str | None, parent: str | None, resume: bool
+    output: Path, tracking: str | None, parent: str | None, resume: bool, config_dir: Path
 ) -> dict[str, Any] | None:
     """MONAI's tracking settings for this run (None: not tracked); a resumed tracked run stays
     tracked. Only rank 0 logs (MONAI's handlers are disabled on the others)."""
@@ -264,7 +264,7 @@ def _tracking(
     if parent:
         record = mlflow_tracking.read_tracking(output.parent)
         uri = None if record is None else record.get("uri")
-    settings, _ = mlflow_tracking.prepare(output, resume, uri=uri, parent_run_id=parent)
+    settings, _ = mlflow_tracking.prepare(output, resume, config_dir, uri, parent)
     return settings
 
 
