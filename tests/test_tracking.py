@@ -54,7 +54,11 @@ def test_a_tracked_run_reads_back_as_the_run_folder_and_a_resume_continues_it(
     first = runs[0].info.run_id
     assert runs[0].info.status == "FINISHED"
     artifacts = {a.path for a in client.list_artifacts(first)}
-    assert {"metrics.csv", "curves.png", "best_model.pt", "model_card.json"} <= artifacts
+    assert {"metrics.csv", "curves.png", "best_model.pt", "model_card.json", "config.json"} <= (
+        artifacts
+    )
+    params = client.get_run(first).data.params  # the run's settings, beside MONAI's own
+    assert params["filters"] == "[4, 4, 8, 8]" and params["spatial_size"] == "[48, 48, 48]"
     card = client.download_artifacts(first, "model_card.json", str(tmp_path))
     assert '"sha256"' in Path(card).read_text()
     # the resume: the same MLflow run, its epochs continued

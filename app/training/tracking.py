@@ -21,6 +21,7 @@ from typing import Any
 from app.errors import ConfigError
 from app.run_folder import (
     BEST_MODEL,
+    CONFIG_RECORD,
     CURVES,
     METRICS_CSV,
     TRACKING,
@@ -130,10 +131,13 @@ def _run_name(output: Path) -> str:
     return f"{resolved.parent.name}/{resolved.name}" if resolved.parent.name else resolved.name
 
 
-def finish(output: Path, card: dict[str, Any] | None = None) -> str:
-    """After training (rank 0): the run's id found and recorded, the run folder's files logged
-    as artifacts (the model card as ``model_card.json``), the fold put under its parent; the run
-    ended. Returns the run id."""
+def finish(
+    output: Path, card: dict[str, Any] | None = None, params: dict[str, Any] | None = None
+) -> str:
+    """After training (rank 0): the run's id found and recorded, ``params`` (the run's
+    settings) logged where the run has none of that name yet, the run folder's files logged as
+    artifacts (the resolved config, the model card as ``model_card.json``), the fold put under
+    its parent; the run ended. Returns the run id."""
     record = read_tracking(output)
     if record is None:
         raise ConfigError(f"{output} has no {TRACKING}: it was not tracked")
@@ -144,7 +148,12 @@ def finish(output: Path, card: dict[str, Any] | None = None) -> str:
     atomic_write_text(output / TRACKING, json.dumps(dict(record), indent=1))
     if record.get("parent_run_id"):
         client.set_tag(run_id, "mlflow.parentRunId", record["parent_run_id"])
-    for name in (METRICS_CSV, CURVES, BEST_MODEL):
+    if params:
+        logged = client.get_run(run_id).data.params
+        for key, value in sorted(params.items())[:200]:
+            if key not in logged and isinstance(value, (str, int, float, bool, list)):
+                client.log_param(run_id, key, str(value)[:500])
+    for name in (METRICS_CSV, CURVES, BEST_MODEL, CONFIG_RECORD):
         if (output / name).is_file():
             client.log_artifact(run_id, str(output / name))
     if card is not None:

@@ -272,12 +272,11 @@ def _finish_tracking(output: Path) -> None:
     from app.inference.classifier import Classifier
     from app.training import tracking as mlflow_tracking
 
-    card = (
-        Classifier.load(output, device="cpu").card_json()
-        if (output / BEST_MODEL).is_file()
-        else None
-    )
-    mlflow_tracking.finish(output, card)
+    if not (output / BEST_MODEL).is_file():
+        mlflow_tracking.finish(output)
+        return
+    clf = Classifier.load(output, device="cpu")
+    mlflow_tracking.finish(output, clf.card_json(), params=clf.settings)
 
 
 def _checkpoint_epoch(output: Path) -> int | None:
