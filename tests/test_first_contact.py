@@ -235,3 +235,25 @@ def test_evaluate_on_generated_scans_says_the_figures_describe_generated_scans(
     page = (tmp_path / "E" / "report.html").read_text()
     assert "these test scans are generated too" in page and "mean little" not in page
     assert "real CT given to" not in capsys.readouterr().out
+
+
+def test_the_oblique_warning_is_on_the_console_line_as_in_the_csv(real_ct, tmp_path, capsys):
+    """A scan whose affine is turned 20 degrees about the scanner's z axis: its console line
+    carries every warning its row carries, the oblique one included."""
+    import nibabel as nib
+
+    img = nib.load(real_ct / "cip_ct-64_chest.nii.gz")
+    turn = np.deg2rad(20)
+    rotation = np.eye(4)
+    rotation[:2, :2] = [[np.cos(turn), -np.sin(turn)], [np.sin(turn), np.cos(turn)]]
+    scans = tmp_path / "scans"
+    scans.mkdir()
+    nib.save(nib.Nifti1Image(np.asanyarray(img.dataobj), rotation @ img.affine), scans / "o.nii.gz")
+    out = tmp_path / "out"
+    args = [str(scans), "--checkpoint", str(SHIPPED), "--output", str(out), "--no-progress",
+            "--device", "cpu"]  # fmt: skip
+    assert infer_main(args) == 0
+    row = _rows(out)["o.nii.gz"]
+    assert "oblique affine (20.0 degrees" in row["warnings"]
+    line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith(str(scans)))
+    assert all(w in line for w in row["warnings"].split("; ")), (line, row["warnings"])
