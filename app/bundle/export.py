@@ -261,8 +261,14 @@ python -m monai.bundle ckpt_export network_def --filepath model.ts --ckpt_file m
 # with internet access (downloads the metadata schema):
 python -m monai.bundle verify_metadata --meta_file configs/metadata.json --filepath schema.json
 ```
-`models/model.pt` is a plain state dict; `models/model.ts` TorchScript; `models/model.onnx` ONNX
-(input `image`, output `pred` = the logit, batch dimension dynamic).
+`models/model.pt` is a plain state dict; `models/model.ts` TorchScript (made by MONAI's
+`ckpt_export`, as the bundle format asks); `models/model.onnx` ONNX (PyTorch's current
+exporter; input `image`, output `pred` = the logit, batch dimension dynamic).
+
+`run` prints a line per scan (its probability and label with its warnings, or why it failed)
+and a summary. MONAI first warns that parsing a config resolves every `_target_` and evaluates
+every `$` expression: true of any bundle. This one's configs are plain YAML written by
+`app.export`; read them before running a bundle someone sent you.
 """
 
 
