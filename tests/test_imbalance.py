@@ -110,3 +110,10 @@ def test_balanced_accuracy_and_pr_auc_are_scikit_learns():
         assert e.low < e.value < e.high
     names = [r["metric"] for r in m.rows()]
     assert "balanced_accuracy" in names and "pr_auc" in names
+    for seed in range(20):  # the vectorised statistic against scikit-learn, ties included
+        rng = np.random.default_rng(seed)
+        labels = rng.integers(0, 2, int(rng.integers(4, 60)))
+        labels[:2] = [0, 1]
+        probs = np.round(rng.uniform(0, 1, len(labels)), int(rng.integers(0, 3)))
+        got = binary_metrics(probs, labels, threshold=0.5, n_resamples=100).pr_auc.value
+        assert got == pytest.approx(average_precision_score(labels, probs), abs=1e-12)

@@ -328,6 +328,17 @@ def _balanced_accuracy(
     return Estimate(value, low, high, f"stratified bootstrap ({resamples})")
 
 
+def _ap_statistic(positive: np.ndarray, negative: np.ndarray, axis: int = -1) -> np.ndarray:
+    """Average precision, vectorised for scipy: the mean over the abnormal scans of the
+    precision at each one's score (every scan scored at or above it counted, ties included:
+    scikit-learn's ``average_precision_score``, ``tests/test_imbalance.py`` checks it)."""
+    pos = np.moveaxis(np.asarray(positive, float), axis, -1)
+    neg = np.moveaxis(np.asarray(negative, float), axis, -1)
+    above_pos = (pos[..., None, :] >= pos[..., :, None]).sum(axis=-1)
+    above_neg = (neg[..., None, :] >= pos[..., :, None]).sum(axis=-1)
+    return np.asarray((above_pos / (above_pos + above_neg)).mean(axis=-1))
+
+
 def _pr_auc(
     probs: np.ndarray,
     labels: np.ndarray,
@@ -335,24 +346,16 @@ def _pr_auc(
     n_resamples: int | None,
     seed: int | None,
 ) -> Estimate:
-    """Average precision (scikit-learn's area under the precision-recall curve) with a
-    stratified percentile bootstrap interval; chance is the share of abnormal scans."""
-    from sklearn.metrics import average_precision_score
-
+    """Average precision (the area under the precision-recall curve) with a stratified
+    percentile bootstrap interval; chance is the share of abnormal scans."""
     positive, negative = probs[labels == 1], probs[labels == 0]
     if not (len(positive) and len(negative)):
         return Estimate(math.nan, math.nan, math.nan, "undefined: one class only")
-
-    def statistic(pos: np.ndarray, neg: np.ndarray) -> float:
-        scores = np.r_[pos, neg]
-        truth = np.r_[np.ones(len(pos)), np.zeros(len(neg))]
-        return float(average_precision_score(truth, scores))
-
-    value = statistic(positive, negative)
-    resamples = min(int(_or_default(n_resamples, "bootstrap_resamples")), 2000)
+    value = float(_ap_statistic(positive, negative))
+    resamples = int(_or_default(n_resamples, "bootstrap_resamples"))
     low, high = _bootstrap_interval(
         positive, negative, value, confidence, resamples, int(_or_default(seed, "bootstrap_seed")),
-        statistic, vectorized=False,
+        _ap_statistic, percentile=True,
     )  # fmt: skip
     return Estimate(value, low, high, f"stratified percentile bootstrap ({resamples})")
 
@@ -365,7 +368,7 @@ def _bootstrap_interval(
     n_resamples: int,
     seed: int,
     statistic: Any = None,
-    vectorized: bool = True,
+    percentile: bool = False,
 ) -> tuple[float, float]:
     """A stratified bootstrap interval of ``statistic`` (default: ROC-AUC) over the two
     classes' values, BCa where defined, else percentile."""
@@ -381,8 +384,8 @@ def _bootstrap_interval(
                 statistic,
                 n_resamples=n_resamples,
                 confidence_level=confidence,
-                method=kind if vectorized else "percentile",
-                vectorized=vectorized,
+                method="percentile" if percentile else kind,
+                vectorized=True,
                 random_state=np.random.default_rng(seed),
             )
             low, high = (
