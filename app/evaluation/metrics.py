@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import functools
 import math
+import warnings
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -379,15 +380,18 @@ def _bootstrap_interval(
     low = high = value
     if len(positive) > 1 and len(negative) > 1 and np.ptp(np.r_[positive, negative]) > 0:
         for kind in ("BCa", "percentile"):  # BCa is undefined when every resample is equal
-            result = bootstrap(
-                (positive, negative),
-                statistic,
-                n_resamples=n_resamples,
-                confidence_level=confidence,
-                method="percentile" if percentile else kind,
-                vectorized=True,
-                random_state=np.random.default_rng(seed),
-            )
+            with warnings.catch_warnings():  # ... SciPy says so and gives NaN: handled below
+                warnings.simplefilter("ignore", RuntimeWarning)
+                warnings.filterwarnings("ignore", "The BCa confidence interval cannot")
+                result = bootstrap(
+                    (positive, negative),
+                    statistic,
+                    n_resamples=n_resamples,
+                    confidence_level=confidence,
+                    method="percentile" if percentile else kind,
+                    vectorized=True,
+                    random_state=np.random.default_rng(seed),
+                )
             low, high = (
                 float(result.confidence_interval.low),
                 float(result.confidence_interval.high),
