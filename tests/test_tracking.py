@@ -131,3 +131,20 @@ def test_the_repository_bundle_tracks_with_monai_bundle_run(data, tmp_path, monk
     with (out / "metrics.csv").open() as f:
         (row,) = list(csv.DictReader(f))
     assert history[0].value == pytest.approx(float(row["val_acc"]), abs=1e-6)
+
+
+def test_a_run_folder_cannot_send_a_resume_to_another_store(data, tmp_path, monkeypatch):
+    """tracking.json is read back: one edited to name a remote store makes --resume refuse (one
+    line, exit 2) before any traffic, unless MLFLOW_TRACKING_URI says that store."""
+    import json
+
+    from app.train import main as train_main
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    run = tmp_path / "run"
+    args = ["--data", str(data), "--output", str(run), *TINY]
+    assert train_main([*args, "--epochs", "1", "--tracking", "mlflow"]) == 0
+    record = json.loads((run / "tracking.json").read_text())
+    record["uri"] = "http://127.0.0.1:9"  # elsewhere (on loopback: this test sends nothing out)
+    (run / "tracking.json").write_text(json.dumps(record))
+    assert train_main([*args, "--epochs", "2", "--resume"]) == 2

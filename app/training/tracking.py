@@ -104,6 +104,8 @@ def prepare(
     MONAI's handlers (which skip finished runs) continue it.
     """
     record = read_tracking(output) if resume else None
+    if record is not None:
+        _check_store(output, record.get("uri", ""))
     if record is None:
         record = Tracking(uri=uri or store_uri(output), run_name=_run_name(output))
         if parent_run_id:
@@ -122,6 +124,20 @@ def prepare(
         tracking_uri=record["uri"], experiment_name=EXPERIMENT, run_name=record["run_name"]
     )
     return settings, record
+
+
+def _check_store(output: Path, uri: str) -> None:
+    """A store recorded in ``RUN/tracking.json`` is only followed when it is the run's own (its
+    folder's or its cross-validation folder's SQLite file) or ``MLFLOW_TRACKING_URI``: an edited
+    or received run folder cannot send a resumed run's parameters and metrics elsewhere."""
+    own = {store_uri(output), store_uri(output.parent)}
+    own |= {f"sqlite:///{(f / TRACKING_DB).resolve()}" for f in (output, output.parent)}
+    if uri not in own:
+        raise ConfigError(
+            f"{output / TRACKING} names the MLflow store {uri[:120]!r}, neither this run's nor "
+            "MLFLOW_TRACKING_URI: set MLFLOW_TRACKING_URI to it to continue there, or remove the "
+            "file to track a new run"
+        )
 
 
 def _run_name(output: Path) -> str:
