@@ -33,6 +33,19 @@ def _http(port: int, path: str, data: bytes | None = None) -> object:
         return json.loads(response.read() or b"null")
 
 
+def _the_study(port: int) -> tuple[dict, list[str]]:
+    """Orthanc's one study (its record) and the modalities of its series, sorted."""
+    studies = _http(port, "/studies")
+    assert isinstance(studies, list) and len(studies) == 1
+    study = _http(port, f"/studies/{studies[0]}")
+    assert isinstance(study, dict)
+    modalities = sorted(
+        _http(port, f"/series/{s}")["MainDicomTags"]["Modality"]  # type: ignore[index]
+        for s in study["Series"]
+    )
+    return study, modalities
+
+
 @pytest.fixture(scope="module")
 def series() -> list[Path]:
     return sorted(require_shared(SHARED / "data" / "real-ct" / "cip_ct-64_dicom").iterdir())
@@ -107,13 +120,7 @@ def test_a_study_retrieved_classified_and_its_sr_stored_back(orthanc, series, ch
         rows = list(csv.DictReader(f))
     assert len(rows) == 1 and rows[0]["prob_abnormal"] and not rows[0]["error"]
     # Orthanc holds the SR now, in the same study, beside the CT series
-    studies = _http(orthanc["http"], "/studies")
-    assert isinstance(studies, list) and len(studies) == 1
-    modalities = sorted(
-        _http(orthanc["http"], f"/series/{s}")["MainDicomTags"]["Modality"]  # type: ignore[index]
-        for s in _http(orthanc["http"], f"/studies/{studies[0]}")["Series"]  # type: ignore[index]
-    )
-    assert modalities == ["CT", "SR"]
+    assert _the_study(orthanc["http"])[1] == ["CT", "SR"]
 
 
 def test_studies_found_by_patient_and_date_range(orthanc, series, checkpoint, tmp_path, capsys):
@@ -295,15 +302,9 @@ def test_a_study_over_dicomweb_retrieved_classified_and_its_sr_stored_back(
         assert infer_main(args) == 0, capsys.readouterr().err
         said = capsys.readouterr().out
         assert "1 studies found" in said and "sent 1 of 1 DICOM SRs" in said
-        studies = _http(ports["http"], "/studies")
-        assert isinstance(studies, list) and len(studies) == 1
-        modalities = sorted(
-            _http(ports["http"], f"/series/{s}")["MainDicomTags"]["Modality"]  # type: ignore[index]
-            for s in _http(ports["http"], f"/studies/{studies[0]}")["Series"]  # type: ignore[index]
-        )
+        stored, modalities = _the_study(ports["http"])
         assert modalities == ["CT", "SR"]
-        stored = _http(ports["http"], f"/studies/{studies[0]}")
-        assert stored["MainDicomTags"]["StudyInstanceUID"] == study  # type: ignore[index]
+        assert stored["MainDicomTags"]["StudyInstanceUID"] == study
     (web_row,) = _rows(tmp_path / "web")
     (disk_row,) = _rows(tmp_path / "disk")
     assert web_row["prob_abnormal"] == disk_row["prob_abnormal"] != ""

@@ -45,9 +45,13 @@ class Tracking(dict):  # type: ignore[type-arg]
     ``parent_run_id`` (a cross-validation fold)."""
 
 
+def _sqlite_uri(folder: Path) -> str:
+    return f"sqlite:///{(folder / TRACKING_DB).resolve()}"
+
+
 def store_uri(folder: Path) -> str:
     """``MLFLOW_TRACKING_URI``, or the SQLite store in ``folder``."""
-    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{(folder / TRACKING_DB).resolve()}"
+    return os.environ.get("MLFLOW_TRACKING_URI") or _sqlite_uri(folder)
 
 
 def _client(uri: str) -> Any:
@@ -130,8 +134,7 @@ def _check_store(output: Path, uri: str) -> None:
     """A store recorded in ``RUN/tracking.json`` is only followed when it is the run's own (its
     folder's or its cross-validation folder's SQLite file) or ``MLFLOW_TRACKING_URI``: an edited
     or received run folder cannot send a resumed run's parameters and metrics elsewhere."""
-    own = {store_uri(output), store_uri(output.parent)}
-    own |= {f"sqlite:///{(f / TRACKING_DB).resolve()}" for f in (output, output.parent)}
+    own = {_sqlite_uri(output), _sqlite_uri(output.parent), os.environ.get("MLFLOW_TRACKING_URI")}
     if uri not in own:
         raise ConfigError(
             f"{output / TRACKING} names the MLflow store {uri[:120]!r}, neither this run's nor "
