@@ -12,7 +12,8 @@ on new scans (other seeds) of the same patients acquired otherwise, one test set
 - a smaller field of view: the central 75 % of each slice (the body, and at times the lungs, cut);
 - RAS or LPS storage instead of LAS (the same voxels, reordered, the affine to match);
 - more noise (Gaussian, 40 HU), a sharper kernel (unsharp mask, the image plus its difference
-  from a 1-voxel Gaussian).
+  from a 1-voxel Gaussian; or each slice minus half its Laplacian), a softer one (a 1-voxel
+  Gaussian).
 
 Every test set holds the same ``--per-class`` patients per class, so the rows differ only by
 the acquisition. With ``--run RUN --test DIR``, no training: the edits of :data:`EDITS`
@@ -107,6 +108,22 @@ def _sharpen(volume, affine):
     return np.clip(np.rint(sharp), -1024, 3071), affine
 
 
+def _edge_enhance(volume, affine):
+    """A sharp kernel of another form than the unsharp mask (and than the kernel augmentation):
+    each slice minus half its 4-neighbour Laplacian."""
+    v = volume.astype(np.float32)
+    laplace = np.zeros((3, 3, 1), np.float32)
+    laplace[1, :, 0] = laplace[:, 1, 0] = 1
+    laplace[1, 1, 0] = -4
+    sharp = v - 0.5 * ndimage.convolve(v, laplace, mode="nearest")
+    return np.clip(np.rint(sharp), -1024, 3071), affine
+
+
+def _soften(volume, affine):
+    v = ndimage.gaussian_filter(volume.astype(np.float32), (1, 1, 0))
+    return np.clip(np.rint(v), -1024, 3071), affine
+
+
 #: shift name -> (what it is, shape, slice mm, edit)
 SHIFTS: dict[str, tuple[str, tuple[int, int, int], float, Callable]] = {
     "none": ("as trained: 128 x 128, 8-mm slices, LAS", TRAIN_SHAPE, 8.0, _same),
@@ -121,6 +138,8 @@ SHIFTS: dict[str, tuple[str, tuple[int, int, int], float, Callable]] = {
     "lps": ("LPS storage", TRAIN_SHAPE, 8.0, _reorient("LPS")),
     "noise-40": ("more noise (+40 HU Gaussian)", TRAIN_SHAPE, 8.0, _noise(40.0)),
     "sharp": ("sharper kernel (unsharp mask)", TRAIN_SHAPE, 8.0, _sharpen),
+    "sharp-edge": ("sharper kernel (Laplacian edge enhancement)", TRAIN_SHAPE, 8.0, _edge_enhance),
+    "soft": ("softer kernel (one-pixel Gaussian)", TRAIN_SHAPE, 8.0, _soften),
 }
 
 
@@ -161,6 +180,8 @@ EDITS: dict[str, tuple[str, Callable]] = {
     "las": ("LAS storage", _reorient("LAS")),
     "noise-40": ("more noise (+40 HU Gaussian)", _noise(40.0)),
     "sharp": ("sharper kernel (unsharp mask)", _sharpen),
+    "sharp-edge": ("sharper kernel (Laplacian edge enhancement)", _edge_enhance),
+    "soft": ("softer kernel (one-pixel Gaussian)", _soften),
 }
 
 

@@ -138,6 +138,7 @@ def test_training_steps_read_nothing_back_from_the_device(tiny_data):
             "scale_range": 0.1,
             "contrast_range": 0.2,
             "intensity_shift": 0.05,
+            "kernel_range": 0.5,
             "device": "$torch.device('cpu')",
             "spatial_size": [48, 48, 48],
             "filters": [4, 4, 4, 4],

@@ -339,6 +339,35 @@ def test_batch_augmentation_steps_do_what_they_say():
     assert clipped.min() >= 0 and clipped.max() <= 1
 
 
+@pytest.mark.parametrize("shape", [(2, 1, 12, 10, 6), (1, 2, 7, 9, 1), (3, 1, 4, 4, 3)])
+def test_in_plane_blur_equals_scipy(shape):
+    """Differential: the kernel augmentation's blur against scipy's Gaussian (one voxel in x
+    and y, none across slices, edges repeated), on sizes down to fewer voxels than taps."""
+    volume = np.random.default_rng(0).random(shape)
+    ours = BatchAugmentation.in_plane_blur(torch.from_numpy(volume)).numpy()
+    expected = np.stack([
+        [ndimage.gaussian_filter(v, (1, 1, 0), mode="nearest", truncate=3.0) for v in scan]
+        for scan in volume
+    ])  # fmt: skip
+    np.testing.assert_allclose(ours, expected, atol=1e-12)
+
+
+def test_kernel_augmentation_sharpens_and_blurs_by_its_drawn_amount():
+    x = torch.rand(8, 1, 16, 16, 6, dtype=torch.float64) * 0.5 + 0.25
+    augment = BatchAugmentation(kernel=1.0, clip_range=None, seed=4)
+    params = augment.draw(8)
+    amounts = params["kernel"]
+    assert set(params) == {"kernel"} and amounts.abs().max() <= 1.0
+    assert (amounts > 0).any() and (amounts < 0).any()  # both ways
+    out = augment.apply(x, params)
+    detail = x - BatchAugmentation.in_plane_blur(x)
+    torch.testing.assert_close(out, x + amounts.view(-1, 1, 1, 1, 1) * detail)
+    energy = lambda v: (v - BatchAugmentation.in_plane_blur(v)).square().sum(dim=(1, 2, 3, 4))  # noqa: E731
+    sharper = energy(out) > energy(x)
+    assert torch.equal(sharper, amounts > 0)  # sharpened scans gain fine detail, blurred lose it
+    assert torch.equal(out[:, :, :, :, 0], augment.apply(x[..., :1], params)[..., 0])  # per slice
+
+
 def test_batch_augmentation_is_seeded_and_reseeds():
     x = torch.rand(4, 1, 16, 16, 8)
     make = lambda: BatchAugmentation(flip_prob=0.5, scale=0.1, contrast=0.2, seed=7)  # noqa: E731
@@ -353,7 +382,15 @@ def test_batch_augmentation_is_seeded_and_reseeds():
 
 @pytest.mark.parametrize(
     "kwargs",
-    [{"flip_prob": 1.5}, {"scale": -0.1}, {"scale": 0.9}, {"contrast": 2}, {"intensity_shift": -1}],
+    [
+        {"flip_prob": 1.5},
+        {"scale": -0.1},
+        {"scale": 0.9},
+        {"contrast": 2},
+        {"intensity_shift": -1},
+        {"kernel": -0.5},
+        {"kernel": 3.0},
+    ],  # fmt: skip
 )
 def test_batch_augmentation_refuses_values_out_of_range(kwargs):
     with pytest.raises(ValueError, match="must be in"):
@@ -363,10 +400,12 @@ def test_batch_augmentation_refuses_values_out_of_range(kwargs):
 def test_batch_augmentation_draws_and_builds_where_the_batch_is():
     """As the rotation: on the `meta` device no ATen op sees a CPU tensor (on a GPU each would
     be a copy and a synchronisation per step)."""
-    augment = BatchAugmentation(flip_prob=0.5, scale=0.1, contrast=0.2, intensity_shift=0.05)
+    augment = BatchAugmentation(
+        flip_prob=0.5, scale=0.1, contrast=0.2, intensity_shift=0.05, kernel=0.5
+    )
     images = torch.empty(2, 1, 20, 24, 8, device="meta")
     params = {k: torch.empty_like(v, device="meta") for k, v in augment.draw(2).items()}
-    assert set(params) == {"flip", "zoom", "contrast", "shift"}
+    assert set(params) == {"flip", "zoom", "kernel", "contrast", "shift"}
     with _devices_mode() as mode:
         out = augment.apply(images, params)
     assert out.shape == images.shape and out.device.type == "meta"

@@ -201,7 +201,10 @@ class BatchAugmentation(DeviceGenerators):
     Each scan of a (batch, channel, x, y, z) batch of [0, 1] intensities gets, independently:
     a left-right flip (x axis) with probability ``flip_prob``; a zoom about the volume centre by
     a factor drawn from [1 - ``scale``, 1 + ``scale``] (trilinear, zero padding, shape kept);
-    its contrast about its mean multiplied by a factor from [1 - ``contrast``, 1 + ``contrast``];
+    another reconstruction kernel, the image plus ``k`` times its difference from an in-plane
+    Gaussian of one voxel (:meth:`in_plane_blur`), ``k`` from [-``kernel``, ``kernel``] (above
+    0 sharper, as an unsharp mask; below, smoother); its contrast about its mean multiplied by
+    a factor from [1 - ``contrast``, 1 + ``contrast``];
     a shift of ``intensity_shift`` at most added; then clipped to ``clip_range``. A zero turns a
     step off; with all of them zero the batch is returned as it came. Draws come from a seeded
     generator on the batch's device (no host copy), reseeded by ``set_random_state``.
@@ -209,6 +212,8 @@ class BatchAugmentation(DeviceGenerators):
     Args:
         flip_prob: probability of flipping a scan left-right.
         scale: largest relative zoom (0.1: 0.9x to 1.1x).
+        kernel: largest unsharp-mask amount (1.0: from the blur of a one-voxel Gaussian to an
+            image with twice its fine detail).
         contrast: largest relative change of contrast about the scan's mean.
         intensity_shift: largest shift added to every voxel (intensities are in [0, 1]).
         clip_range: range to clip the result to; ``None`` leaves it unclipped.
@@ -226,6 +231,7 @@ class BatchAugmentation(DeviceGenerators):
         scale: float = 0.0,
         contrast: float = 0.0,
         intensity_shift: float = 0.0,
+        kernel: float = 0.0,
         clip_range: Sequence[float] | None = (0.0, 1.0),
         seed: int = 0,
     ) -> None:
@@ -234,6 +240,7 @@ class BatchAugmentation(DeviceGenerators):
             ("scale", scale, 0.5),
             ("contrast", contrast, 1.0),
             ("intensity_shift", intensity_shift, 1.0),
+            ("kernel", kernel, 2.0),
         ):
             if not 0.0 <= float(value) <= high:
                 raise ValueError(f"{name} must be in [0, {high}], got {value!r}")
@@ -241,6 +248,7 @@ class BatchAugmentation(DeviceGenerators):
         self.scale = float(scale)
         self.contrast = float(contrast)
         self.intensity_shift = float(intensity_shift)
+        self.kernel = float(kernel)
         self.clip_range = (
             None if clip_range is None else (float(clip_range[0]), float(clip_range[1]))
         )
@@ -249,11 +257,12 @@ class BatchAugmentation(DeviceGenerators):
     @property
     def active(self) -> bool:
         """Whether any step is on."""
-        return any((self.flip_prob, self.scale, self.contrast, self.intensity_shift))
+        return any((self.flip_prob, self.scale, self.contrast, self.intensity_shift, self.kernel))
 
     def draw(self, batch_size: int, device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
         """Each scan's parameters of the steps that are on, drawn on ``device``: ``flip``
-        (bool), ``zoom``, ``contrast`` (factors) and ``shift``."""
+        (bool), ``zoom``, ``kernel`` (unsharp-mask amounts), ``contrast`` (factors) and
+        ``shift``."""
         generator = self.generator_on(torch.device(device))
 
         def uniform(half_width: float) -> torch.Tensor:
@@ -266,6 +275,8 @@ class BatchAugmentation(DeviceGenerators):
             params["flip"] = u < self.flip_prob
         if self.scale > 0:
             params["zoom"] = 1.0 + uniform(self.scale)
+        if self.kernel > 0:
+            params["kernel"] = uniform(self.kernel)
         if self.contrast > 0:
             params["contrast"] = 1.0 + uniform(self.contrast)
         if self.intensity_shift > 0:
@@ -287,6 +298,24 @@ class BatchAugmentation(DeviceGenerators):
             images, grid, mode="bilinear", padding_mode="zeros", align_corners=False
         )
 
+    @staticmethod
+    def in_plane_blur(images: torch.Tensor) -> torch.Tensor:
+        """Each volume of a (batch, channel, x, y, z) batch smoothed in the axial plane by a
+        Gaussian of one voxel (7 taps, the edge voxel repeated beyond the edge), slices kept
+        apart: as ``scipy.ndimage.gaussian_filter(v, (1, 1, 0), mode="nearest", truncate=3)``."""
+        taps = torch.arange(-3, 4, device=images.device, dtype=images.dtype)
+        weights = torch.exp(-0.5 * taps * taps)
+        weights = weights / weights.sum()
+        flat = images.reshape(-1, 1, *images.shape[2:])
+        pad = torch.nn.functional.pad
+        flat = torch.nn.functional.conv3d(
+            pad(flat, (0, 0, 0, 0, 3, 3), mode="replicate"), weights.view(1, 1, 7, 1, 1)
+        )
+        flat = torch.nn.functional.conv3d(
+            pad(flat, (0, 0, 3, 3, 0, 0), mode="replicate"), weights.view(1, 1, 1, 7, 1)
+        )
+        return flat.reshape(images.shape)
+
     def apply(self, images: torch.Tensor, params: dict[str, torch.Tensor]) -> torch.Tensor:
         """The steps with the parameters of :meth:`draw`, then the clipping."""
         if images.dim() != 5:
@@ -297,6 +326,9 @@ class BatchAugmentation(DeviceGenerators):
             out = torch.where(params["flip"].view(shape), out.flip(LEFT_RIGHT_DIM), out)
         if "zoom" in params:
             out = self.zoom(out, params["zoom"])
+        if "kernel" in params:
+            amount = params["kernel"].view(shape).to(out.dtype)
+            out = out + amount * (out - self.in_plane_blur(out))
         if "contrast" in params:
             mean = out.mean(dim=(1, 2, 3, 4), keepdim=True)
             out = (out - mean) * params["contrast"].view(shape).to(out.dtype) + mean

@@ -56,6 +56,7 @@ def _checks() -> dict[str, Callable[[Any], Any]]:
         "scale_range": _float(0.0, 1.0, open_high=True),
         "contrast_range": _float(0.0, 1.0, open_high=True),
         "intensity_shift": _float(0.0, 1.0),
+        "kernel_range": _float(0.0, 2.0),
         "cache": _choice(*CACHE_MODES),
         "cache_dir": _path_text,
         "progress": _bool,
