@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import math
 from pathlib import Path
+from typing import Any
 
 from app.cli import (
     add_device_option,
@@ -160,6 +161,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"baseline: {result.baseline['verdict']}")
     elif result.baseline_note:
         print(result.baseline_note)
+    if result.severity:
+        _print_severity(result.severity)
     method = result.model.get("threshold_method") or ""
     if method.startswith("sensitivity"):
         print(
@@ -169,6 +172,20 @@ def main(argv: list[str] | None = None) -> int:
         )
     print(f"report: {result.files[REPORT_HTML]}")
     return 1 if result.failed else 0
+
+
+def _print_severity(figures: dict[str, Any]) -> None:
+    """A severity model's grade figures, the burden baseline's beside them."""
+    from app.evaluation.metrics import Estimate
+    from app.evaluation.severity import severity_lines
+
+    for line in severity_lines(figures):
+        print(line)
+    base = figures.get("baseline")
+    if base:
+        kappa = Estimate(**base["quadratic_weighted_kappa"]).text()
+        mae = Estimate(**base["mean_absolute_error"]).text()
+        print(f"  burden baseline ({base['scans']} scans): kappa {kappa}, grade error {mae}")
 
 
 if __name__ == "__main__":

@@ -178,7 +178,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {line}", file=sys.stderr)
     if result.report_path is not None:
         print(f"report: {result.report_path}")
-    return max(summarise(result, clf.class_names), 1 if problems else 0)
+    return max(summarise(result, clf.label_names), 1 if problems else 0)
 
 
 def _classify_share(clf: Any, folder: Path, out: Path, options: Any, rank: int, world: int) -> Any:
@@ -251,9 +251,15 @@ def summarise(result: Any, class_names: list[str]) -> int:
     classified = [r for r in result.rows if r["prob_abnormal"]]
     abnormal = sum(1 for r in classified if r["label"] == class_names[1])
     warned = sum(1 for r in classified if r["warnings"])
+    graded = [r["grade"] for r in classified if r.get("grade")]
+    grades = (
+        "; by grade " + ", ".join(f"{g} {graded.count(g)}" for g in sorted(set(graded)))
+        if graded
+        else ""
+    )
     print(
         f"summary: {len(classified)} classified ({abnormal} abnormal, {len(classified) - abnormal} "
-        f"normal, {warned} with warnings), {len(result.failed)} failed; {result.csv_path}"
+        f"normal, {warned} with warnings{grades}), {len(result.failed)} failed; {result.csv_path}"
     )
     return 1 if result.failed else 0
 

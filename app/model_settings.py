@@ -37,6 +37,8 @@ MODEL_SETTINGS = (
     "lung_only",
     "lung_flatten_mm",
     "density_bins",
+    "grades",
+    "ordinal_head",
 )
 
 #: model settings that checkpoints written before the setting existed lack: their value then
@@ -48,6 +50,8 @@ MODEL_DEFAULTS: dict[str, Any] = {
     "lung_only": False,
     "lung_flatten_mm": 0.0,
     "density_bins": 0,
+    "grades": 2,
+    "ordinal_head": "coral",
 }
 
 #: prefixes MONAI's config parser acts on: expression, reference, macro
@@ -189,11 +193,21 @@ def _name(value: Any) -> str:
     return value
 
 
+#: the most severity grades a model may have
+MAX_GRADES = 16
+
+
 def _class_names(value: Any) -> list[str]:
-    names = _list(_name, 2, 2)(value)
-    if names[0] == names[1]:
-        raise ValueError(f"two different names, got {value!r}")
+    names = _list(_name, 2, MAX_GRADES)(value)
+    if len(set(names)) != len(names):
+        raise ValueError(f"different names, got {value!r}")
     return names
+
+
+def _ordinal_head(value: Any) -> str:
+    from nets.cnn3d import ORDINAL_HEADS
+
+    return _one_of(*ORDINAL_HEADS)(value)
 
 
 def _one_of(*options: str) -> Callable[[Any], str]:
@@ -281,7 +295,7 @@ def split_hashes(text: str) -> set[str]:
 #: checks of the ``training_data`` record (what the model was trained on)
 TRAINING_DATA_FIELDS: dict[str, Callable[[Any], Any]] = {
     "scans": _int(0, 10_000_000),
-    "class_counts": _list(_int(0, 10_000_000), 2, 2),
+    "class_counts": _list(_int(0, 10_000_000), 2, 16),
     "generated": _bool,
     "source": _path_text,
     "digest": _sha256,
@@ -392,6 +406,8 @@ FIELDS: dict[str, Callable[[Any], Any]] = {
     "lung_only": _bool,
     "lung_flatten_mm": _float(0.0, 1000.0),
     "density_bins": _int(0, 256),
+    "grades": _int(2, MAX_GRADES),
+    "ordinal_head": _ordinal_head,
     "threshold": _float(0.0, 1.0),
     "temperature": _float(0.0, 1000.0, open_low=True),
     "operating_point": _operating_point,
@@ -438,6 +454,12 @@ def validate_settings(
             out[key] = check(settings[key])
         except ValueError as exc:
             raise SettingsError(f"{source}: field {key!r} must be {exc}") from None
+    grades = out.get("grades", 2)
+    if "class_names" in out and len(out["class_names"]) != grades:
+        raise SettingsError(
+            f"{source}: field 'class_names' must name each of its {grades} grades, got "
+            f"{len(out['class_names'])} names"
+        )
     if "spatial_size" in out and "filters" in out:
         from nets.cnn3d import min_spatial_size
 

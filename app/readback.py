@@ -17,14 +17,14 @@ from pathlib import Path
 from typing import Any
 
 from app.errors import ConfigError
-from app.model_settings import find_config_syntax
+from app.model_settings import MAX_GRADES, find_config_syntax
 
 #: larger files are not ones the app writes (a 1,110-scan split.json is about 150 KB)
 MAX_JSON_BYTES = 16 * 1024**2
 #: a config id a run folder may set: a plain top-level name, never an id path or syntax
 _PLAIN_ID = re.compile(r"^[A-Za-z][A-Za-z0-9_]{0,63}$")
 #: what overrides.json records beside the config ids (``app.training.workflow``)
-RUN_MARKERS = ("__demo__", "__recipe__")
+RUN_MARKERS = ("__demo__", "__recipe__", "__task__")
 
 
 class ReadBackError(ConfigError):
@@ -136,6 +136,8 @@ def _run_marker(key: str, value: Any, path: str | Path) -> Any:
     if key == "__recipe__" and (
         value is None or (isinstance(value, str) and _PLAIN_ID.match(value.replace("-", "_")))
     ):
+        return value
+    if key == "__task__" and value in ("binary", "severity"):
         return value
     raise ReadBackError(f"{path}: key {key!r} holds {json.dumps(value)[:60]}: not a valid value")
 
@@ -292,8 +294,11 @@ def _items(value: Any) -> list[dict[str, Any]]:
         image, label = item["image"], item["label"]
         if not isinstance(image, str) or not image or len(image) > 4096 or "\0" in image:
             raise ValueError(f"entries whose image is a path; entry {i + 1}'s is not")
-        if isinstance(label, bool) or label not in (0, 1):
-            raise ValueError(f"entries whose label is 0 or 1; entry {i + 1}'s is not")
+        if isinstance(label, bool) or label not in range(MAX_GRADES):
+            raise ValueError(
+                f"entries whose label is 0 or 1 (a severity run's: a grade from 0 to "
+                f"{MAX_GRADES - 1}); entry {i + 1}'s is not"
+            )
         out.append({"image": image, "label": int(label)})
     return out
 

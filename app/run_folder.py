@@ -35,12 +35,23 @@ VALIDATION_LABELS = {
 }
 
 
+#: a severity run's words for the same keys, and its own (the grade's figures, then the binary
+#: view: normal vs any finding)
+SEVERITY_LABELS = {
+    "val_acc": "grade accuracy",
+    "val_mae": "mean absolute grade error",
+    "val_auc": "ROC-AUC (any finding)",
+    "val_sensitivity": "sensitivity",
+    "val_specificity": "specificity",
+}
+
+
 def validation_figures(row: Mapping[str, Any]) -> str:
-    """``row``'s validation metrics in words, e.g. "accuracy 0.944, ROC-AUC 1.000"."""
+    """``row``'s validation metrics in words, e.g. "accuracy 0.944, ROC-AUC 1.000" (a severity
+    run's, with ``val_mae``: "grade accuracy ..., mean absolute grade error ...")."""
+    labels = SEVERITY_LABELS if row.get("val_mae") is not None else VALIDATION_LABELS
     return ", ".join(
-        f"{name} {row[key]:.3f}"
-        for key, name in VALIDATION_LABELS.items()
-        if row.get(key) is not None
+        f"{name} {row[key]:.3f}" for key, name in labels.items() if row.get(key) is not None
     )
 
 

@@ -68,6 +68,12 @@ def build_parser() -> argparse.ArgumentParser:
         f"reference's; --demo uses {DEMO_RECIPE}",
     )
 
+    p.add_argument(
+        "--task",
+        choices=("binary", "severity"),
+        help="binary: normal vs abnormal (the reference's; default); severity: grades CT-0..CT-4 "
+        "from class folders of those names, an ordinal head (configs/severity.yaml)",
+    )
     _add_setting_options(p)
     _add_run_options(p)
     add_progress_option(p)
@@ -235,6 +241,7 @@ def main(argv: list[str] | None = None) -> int:
             overrides=overrides_from_args(args),
             recipe=args.recipe,
             tracking=args.tracking,
+            task=args.task,
         )
     )
     if result is None:
@@ -253,6 +260,10 @@ def _cross_validate(args: argparse.Namespace) -> int:
 
     if args.folds is None or args.output is None:
         print("error: cross-validation needs --folds K and --output CV_DIR", file=sys.stderr)
+        return 2
+    if args.task == "severity":
+        print("error: cross-validation is for binary runs; train a severity run on one split",
+              file=sys.stderr)  # fmt: skip
         return 2
     result, code = _attempt(
         lambda: cross_validate(

@@ -117,6 +117,53 @@ class DensityBranch(nn.Module):
         return self.gain * self.linear(standard)
 
 
+#: heads of a severity network (more than two ordered grades): ``coral``, one score and a
+#: learned threshold per grade boundary (rank-consistent cumulative logits, Cao et al. 2020);
+#: ``softmax``, one logit per grade (the grades' order is ignored in training)
+ORDINAL_HEADS = ("coral", "softmax")
+
+
+class CumulativeLogits(nn.Module):
+    """The severity head's read-out: ``grades - 1`` cumulative logits per scan, column ``k``
+    the logit of P(grade > k). Column 0 is P(abnormal)'s logit, so everything that reads a
+    binary model's one logit reads a severity model's first column alike.
+
+    ``coral``: the network's one score plus a learned offset per boundary (offsets start
+    evenly from +1 to -1). ``softmax``: the network gives one logit per grade; P(grade > k) is
+    the sum of the softmax above ``k``, as a logit ``logsumexp(z[k+1:]) - logsumexp(z[:k+1])``.
+
+    Args:
+        grades: number of ordered grades (at least 3).
+        head: one of :data:`ORDINAL_HEADS`.
+    """
+
+    def __init__(self, grades: int, head: str = "coral") -> None:
+        super().__init__()
+        if grades < 3:
+            raise ValueError(f"a severity head needs at least 3 grades, got {grades}")
+        if head not in ORDINAL_HEADS:
+            raise ValueError(f"head must be one of {', '.join(ORDINAL_HEADS)}, got {head!r}")
+        self.grades = grades
+        self.coral = head == "coral"
+        self.offsets = nn.Parameter(torch.linspace(1.0, -1.0, grades - 1) if self.coral else
+                                    torch.zeros(0))  # fmt: skip
+
+    @property
+    def inputs(self) -> int:
+        """Scores it reads: one (coral) or one per grade (softmax)."""
+        return 1 if self.coral else self.grades
+
+    def forward(self, scores: torch.Tensor) -> torch.Tensor:
+        if self.coral:
+            return scores + self.offsets
+        columns = []
+        for k in range(self.grades - 1):
+            above = torch.logsumexp(scores[:, k + 1 :], dim=1)
+            below = torch.logsumexp(scores[:, : k + 1], dim=1)
+            columns.append(above - below)
+        return torch.stack(columns, dim=1)
+
+
 #: normalisations a block can end with: the reference's BatchNorm, or GroupNorm, which does not
 #: depend on the batch. (InstanceNorm is not offered: at the smallest inputs the last block's
 #: output is one voxel per channel, which it cannot normalise.)
@@ -277,7 +324,8 @@ class CNN3D(nn.Module):
     """The Keras example's 3D CNN: four conv blocks, global average pooling, Dense 512, Dropout, Dense 1.
 
     It returns one logit per scan (``sigmoid`` gives P(abnormal)); train it with
-    ``BCEWithLogitsLoss``.
+    ``BCEWithLogitsLoss``. With ``grades`` above 2 it grades severity: ``grades - 1``
+    cumulative logits per scan, the first still P(abnormal)'s (:class:`CumulativeLogits`).
 
     Args:
         in_channels: channels of the input volume.
@@ -291,6 +339,9 @@ class CNN3D(nn.Module):
         pooling: the global pooling, one of :data:`POOLINGS`; ``avg`` is the reference's.
         density_bins: with more than 0, a :class:`DensityBranch` of that many bins adds its
             logit to the head's (0: none, the reference's network).
+        grades: 2 (normal, abnormal: the reference's one logit), or more ordered grades (a
+            severity network: :class:`CumulativeLogits`, ``grades - 1`` logits per scan).
+        ordinal_head: a severity network's head, one of :data:`ORDINAL_HEADS`.
 
     Example:
         >>> net = CNN3D()
@@ -309,9 +360,12 @@ class CNN3D(nn.Module):
         norm: str = "batch",
         pooling: str = "avg",
         density_bins: int = 0,
+        grades: int = 2,
+        ordinal_head: str = "coral",
     ) -> None:
         super().__init__()
         channels = [in_channels, *filters]
+        self.ordinal = CumulativeLogits(grades, ordinal_head) if grades > 2 else None
         self.features = nn.Sequential(
             *(
                 ConvBlock3D(c_in, c_out, bn_eps=bn_eps, bn_momentum=bn_momentum, norm=norm)
@@ -324,7 +378,7 @@ class CNN3D(nn.Module):
             nn.Linear(channels[-1], dense_units),
             nn.ReLU(inplace=True),
             nn.Dropout(dropout),
-            nn.Linear(dense_units, 1),
+            nn.Linear(dense_units, 1 if self.ordinal is None else self.ordinal.inputs),
         )
         self.min_size = min_spatial_size(len(filters))
         self.density = DensityBranch(density_bins) if density_bins > 0 else None
@@ -355,6 +409,8 @@ class CNN3D(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self.check_input(x)
         logit = self.head(self.features(x))
+        if self.ordinal is not None:
+            logit = self.ordinal(logit)
         if self.density is not None:
             logit = logit + self.density(x)
         return logit

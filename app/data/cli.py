@@ -1,7 +1,7 @@
 """python -m app.data: download MosMedData, or generate the MosMed-like default dataset.
 
 python -m app.data download [--root DIR]
-python -m app.data synth OUT [--per-class N] [--shape X Y Z] [--seed S] [--difficulty D] [--workers N]
+python -m app.data synth OUT [--per-class N] [--shape X Y Z] [--seed S] [--difficulty D] [--workers N] [--severity]
 """
 
 from __future__ import annotations
@@ -78,6 +78,13 @@ def _add_synth_parser(sy: argparse.ArgumentParser) -> None:
             help=f"0 to 1 (default %(default)s): {what}",
         )
     sy.add_argument(
+        "--severity",
+        action="store_true",
+        help="MosMedData's severity grades instead: --per-class scans in each of CT-0..CT-4, "
+        "the share of lung involved drawn within each grade's range (CT-1 2-25 %%, CT-2 25-50 %%, "
+        "CT-3 50-75 %%, CT-4 75-95 %%), for app.train --task severity",
+    )
+    sy.add_argument(
         "--masks",
         action="store_true",
         help="also write each scan's lesion mask (uint8 NIfTI, same grid) to OUT/masks/",
@@ -140,6 +147,7 @@ def main(argv: list[str] | None = None) -> int:
                 hila=args.hila,
                 trees=args.trees,
                 workers=args.workers,
+                severity=args.severity,
             )
             print(f"wrote {len(items)} scans to {args.out}")
     except CTClassifyError as exc:  # a failed download: 1; refused data: 2

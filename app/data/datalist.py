@@ -95,11 +95,12 @@ def refuse_duplicates(items: Sequence[Item], source: str, names: Sequence[str]) 
         )
 
 
-def load_datalist(path: str | Path) -> list[Item]:
+def load_datalist(path: str | Path, grades: int = 2) -> list[Item]:
     """Read a CSV (columns ``image``, ``label``) or JSON datalist (a list of such objects, or
     MONAI's ``{"training": [...], "validation": [...]}`` of which all entries are taken).
 
-    Relative image paths are taken relative to the datalist's folder.
+    Relative image paths are taken relative to the datalist's folder. Labels are 0 or 1, or a
+    grade from 0 to ``grades - 1`` for a severity run.
 
     Raises:
         DataError: the file is missing or malformed, or names scans that do not exist.
@@ -140,11 +141,15 @@ def load_datalist(path: str | Path) -> list[Item]:
         image = Path(text)
         image = image if image.is_absolute() else path.parent / image
         label = row["label"]
-        if isinstance(label, str) and label.strip() in ("0", "1"):
+        allowed = [str(k) for k in range(grades)]
+        if isinstance(label, str) and label.strip() in allowed:
             label = int(label.strip())
-        if isinstance(label, bool) or not isinstance(label, int) or label not in (0, 1):
+        if isinstance(label, bool) or not isinstance(label, int) or not 0 <= label < grades:
             raise DataError(
-                f"datalist {path}, entry {i + 1}: label {row['label']!r} is not 0 or 1"[:300]
+                f"datalist {path}, entry {i + 1}: label {row['label']!r} is not "
+                f"{' or '.join(allowed) if grades == 2 else f'a grade from 0 to {grades - 1}'}"[
+                    :300
+                ]
             )
         if not image.exists():
             missing.append(str(image))
@@ -160,10 +165,19 @@ def load_datalist(path: str | Path) -> list[Item]:
     return sorted(items, key=lambda d: (str(d["image"]), int(str(d["label"]))))
 
 
-def find_items(source: str | Path, class_map: Mapping[str, int] | None = None) -> list[Item]:
-    """Items from a class-folder root or a datalist file, whichever ``source`` is."""
+def find_items(
+    source: str | Path,
+    class_map: Mapping[str, int] | None = None,
+    class_names: Sequence[str] | None = None,
+) -> list[Item]:
+    """Items from a class-folder root or a datalist file, whichever ``source`` is. With
+    ``class_names`` (a severity run's grades, in order), the class folders are those names and
+    each scan's label its grade's index."""
     source = Path(source)
-    return load_datalist(source) if source.is_file() else discover(source, class_map)
+    grades = 2 if class_names is None else len(class_names)
+    if class_names is not None:
+        class_map = {str(name): k for k, name in enumerate(class_names)}
+    return load_datalist(source, grades) if source.is_file() else discover(source, class_map)
 
 
 def stratified_split(
@@ -218,7 +232,7 @@ def make_split(
 
     ordered = sorted(items, key=lambda item: str(item["image"]))
     labels = [int(str(item["label"])) for item in ordered]
-    fewest = min(labels.count(0), labels.count(1))
+    fewest = min(labels.count(label) for label in set(labels))
     if fewest < folds:
         raise DataError(
             f"{folds} folds need at least {folds} scans of each class; the smaller class has "
@@ -265,11 +279,11 @@ def describe_training_data(
 
     from app.data.synth import is_generated
 
-    counts = [0, 0]
+    labels = [int(str(item["label"])) for item in items]
+    counts = [labels.count(k) for k in range(max([1, *labels]) + 1)]  # binary: [normal, abnormal]
     generated = bool(items)
     spacings, shapes = [], []
     for item in items:
-        counts[int(str(item["label"]))] += 1
         try:
             header: Any = nib.load(str(item["image"])).header
         except Exception:  # a file the training itself will report; not this record's job

@@ -28,6 +28,14 @@ from app.runtime.scanqc import GENERATED_DESCRIP, is_generated  # noqa: F401  (o
 
 CLASS_FOLDERS = {0: "CT-0", 1: "CT-23"}
 SLICE_MM = 8.0
+#: MosMedData's severity categories: grade -> (folder, share of the lung involved, low to high)
+SEVERITY_GRADES = {
+    0: ("CT-0", (0.0, 0.0)),
+    1: ("CT-1", (0.02, 0.25)),
+    2: ("CT-2", (0.25, 0.50)),
+    3: ("CT-3", (0.50, 0.75)),
+    4: ("CT-4", (0.75, 0.95)),
+}
 
 
 @dataclass(frozen=True)
@@ -77,9 +85,10 @@ def generate_scan(
     shift: float = 0.0,
     hila: float = 0.0,
     trees: float = 0.0,
+    burden: float | None = None,
 ) -> SynthScan:
     """Generate one scan, deterministic in (``label``, ``seed``, ``shape``, ``difficulty``,
-    ``confounders``, ``shift``, ``hila``, ``trees``).
+    ``confounders``, ``shift``, ``hila``, ``trees``, ``burden``).
 
     Args:
         label: 0 normal, 1 abnormal (viral-pneumonia-like findings).
@@ -105,6 +114,9 @@ def generate_scan(
             histogram cannot tell them from faint findings), up to ``trees`` x 6 trees per
             lung (each of up to 15 branches). Drawn from a random stream of its own: at 0 the scans are those of earlier
             versions.
+        burden: for an abnormal scan, the share of the lung involved (0 to 1), drawn as patchy
+            ground glass over exactly that share of the lung's voxels (:func:`_add_involvement`)
+            instead of the separate lesions; ``None``: the lesions (the binary data set's).
     """
     if difficulty is None:
         difficulty = float(synth_defaults()["difficulty"])
@@ -122,9 +134,13 @@ def generate_scan(
     body["hila"] = (
         _draw_hila(np.random.default_rng([seed, label, 0x41A]), body, hila) if hila else []
     )
-    lesions = _draw_lesions(rng, difficulty, body) if label == 1 else []
+    graded = burden is not None
+    lesions = _draw_lesions(rng, difficulty, body) if label == 1 and not graded else []
     blur = _add_confounders(np.random.default_rng([seed, label, 0xC0F]), body, confounders)
     volume, lung_mask, lesion_mask = _draw_slices(rng, shape, u, v, z_mm, body, lesions)
+    if graded and label == 1 and burden:
+        streams = np.random.default_rng([seed, label, 0xB0D])
+        _add_involvement(streams, volume, lung_mask, lesion_mask, float(burden), difficulty, body)
     if trees > 0:
         streams = np.random.default_rng([seed, label, 0x7EE])
         slice_mm = SLICE_MM if nz >= 30 else SLICE_MM * 30 / nz
@@ -314,6 +330,40 @@ def _draw_lesions(
     return lesions
 
 
+def _add_involvement(
+    rng: np.random.Generator,
+    volume: np.ndarray,
+    lung_mask: np.ndarray,
+    lesion_mask: np.ndarray,
+    burden: float,
+    difficulty: float,
+    body: dict[str, Any],
+) -> None:
+    """Ground glass over ``burden`` of the lung's voxels (in place): where a smooth random field
+    (patches about a fifth of the field of view wide, more at the lung's back and periphery, as
+    COVID-19 involvement) is above its ``1 - burden`` quantile over the lung, with soft edges
+    and the scanner's noise; those voxels are marked in ``lesion_mask``. ``difficulty`` makes
+    the ground glass fainter."""
+    lung_voxels = int(lung_mask.sum())
+    if not lung_voxels or burden <= 0:
+        return
+    nx, ny, nz = volume.shape
+    noise = rng.standard_normal(volume.shape).astype(np.float32)
+    field = ndimage.gaussian_filter(noise, sigma=(nx / 12, ny / 12, max(nz / 10, 1.0)))
+    field /= float(field[lung_mask].std()) or 1.0
+    v = np.linspace(-1, 1, ny)[None, :, None]  # P->A: the back first
+    field += 0.6 * np.clip(-v, 0, 1) + 0.4 * ndimage.gaussian_filter(
+        (~lung_mask).astype(np.float32), sigma=(nx / 30, ny / 30, 0)
+    )
+    cut = float(np.quantile(field[lung_mask], 1.0 - min(burden, 1.0)))
+    weight = np.clip((field - cut) / 0.3 + 0.5, 0.0, 1.0) * lung_mask
+    hu = rng.uniform(-650, -350) + 150 * difficulty * rng.uniform(-1, 0)
+    texture = rng.normal(0, body["noise_hu"], size=volume.shape).astype(np.float32)
+    volume *= 1 - weight
+    volume += weight * (hu + texture)
+    lesion_mask |= lung_mask & (field >= cut)
+
+
 def _chest_wall_slice(u: np.ndarray, v: np.ndarray, z: float, body: dict[str, Any]) -> np.ndarray:
     """Air, subcutaneous fat, muscle and mediastinum, ribs and spine of one axial slice."""
     cu, cv, ru_body, rv_body, fat = body["cu"], body["cv"], body["ru"], body["rv"], body["fat"]
@@ -495,11 +545,20 @@ def scan_seed(seed: int, index: int) -> int:
     return int(np.random.SeedSequence([seed, index]).generate_state(1)[0])
 
 
+def _graded(settings: dict[str, Any], grade: int, seed: int) -> dict[str, Any]:
+    """``settings`` of one scan of severity ``grade``: its generator label (normal or not) and
+    its share of lung involved, drawn within the grade's range from the scan's seed."""
+    low, high = SEVERITY_GRADES[grade][1]
+    burden = float(np.random.default_rng([seed, 0xB0D]).uniform(low, high)) if grade else 0.0
+    return {**settings, "burden": burden, "label": min(grade, 1)}
+
+
 def _write_one(job: tuple[Path, Path | None, int, int, dict[str, Any]]) -> int:
     """Generate and write one scan (and its lesion mask): a job of :func:`write_dataset`;
     returns the progress it makes (one scan)."""
     path, mask_path, label, seed, settings = job
-    scan = generate_scan(label, seed, **settings)
+    settings = dict(settings)
+    scan = generate_scan(int(settings.pop("label", label)), seed, **settings)
     if not path.exists():
         save_scan(scan, path)
     if mask_path is not None:
@@ -522,9 +581,13 @@ def write_dataset(
     hila: float = 0.0,
     trees: float = 0.0,
     workers: int = 1,
+    severity: bool = False,
 ) -> list[dict[str, object]]:
     """Write ``per_class`` scans of each class to ``out/CT-0`` and ``out/CT-23`` (with
     ``masks``, each scan's lesion mask as uint8 NIfTI on its grid to ``out/masks/NAME``).
+    With ``severity``, ``per_class`` scans of each of MosMedData's grades to ``out/CT-0`` ..
+    ``out/CT-4`` instead (:data:`SEVERITY_GRADES`: the share of lung involved drawn uniformly
+    within the grade's range), labelled with the grade.
 
     Returns the datalist (``image``, ``label``). Existing files of the same name are kept, so an
     interrupted run completes when run again; a ``.complete`` marker records the settings.
@@ -535,7 +598,8 @@ def write_dataset(
     """
 
     out = Path(out)
-    for folder_name in (*CLASS_FOLDERS.values(), "masks"):  # what a killed run left
+    folders = {k: name for k, (name, _) in SEVERITY_GRADES.items()} if severity else CLASS_FOLDERS
+    for folder_name in (*folders.values(), "masks"):  # what a killed run left
         for stale in (
             *(out / folder_name).glob(f".*{PARTIAL_SUFFIX}"),
             *(out / folder_name).glob("*.tmp.nii.gz"),
@@ -552,13 +616,17 @@ def write_dataset(
     items: list[dict[str, object]] = []
     todo = []
     for i in range(per_class):
-        for label in CLASS_FOLDERS:
-            folder = out / CLASS_FOLDERS[label]
+        for label in folders:
+            folder = out / folders[label]
             folder.mkdir(parents=True, exist_ok=True)
             path = folder / f"synth_{label}_{i:04d}.nii.gz"
             mask_path = out / "masks" / path.name if masks else None
             if not path.exists() or (mask_path is not None and not mask_path.exists()):
-                todo.append((path, mask_path, label, scan_seed(seed, i), settings))
+                job_seed = (
+                    scan_seed(seed, i * len(folders) + label) if severity else scan_seed(seed, i)
+                )
+                todo.append((path, mask_path, label, job_seed,
+                             _graded(settings, label, job_seed) if severity else settings))  # fmt: skip
             items.append({"image": str(path), "label": label})
     bar = tqdm(
         total=len(items), initial=len(items) - len(todo), desc=f"synth {out}", unit="scan",

@@ -136,6 +136,40 @@ class DensityBaseline:
         return out
 
 
+#: the features that make the classical burden measure: the shares of the lung at ground-glass
+#: and at consolidation density (:func:`density_features`' two after the histogram and
+#: percentiles)
+BURDEN_FEATURES = (len(BIN_EDGES) - 1 + len(PERCENTILES), len(BIN_EDGES) + len(PERCENTILES))
+
+
+def burden_grades(
+    train_features: np.ndarray, train_grades: Sequence[int], features: np.ndarray, grades: int
+) -> np.ndarray:
+    """A severity baseline by the classical burden measure: the share of the lung at
+    ground-glass or consolidation density. Each boundary between grade ``k`` and above gets the burden cut that
+    calls the training scans on either side best (the middle of the best run of cuts); a scan's
+    grade is the number of cuts its burden passes (cuts made to rise with ``k``); -1 where no
+    lung was found."""
+    burden = np.asarray(train_features)[:, BURDEN_FEATURES].sum(axis=1)
+    truth = np.asarray(train_grades, int)
+    keep = np.isfinite(burden)
+    burden, truth = burden[keep], truth[keep]
+    values = np.unique(burden)
+    candidates = np.concatenate(
+        [[values[0] - 1e-6], (values[1:] + values[:-1]) / 2, [values[-1] + 1e-6]]
+    )
+    found: list[float] = []
+    for k in range(grades - 1):
+        above = truth > k
+        right = [(above == (burden >= c)).mean() for c in candidates]
+        best = np.flatnonzero(np.asarray(right) >= max(right) - 1e-12)
+        found.append(float(candidates[best].mean()))
+    cuts = np.maximum.accumulate(np.asarray(found))
+    test = np.asarray(features)[:, BURDEN_FEATURES].sum(axis=1)
+    out = (test[:, None] >= cuts[None, :]).sum(axis=1)
+    return np.where(np.isfinite(test), out, -1)
+
+
 def training_scans(checkpoint: Path) -> list[dict[str, Any]] | None:
     """The scans the model at ``checkpoint`` trained on (its run's ``split.json`` training
     part, relative paths resolved against the folder the training ran in; for a
@@ -161,10 +195,13 @@ def baseline_figures(
     rows: list[dict[str, Any]],
     confidence: float,
     progress: bool,
+    grade_names: list[str] | None = None,
 ) -> dict[str, Any]:
     """The density baseline (``app.evaluation.baseline``) fitted on the model's own training
     scans, on the classified test scans: its ROC-AUC with its interval and the model's paired
-    difference (DeLong).
+    difference (DeLong). For a severity model (``grade_names``), ROC-AUC of normal vs any
+    grade, and each test scan's grade by lung burden (:func:`burden_grades`) in the rows'
+    ``grade_baseline``; ``graded`` holds those grades (-1: no lung found).
 
     Raises:
         NoBaseline: the training scans are not recorded or not found, or too few to fit.
@@ -182,23 +219,32 @@ def baseline_figures(
             f"none of the model's {len(train)} training scans is found (e.g. "
             f"{train[0]['image']}): moved or deleted"
         )
+    train_labels = [int(int(t["label"]) > 0) for t in present]  # severity: any grade
+    train_features = scan_features([t["image"] for t in present], progress=progress)
     try:
-        baseline = DensityBaseline.fit(
-            [t["image"] for t in present], [t["label"] for t in present], progress=progress
-        )
+        baseline = DensityBaseline.fit_features(train_features, train_labels)
     except ValueError as exc:
         raise NoBaseline(f"it cannot be fitted on the training scans ({str(exc)[:200]})") from None
     for r in rows:
         r["prob_baseline"] = ""
     ok = [r for r in rows if r["prob_abnormal"] != ""]
-    probs = baseline.predict([r["path"] for r in ok], progress=progress)
+    test_features = scan_features([r["path"] for r in ok], progress=progress)
+    probs = baseline.predict_features(test_features)
     both = np.isfinite(probs)
-    labels = np.array([int(r["true_label"]) for r in ok])[both]
+    grades = np.array([int(r["true_label"]) for r in ok])
+    labels = (grades > 0).astype(int)[both]
     model = np.array([float(r["prob_abnormal"]) for r in ok])[both]
     for r, p in zip(ok, probs, strict=True):
         r["prob_baseline"] = "" if not np.isfinite(p) else round(float(p), 6)
     if len(set(labels.tolist())) < 2:
         raise NoBaseline("it read the test scans of one class only")
+    graded = None
+    if grade_names:
+        graded = burden_grades(
+            train_features, [int(t["label"]) for t in present], test_features, len(grade_names)
+        )
+        for r, g in zip(ok, graded, strict=True):
+            r["grade_baseline"] = "" if g < 0 else grade_names[int(g)]
     difference = paired_auc_difference(model, probs[both], labels, confidence)
     return {
         "what": "lung-density features + logistic regression (app.evaluation.baseline)",
@@ -206,6 +252,7 @@ def baseline_figures(
         "scans": int(both.sum()),
         "roc_auc": auc_with_ci(probs[both], labels, confidence),
         "difference": difference,
+        "graded": None if graded is None else graded.tolist(),
         "verdict": (
             "the model beats its density baseline"
             if difference.low > 0

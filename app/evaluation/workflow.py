@@ -41,6 +41,7 @@ from app.evaluation.plots import (
     plot_roc,
 )
 from app.evaluation.report import write_report
+from app.evaluation.severity import severity_metrics
 from app.model_settings import split_hashes
 from app.readback import read_split
 from app.run_folder import METRICS_JSON, REPORT_HTML, SPLIT, fold_dirs, fold_number
@@ -171,6 +172,9 @@ class Evaluation:
     baseline_note: str | None = None
     #: how independence was checked (:class:`Independence`); ``None``: not checked
     independence: Independence | None = None
+    #: a severity model's grade figures (:mod:`app.evaluation.severity`), with the burden
+    #: baseline's under ``baseline``; ``None`` for a binary model
+    severity: dict[str, Any] | None = None
 
     @property
     def independent(self) -> bool | str:
@@ -237,6 +241,7 @@ class Evaluation:
             "calibration": self.calibration,
             "baseline_note": self.baseline_note,
             "scan_warnings": self.scan_warnings,
+            "severity": self.severity,
         }
 
 
@@ -288,8 +293,8 @@ def evaluate(
     out = None if output is None else Path(output)
     if out is not None and (out / METRICS_JSON).exists() and not overwrite:
         raise UsageError(f"{out} holds an evaluation already: pass --overwrite to replace it")
-    items = find_items(data)
     clf = Classifier.load(checkpoint, device=device, threshold=threshold, precision=precision)
+    items = find_items(data, class_names=clf.grades)
     clf.tta = tta
     independence = _independence(clf, [str(i["image"]) for i in items], allow_overlap)
     overlap = independence.overlap
@@ -304,14 +309,18 @@ def evaluate(
     )
     ok = _classified(rows, clf.class_names)
     metrics, folds, calibration = _figures(clf, ok, settings)
+    severity = None if not clf.grades else _severity(clf.grades, ok, settings)
     baseline, baseline_note = None, None
     if with_baseline:
         try:
             baseline = baseline_figures(
-                Path(str(clf.checkpoint)), rows, settings["confidence"], progress
+                Path(str(clf.checkpoint)), rows, settings["confidence"], progress, clf.grades
             )
         except NoBaseline as exc:
             baseline_note = f"no density baseline: {exc}"
+    graded = None if baseline is None else baseline.pop("graded", None)
+    if severity is not None and clf.grades and graded is not None:
+        severity["baseline"] = _graded_baseline(clf.grades, ok, graded, settings)
     result = Evaluation(
         metrics=metrics,
         folds=folds,
@@ -325,9 +334,10 @@ def evaluate(
         baseline=baseline,
         baseline_note=baseline_note,
         independence=independence,
+        severity=severity,
     )
     if out is not None:
-        result.files = _write(result, out, clf.class_names)
+        result.files = _write(result, out, clf.label_names)
     return result
 
 
@@ -381,7 +391,7 @@ def _classified(rows: list[dict[str, Any]], class_names: list[str]) -> list[dict
             f"none of the {len(rows)} scans could be classified (first error: {first[:200]}): "
             "no figures"
         )
-    if len({int(r["true_label"]) for r in ok}) < 2:
+    if len({int(r["true_label"]) > 0 for r in ok}) < 2:
         raise EvaluationError(
             f"the {len(ok)} classified scans are all of one class "
             f"({class_names[int(ok[0]['true_label'])]}): ROC-AUC, sensitivity and specificity need "
@@ -393,8 +403,9 @@ def _classified(rows: list[dict[str, Any]], class_names: list[str]) -> list[dict
 def _figures(
     clf: Classifier, ok: list[dict[str, Any]], settings: dict[str, Any]
 ) -> tuple[BinaryMetrics, list[dict[str, Any]], dict[str, Any] | None]:
-    """The metrics of the classified rows, and for an ensemble its folds' and calibration."""
-    labels = np.array([int(r["true_label"]) for r in ok])
+    """The metrics of the classified rows, and for an ensemble its folds' and calibration (a
+    severity model's binary view: normal vs any grade)."""
+    labels = np.array([int(int(r["true_label"]) > 0) for r in ok])
     common = {
         "confidence": settings["confidence"],
         "n_resamples": int(settings["n_resamples"]),
@@ -413,6 +424,41 @@ def _figures(
         **common,
     )
     return metrics, folds, calibration
+
+
+def _severity(
+    grades: list[str], ok: list[dict[str, Any]], settings: dict[str, Any]
+) -> dict[str, Any]:
+    """A severity model's grade figures (:func:`app.evaluation.severity.severity_metrics`)."""
+    return severity_metrics(
+        np.array([int(r["true_label"]) for r in ok]),
+        np.array([[float(p) for p in r["grade_probs"].split(";")] for r in ok]),
+        grades,
+        confidence=settings["confidence"],
+        n_resamples=int(settings["n_resamples"]),
+        seed=int(settings["seed"]),
+        auc_method=str(settings["auc_ci"]),
+    )
+
+
+def _graded_baseline(
+    grades: list[str], ok: list[dict[str, Any]], graded: list[int], settings: dict[str, Any]
+) -> dict[str, Any]:
+    """The burden baseline's grades (:func:`app.evaluation.baseline.burden_grades`) judged as
+    the model's: kappa, grade error and accuracy on the scans where it found lung."""
+    true = np.array([int(r["true_label"]) for r in ok])
+    found = np.array(graded) >= 0
+    one_hot = np.eye(len(grades))[np.clip(graded, 0, None)][found]
+    figures = severity_metrics(
+        true[found], one_hot, grades, confidence=settings["confidence"],
+        n_resamples=int(settings["n_resamples"]), seed=int(settings["seed"]),
+    )  # fmt: skip
+    figures.pop("per_grade")  # one grade per scan: no ranking to score
+    figures["what"] = (
+        "share of the lung at ground-glass or consolidation density, cut between grades where "
+        "it best splits the model's training scans (app.evaluation.baseline.burden_grades)"
+    )
+    return figures
 
 
 def _model_record(clf: Classifier, tta: bool) -> dict[str, Any]:
@@ -438,7 +484,7 @@ def _classify(
 ) -> list[dict[str, Any]]:
     from tqdm import tqdm
 
-    names = clf.class_names
+    names, called = clf.class_names, clf.label_names
     rows = []
     with tqdm(total=len(paths), unit="scan", disable=not progress, file=sys.stderr) as bar:
         for path, label, pred in zip(
@@ -456,10 +502,13 @@ def _classify(
                 "true_name": names[label],
                 "prob_abnormal": prob if ok else "",
                 "predicted": "" if predicted is None else predicted,
-                "predicted_name": "" if predicted is None else names[predicted],
+                "predicted_name": "" if predicted is None else called[predicted],
                 "error": pred.error or "",
                 "warnings": "; ".join(pred.warnings),  # as app.infer writes them
             }
+            if clf.grades:  # a severity model: its grade and each grade's probability
+                row["grade"] = pred.grade or ""
+                row["grade_probs"] = ";".join(f"{p:.6f}" for p in pred.grade_probs or [])
             if clf.tta:  # the spread across the scan and its mirror: an uncertainty
                 row["tta_spread"] = pred.tta_spread if ok and pred.tta_spread is not None else ""
             for k in range(clf.folds):  # an ensemble: each fold model's (scaled) probability
@@ -474,7 +523,7 @@ def _write(result: Evaluation, out: Path, class_names: list[str]) -> dict[str, P
     out.mkdir(parents=True, exist_ok=True)
     ok = [r for r in result.predictions if r["prob_abnormal"] != ""]
     probs = np.array([float(r["prob_abnormal"]) for r in ok])
-    labels = np.array([int(r["true_label"]) for r in ok])
+    labels = np.array([int(int(r["true_label"]) > 0) for r in ok])  # severity: any grade
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=list(result.predictions[0]), lineterminator="\n")
     writer.writeheader()

@@ -35,6 +35,7 @@ from app.inference.saliency import saliency_map
 from app.model_settings import MODEL_SETTINGS, SettingsError, validate_settings
 from app.run_folder import CV_CALIBRATION
 from app.runtime.inferers import PRECISIONS, resolve_precision
+from app.runtime.ordinal import grades_of
 from app.runtime.scanqc import Limits, TrainingContext
 from app.runtime.scans import ScanInput
 from app.runtime.writer import sentence
@@ -60,14 +61,28 @@ class Prediction:
     #: with test-time augmentation: the standard deviation of P(abnormal) across the views
     #: (the scan and its left-right mirror), an uncertainty; ``None`` without
     tta_spread: float | None = None
+    #: a severity model's grade (the median of its grade probabilities) by name; ``None`` for
+    #: a binary model (``label`` is then the prediction; a severity model's ``label`` is
+    #: normal or abnormal at its threshold, the binary view)
+    grade: str | None = None
+    #: a severity model's probability of each grade, in the grades' order
+    grade_probs: list[float] | None = None
 
     @property
     def ok(self) -> bool:
         return self.error is None
 
     def sentence(self) -> str:
-        """The reference's console line, for both classes, with the scan's QC warnings."""
-        return sentence(self.path, self.prob_abnormal, self.label, self.warnings, self.error)
+        """The reference's console line, for both classes, with the scan's QC warnings (and a
+        severity model's grade)."""
+        return sentence(
+            self.path, self.prob_abnormal, self.label, self.warnings, self.error,
+            self.grade, self.grade_probs,
+        )  # fmt: skip
+
+
+#: a severity model's label at its threshold: the binary view, normal vs any finding
+BINARY_VIEW = ("normal", "abnormal")
 
 
 class Classifier:
@@ -196,10 +211,21 @@ class Classifier:
         """How many fold models the model averages (0: one model, not an ensemble)."""
         return len(self.network.members) if isinstance(self.network, MeanProbabilityEnsemble) else 0
 
+    @property
+    def grades(self) -> list[str] | None:
+        """A severity model's grade names, in order; ``None`` for a binary model."""
+        return self.class_names if int(self.settings.get("grades", 2)) > 2 else None
+
+    @property
+    def label_names(self) -> list[str]:
+        """The names of the label at the threshold: the class names, or a severity model's
+        binary view, normal and abnormal."""
+        return list(BINARY_VIEW) if self.grades else self.class_names
+
     @torch.inference_mode()
     def _forward(
         self, images: list[torch.Tensor]
-    ) -> list[tuple[float, str, list[float] | None, float | None]]:
+    ) -> list[tuple[float, str, list[float] | None, float | None, list[float] | None]]:
         """(P(abnormal), label, each fold's P(abnormal) or ``None``, the spread across the
         test-time views or ``None``) per image: the configs' inferer and postprocessing
         (sigmoid, threshold), with float16 autocast where the bundle's evaluator uses it
@@ -234,12 +260,14 @@ class Classifier:
         results = []
         for i, logit in enumerate(logits):
             out = self.postprocessing({"pred": logit})
+            grade_probs = out.get("grade_probs")
             results.append(
                 (
                     float(out["prob"]),
-                    self.class_names[int(out["pred"])],
+                    self.label_names[int(out["pred"])],
                     None if fold_probs is None else fold_probs[i],
                     None if spread is None else float(spread[i]),
+                    None if grade_probs is None else [float(p) for p in grade_probs],
                 )
             )
         return results
@@ -265,11 +293,12 @@ class Classifier:
         for batch in batches:
             ready = [r for r in batch if r["image"] is not None]
             results = self._forward([r["image"] for r in ready]) if ready else []
-            for r, (p, label, folds, spread) in zip(ready, results, strict=True):
-                if not math.isfinite(p):
+            for r, (p, label, folds, spread, grades) in zip(ready, results, strict=True):
+                if not math.isfinite(p) or not all(map(math.isfinite, grades or [])):
                     r["error"] = "the model gave a non-finite probability (NaN or inf): no label"
                     continue
                 r["prob"], r["label"], r["folds"], r["spread"] = p, label, folds, spread
+                r["grade_probs"] = grades
             for r in batch:
                 prob = r.get("prob")
                 folds = r.get("folds")
@@ -284,6 +313,10 @@ class Classifier:
                     fold_probs=None if folds is None else [round(float(f), 6) for f in folds],
                     tta_spread=None if r.get("spread") is None else round(float(r["spread"]), 6),
                 )
+                if r.get("grade_probs") is not None and self.grades:
+                    probs = [round(float(q), 6) for q in r["grade_probs"]]
+                    pred.grade_probs = probs
+                    pred.grade = self.grades[int(grades_of(np.array([probs]))[0])]
                 if keep_images:
                     pred.image = r["image"]  # type: ignore[attr-defined]
                 yield pred

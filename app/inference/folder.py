@@ -344,7 +344,7 @@ def write_saliency(clf: Classifier, pred: Prediction, folder: Path, name: str) -
     written = {"saliency": folder / f"{name}.png"}
     overlay = clf.saliency(image) * prob
     title = f"{Path(pred.path).name}: saliency x P(abnormal) = {prob:.3f}: "
-    if pred.label == clf.class_names[0]:
+    if pred.label == clf.label_names[0]:
         title += (
             f"called {pred.label}: the map is scaled by P(abnormal), so little or no colour: "
             "no region raised it far"

@@ -68,11 +68,14 @@ class ModelCard:
         """One line: the model, what it was trained on, and how it did on its validation data."""
         data = self.settings.get("training_data") or {}
         if data:
-            counts = data.get("class_counts") or [None, None]
+            counts = data.get("class_counts") or [None] * len(self.class_names)
             kind = "generated" if data.get("generated") else "real"
+            each = ", ".join(
+                f"{n} {name}" for n, name in zip(counts, self.class_names, strict=False)
+            )
             trained = (
-                f"trained on {data.get('scans')} {kind} scans ({counts[0]} {self.class_names[0]}, "
-                f"{counts[1]} {self.class_names[1]}) from {data.get('source', 'unknown')}"
+                f"trained on {data.get('scans')} {kind} scans ({each}) from "
+                f"{data.get('source', 'unknown')}"
             )
         else:
             source = self.settings.get("dataset_dir")

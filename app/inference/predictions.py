@@ -146,6 +146,8 @@ class PredictionLog:
                 pred.seconds,
                 pred.fold_probs,
                 pred.tta_spread,
+                pred.grade,
+                pred.grade_probs,
             )
         )
 
@@ -168,6 +170,9 @@ class PredictionLog:
                     # probability (prob_abnormal is their mean); null for one model
                     "fold_probs": parse_fold_probs(r.get("fold_probs", "")),
                     "tta_spread": _spread(r.get("tta_spread", "")),
+                    # a severity model: the median grade, each grade's probability in order
+                    "grade": r.get("grade") or None,
+                    "grade_probs": parse_fold_probs(r.get("grade_probs", "")),
                 }
             )
         atomic_write_text(self.out_dir / JSON_NAME, json.dumps(rows, indent=1))

@@ -27,6 +27,8 @@ COLUMNS = (
     "seconds",
     "fold_probs",
     "tta_spread",
+    "grade",
+    "grade_probs",
 )
 
 
@@ -39,10 +41,13 @@ def prediction_row(
     seconds: float | None = None,
     fold_probs: Sequence[float] | None = None,
     tta_spread: float | None = None,
+    grade: str | None = None,
+    grade_probs: Sequence[float] | None = None,
 ) -> dict[str, str]:
     """One row of ``predictions.csv`` (probabilities to 6 decimals; empty fields for what is not
     known). A failed row carries its reason and no warnings: they speak of an output it does not
-    have."""
+    have. A severity model's row adds its ``grade`` and each grade's probability, in order,
+    ``;``-separated (``grade_probs``); ``prob_abnormal`` is then P(any finding)."""
     return {
         "path": str(path),
         "prob_abnormal": "" if prob is None else f"{float(prob):.6f}",
@@ -52,20 +57,35 @@ def prediction_row(
         "seconds": "" if seconds is None else f"{float(seconds):.3f}",
         "fold_probs": "" if fold_probs is None else ";".join(f"{float(p):.6f}" for p in fold_probs),
         "tta_spread": "" if tta_spread is None else f"{float(tta_spread):.6f}",
+        "grade": grade or "",
+        "grade_probs": ""
+        if grade_probs is None
+        else ";".join(f"{float(p):.6f}" for p in grade_probs),
     }
 
 
 def sentence(
-    path: str, prob: float | None, label: str | None, warnings: Sequence[str], error: str | None
+    path: str,
+    prob: float | None,
+    label: str | None,
+    warnings: Sequence[str],
+    error: str | None,
+    grade: str | None = None,
+    grade_probs: Sequence[float] | None = None,
 ) -> str:
     """One input's console line, the reference's words for both classes with the scan's
-    warnings, or its error: what ``app.infer`` and an exported bundle print per scan."""
+    warnings, or its error: what ``app.infer`` and an exported bundle print per scan; a
+    severity model's grade and its probability follow the label."""
     if prob is None:
         return f"{path}: error: {error}"
     note = f"  [warning: {'; '.join(warnings)}]" if warnings else ""
+    graded = ""
+    if grade is not None and grade_probs:
+        each = ", ".join(f"{p:.2f}" for p in grade_probs)
+        graded = f"; severity {grade} (the median grade; each grade's probability {each})"
     return (
         f"{path}: This model is {100 * (1 - prob):.2f} percent confident that CT scan is normal "
-        f"and {100 * prob:.2f} percent that it is abnormal -> {label}{note}"
+        f"and {100 * prob:.2f} percent that it is abnormal -> {label}{graded}{note}"
     )
 
 

@@ -29,14 +29,22 @@ SAMPLERS = ("shuffle", "weighted")
 
 
 def class_counts(items: Sequence[dict[str, Any]]) -> tuple[int, int]:
-    """(normal, abnormal) scans of a datalist (``label`` 0 or 1)."""
+    """(normal, abnormal) scans of a datalist (``label`` 0 normal; any grade above, abnormal)."""
     labels = [int(item["label"]) for item in items]
-    return labels.count(0), labels.count(1)
+    return labels.count(0), len(labels) - labels.count(0)
 
 
-def make_loss(class_weighting: str, items: Sequence[dict[str, Any]], device: Any = "cpu") -> Any:
+def make_loss(
+    class_weighting: str,
+    items: Sequence[dict[str, Any]],
+    device: Any = "cpu",
+    grades: int = 2,
+    ordinal_head: str = "coral",
+) -> Any:
     """The training loss: ``BCEWithLogitsLoss``, with ``pos_weight = normal / abnormal`` of
-    ``items`` for ``class_weighting`` ``pos_weight``.
+    ``items`` for ``class_weighting`` ``pos_weight``. With ``grades`` above 2, the severity
+    head's :class:`app.training.severity.OrdinalLoss`, ``pos_weight`` then weighing each grade
+    by the inverse of its share of ``items`` (every grade present weighs the same in all).
 
     Raises:
         ConfigError: an unknown weighting, or ``pos_weight`` on a split lacking a class.
@@ -45,6 +53,16 @@ def make_loss(class_weighting: str, items: Sequence[dict[str, Any]], device: Any
 
     if class_weighting not in CLASS_WEIGHTINGS:
         raise ConfigError(f"class_weighting must be one of {', '.join(CLASS_WEIGHTINGS)}")
+    if grades > 2:
+        from app.training.severity import OrdinalLoss
+
+        if class_weighting == "none":
+            return OrdinalLoss(ordinal_head)
+        labels = [int(item["label"]) for item in items]
+        present = sum(1 for k in range(grades) if labels.count(k))
+        weights = [len(labels) / (present * labels.count(k)) if labels.count(k) else 0.0
+                   for k in range(grades)]  # fmt: skip
+        return OrdinalLoss(ordinal_head, weights)
     if class_weighting == "none":
         return torch.nn.BCEWithLogitsLoss()
     normal, abnormal = class_counts(items)
@@ -60,7 +78,8 @@ def make_loss(class_weighting: str, items: Sequence[dict[str, Any]], device: Any
 def make_sampler(sampler: str, dataset: Any, items: Sequence[dict[str, Any]], seed: int) -> Any:
     """``None`` for ``shuffle`` (the data loader shuffles); for ``weighted`` MONAI's
     ``DistributedWeightedRandomSampler`` over ``dataset`` (this process's share under torchrun:
-    ``items`` are its items), each scan weighted by the inverse of its class's size, seeded.
+    ``items`` are its items), each scan weighted by the inverse of its class's size (a severity
+    grade's, for a severity run), seeded.
 
     Raises:
         ConfigError: an unknown sampler, or ``weighted`` on a share lacking a class.
@@ -78,7 +97,8 @@ def make_sampler(sampler: str, dataset: Any, items: Sequence[dict[str, Any]], se
             f"sampler weighted needs both classes in the training split ({normal} normal, "
             f"{abnormal} abnormal)"
         )
-    weights = [1.0 / (abnormal if int(item["label"]) else normal) for item in items]
+    labels = [int(item["label"]) for item in items]
+    weights = [1.0 / labels.count(label) for label in labels]  # binary: normal or abnormal
     generator = torch.Generator().manual_seed(int(seed))
     # one process's share (torchrun partitions the list before): no replicas of its own
     return DistributedWeightedRandomSampler(

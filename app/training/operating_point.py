@@ -111,7 +111,7 @@ def record_operating_point(run: Path) -> dict[str, Any]:
     for item, pred in zip(items, clf.predict_many([str(i["image"]) for i in items]), strict=True):
         if pred.prob_abnormal is not None:
             probs.append(pred.prob_abnormal)
-            labels.append(int(item["label"]))
+            labels.append(int(int(item["label"]) > 0))  # a severity run: any grade is abnormal
     point = choose(np.array(probs), np.array(labels))
     data = torch.load(run / BEST_MODEL, map_location="cpu", weights_only=True)
     info = dict(data.get("run_info") or {})

@@ -92,6 +92,26 @@ def describe(source: str | None, resumed: str | Path | None = None) -> dict[str,
     return {"name": GENERATED if source == GENERATED else path.name, "sha256": digest}
 
 
+def _severity_readout(
+    network: torch.nn.Module, file_settings: dict[str, Any], settings: dict[str, Any]
+) -> set[str]:
+    """The weights of a severity network's read-out that starting weights of another number
+    of grades (e.g. the binary ``generated`` network) cannot give: the CORAL offsets, and a
+    softmax head's last layer; they keep their initial values. Empty where the grades and the
+    head agree."""
+    grades = int(settings.get("grades", 2))
+    same = grades == int(file_settings.get("grades", 2)) and settings.get(
+        "ordinal_head", "coral"
+    ) == file_settings.get("ordinal_head", "coral")
+    if grades <= 2 or same:
+        return set()
+    fresh = {k for k in network.state_dict() if k.startswith("ordinal.")}
+    if settings.get("ordinal_head") == "softmax":
+        last = len(network.head) - 1  # type: ignore[arg-type]
+        fresh |= {f"head.{last}.weight", f"head.{last}.bias"}
+    return fresh
+
+
 def initialize_network(
     network: torch.nn.Module, source: str | None, settings: dict[str, Any]
 ) -> torch.nn.Module:
@@ -126,14 +146,21 @@ def initialize_network(
             + "; --init '' starts from random weights instead"
         )
     own = network.state_dict()
-    missing = sorted(set(own) - set(state))
-    shapes = [k for k in own if k in state and tuple(own[k].shape) != tuple(state[k].shape)]
+    fresh = _severity_readout(network, file_settings, settings)
+    missing = sorted(set(own) - set(state) - fresh)
+    shapes = [
+        k
+        for k in own
+        if k in state and k not in fresh and tuple(own[k].shape) != tuple(state[k].shape)
+    ]
     if missing or shapes:
         wrong = (missing + shapes)[:3]
         raise InitWeightsError(
             f"--init {source}: its weights do not fit this network ({', '.join(wrong)})"
         )
-    network.load_state_dict({k: state[k] for k in own}, strict=True)
+    network.load_state_dict({k: own[k] if k in fresh else state[k] for k in own}, strict=True)
+    if fresh:
+        logger.info("the severity read-out (%s) starts afresh", ", ".join(sorted(fresh)))
     other = [k for k in INPUT if k in settings and file_settings.get(k) != settings[k]]
     if other:
         logger.warning(

@@ -36,7 +36,7 @@ def _checks() -> dict[str, Callable[[Any], Any]]:
         "spatial_size", "hu_window", "axcodes", "in_channels", "filters", "dense_units",
         "dropout", "bn_eps", "bn_momentum", "norm", "pooling", "lung_crop", "lung_only",
         "lung_flatten_mm", "density_bins", "threshold", "temperature", "class_names", "seed",
-        "learning_rate", "class_weighting", "sampler",
+        "learning_rate", "class_weighting", "sampler", "grades", "ordinal_head",
     )}  # fmt: skip
     return {
         **model,
@@ -122,7 +122,16 @@ def check_combination(values: Mapping[str, Any]) -> None:
             f"network of {blocks} blocks (filters {values['filters']}), got "
             f"{values['spatial_size']}"
         )
+    grades, names = values.get("grades", 2), values.get("class_names") or []
+    if len(names) != grades:
+        raise ConfigError(
+            f"setting 'class_names' must name each of the {grades} grades, got {list(names)}"
+        )
     folds, fold = values.get("folds") or 0, values.get("fold") or 0
+    if folds and grades > 2:
+        raise ConfigError(
+            "cross-validation (folds) is for binary runs; a severity run takes one split"
+        )
     if folds == 1:
         raise ConfigError("setting 'folds' must be 0 (no cross-validation) or at least 2")
     if folds and fold >= folds:

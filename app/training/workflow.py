@@ -54,7 +54,15 @@ from app.training.distributed import (
     leave_process_group,
     rank,
 )
-from app.training.recipes import DEMO_CONFIG, DEMO_RECIPE, RECIPES_DIR, demo_dataset, recipe_file
+from app.training.recipes import (
+    DEMO_CONFIG,
+    DEMO_RECIPE,
+    RECIPES_DIR,
+    SEVERITY_CONFIG,
+    TASKS,
+    demo_dataset,
+    recipe_file,
+)
 from app.training.resume_guard import (
     check_recorded_settings,
     check_recorded_split,
@@ -167,6 +175,7 @@ def train(
     operating_point: bool = True,
     tracking: str | None = None,
     tracking_parent: str | None = None,
+    task: str | None = None,
 ) -> TrainResult:
     """Train from the bundle configs; the Python entry behind ``python -m app.train``.
 
@@ -188,6 +197,9 @@ def train(
         tracking: ``"mlflow"``: log the run to MLflow (``app.training.tracking``); a tracked
             run resumed stays tracked, in the same MLflow run.
         tracking_parent: the MLflow run id a cross-validation fold goes under.
+        task: ``binary`` (normal vs abnormal, the reference's; the default) or ``severity``
+            (grades CT-0..CT-4 from their class folders: ``configs/severity.yaml`` read after
+            the recipe; a resumed run keeps its own).
 
     Example:
         >>> result = train("data/synth", "runs/try", overrides={"epochs": 2})  # doctest: +SKIP
@@ -215,6 +227,7 @@ def train(
         overrides=overrides or {},
         config_dir=config_dir,
         recipe=recipe,
+        task=task,
     )
     _check_combination(names, settings, config_dir)
     if resume:
@@ -225,7 +238,7 @@ def train(
             if rank() == 0 and not (output / FINISHED).exists():
                 mark_finished(output, _checkpoint_epoch(output) or 0, done)
             return _result(output, already_finished=done)
-    _check_data(settings)
+    _check_data(settings, names, config_dir)
     _record_settings(output, settings, names)
     if rank() == 0:
         (output / FINISHED).unlink(missing_ok=True)
@@ -291,7 +304,10 @@ def _check_combination(names: list[str], settings: dict[str, Any], config_dir: P
 
     parser = load_config(*names, overrides=settings, config_dir=config_dir)
     check_combination(
-        {k: parser.get_parsed_content(k) for k in ("filters", "spatial_size", "folds", "fold")}
+        {
+            k: parser.get_parsed_content(k)
+            for k in ("filters", "spatial_size", "folds", "fold", "grades", "class_names")
+        }
     )
 
 
@@ -333,6 +349,7 @@ def _run_settings(
     overrides: dict[str, Any],
     config_dir: Path,
     recipe: str | None = None,
+    task: str | None = None,
 ) -> tuple[list[str], dict[str, Any]]:
     """The config files to read and the overrides on top: a resumed run's own, then the data,
     then this call's ``overrides``."""
@@ -342,11 +359,16 @@ def _run_settings(
         settings.update(read_saved_overrides(output / OVERRIDES, overrides, config_dir))
     demo = demo or bool(settings.pop("__demo__", False))
     recipe = recipe or settings.pop("__recipe__", None) or (DEMO_RECIPE if demo else None)
+    task = task or settings.pop("__task__", None) or TASKS[0]
+    if task not in TASKS:
+        raise ConfigError(f"task must be one of {', '.join(TASKS)}, got {task!r}"[:200])
     names = ["train.yaml"]
     if recipe:
         names.append(recipe_file(str(recipe), config_dir))
     if demo:
         names.append(DEMO_CONFIG)
+    if task == "severity":
+        names.append(SEVERITY_CONFIG)
     if launched_distributed():
         names.append("multi_gpu_train.yaml")
     if demo:
@@ -360,7 +382,7 @@ def _run_settings(
     return names, settings
 
 
-def _check_data(settings: dict[str, Any]) -> None:
+def _check_data(settings: dict[str, Any], names: list[str], config_dir: Path) -> None:
     """Refuse missing data, a missing GPU or a malformed dataset before the run folder exists."""
 
     dataset_dir = Path(str(settings["dataset_dir"]))
@@ -373,7 +395,12 @@ def _check_data(settings: dict[str, Any]) -> None:
         )
     if "cuda" in str(settings.get("device", "")) and not torch.cuda.is_available():
         raise ConfigError("--device cuda: no CUDA device is available here")
-    find_items(dataset_dir)
+    class_names = None
+    if SEVERITY_CONFIG in names:
+        class_names = settings.get("class_names") or load_config(*names, config_dir=config_dir).get(
+            "class_names"
+        )
+    find_items(dataset_dir, class_names=class_names)
 
 
 def _record_settings(output: Path, settings: dict[str, Any], names: list[str]) -> None:
@@ -386,6 +413,7 @@ def _record_settings(output: Path, settings: dict[str, Any], names: list[str]) -
             **{k: v for k, v in settings.items() if k != "output_dir"},  # --output says it
             "__demo__": DEMO_CONFIG in names,
             "__recipe__": None if recipe is None else Path(recipe).stem,
+            "__task__": "severity" if SEVERITY_CONFIG in names else TASKS[0],
         }
         atomic_write_text(output / OVERRIDES, json.dumps(saved, indent=1))
 
