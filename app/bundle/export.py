@@ -190,6 +190,23 @@ def _metadata(settings: dict[str, Any], metrics: list[dict[str, Any]]) -> dict[s
         "viral pneumonia, after the Keras example '3D image classification from CT scans' "
         "(H. Zunair)."
     )
+    grades = int(settings.get("grades", 2))
+    if grades > 2:  # a severity model: its output and task say so
+        names = list(settings["class_names"])
+        meta["task"] = (
+            f"Severity grading of chest CT volumes ({', '.join(names)}), with the binary view "
+            "normal vs any finding"
+        )
+        meta["description"] += (
+            f" A severity model: {grades - 1} cumulative logits (P(grade > k)), the first "
+            f"P(abnormal)'s; its {settings.get('ordinal_head', 'coral')} head grades "
+            f"{', '.join(names)}."
+        )
+        meta["network_data_format"]["outputs"]["pred"].update(
+            num_channels=grades - 1,
+            spatial_shape=[grades - 1],
+            channel_def={str(k): f"P(grade > {names[k]})" for k in range(grades - 1)},
+        )
     meta["data_source"] = f"Trained on {_training_data(settings)}."
 
     best = kept_row(metrics)

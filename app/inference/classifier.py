@@ -35,7 +35,7 @@ from app.inference.saliency import saliency_map
 from app.model_settings import MODEL_SETTINGS, SettingsError, validate_settings
 from app.run_folder import CV_CALIBRATION
 from app.runtime.inferers import PRECISIONS, resolve_precision
-from app.runtime.ordinal import grades_of
+from app.runtime.ordinal import BINARY_VIEW, grades_of
 from app.runtime.scanqc import Limits, TrainingContext
 from app.runtime.scans import ScanInput
 from app.runtime.writer import sentence
@@ -79,10 +79,6 @@ class Prediction:
             self.path, self.prob_abnormal, self.label, self.warnings, self.error,
             self.grade, self.grade_probs,
         )  # fmt: skip
-
-
-#: a severity model's label at its threshold: the binary view, normal vs any finding
-BINARY_VIEW = ("normal", "abnormal")
 
 
 class Classifier:

@@ -62,7 +62,15 @@ class ModelCard:
             "sha256": digest,
             "threshold": self.threshold,
             "class_names": self.class_names,
+            # binary: normal vs abnormal; severity: ordered grades (the class names), the
+            # threshold on P(any grade above the first)
+            "task": self.task,
         }
+
+    @property
+    def task(self) -> str:
+        """``binary`` or ``severity`` (a model of more than two ordered grades)."""
+        return "severity" if int(self.settings.get("grades", 2)) > 2 else "binary"
 
     def describe(self) -> str:
         """One line: the model, what it was trained on, and how it did on its validation data."""
@@ -93,7 +101,13 @@ class ModelCard:
             scored = f"{where}: {validation_figures(val)}"
         else:
             scored = "validation metrics not recorded"
-        return f"{self.checkpoint}: {trained}; {scored}; {self.threshold_line()}"
+        what = ""
+        if self.task == "severity":
+            what = (
+                f"a severity model ({self.settings.get('ordinal_head', 'coral')} head) of grades "
+                f"{', '.join(self.class_names)}, "
+            )
+        return f"{self.checkpoint}: {what}{trained}; {scored}; {self.threshold_line()}"
 
     def threshold_line(self) -> str:
         """The threshold, and where the model's own was chosen with what it gave there."""

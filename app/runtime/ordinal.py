@@ -17,6 +17,9 @@ import numpy as np
 import torch
 from monai.transforms import MapTransform
 
+#: a severity model's label at its threshold: the binary view, normal vs any finding
+BINARY_VIEW = ("normal", "abnormal")
+
 
 def grade_probabilities(cumulative: torch.Tensor) -> torch.Tensor:
     """P(grade = k) for each of ``grades`` from (..., grades - 1) cumulative probabilities
@@ -36,8 +39,9 @@ def median_grade(probabilities: torch.Tensor) -> torch.Tensor:
     return reached.float().argmax(dim=-1)
 
 
-def grades_of(probabilities: np.ndarray) -> np.ndarray:
-    """:func:`median_grade` of a (scans, grades) array, as integers."""
+def grades_of(probabilities: Any) -> np.ndarray:
+    """:func:`median_grade` of (scans, grades) probabilities (an array or nested lists), as
+    integers."""
     return median_grade(torch.as_tensor(np.asarray(probabilities, float))).numpy().astype(int)
 
 

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from .files import atomic_write_text
+from .ordinal import BINARY_VIEW, grades_of
 
 #: ``fold_probs``: a cross-validation ensemble's fold probabilities, ``;``-separated (empty for
 #: one model); ``tta_spread``: with test-time augmentation, the standard deviation of the
@@ -177,11 +178,13 @@ class PredictionWriter:
     """A bundle's ``predictions.csv`` (:data:`COLUMNS`), written as batches complete.
 
     The label comes from the postprocessing's thresholded ``pred`` (the threshold is the
-    config's, written once), the probability from ``prob``.
+    config's, written once), the probability from ``prob``. A severity model's output also
+    holds ``grade_probs`` (``app.runtime.ordinal.SeverityViewd``): its label is then normal or
+    abnormal (the binary view) and its grade the median grade's name, as ``app.infer`` writes.
 
     Args:
         output_dir: folder of the CSV (created).
-        class_names: label 0 and label 1.
+        class_names: label 0 and label 1 (a severity model's: its grades, in order).
         prob_key: key of the probability in the engine's (decollated) output.
         pred_key: key of the thresholded 0/1 prediction.
         path_key: key of the scan path in the batch.
@@ -233,9 +236,19 @@ class PredictionWriter:
                 print(sentence(path, None, None, [], error), flush=True)
                 self.failed += 1
                 continue
-            label = self.class_names[int(float(item[self.pred_key]))]
-            self.csv.append(prediction_row(path, prob, label, warnings=warnings))
-            print(sentence(path, round(prob, 6), label, warnings, None), flush=True)
+            grade, grade_probs = None, None
+            names = self.class_names
+            if item.get("grade_probs") is not None:  # a severity model
+                grade_probs = [round(float(q), 6) for q in item["grade_probs"]]
+                grade = names[int(grades_of([grade_probs])[0])]
+                names = list(BINARY_VIEW)
+            label = names[int(float(item[self.pred_key]))]
+            self.csv.append(
+                prediction_row(path, prob, label, warnings=warnings, grade=grade,
+                               grade_probs=grade_probs)  # fmt: skip
+            )
+            print(sentence(path, round(prob, 6), label, warnings, None, grade, grade_probs),
+                  flush=True)  # fmt: skip
             self.classified += 1
 
     def completed(self, engine: Any) -> None:
