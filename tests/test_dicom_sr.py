@@ -137,3 +137,23 @@ def test_the_console_says_why_nifti_inputs_get_none(real_ct_dir, tmp_path, check
     said = capsys.readouterr().out
     assert "DICOM SR: 0 written" in said and "none for 1 NIfTI inputs" in said
     assert not (tmp_path / "sr").exists() or not list((tmp_path / "sr").glob("*.dcm"))
+
+
+def test_a_severity_models_sr_carries_its_grade_and_passes_dciodvfy(real_ct_dir, tmp_path):
+    """A severity model's report: the grade as a second qualitative evaluation beside the
+    label, each grade's probability in a comment; still no dciodvfy error."""
+    from app.inference.dicom_sr import GRADE, write_dicom_sr
+
+    files = sorted(str(p) for p in (real_ct_dir / "dcmqi_ct-3slice_dicom").iterdir())
+    model = {"checkpoint": "best_model.pt", "sha256": "0" * 64, "threshold": 0.3,
+             "description": "a severity model"}  # fmt: skip
+    probs = [("CT-0", 0.1), ("CT-1", 0.2), ("CT-2", 0.5), ("CT-3", 0.15), ("CT-4", 0.05)]
+    path = write_dicom_sr(files, 0.9, "abnormal", [], model, tmp_path / "sr.dcm", "CT-2", probs)
+    sr = pydicom.dcmread(path)
+    assert _named(sr, GRADE)[0].ConceptCodeSequence[0].CodeMeaning == "CT-2"
+    assert _named(sr, LABEL)[0].ConceptCodeSequence[0].CodeMeaning == "abnormal"
+    comments = [i.TextValue for i in _items(sr) if i.ValueType == "TEXT"]
+    assert "grade probabilities: CT-0 0.100000, CT-1 0.200000, CT-2 0.500000" in " ".join(comments)
+    proc = subprocess.run([_dciodvfy(), str(path)], capture_output=True, text=True, timeout=60)
+    errors = [line for line in (proc.stdout + proc.stderr).splitlines() if line.startswith("Error")]
+    assert errors == []

@@ -246,6 +246,9 @@ def test_severity_end_to_end_train_infer_evaluate_export(tmp_path):
         assert e["low"] <= e["value"] <= e["high"]
     assert len(severity["per_grade"]) == 5
     assert "quadratic_weighted_kappa" in severity["baseline"]
+    page = (evaluated / "report.html").read_text()
+    kappa = severity["quadratic_weighted_kappa"]["value"]
+    assert "Severity grades" in page and f"<td class=num>{kappa:.3f}</td>" in page
     assert metrics["model"]["task"] == "severity"
     assert metrics["metrics"]["n_positive"] == 8  # the binary view: any grade is abnormal
     bundle = tmp_path / "bundle"

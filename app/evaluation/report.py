@@ -118,6 +118,47 @@ baseline's: {_num(base["difference"]["value"])} ({_num(base["difference"]["low"]
 """
 
 
+def _severity_section(figures: dict[str, Any] | None) -> str:
+    """A severity model's grade figures: kappa, grade error, accuracy and one-vs-rest ROC-AUC
+    with their intervals, the confusion of grades, and the burden baseline's figures."""
+    if not figures:
+        return ""
+    e = html.escape
+
+    def cell(estimate: dict[str, Any]) -> str:
+        return (
+            f"<td class=num>{_num(estimate['value'])}</td><td class=num>"
+            f"{_num(estimate['low'])}-{_num(estimate['high'])}</td><td>{e(estimate['method'])}</td>"
+        )
+
+    base = figures.get("baseline") or {}
+    rows = ""
+    for key, name in (
+        ("quadratic_weighted_kappa", "quadratic-weighted kappa"),
+        ("mean_absolute_error", "mean absolute grade error"),
+        ("accuracy", "exact-grade accuracy"),
+    ):
+        rows += f"<tr><td>{name}</td>{cell(figures[key])}</tr>\n"
+        if base.get(key):
+            rows += f"<tr><td>{name}, burden baseline</td>{cell(base[key])}</tr>\n"
+    for row in figures["per_grade"]:
+        rows += f"<tr><td>{e(row['grade'])} vs the rest ROC-AUC ({row['scans']} scans)</td>"
+        rows += f"{cell(row['roc_auc'])}</tr>\n"
+    names = figures["grades"]
+    head = "".join(f"<th>predicted {e(n)}</th>" for n in names)
+    confusion = "".join(
+        f"<tr><th>true {e(n)}</th>" + "".join(f"<td class=num>{v}</td>" for v in counts) + "</tr>"
+        for n, counts in zip(names, figures["confusion"], strict=True)
+    )
+    what = f"<p>Burden baseline: {e(base['what'])}.</p>" if base.get("what") else ""
+    return f"""<h2>Severity grades</h2>
+<table><tr><th>metric</th><th>value</th><th>CI</th><th>method</th></tr>
+{rows}</table>
+<table><tr><th></th>{head}</tr>{confusion}</table>
+{what}
+"""
+
+
 def _banners(summary: dict[str, Any]) -> str:
     """Red lines above everything: test scans the model used; a model of generated scans."""
     overlap = summary.get("overlap")
@@ -194,7 +235,7 @@ dt {{ font-weight: bold; }} dd {{ margin: 0 0 0.5em 0; }}
 {_metric_rows(metrics)}</table>
 <p>{embedded_png(out_dir / ROC_PNG, "ROC curve")}{embedded_png(out_dir / CALIBRATION_PNG, "calibration")}
 {embedded_png(out_dir / CONFUSION_PNG, "confusion matrix")}</p>
-{_baseline_section(summary.get("baseline"), summary.get("baseline_note"))}{_ensemble_section(summary)}<h2>Scans</h2>
+{_baseline_section(summary.get("baseline"), summary.get("baseline_note"))}{_severity_section(summary.get("severity"))}{_ensemble_section(summary)}<h2>Scans</h2>
 {_scan_table(rows)}
 </body></html>
 """

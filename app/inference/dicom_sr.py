@@ -25,7 +25,7 @@ from pydicom.uid import generate_uid
 
 from app.runtime.files import atomic_write
 
-__all__ = ["CODING_SCHEME", "LABEL", "PROBABILITY", "SR_SERIES_NUMBER", "write_dicom_sr"]
+__all__ = ["CODING_SCHEME", "GRADE", "LABEL", "PROBABILITY", "SR_SERIES_NUMBER", "write_dicom_sr"]
 
 #: this app's private coding scheme (DICOM PS3.16: private schemes start with "99")
 CODING_SCHEME = "99CTCLASSIFY"
@@ -33,6 +33,8 @@ CODING_SCHEME = "99CTCLASSIFY"
 PROBABILITY = Code("P-ABNORMAL", CODING_SCHEME, "Probability of viral pneumonia")
 #: the qualitative evaluation: the label at the model's threshold
 LABEL = Code("LABEL", CODING_SCHEME, "Classification at the model threshold")
+#: a severity model's grade (the median of its grade probabilities), qualitative
+GRADE = Code("GRADE", CODING_SCHEME, "Severity grade")
 #: what the scans are examined for
 FINDING = Code("75570004", "SCT", "Viral pneumonia")
 #: the procedure the report is of
@@ -62,6 +64,8 @@ def write_dicom_sr(
     warnings: Sequence[str],
     model: dict[str, object],
     out: Path,
+    grade: str | None = None,
+    grade_probs: Sequence[tuple[str, float]] = (),
 ) -> Path:
     """Write the SR of one classified DICOM series (its ``files``) to ``out``, atomically.
 
@@ -73,11 +77,13 @@ def write_dicom_sr(
         model: ``description`` (one line: what the model is and was trained on), ``sha256``,
             ``threshold`` and ``checkpoint`` (its file name is kept, never its folder).
         out: the file to write.
+        grade: a severity model's grade (a qualitative evaluation beside the label).
+        grade_probs: a severity model's (grade, probability) pairs (a comment).
     """
     evidence = [_header(f) for f in files]
     with warnings_module.catch_warnings():  # highdicom's notes on the source's own names
         warnings_module.simplefilter("ignore", UserWarning)
-        sr = _report(evidence, prob_abnormal, label, warnings, model)
+        sr = _report(evidence, prob_abnormal, label, warnings, model, grade, grade_probs)
     atomic_write(out, lambda tmp: sr.save_as(tmp, enforce_file_format=True))
     return out
 
@@ -97,8 +103,18 @@ def _report(
     label: str,
     warnings: Sequence[str],
     model: dict[str, object],
+    grade: str | None = None,
+    grade_probs: Sequence[tuple[str, float]] = (),
 ) -> hd.sr.Comprehensive3DSR:
     """The SR object: the measurement report on the series of ``evidence``."""
+    evaluations = [hd.sr.QualitativeEvaluation(name=LABEL, value=_label_code(label))]
+    if grade is not None:
+        evaluations.append(hd.sr.QualitativeEvaluation(name=GRADE, value=_label_code(grade)))
+    comments = [f"warning: {w}" for w in warnings]
+    if grade_probs:
+        comments.append(
+            "grade probabilities: " + ", ".join(f"{name} {p:.6f}" for name, p in grade_probs)
+        )
     checkpoint = Path(str(model.get("checkpoint") or "unknown")).name
     algorithm = hd.sr.AlgorithmIdentification(
         name="ctclassify 3D CNN",
@@ -121,13 +137,13 @@ def _report(
                 name=PROBABILITY, value=float(prob_abnormal), unit=UNITLESS, algorithm_id=algorithm
             )
         ],
-        qualitative_evaluations=[hd.sr.QualitativeEvaluation(name=LABEL, value=_label_code(label))],
+        qualitative_evaluations=evaluations,
     )
-    for warning in warnings:  # TEXT items the Comprehensive 3D SR IOD allows in a container
+    for comment in comments:  # TEXT items the Comprehensive 3D SR IOD allows in a container
         group[0].ContentSequence.append(
             hd.sr.TextContentItem(
                 name=COMMENT,
-                value=f"warning: {warning}"[:1024],
+                value=comment[:1024],
                 relationship_type=hd.sr.RelationshipTypeValues.CONTAINS,
             )
         )

@@ -283,6 +283,8 @@ def _write_report(
             pred.warnings,
             model,
             path,
+            pred.grade,
+            list(zip(clf.grades or [], pred.grade_probs or [], strict=False)),
         )
     except Exception as exc:  # a source header highdicom refuses: that scan's SR only
         reports["failed"].append(scan.key)

@@ -158,7 +158,8 @@ def saliency_map(
     """Where ``network`` looks, for one preprocessed (C, x, y, z) volume: a map of the input's
     grid in [0, 1].
 
-    ``gradient`` (the default): the positive part of the gradient of the abnormal logit with
+    ``gradient`` (the default): the positive part of the gradient of the abnormal logit (a
+    severity model's: the sum of its cumulative logits, what raises its grade) with
     respect to each input voxel (the voxels whose brightening raises it), smoothed by a
     Gaussian of :data:`SALIENCY_SIGMA` voxels: on generated scans its maximum lies in a
     lesion on every tested abnormal scan for the small-data recipe (studies/log.md).

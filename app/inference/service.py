@@ -118,6 +118,9 @@ def _row(pred: Prediction, threshold: float) -> dict[str, Any]:
         "threshold": threshold,
         "warnings": list(pred.warnings),
         "error": pred.error,
+        # a severity model: its grade and each grade's probability (null for a binary model)
+        "grade": pred.grade,
+        "grade_probs": pred.grade_probs,
     }
 
 

@@ -244,8 +244,9 @@ class PredictionWriter:
                 names = list(BINARY_VIEW)
             label = names[int(float(item[self.pred_key]))]
             self.csv.append(
-                prediction_row(path, prob, label, warnings=warnings, grade=grade,
-                               grade_probs=grade_probs)  # fmt: skip
+                prediction_row(
+                    path, prob, label, warnings=warnings, grade=grade, grade_probs=grade_probs
+                )  # fmt: skip
             )
             print(sentence(path, round(prob, 6), label, warnings, None, grade, grade_probs),
                   flush=True)  # fmt: skip
