@@ -134,13 +134,12 @@ def generate_scan(
     body["hila"] = (
         _draw_hila(np.random.default_rng([seed, label, 0x41A]), body, hila) if hila else []
     )
-    graded = burden is not None
-    lesions = _draw_lesions(rng, difficulty, body) if label == 1 and not graded else []
+    lesions = _draw_lesions(rng, difficulty, body) if label == 1 and burden is None else []
     blur = _add_confounders(np.random.default_rng([seed, label, 0xC0F]), body, confounders)
     volume, lung_mask, lesion_mask = _draw_slices(rng, shape, u, v, z_mm, body, lesions)
-    if graded and label == 1 and burden:
-        streams = np.random.default_rng([seed, label, 0xB0D])
-        _add_involvement(streams, volume, lung_mask, lesion_mask, float(burden), difficulty, body)
+    if burden and label == 1:  # a stream of its own, as the confounders'
+        _add_involvement(np.random.default_rng([seed, label, 0xB0D]), volume, lung_mask,
+                         lesion_mask, float(burden), difficulty, body)  # fmt: skip
     if trees > 0:
         streams = np.random.default_rng([seed, label, 0x7EE])
         slice_mm = SLICE_MM if nz >= 30 else SLICE_MM * 30 / nz

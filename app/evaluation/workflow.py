@@ -309,18 +309,7 @@ def evaluate(
     )
     ok = _classified(rows, clf.class_names)
     metrics, folds, calibration = _figures(clf, ok, settings)
-    severity = None if not clf.grades else _severity(clf.grades, ok, settings)
-    baseline, baseline_note = None, None
-    if with_baseline:
-        try:
-            baseline = baseline_figures(
-                Path(str(clf.checkpoint)), rows, settings["confidence"], progress, clf.grades
-            )
-        except NoBaseline as exc:
-            baseline_note = f"no density baseline: {exc}"
-    graded = None if baseline is None else baseline.pop("graded", None)
-    if severity is not None and clf.grades and graded is not None:
-        severity["baseline"] = _graded_baseline(clf.grades, ok, graded, settings)
+    severity, baseline, baseline_note = _baselines(clf, rows, ok, settings, with_baseline, progress)
     result = Evaluation(
         metrics=metrics,
         folds=folds,
@@ -424,6 +413,31 @@ def _figures(
         **common,
     )
     return metrics, folds, calibration
+
+
+def _baselines(
+    clf: Classifier,
+    rows: list[dict[str, Any]],
+    ok: list[dict[str, Any]],
+    settings: dict[str, Any],
+    with_baseline: bool,
+    progress: bool,
+) -> tuple[dict[str, Any] | None, dict[str, Any] | None, str | None]:
+    """A severity model's grade figures (with the burden baseline's), the density baseline's
+    figures, and why there is no baseline (``None`` where there is one or none was asked)."""
+    severity = None if not clf.grades else _severity(clf.grades, ok, settings)
+    baseline, baseline_note = None, None
+    if with_baseline:
+        try:
+            baseline = baseline_figures(
+                Path(str(clf.checkpoint)), rows, settings["confidence"], progress, clf.grades
+            )
+        except NoBaseline as exc:
+            baseline_note = f"no density baseline: {exc}"
+    graded = None if baseline is None else baseline.pop("graded", None)
+    if severity is not None and clf.grades and graded is not None:
+        severity["baseline"] = _graded_baseline(clf.grades, ok, graded, settings)
+    return severity, baseline, baseline_note
 
 
 def _severity(

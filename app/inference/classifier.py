@@ -35,10 +35,10 @@ from app.inference.saliency import saliency_map
 from app.model_settings import MODEL_SETTINGS, SettingsError, validate_settings
 from app.run_folder import CV_CALIBRATION
 from app.runtime.inferers import PRECISIONS, resolve_precision
-from app.runtime.ordinal import BINARY_VIEW, grades_of
+from app.runtime.ordinal import grades_of
 from app.runtime.scanqc import Limits, TrainingContext
 from app.runtime.scans import ScanInput
-from app.runtime.writer import sentence
+from app.runtime.writer import BINARY_VIEW, sentence
 from nets.ensemble import MeanProbabilityEnsemble
 from transforms.augment import LEFT_RIGHT_DIM
 

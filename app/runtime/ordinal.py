@@ -17,9 +17,6 @@ import numpy as np
 import torch
 from monai.transforms import MapTransform
 
-#: a severity model's label at its threshold: the binary view, normal vs any finding
-BINARY_VIEW = ("normal", "abnormal")
-
 
 def grade_probabilities(cumulative: torch.Tensor) -> torch.Tensor:
     """P(grade = k) for each of ``grades`` from (..., grades - 1) cumulative probabilities

@@ -11,7 +11,6 @@ from pathlib import Path
 from typing import Any
 
 from .files import atomic_write_text
-from .ordinal import BINARY_VIEW, grades_of
 
 #: ``fold_probs``: a cross-validation ensemble's fold probabilities, ``;``-separated (empty for
 #: one model); ``tta_spread``: with test-time augmentation, the standard deviation of the
@@ -19,6 +18,9 @@ from .ordinal import BINARY_VIEW, grades_of
 #: existed are rewritten with it on opening
 #: the predictions file of app.infer, an exported bundle and app.evaluate
 PREDICTIONS_CSV = "predictions.csv"
+#: a severity model's label at its threshold: the binary view, normal vs any finding
+BINARY_VIEW = ("normal", "abnormal")
+
 COLUMNS = (
     "path",
     "prob_abnormal",
@@ -239,6 +241,8 @@ class PredictionWriter:
             grade, grade_probs = None, None
             names = self.class_names
             if item.get("grade_probs") is not None:  # a severity model
+                from .ordinal import grades_of  # torch: only where a model runs
+
                 grade_probs = [round(float(q), 6) for q in item["grade_probs"]]
                 grade = names[int(grades_of([grade_probs])[0])]
                 names = list(BINARY_VIEW)

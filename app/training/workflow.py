@@ -197,9 +197,7 @@ def train(
         tracking: ``"mlflow"``: log the run to MLflow (``app.training.tracking``); a tracked
             run resumed stays tracked, in the same MLflow run.
         tracking_parent: the MLflow run id a cross-validation fold goes under.
-        task: ``binary`` (normal vs abnormal, the reference's; the default) or ``severity``
-            (grades CT-0..CT-4 from their class folders: ``configs/severity.yaml`` read after
-            the recipe; a resumed run keeps its own).
+        task: ``binary`` (the default) or ``severity`` (``configs/severity.yaml`` after the recipe).
 
     Example:
         >>> result = train("data/synth", "runs/try", overrides={"epochs": 2})  # doctest: +SKIP
@@ -211,23 +209,10 @@ def train(
     if "progress" not in overrides and not sys.stderr.isatty():
         overrides["progress"] = False  # a log or a notebook gets no redrawn bars (as app.train)
     output = _output_folder(output)
-    _prepare(
-        output,
-        resume=resume,
-        overwrite=overwrite,
-        demo=demo,
-        overrides=overrides or {},
-        config_dir=config_dir,
-    )
+    common: dict[str, Any] = {"demo": demo, "resume": resume, "config_dir": config_dir}
+    _prepare(output, overwrite=overwrite, overrides=overrides, **common)
     names, settings = _run_settings(
-        output,
-        data,
-        demo=demo,
-        resume=resume,
-        overrides=overrides or {},
-        config_dir=config_dir,
-        recipe=recipe,
-        task=task,
+        output, data, overrides=overrides, recipe=recipe, task=task, **common
     )
     _check_combination(names, settings, config_dir)
     if resume:
