@@ -273,3 +273,19 @@ def test_severity_end_to_end_train_infer_evaluate_export(tmp_path):
             [float(p) for p in row["grade_probs"].split(";")],
             atol=1e-5,
         )
+
+
+def test_a_severity_run_refuses_binary_folders_and_cross_validation(tmp_path, capsys):
+    """MosMed's binary folders (CT-0, CT-23) hold one grade of CT-0..CT-4: refused in one line
+    before a run folder exists; --folds with --task severity is refused too."""
+    from conftest import synth_dataset
+
+    from app.train import main as train_main
+
+    data = synth_dataset(tmp_path / "binary", 2, (32, 32, 8))
+    run = tmp_path / "run"
+    assert train_main(["--data", str(data), "--task", "severity", "--output", str(run)]) == 2
+    assert "at least two grades" in capsys.readouterr().err and not run.exists()
+    folds = ["--data", str(data), "--task", "severity", "--folds", "2", "--output", str(run)]
+    assert train_main(folds) == 2
+    assert "cross-validation is for binary runs" in capsys.readouterr().err

@@ -385,7 +385,14 @@ def _check_data(settings: dict[str, Any], names: list[str], config_dir: Path) ->
         class_names = settings.get("class_names") or load_config(*names, config_dir=config_dir).get(
             "class_names"
         )
-    find_items(dataset_dir, class_names=class_names)
+    items = find_items(dataset_dir, class_names=class_names)
+    grades = {int(str(item["label"])) for item in items}
+    if class_names is not None and len(grades) < 2:
+        raise DataError(
+            f"a severity run needs scans of at least two grades; {dataset_dir} holds "
+            f"{', '.join(str(class_names[g]) for g in sorted(grades))} only (class folders "
+            f"{', '.join(map(str, class_names))}, or a datalist with grades 0-{len(class_names) - 1})"
+        )
 
 
 def _record_settings(output: Path, settings: dict[str, Any], names: list[str]) -> None:
