@@ -226,8 +226,11 @@ def test_severity_end_to_end_train_infer_evaluate_export(tmp_path):
     overrides = json.loads((run / "overrides.json").read_text())
     assert overrides["__task__"] == "severity"
     out = tmp_path / "out"
-    assert infer_main([str(test / "CT-4"), "--checkpoint", str(run), "--output", str(out)]) == 0
+    infer = [str(test / "CT-4"), "--checkpoint", str(run), "--output", str(out), "--report"]
+    assert infer_main(infer) == 0
     rows = _rows(out / "predictions.csv")
+    report = (out / "report.html").read_text()
+    assert all(f"<br>{row['grade']}<br><small" in report for row in rows)
     assert len(rows) == 2
     for row in rows:
         probs = [float(p) for p in row["grade_probs"].split(";")]

@@ -41,6 +41,13 @@ def write_report(
         else:
             status = "warn" if r.get("warnings") else "ok"
             mark = f'<td class="{html.escape(label)}">{html.escape(label)}</td>'
+            grades = parse_fold_probs(r.get("grade_probs") or "")
+            if r.get("grade") and grades:  # a severity model: the grade, each grade's %
+                each = " / ".join(f"{100 * g:.0f}" for g in grades)
+                mark = mark.replace(
+                    "</td>",
+                    f'<br>{html.escape(r["grade"])}<br><small title="each grade, %">{each}</small></td>',
+                )
             note = html.escape(r.get("warnings") or "").replace("; ", "<br>")
         pics = images.get(r["path"], {})
         body.append(
