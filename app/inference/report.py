@@ -12,6 +12,15 @@ from app.runtime.files import atomic_write_text
 from app.runtime.writer import parse_fold_probs
 
 
+def _grade(row: dict[str, str]) -> str:
+    """A severity model's grade and each grade's probability (%), under the label."""
+    grades = parse_fold_probs(row.get("grade_probs") or "")
+    if not (row.get("grade") and grades):
+        return ""
+    each = " / ".join(f"{100 * g:.0f}" for g in grades)
+    return f'<br>{html.escape(row["grade"])}<br><small title="each grade, %">{each}</small>'
+
+
 def write_report(
     rows: list[dict[str, str]],
     out_dir: Path,
@@ -40,14 +49,7 @@ def write_report(
             note = f"<b>error:</b> {html.escape(r['error'])}"
         else:
             status = "warn" if r.get("warnings") else "ok"
-            mark = f'<td class="{html.escape(label)}">{html.escape(label)}</td>'
-            grades = parse_fold_probs(r.get("grade_probs") or "")
-            if r.get("grade") and grades:  # a severity model: the grade, each grade's %
-                each = " / ".join(f"{100 * g:.0f}" for g in grades)
-                mark = mark.replace(
-                    "</td>",
-                    f'<br>{html.escape(r["grade"])}<br><small title="each grade, %">{each}</small></td>',
-                )
+            mark = f'<td class="{html.escape(label)}">{html.escape(label)}{_grade(r)}</td>'
             note = html.escape(r.get("warnings") or "").replace("; ", "<br>")
         pics = images.get(r["path"], {})
         body.append(
