@@ -226,11 +226,17 @@ def test_severity_end_to_end_train_infer_evaluate_export(tmp_path):
     overrides = json.loads((run / "overrides.json").read_text())
     assert overrides["__task__"] == "severity"
     out = tmp_path / "out"
-    infer = [str(test / "CT-4"), "--checkpoint", str(run), "--output", str(out), "--report"]
+    infer = [str(test / "CT-4"), "--checkpoint", str(run), "--output", str(out), "--report",
+             "--saliency"]  # fmt: skip
     assert infer_main(infer) == 0
     rows = _rows(out / "predictions.csv")
     report = (out / "report.html").read_text()
     assert all(f"<br>{row['grade']}<br><small" in report for row in rows)
+    for row in rows:  # the saliency picture names the grade in its title (PNG metadata)
+        from PIL import Image
+
+        title = Image.open(out / "saliency" / (Path(row["path"]).name.split(".")[0] + ".png"))
+        assert f"severity {row['grade']}" in title.text.get("Title", "")
     assert len(rows) == 2
     for row in rows:
         probs = [float(p) for p in row["grade_probs"].split(";")]

@@ -353,6 +353,8 @@ def write_saliency(clf: Classifier, pred: Prediction, folder: Path, name: str) -
         )
     else:
         title += f"called {pred.label}: the model's attention, not a finding"
+    if pred.grade:  # a severity model: the map is of what raises its grade
+        title += f"; severity {pred.grade}"
     plot_montage(image.numpy(), written["saliency"], overlay=overlay, title=title)
     written["saliency_nifti"] = write_saliency_nifti(
         overlay,
