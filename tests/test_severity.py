@@ -298,3 +298,21 @@ def test_a_severity_run_refuses_binary_folders_and_cross_validation(tmp_path, ca
     folds = ["--data", str(data), "--task", "severity", "--folds", "2", "--output", str(run)]
     assert train_main(folds) == 2
     assert "cross-validation is for binary runs" in capsys.readouterr().err
+
+
+def test_the_graded_demo_data_hold_the_demos_count_over_five_grades(tmp_path, monkeypatch):
+    """`app.train --demo --task severity` trains on graded demo data: as many scans as the
+    demo's, spread over CT-0..CT-4, in a cache folder of their own."""
+    from app.training.recipes import DEMO_CONFIG, demo_dataset
+
+    configs = tmp_path / "configs"
+    configs.mkdir()
+    (configs / DEMO_CONFIG).write_text(
+        "demo_data: {per_class: 5, shape: [32, 32, 8], seed: 3, difficulty: 0.3}\n"
+    )
+    monkeypatch.setenv("CTCLASSIFY_CACHE", str(tmp_path / "cache"))
+    graded = demo_dataset(configs, progress=False, severity=True)
+    binary = demo_dataset(configs, progress=False)
+    assert graded != binary
+    assert sorted(p.name for p in graded.iterdir() if p.is_dir()) == GRADES
+    assert len(list(graded.rglob("*.nii.gz"))) == len(list(binary.rglob("*.nii.gz"))) == 10

@@ -27,9 +27,12 @@ SEVERITY_CONFIG = "severity.yaml"
 DEMO_RECIPE = "small-data"
 
 
-def demo_dataset(config_dir: Path = CONFIG_DIR, progress: bool = True) -> Path:
+def demo_dataset(
+    config_dir: Path = CONFIG_DIR, progress: bool = True, severity: bool = False
+) -> Path:
     """The generated demo dataset, made on first use in the user's cache folder (a progress bar
-    with ``progress``)."""
+    with ``progress``). With ``severity`` (``--demo --task severity``), graded scans in CT-0..CT-4
+    instead, as many scans in all (the demo's per-class count times 2 / 5 per grade)."""
     from monai.bundle import ConfigParser
 
     from app.data.synth import write_dataset
@@ -37,7 +40,8 @@ def demo_dataset(config_dir: Path = CONFIG_DIR, progress: bool = True) -> Path:
     spec = ConfigParser.load_config_files(str(config_dir / DEMO_CONFIG))["demo_data"]
     cache = Path(os.environ.get("CTCLASSIFY_CACHE", Path.home() / ".cache" / "ctclassify"))
     shape = spec.get("shape")
-    name = f"demo-{spec['per_class']}x2-seed{spec['seed']}-" + (
+    per_class = int(spec["per_class"]) * 2 // 5 if severity else int(spec["per_class"])
+    name = f"demo-{per_class}x{5 if severity else 2}-seed{spec['seed']}-" + (
         "x".join(map(str, shape)) if shape else "mosmed"
     )
     root = cache / name
@@ -46,12 +50,13 @@ def demo_dataset(config_dir: Path = CONFIG_DIR, progress: bool = True) -> Path:
         print(f"generating the demo dataset in {root} (once)", flush=True)
         write_dataset(
             root,
-            int(spec["per_class"]),
+            per_class,
             tuple(shape) if shape else None,
             seed=int(spec["seed"]),
             difficulty=spec.get("difficulty"),
             progress=progress,
             workers=os.cpu_count() or 1,
+            severity=severity,
         )
         marker.write_text(json.dumps(spec))
     return root

@@ -210,7 +210,7 @@ def train(
         overrides["progress"] = False  # a log or a notebook gets no redrawn bars (as app.train)
     output = _output_folder(output)
     common: dict[str, Any] = {"demo": demo, "resume": resume, "config_dir": config_dir}
-    _prepare(output, overwrite=overwrite, overrides=overrides, **common)
+    _prepare(output, overwrite=overwrite, overrides=overrides, task=task, **common)
     names, settings = _run_settings(
         output, data, overrides=overrides, recipe=recipe, task=task, **common
     )
@@ -311,16 +311,18 @@ def _prepare(
     demo: bool,
     overrides: dict[str, Any],
     config_dir: Path,
+    task: str | None = None,
 ) -> None:
-    """Join the process group (under torchrun), check the run folder and make the demo data,
-    on rank 0 while the other ranks wait."""
+    """Join the process group (under torchrun), check the run folder and make the demo data
+    (``task`` severity: the graded demo data), on rank 0 while the other ranks wait."""
 
     if launched_distributed():
         init_process_group(config_dir, overrides.get("device"))
     if rank() == 0:
         prepare_run_dir(output, resume, overwrite)
         if demo:
-            demo_dataset(config_dir, progress=bool(overrides.get("progress", True)))
+            progress = bool(overrides.get("progress", True))
+            demo_dataset(config_dir, progress=progress, severity=task == "severity")
     if launched_distributed():
         torch.distributed.barrier()
 
@@ -357,7 +359,7 @@ def _run_settings(
     if launched_distributed():
         names.append("multi_gpu_train.yaml")
     if demo:
-        settings["dataset_dir"] = str(demo_dataset(config_dir))
+        settings["dataset_dir"] = str(demo_dataset(config_dir, severity=task == "severity"))
     if data is not None:
         settings["dataset_dir"] = str(data)
     settings.update(overrides)
