@@ -265,6 +265,7 @@ def test_severity_end_to_end_train_infer_evaluate_export(tmp_path):
     meta = json.loads((bundle / "configs" / "metadata.json").read_text())
     assert meta["network_data_format"]["outputs"]["pred"]["num_channels"] == 4
     assert "Severity" in meta["task"]
+    assert "A severity model of grades CT-0, CT-1" in (bundle / "docs" / "README.md").read_text()
     import subprocess
     import sys
 

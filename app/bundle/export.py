@@ -178,6 +178,21 @@ def _training_data(settings: dict[str, Any]) -> str:
     return f"{scans} from {where} (whether real or generated was not recorded)"
 
 
+def _output_text(settings: dict[str, Any]) -> str:
+    """What the network gives: a binary model's one probability, or a severity model's grades."""
+    threshold = f'label "abnormal" at or above {settings["threshold"]:g}'
+    grades = int(settings.get("grades", 2))
+    if grades <= 2:
+        return f'`pred`: the probability of "abnormal" (sigmoid of one logit); {threshold}.'
+    names = ", ".join(map(str, settings["class_names"]))
+    return (
+        f"A severity model of grades {names} ({settings.get('ordinal_head', 'coral')} head): "
+        f"`pred` holds {grades - 1} cumulative probabilities, P(grade above each of the first "
+        f"{grades - 1} grades); the first is P(abnormal), {threshold}. The grade is the median of "
+        "the grades' probabilities (`grade`), each grade's probability in `grade_probs`."
+    )
+
+
 def _metadata(settings: dict[str, Any], metrics: list[dict[str, Any]]) -> dict[str, Any]:
     meta = json.loads((CONFIG_DIR / METADATA).read_text())
     meta["network_data_format"]["inputs"]["image"]["spatial_shape"] = list(settings["spatial_size"])
@@ -253,10 +268,9 @@ with warnings (little or no lung, few slices, spacing unlike the training scans'
 {preprocessing_text(settings)}
 
 ## Output
-`pred`: the probability of "abnormal" (sigmoid of one logit); label "abnormal" at or above
-{settings["threshold"]:g}. `run` writes `OUTPUT_DIR/predictions.csv` (path, prob_abnormal, label,
-warnings, error) and exits with status 0 when every input was classified, 1 when some failed
-(their rows say why).
+{_output_text(settings)} `run` writes `OUTPUT_DIR/predictions.csv` (path, prob_abnormal, label,
+warnings, error{", grade, grade_probs" if int(settings.get("grades", 2)) > 2 else ""}) and exits
+with status 0 when every input was classified, 1 when some failed (their rows say why).
 
 ## Training data and metrics
 Trained on {_training_data(settings)}. Settings: {json.dumps({k: shared[k] for k in sorted(shared)})}.
