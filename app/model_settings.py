@@ -51,7 +51,7 @@ MODEL_DEFAULTS: dict[str, Any] = {
     "lung_flatten_mm": 0.0,
     "density_bins": 0,
     "grades": 2,
-    "ordinal_head": "coral",
+    "ordinal_head": "softmax",
 }
 
 #: prefixes MONAI's config parser acts on: expression, reference, macro

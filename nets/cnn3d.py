@@ -137,7 +137,7 @@ class CumulativeLogits(nn.Module):
         head: one of :data:`ORDINAL_HEADS`.
     """
 
-    def __init__(self, grades: int, head: str = "coral") -> None:
+    def __init__(self, grades: int, head: str = "softmax") -> None:
         super().__init__()
         if grades < 3:
             raise ValueError(f"a severity head needs at least 3 grades, got {grades}")
@@ -361,7 +361,7 @@ class CNN3D(nn.Module):
         pooling: str = "avg",
         density_bins: int = 0,
         grades: int = 2,
-        ordinal_head: str = "coral",
+        ordinal_head: str = "softmax",
     ) -> None:
         super().__init__()
         channels = [in_channels, *filters]

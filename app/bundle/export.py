@@ -186,7 +186,7 @@ def _output_text(settings: dict[str, Any]) -> str:
         return f'`pred`: the probability of "abnormal" (sigmoid of one logit); {threshold}.'
     names = ", ".join(map(str, settings["class_names"]))
     return (
-        f"A severity model of grades {names} ({settings.get('ordinal_head', 'coral')} head): "
+        f"A severity model of grades {names} ({settings.get('ordinal_head', 'softmax')} head): "
         f"`pred` holds {grades - 1} cumulative probabilities, P(grade above each of the first "
         f"{grades - 1} grades); the first is P(abnormal), {threshold}. The grade is the median of "
         "the grades' probabilities (`grade`), each grade's probability in `grade_probs`."
@@ -214,7 +214,7 @@ def _metadata(settings: dict[str, Any], metrics: list[dict[str, Any]]) -> dict[s
         )
         meta["description"] += (
             f" A severity model: {grades - 1} cumulative logits (P(grade > k)), the first "
-            f"P(abnormal)'s; its {settings.get('ordinal_head', 'coral')} head grades "
+            f"P(abnormal)'s; its {settings.get('ordinal_head', 'softmax')} head grades "
             f"{', '.join(names)}."
         )
         meta["network_data_format"]["outputs"]["pred"].update(

@@ -104,7 +104,7 @@ class ModelCard:
         what = ""
         if self.task == "severity":
             what = (
-                f"a severity model ({self.settings.get('ordinal_head', 'coral')} head) of grades "
+                f"a severity model ({self.settings.get('ordinal_head', 'softmax')} head) of grades "
                 f"{', '.join(self.class_names)}, "
             )
         return f"{self.checkpoint}: {what}{trained}; {scored}; {self.threshold_line()}"

@@ -39,7 +39,7 @@ def make_loss(
     items: Sequence[dict[str, Any]],
     device: Any = "cpu",
     grades: int = 2,
-    ordinal_head: str = "coral",
+    ordinal_head: str = "softmax",
 ) -> Any:
     """The training loss: ``BCEWithLogitsLoss``, with ``pos_weight = normal / abnormal`` of
     ``items`` for ``class_weighting`` ``pos_weight``. With ``grades`` above 2, the severity

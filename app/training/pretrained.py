@@ -101,8 +101,8 @@ def _severity_readout(
     head agree."""
     grades = int(settings.get("grades", 2))
     same = grades == int(file_settings.get("grades", 2)) and settings.get(
-        "ordinal_head", "coral"
-    ) == file_settings.get("ordinal_head", "coral")
+        "ordinal_head", "softmax"
+    ) == file_settings.get("ordinal_head", "softmax")
     if grades <= 2 or same:
         return set()
     fresh = {k for k in network.state_dict() if k.startswith("ordinal.")}

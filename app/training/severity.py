@@ -39,7 +39,7 @@ class OrdinalLoss(torch.nn.Module):
             then the weighted mean).
     """
 
-    def __init__(self, head: str = "coral", class_weights: Sequence[float] | None = None) -> None:
+    def __init__(self, head: str = "softmax", class_weights: Sequence[float] | None = None) -> None:
         super().__init__()
         self.head = head
         self.class_weights = None if class_weights is None else torch.tensor(class_weights)
