@@ -78,7 +78,7 @@ def sentence(
 ) -> str:
     """One input's console line, the reference's words for both classes with the scan's
     warnings, or its error: what ``app.infer`` and an exported bundle print per scan; a
-    severity model's grade and its probability follow the label."""
+    severity model's grade and each grade's probability follow the label."""
     if prob is None:
         return f"{path}: error: {error}"
     note = f"  [warning: {'; '.join(warnings)}]" if warnings else ""
