@@ -20,6 +20,10 @@ CONFIG_DIR = (
 COMMON = "common.yaml"
 #: the bundle's metadata, in configs/ (and in an exported bundle's configs/)
 METADATA = "metadata.json"
+#: what a training run learns: binary (normal vs abnormal, the reference's) or severity grades
+TASKS = ("binary", "severity")
+#: the severity task's config, read after the recipe (``app.train --task severity``)
+SEVERITY_CONFIG = "severity.yaml"
 #: an exported bundle's record of its training and validation scans' content hashes
 #: (``configs/``; ``training_data.scan_sha256`` of the checkpoint it was exported from)
 TRAINING_SCANS = "training_scans.json"

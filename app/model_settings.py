@@ -295,7 +295,7 @@ def split_hashes(text: str) -> set[str]:
 #: checks of the ``training_data`` record (what the model was trained on)
 TRAINING_DATA_FIELDS: dict[str, Callable[[Any], Any]] = {
     "scans": _int(0, 10_000_000),
-    "class_counts": _list(_int(0, 10_000_000), 2, 16),
+    "class_counts": _list(_int(0, 10_000_000), 2, MAX_GRADES),
     "generated": _bool,
     "source": _path_text,
     "digest": _sha256,

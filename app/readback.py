@@ -16,6 +16,7 @@ from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
+from app.config import TASKS
 from app.errors import ConfigError
 from app.model_settings import MAX_GRADES, find_config_syntax
 
@@ -137,7 +138,7 @@ def _run_marker(key: str, value: Any, path: str | Path) -> Any:
         value is None or (isinstance(value, str) and _PLAIN_ID.match(value.replace("-", "_")))
     ):
         return value
-    if key == "__task__" and value in ("binary", "severity"):
+    if key == "__task__" and value in TASKS:
         return value
     raise ReadBackError(f"{path}: key {key!r} holds {json.dumps(value)[:60]}: not a valid value")
 

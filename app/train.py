@@ -25,7 +25,7 @@ from app.cli import (
     fail,
     show_progress,
 )
-from app.config import parse_set_options
+from app.config import TASKS, parse_set_options
 from app.errors import ConfigError, CTClassifyError
 from app.readback import read_cv_summary
 from app.run_folder import CV_SUMMARY
@@ -70,7 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p.add_argument(
         "--task",
-        choices=("binary", "severity"),
+        choices=TASKS,
         help="binary: normal vs abnormal (the reference's; default); severity: grades CT-0..CT-4 "
         "from class folders of those names, an ordinal head (configs/severity.yaml)",
     )

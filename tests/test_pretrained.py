@@ -210,3 +210,23 @@ def test_a_resume_keeps_its_start_record_without_the_init_file(tmp_path):
     assert train_main(["--output", str(second), "--resume", *TINY[2:], "--epochs", "3"]) == 0
     again = torch.load(second / "best_model.pt", weights_only=True)["run_info"]["init_weights"]
     assert again == record and record["name"] == "best_model.pt"
+
+
+@pytest.mark.parametrize("head", ["softmax", "coral"])
+def test_a_severity_network_starts_from_binary_weights_with_a_fresh_read_out(tmp_path, head):
+    """`--task severity --init generated`: every weight the binary network has is taken; the
+    severity read-out (CORAL's offsets; a softmax head's last layer, one row per grade) keeps
+    its initial values."""
+    source = tiny_net(1)
+    path = save(tmp_path / "best_model.pt", source)
+    torch.manual_seed(2)
+    target = CNN3D(filters=TINY_SETTINGS["filters"], dense_units=TINY_SETTINGS["dense_units"],
+                   grades=5, ordinal_head=head)  # fmt: skip
+    before = {k: v.clone() for k, v in target.state_dict().items()}
+    initialize_network(target, str(path), {**ARCH, "grades": 5, "ordinal_head": head})
+    theirs = source.state_dict()
+    fresh = {"ordinal.offsets"} | ({"head.5.weight", "head.5.bias"} if head == "softmax" else set())
+    for name, mine in target.state_dict().items():
+        expected = before[name] if name in fresh else theirs[name]
+        assert torch.equal(mine, expected), name
+    assert MODEL_DEFAULTS["ordinal_head"] == "softmax"

@@ -158,12 +158,11 @@ def burden_grades(
     candidates = np.concatenate(
         [[values[0] - 1e-6], (values[1:] + values[:-1]) / 2, [values[-1] + 1e-6]]
     )
-    found: list[float] = []
+    called = burden[None, :] >= candidates[:, None]  # (cuts, scans)
+    found = []
     for k in range(grades - 1):
-        above = truth > k
-        right = [(above == (burden >= c)).mean() for c in candidates]
-        best = np.flatnonzero(np.asarray(right) >= max(right) - 1e-12)
-        found.append(float(candidates[best].mean()))
+        right = (called == (truth > k)[None, :]).mean(axis=1)
+        found.append(float(candidates[right >= right.max() - 1e-12].mean()))
     cuts = np.maximum.accumulate(np.asarray(found))
     test = np.asarray(features)[:, BURDEN_FEATURES].sum(axis=1)
     out = (test[:, None] >= cuts[None, :]).sum(axis=1)

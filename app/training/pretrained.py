@@ -19,6 +19,7 @@ import torch
 from app.data.download import sha256_of
 from app.errors import ConfigError
 from app.inference.checkpoints import CheckpointError, load_checkpoint
+from app.model_settings import MODEL_DEFAULTS
 from app.run_folder import BEST_MODEL
 
 logger = logging.getLogger(__name__)
@@ -99,14 +100,18 @@ def _severity_readout(
     of grades (e.g. the binary ``generated`` network) cannot give: the CORAL offsets, and a
     softmax head's last layer; they keep their initial values. Empty where the grades and the
     head agree."""
-    grades = int(settings.get("grades", 2))
-    same = grades == int(file_settings.get("grades", 2)) and settings.get(
-        "ordinal_head", "softmax"
-    ) == file_settings.get("ordinal_head", "softmax")
+
+    def setting(values: dict[str, Any], key: str) -> Any:
+        return values.get(key, MODEL_DEFAULTS[key])
+
+    grades = int(setting(settings, "grades"))
+    same = all(
+        setting(settings, k) == setting(file_settings, k) for k in ("grades", "ordinal_head")
+    )
     if grades <= 2 or same:
         return set()
     fresh = {k for k in network.state_dict() if k.startswith("ordinal.")}
-    if settings.get("ordinal_head") == "softmax":
+    if setting(settings, "ordinal_head") == "softmax":
         last = len(network.head) - 1  # type: ignore[arg-type]
         fresh |= {f"head.{last}.weight", f"head.{last}.bias"}
     return fresh

@@ -18,11 +18,6 @@ DEMO_CONFIG = "demo.yaml"
 RECIPES_DIR = "recipes"
 
 
-#: what a run learns: binary (normal vs abnormal, the reference's) or severity grades
-TASKS = ("binary", "severity")
-#: the severity task's config, read after the recipe (``--task severity``)
-SEVERITY_CONFIG = "severity.yaml"
-
 #: the recipe --demo trains with
 DEMO_RECIPE = "small-data"
 

@@ -26,7 +26,7 @@ import torch
 from ignite.engine import Engine
 from monai.bundle import ConfigParser, ConfigWorkflow
 
-from app.config import CONFIG_DIR, METADATA, config_files, load_config
+from app.config import CONFIG_DIR, METADATA, SEVERITY_CONFIG, TASKS, config_files, load_config
 from app.data.datalist import find_items
 from app.errors import EXIT_INTERRUPTED, ConfigError, CTClassifyError, DataError
 from app.inference.checkpoints import CheckpointError, load_checkpoint
@@ -58,8 +58,6 @@ from app.training.recipes import (
     DEMO_CONFIG,
     DEMO_RECIPE,
     RECIPES_DIR,
-    SEVERITY_CONFIG,
-    TASKS,
     demo_dataset,
     recipe_file,
 )
