@@ -317,3 +317,16 @@ def test_the_graded_demo_data_hold_the_demos_count_over_five_grades(tmp_path, mo
     assert graded != binary
     assert sorted(p.name for p in graded.iterdir() if p.is_dir()) == GRADES
     assert len(list(graded.rglob("*.nii.gz"))) == len(list(binary.rglob("*.nii.gz"))) == 10
+
+
+def test_the_burden_baseline_scores_only_scans_whose_lung_it_found():
+    """A test set where the lung mask found lung in no scan gets no burden figures (not a
+    crash on an empty set); otherwise only the scans with lung are scored."""
+    from app.evaluation.workflow import _graded_baseline
+
+    rows = [{"true_label": g} for g in (0, 1, 2, 3, 4, 4)]
+    settings = {"confidence": 0.95, "n_resamples": 200, "seed": 0}
+    assert _graded_baseline(GRADES, rows, [-1] * 6, settings) is None
+    figures = _graded_baseline(GRADES, rows, [0, 1, 2, 3, 4, -1], settings)
+    assert figures is not None and figures["scans"] == 5
+    assert figures["quadratic_weighted_kappa"]["value"] == 1.0

@@ -437,6 +437,8 @@ def _baselines(
     graded = None if baseline is None else baseline.pop("graded", None)
     if severity is not None and clf.grades and graded is not None:
         severity["baseline"] = _graded_baseline(clf.grades, ok, graded, settings)
+        if severity["baseline"] is None:
+            severity["baseline_note"] = "no burden baseline: no test scan's lung was found"
     return severity, baseline, baseline_note
 
 
@@ -457,11 +459,14 @@ def _severity(
 
 def _graded_baseline(
     grades: list[str], ok: list[dict[str, Any]], graded: list[int], settings: dict[str, Any]
-) -> dict[str, Any]:
+) -> dict[str, Any] | None:
     """The burden baseline's grades (:func:`app.evaluation.baseline.burden_grades`) judged as
-    the model's: kappa, grade error and accuracy on the scans where it found lung."""
+    the model's: kappa, grade error and accuracy on the scans where it found lung; ``None``
+    where it found lung in none."""
     true = np.array([int(r["true_label"]) for r in ok])
     found = np.array(graded) >= 0
+    if not found.any():
+        return None
     one_hot = np.eye(len(grades))[np.clip(graded, 0, None)][found]
     figures = severity_metrics(
         true[found], one_hot, grades, confidence=settings["confidence"],
